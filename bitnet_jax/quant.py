@@ -1,0 +1,347 @@
+"""Quantizers of the BitNet family as pure jnp functions, and the quantized matmul.
+
+Every quantizer maps an array to a `Quantized` pair (integer-valued codes, float32 scale) with
+`value ~= codes * scale`; `.dequantize()` gives the fake-quantized array. Scales are computed in
+float32 whatever the input dtype, and fake-quantized results come back in the input dtype.
+Reductions are plain `jnp` reductions, so under `jax.jit` a per-tensor mean over a sharded weight
+is the global mean (GSPMD inserts the all-reduce).
+
+Conventions: weights are Flax kernels `(in_features, out_features)`; activations have their
+feature axis last ("per token" = one scale per row of the last axis). Formulas: see
+shared/reference/bitnet.md; each function names the paper it transcribes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-5
+F32 = jnp.float32
+
+
+class Quantized(NamedTuple):
+    """Integer-valued `codes` (float32 storage) and a float32 `scale`: value = codes * scale.
+
+    `scale` broadcasts against `codes`, except for per-group weight scales, which have shape
+    `(groups, 1, out)` for codes `(in, out)` (groups of consecutive input features).
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+
+    @property
+    def is_grouped(self) -> bool:
+        return self.scale.ndim == self.codes.ndim + 1
+
+    def dequantize(self, dtype=F32) -> jax.Array:
+        if self.is_grouped:
+            n_in, n_out = self.codes.shape
+            grouped = self.codes.reshape(self.scale.shape[0], -1, n_out) * self.scale
+            return grouped.reshape(n_in, n_out).astype(dtype)
+        return (self.codes * self.scale).astype(dtype)
+
+
+# A quantizer is any hashable callable array -> Quantized (precision.py builds them from recipes).
+Quantizer = Callable[[jax.Array], Quantized]
+
+
+def round_clip(x: jax.Array, lo: float, hi: float) -> jax.Array:
+    """RoundClip(x, lo, hi) = max(lo, min(hi, round(x))), round half to even as numpy does."""
+    return jnp.clip(jnp.round(x), lo, hi)
+
+
+def ste(x: jax.Array, quantized: jax.Array) -> jax.Array:
+    """Straight-through estimator: forward value `quantized`, gradient exactly identity.
+
+    Written as `x - sg(x) + sg(q)` rather than `x + sg(q - x)`: in bfloat16 the latter rounds
+    `q - x` and does not give back `q` exactly.
+    """
+    return x - jax.lax.stop_gradient(x) + jax.lax.stop_gradient(quantized.astype(x.dtype))
+
+
+def fake_quantize(quantizer: Quantizer, x: jax.Array) -> jax.Array:
+    """Quantize-dequantize `x` with an STE gradient, in `x`'s dtype."""
+    return ste(x, quantizer(x).dequantize(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: per tensor (default), per output channel, or per group of `group_size` input features.
+
+
+def _weight_reduce(w: jax.Array, fn, granularity: str, group_size: Optional[int]) -> jax.Array:
+    """Reduce `fn` (a jnp reduction) over the axes a weight scale is shared across.
+
+    Returns the statistic shaped to broadcast against `w` (or `(groups, 1, out)` for groups).
+    """
+    if granularity == "tensor":
+        return fn(w)
+    if granularity == "channel":  # one scale per output feature (last axis)
+        return fn(w, axis=tuple(range(w.ndim - 1)), keepdims=True)
+    if granularity == "group":
+        if w.ndim != 2 or not group_size or w.shape[0] % group_size:
+            raise ValueError(
+                f"group granularity needs a 2-D kernel whose input size is a multiple of "
+                f"group_size; got shape {w.shape} and group_size={group_size}"
+            )
+        grouped = w.reshape(w.shape[0] // group_size, group_size, w.shape[1])
+        return fn(grouped, axis=1, keepdims=True)
+    raise ValueError(f"granularity must be 'tensor', 'channel' or 'group', got {granularity!r}")
+
+
+def _apply_grouped(w: jax.Array, stat: jax.Array, fn) -> jax.Array:
+    """Apply elementwise `fn(w, stat)` where `stat` may be per-group `(G, 1, out)`."""
+    if stat.ndim == w.ndim + 1:
+        grouped = w.reshape(stat.shape[0], -1, w.shape[-1])
+        return fn(grouped, stat).reshape(w.shape)
+    return fn(w, stat)
+
+
+def ternary_absmean(
+    w: jax.Array, granularity: str = "tensor", group_size: Optional[int] = None
+) -> Quantized:
+    """BitNet b1.58 ternary weights: gamma = max(mean|W|, eps), codes = RoundClip(W/gamma, -1, 1).
+
+    Follows the released code (gamma clamped to 1e-5 instead of adding eps).
+    """
+    w32 = w.astype(F32)
+    gamma = jnp.maximum(_weight_reduce(jnp.abs(w32), jnp.mean, granularity, group_size), EPS)
+    codes = _apply_grouped(w32, gamma, lambda v, g: round_clip(v * (1.0 / g), -1, 1))
+    return Quantized(codes, gamma)
+
+
+def binary_sign(
+    w: jax.Array, granularity: str = "tensor", group_size: Optional[int] = None
+) -> Quantized:
+    """BitNet (2023) binary weights: codes = Sign(W - mean(W)) with Sign(0) = -1, scale mean|W|."""
+    w32 = w.astype(F32)
+    alpha = _weight_reduce(w32, jnp.mean, granularity, group_size)
+    beta = _weight_reduce(jnp.abs(w32), jnp.mean, granularity, group_size)
+    codes = _apply_grouped(w32, alpha, lambda v, a: jnp.where(v - a > 0, 1.0, -1.0))
+    return Quantized(codes, beta)
+
+
+def absmax_weight(
+    w: jax.Array, bits: int, granularity: str = "tensor", group_size: Optional[int] = None
+) -> Quantized:
+    """Symmetric k-bit absmax weights (for generic wXaY sweeps): codes in [-(2^(k-1)-1), 2^(k-1)-1]."""
+    q_max = 2 ** (bits - 1) - 1
+    w32 = w.astype(F32)
+    absmax = jnp.maximum(_weight_reduce(jnp.abs(w32), jnp.max, granularity, group_size), EPS)
+    codes = _apply_grouped(w32, absmax, lambda v, m: round_clip(v * (q_max / m), -q_max, q_max))
+    return Quantized(codes, absmax / q_max)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations: per token (one scale per row of the last axis).
+
+
+def absmax_per_token(x: jax.Array, bits: int = 8) -> Quantized:
+    """BitNet b1.58 k-bit absmax activations, no zero point.
+
+    s = Q / max(max|x|, eps) with Q = 2^(k-1) - 1; codes = clip(round(x * s), -Q - 1, Q).
+    """
+    q_max = 2 ** (bits - 1) - 1
+    x32 = x.astype(F32)
+    absmax = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), EPS)
+    codes = round_clip(x32 * (q_max / absmax), -q_max - 1, q_max)
+    return Quantized(codes, absmax / q_max)
+
+
+def absmean_per_token(x: jax.Array, bits: int = 4) -> Quantized:
+    """BitNet a4.8 absmean activations: Q4(x) = beta/sqrt(7) * RoundClip(sqrt(7) x / (beta + eps), -8, 7).
+
+    beta = mean|x| per token. For other bit widths sqrt(7) generalises to sqrt(2^(k-1) - 1).
+    """
+    root = math.sqrt(2 ** (bits - 1) - 1)
+    x32 = x.astype(F32)
+    beta = jnp.mean(jnp.abs(x32), axis=-1, keepdims=True)
+    codes = round_clip(x32 * (root / (beta + EPS)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return Quantized(codes, beta / root)
+
+
+def topk_count(n: int, keep_ratio: float) -> int:
+    """Entries kept per token: ceil(keep_ratio * n), at least 1 (guarding float fuzz: 0.3*10)."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    return min(n, max(1, math.ceil(keep_ratio * n - 1e-9)))
+
+
+def topk_per_token(x: jax.Array, keep_ratio: float = 0.5) -> jax.Array:
+    """BitNet a4.8 TopK sparsification: keep the k = ceil(ratio * n) largest |x| of each token.
+
+    Entries tied with the k-th largest magnitude are all kept (a threshold, not a scatter: cheap and
+    elementwise, so it shards like any activation).
+    """
+    k = topk_count(x.shape[-1], keep_ratio)
+    if k == x.shape[-1]:
+        return x
+    magnitude = jnp.abs(x)
+    threshold = jax.lax.top_k(magnitude, k)[0][..., -1:]
+    return jnp.where(magnitude >= threshold, x, jnp.zeros_like(x))
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def hadamard_transform(x: jax.Array, block_size: Optional[int] = None) -> jax.Array:
+    """Normalised fast Walsh-Hadamard transform over the last axis (BitNet v2), O(n log n).
+
+    Equals `x @ scipy.linalg.hadamard(n) / sqrt(n)` (Sylvester order). With `block_size`, the
+    transform is applied independently to consecutive blocks of that (power-of-two) size, which
+    lets widths like 6912 = 27 * 256 be rotated. Computed in float32, returned in `x`'s dtype.
+    Being linear, its autodiff gradient is the transform of the gradient (H is symmetric).
+    """
+    n = x.shape[-1]
+    block = n if block_size is None else block_size
+    if not is_power_of_two(block) or n % block:
+        raise ValueError(
+            f"Hadamard transform needs a power-of-two size dividing the last axis; got size "
+            f"{block} for an axis of {n}"
+        )
+    lead = x.shape[:-1]
+    y = x.astype(F32).reshape(*lead, n // block, block)
+    half = 1
+    while half < block:  # butterfly: pair entries whose index differs in bit log2(half)
+        y = y.reshape(*lead, n // block, block // (2 * half), 2, half)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = jnp.stack([a + b, a - b], axis=-2)
+        half *= 2
+    return (y.reshape(x.shape) / math.sqrt(block)).astype(x.dtype)
+
+
+def largest_power_of_two_divisor(n: int) -> int:
+    return n & -n
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized matmul: fake-quantized float path or integer path, one custom VJP (STE) for both.
+
+
+class _Unquantized(NamedTuple):
+    codes: jax.Array
+    scale: jax.Array
+    is_grouped: bool = False
+
+    def dequantize(self, dtype=F32) -> jax.Array:
+        return self.codes.astype(dtype)
+
+
+def _quantize_or_pass(quantizer: Optional[Quantizer], x: jax.Array):
+    if quantizer is None:
+        return _Unquantized(x, jnp.ones((), F32))
+    return quantizer(x)
+
+
+def _code_storage_dtype(quantizer: Optional[Quantizer], fallback):
+    """int8 for codes of at most 8 bits (exact, and 4x smaller residuals), else the compute dtype."""
+    return jnp.int8 if getattr(quantizer, "bits", 16) <= 8 else fallback
+
+
+def _dot_codes(x_codes, w_codes, w_grouped_scale, accumulate):
+    """x_codes (..., in) . w_codes (in, out) with `accumulate` dtype, per-group scales applied."""
+    if w_grouped_scale is None:
+        return jax.lax.dot_general(
+            x_codes, w_codes, (((x_codes.ndim - 1,), (0,)), ((), ())),
+            preferred_element_type=accumulate,
+        )
+    groups = w_grouped_scale.shape[0]
+    if accumulate == F32:  # XLA:CPU has no batched bf16 x bf16 -> f32 dot; f32 codes are exact too
+        x_codes, w_codes = x_codes.astype(F32), w_codes.astype(F32)
+    x_g = x_codes.reshape(*x_codes.shape[:-1], groups, -1)
+    w_g = w_codes.reshape(groups, -1, w_codes.shape[-1])
+    acc = jnp.einsum("...gk,gko->...go", x_g, w_g, preferred_element_type=accumulate)
+    return jnp.sum(acc.astype(F32) * w_grouped_scale[:, 0, :], axis=-2)
+
+
+def _forward(x, w, quantize_x, quantize_w, dtype, integer):
+    xq = _quantize_or_pass(quantize_x, x)
+    wq = _quantize_or_pass(quantize_w, w)
+    code_dtype = jnp.int8 if integer else dtype
+    accumulate = jnp.int32 if integer else F32
+    grouped_scale = wq.scale if wq.is_grouped else None
+    acc = _dot_codes(xq.codes.astype(code_dtype), wq.codes.astype(code_dtype), grouped_scale,
+                     accumulate)
+    y = acc.astype(F32) * xq.scale
+    if grouped_scale is None:
+        y = y * jnp.reshape(wq.scale, wq.scale.shape[-1:] if wq.scale.ndim else ())
+    return y.astype(dtype), xq, wq
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer):
+    return _forward(x, w, quantize_x, quantize_w, dtype, integer)[0]
+
+
+def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer):
+    y, xq, wq = _forward(x, w, quantize_x, quantize_w, dtype, integer)
+    # Keep codes as int8 where they fit: the backward needs only the dequantized operands.
+    residuals = (
+        xq.codes.astype(_code_storage_dtype(quantize_x, dtype)), xq.scale,
+        wq.codes.astype(_code_storage_dtype(quantize_w, dtype)), wq.scale,
+        jnp.zeros((), x.dtype), jnp.zeros((), w.dtype),
+    )
+    return y, residuals
+
+
+def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, residuals, g):
+    x_codes, x_scale, w_codes, w_scale, x_like, w_like = residuals
+    x_deq = _dequantize_codes(quantize_x, x_codes, x_scale, dtype)
+    w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, dtype)
+    g = g.astype(dtype)
+    # STE: the quantizers count as identity, so d/dx = g W_q^T and d/dW = X_q^T g.
+    dx = jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),
+                             preferred_element_type=F32)
+    batch_axes = tuple(range(g.ndim - 1))
+    dw = jax.lax.dot_general(x_deq, g, ((batch_axes, batch_axes), ((), ())),
+                             preferred_element_type=F32)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+def _dequantize_codes(quantizer, codes, scale, dtype):
+    if quantizer is None:
+        return codes.astype(dtype)
+    return Quantized(codes.astype(F32), scale).dequantize(dtype)
+
+
+_quantized_dot.defvjp(_quantized_dot_fwd, _quantized_dot_bwd)
+
+
+def quantized_dot(
+    x: jax.Array,
+    w: jax.Array,
+    quantize_x: Optional[Quantizer] = None,
+    quantize_w: Optional[Quantizer] = None,
+    dtype=jnp.bfloat16,
+    integer: bool = False,
+) -> jax.Array:
+    """`q(x) @ q(w)` for x (..., in) and w (in, out), returned in `dtype`, STE gradients.
+
+    The product is always taken on the integer codes and rescaled afterwards
+    (`(x_codes @ w_codes) * x_scale * w_scale`):
+    - `integer=False`: codes in `dtype` (bf16 holds integers up to 256 exactly) with float32
+      accumulation, which is exact for integer codes, so it equals the integer path;
+    - `integer=True`: int8 x int8 -> int32 `dot_general` (needs both quantizers, at most 8 bits).
+    A `None` quantizer leaves that operand in full precision (then `integer` is not possible).
+    The backward pass uses the dequantized operands in `dtype` (straight-through estimator).
+    """
+    dtype = jnp.dtype(dtype)
+    if integer and (
+        quantize_x is None or quantize_w is None
+        or getattr(quantize_x, "bits", 16) > 8 or getattr(quantize_w, "bits", 16) > 8
+    ):
+        raise ValueError(
+            "the integer matmul path needs both activations and weights quantized to at most "
+            "8 bits; use integer=False for this precision"
+        )
+    if quantize_x is None and quantize_w is None:  # plain full-precision matmul, plain autodiff
+        return jax.lax.dot_general(
+            x.astype(dtype), w.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
+            preferred_element_type=F32,
+        ).astype(dtype)
+    return _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer)

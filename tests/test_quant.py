@@ -1,0 +1,305 @@
+"""Quantizers against numpy transcriptions of the published formulas (shared/reference/bitnet.md)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from bitnet_jax import quant
+from bitnet_jax.precision import ActivationQuantizer, WeightQuantizer
+
+EPS = 1e-5
+SHAPES = [(1, 1), (1, 7), (5, 1), (16, 33), (2, 3, 64)]
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+# ---------------------------------------------------------------- numpy transcriptions
+
+def np_ternary(w, axis=None):
+    """b1.58 released code: s = 1 / max(mean|W|, 1e-5); clip(round(W s), -1, 1) / s."""
+    s = 1.0 / np.maximum(np.abs(w).mean(axis=axis, keepdims=axis is not None), 1e-5)
+    return np.clip(np.round(w * s), -1, 1) / s
+
+
+def np_binary(w):
+    """BitNet: Sign(W - mean W) (Sign(0) = -1) times mean|W|."""
+    signs = np.where(w - w.mean() > 0, 1.0, -1.0)
+    return signs * np.abs(w).mean()
+
+
+def np_absmax(x, bits):
+    q = 2 ** (bits - 1) - 1
+    s = q / np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-5)
+    return np.clip(np.round(x * s), -q - 1, q) / s
+
+
+def np_absmean4(x):
+    """a4.8: beta / sqrt(7) * RoundClip(sqrt(7) x / (beta + eps), -8, 7), beta = mean|x|."""
+    beta = np.abs(x).mean(axis=-1, keepdims=True)
+    return beta / math.sqrt(7) * np.clip(np.round(math.sqrt(7) * x / (beta + EPS)), -8, 7)
+
+
+def np_topk(x, ratio):
+    k = math.ceil(ratio * x.shape[-1])
+    threshold = np.sort(np.abs(x), axis=-1)[..., -k][..., None]
+    return np.where(np.abs(x) >= threshold, x, 0.0)
+
+
+# ---------------------------------------------------------------- inputs
+
+def make_input(shape, dtype, seed=0):
+    """Random normal values with an all-zero row and a huge outlier where the shape allows."""
+    x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    if x.shape[-2] >= 3 if x.ndim >= 2 else False:
+        x[..., 0, :] = 0.0  # all-zero row
+        x[..., 1, 0] = 3e4  # huge outlier
+    return jnp.asarray(x, dtype)
+
+
+def reference(fn, x, *args, **kwargs):
+    """Run a numpy transcription in float32 on the input's values, cast back to its dtype."""
+    out = fn(np.asarray(x, np.float32), *args, **kwargs)
+    return np.asarray(jnp.asarray(out, x.dtype), np.float32)
+
+
+def assert_close(got, want, dtype):
+    # One bf16 ulp is 2^-8 relative; a flipped rounding moves a value by a whole quantization
+    # step (at least 1/127 of it), so this still catches any formula mismatch.
+    rtol = 2 ** -8 if dtype == jnp.bfloat16 else 1e-6
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=0)
+
+
+# ---------------------------------------------------------------- weights
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ternary_absmean_matches_formula(shape, dtype):
+    w = make_input(shape, dtype) * 0.02
+    got = jax.jit(lambda v: quant.ternary_absmean(v).dequantize(v.dtype))(w)
+    assert got.dtype == dtype
+    assert_close(got, reference(np_ternary, w), dtype)
+    codes = quant.ternary_absmean(w).codes
+    assert set(np.unique(np.asarray(codes))) <= {-1.0, 0.0, 1.0}
+
+
+def test_ternary_per_channel_and_group():
+    w = make_input((64, 24), jnp.float32, seed=1) * 0.05
+    per_channel = quant.ternary_absmean(w, "channel").dequantize()
+    np.testing.assert_allclose(per_channel, np_ternary(np.asarray(w), axis=0), rtol=1e-6)
+    grouped = quant.ternary_absmean(w, "group", group_size=16).dequantize()
+    want = np_ternary(np.asarray(w).reshape(4, 16, 24), axis=1).reshape(64, 24)
+    np.testing.assert_allclose(grouped, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="group_size"):
+        quant.ternary_absmean(w, "group", group_size=10)
+
+
+def test_all_zero_weight_quantizes_to_zero():
+    zero = jnp.zeros((4, 8))
+    for q in (quant.ternary_absmean(zero), quant.binary_sign(zero), quant.absmax_weight(zero, 4)):
+        assert np.all(np.isfinite(q.dequantize()))
+    assert np.all(quant.ternary_absmean(zero).dequantize() == 0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_binary_sign_matches_formula(shape, dtype):
+    w = make_input(shape, dtype, seed=2)
+    got = quant.binary_sign(w).dequantize(dtype)
+    assert_close(got, reference(np_binary, w), dtype)
+
+
+def test_binary_sign_of_zero_is_minus_one():
+    w = jnp.array([[-1.0, 0.0, 1.0]])  # mean 0, so W - alpha = 0 at the middle entry
+    np.testing.assert_array_equal(quant.binary_sign(w).codes, [[-1.0, -1.0, 1.0]])
+
+
+def test_absmax_weight_bits():
+    w = make_input((8, 16), jnp.float32, seed=3)
+    q = quant.absmax_weight(w, 4)
+    assert np.abs(np.asarray(q.codes)).max() == 7
+    s = 7 / np.abs(np.asarray(w)).max()
+    np.testing.assert_allclose(q.dequantize(), np.clip(np.round(np.asarray(w) * s), -7, 7) / s,
+                               rtol=1e-6)
+
+
+# ---------------------------------------------------------------- activations
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_absmax_per_token_matches_formula(shape, dtype, bits):
+    x = make_input(shape, dtype, seed=4)
+    got = jax.jit(lambda v: quant.absmax_per_token(v, bits).dequantize(v.dtype))(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert_close(got, reference(np_absmax, x, bits), dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_absmean4_matches_formula(shape, dtype):
+    x = make_input(shape, dtype, seed=5)
+    got = quant.absmean_per_token(x, 4).dequantize(dtype)
+    assert_close(got, reference(np_absmean4, x), dtype)
+    codes = np.asarray(quant.absmean_per_token(x, 4).codes)
+    assert codes.min() >= -8 and codes.max() <= 7
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 1.0])
+def test_topk_matches_formula(shape, ratio):
+    x = make_input(shape, jnp.float32, seed=6)
+    np.testing.assert_array_equal(quant.topk_per_token(x, ratio), np_topk(np.asarray(x), ratio))
+
+
+def test_topk_keeps_half_by_default():
+    x = make_input((3, 64), jnp.float32, seed=7)[1:]
+    kept = np.count_nonzero(np.asarray(quant.topk_per_token(x)), axis=-1)
+    np.testing.assert_array_equal(kept, [32, 32])
+    with pytest.raises(ValueError, match="keep_ratio"):
+        quant.topk_per_token(x, 0.0)
+
+
+# ---------------------------------------------------------------- Hadamard
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 256])
+def test_hadamard_matches_scipy_and_is_orthogonal(n):
+    x = make_input((3, n), jnp.float32, seed=8)
+    atol = 1e-6 * float(np.abs(np.asarray(x)).max())  # float32 cancellation next to the outlier
+    want = np.asarray(x) @ scipy.linalg.hadamard(n) / math.sqrt(n)
+    np.testing.assert_allclose(quant.hadamard_transform(x), want, rtol=1e-5, atol=atol)
+    h = np.asarray(quant.hadamard_transform(jnp.eye(n)))
+    np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-6)
+    np.testing.assert_allclose(quant.hadamard_transform(quant.hadamard_transform(x)), x, atol=atol)
+
+
+def test_hadamard_blocks_and_errors():
+    x = make_input((2, 24), jnp.float32, seed=9)
+    want = (np.asarray(x).reshape(2, 3, 8) @ scipy.linalg.hadamard(8) / math.sqrt(8)).reshape(2, 24)
+    np.testing.assert_allclose(quant.hadamard_transform(x, block_size=8), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="power-of-two"):
+        quant.hadamard_transform(x)
+    assert quant.largest_power_of_two_divisor(6912) == 256
+
+
+def test_hadamard_gradient_is_transform_of_gradient():
+    x = make_input((2, 16), jnp.float32, seed=10)
+    g = make_input((2, 16), jnp.float32, seed=11)
+    grad = jax.grad(lambda v: jnp.sum(quant.hadamard_transform(v) * g))(x)
+    np.testing.assert_allclose(grad, quant.hadamard_transform(g), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- STE
+
+QUANTIZERS = {
+    "ternary": WeightQuantizer("ternary", 1.58),
+    "binary": WeightQuantizer("binary", 1),
+    "absmax8": ActivationQuantizer("absmax", 8),
+    "absmean4": ActivationQuantizer("absmean", 4),
+    "topk+absmax8": ActivationQuantizer("absmax", 8, keep_ratio=0.5),
+}
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ste_gradient_is_exactly_identity(name, dtype):
+    quantizer = QUANTIZERS[name]
+    x = make_input((4, 32), dtype, seed=12)
+    cotangent = make_input((4, 32), dtype, seed=13)
+    forward = quant.fake_quantize(quantizer, x)
+    np.testing.assert_array_equal(np.asarray(forward, np.float32),
+                                  np.asarray(quantizer(x).dequantize(dtype), np.float32))
+    grad = jax.grad(lambda v: jnp.sum(quant.fake_quantize(quantizer, v) * cotangent))(x)
+    np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(cotangent, np.float32))
+
+
+# ---------------------------------------------------------------- quantized matmul
+
+A8, A4 = ActivationQuantizer("absmax", 8), ActivationQuantizer("absmean", 4)
+TERNARY, BINARY = WeightQuantizer("ternary", 1.58), WeightQuantizer("binary", 1)
+PAIRS = {
+    "b1.58": (A8, TERNARY),
+    "b1": (A8, BINARY),
+    "a4-ternary": (A4, TERNARY),
+    "w4a8": (A8, WeightQuantizer("absmax", 4)),
+    "ternary-channel": (A8, WeightQuantizer("ternary", 1.58, "channel")),
+    "ternary-group": (A8, WeightQuantizer("ternary", 1.58, "group", 16)),
+    "topk": (ActivationQuantizer("absmax", 8, keep_ratio=0.5), TERNARY),
+}
+
+
+def _operands(seed=14):
+    x = make_input((2, 5, 64), jnp.float32, seed=seed)
+    w = make_input((64, 48), jnp.float32, seed=seed + 1) * 0.02
+    return x, w
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_quantized_dot_equals_fake_quant_matmul(name):
+    qx, qw = PAIRS[name]
+    x, w = _operands()
+    want = np.asarray(qx(x).dequantize()) @ np.asarray(qw(w).dequantize())
+    got = quant.quantized_dot(x, w, qx, qw, jnp.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_integer_path_equals_float_path(name, dtype):
+    qx, qw = PAIRS[name]
+    x, w = _operands(seed=16)
+    dot = jax.jit(quant.quantized_dot, static_argnums=(2, 3, 4, 5))
+    float_path = dot(x.astype(dtype), w, qx, qw, dtype, False)
+    integer_path = dot(x.astype(dtype), w, qx, qw, dtype, True)
+    # Integer codes make both products exact; only the final rescale rounds, identically.
+    np.testing.assert_array_equal(np.asarray(float_path, np.float32),
+                                  np.asarray(integer_path, np.float32))
+
+
+@pytest.mark.parametrize("name", ["b1.58", "ternary-group", "topk"])
+def test_quantized_dot_gradients_are_ste(name):
+    qx, qw = PAIRS[name]
+    x, w = _operands(seed=18)
+    cotangent = make_input((2, 5, 48), jnp.float32, seed=20)
+
+    def reference_loss(xv, wv):  # fake quantization with STE, autodiff through the matmul
+        return jnp.sum((quant.fake_quantize(qx, xv) @ quant.fake_quantize(qw, wv)) * cotangent)
+
+    def loss(xv, wv):
+        return jnp.sum(quant.quantized_dot(xv, wv, qx, qw, jnp.float32) * cotangent)
+
+    got = jax.grad(loss, argnums=(0, 1))(x, w)
+    want = jax.grad(reference_loss, argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_integer_path_needs_quantized_operands():
+    x, w = _operands()
+    with pytest.raises(ValueError, match="integer"):
+        quant.quantized_dot(x, w, None, TERNARY, jnp.float32, integer=True)
+
+
+def test_unquantized_dot_is_a_plain_matmul():
+    x, w = _operands()
+    got = quant.quantized_dot(x, w, None, None, jnp.float32)
+    np.testing.assert_allclose(got, np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- sharding
+
+def test_per_tensor_scale_is_global_under_sharding():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("rows", "cols"))
+    w = make_input((64, 32), jnp.float32, seed=21) * 0.02
+    # Make shards differ in scale, so a per-shard mean would give a different answer.
+    w = w * jnp.linspace(0.1, 3.0, 64)[:, None]
+    sharded = jax.device_put(w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows", "cols")))
+    assert len(sharded.sharding.device_set) == 8
+    fn = jax.jit(lambda v: quant.ternary_absmean(v).dequantize())
+    np.testing.assert_allclose(fn(sharded), np_ternary(np.asarray(w)), rtol=1e-6)
+    x = make_input((8, 32), jnp.float32, seed=22)
+    x_sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows", "cols")))
+    np.testing.assert_allclose(jax.jit(lambda v: quant.absmax_per_token(v).dequantize())(x_sharded),
+                               np_absmax(np.asarray(x), 8), rtol=1e-6)
