@@ -1,0 +1,196 @@
+"""Flax linen building blocks: BitLinear, RMSNorm, RoPE, causal GQA attention, gated MLPs.
+
+Modules are thin: the arithmetic lives in `quant.py`. Every parameter carries logical axis names
+(`embed`, `heads`, `kv_heads`, `mlp`, `vocab`, `norm`) that sharding rules map to mesh axes.
+Parameters are float32; `dtype` is the compute dtype (bfloat16 by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax import quant
+from bitnet_jax.precision import KVCachePrecision, LinearPrecision
+
+Dtype = Any
+
+
+def logical_init(init, axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(init, axes)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis, computed in float32, with a learned scale."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.bfloat16
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", logical_init(nn.initializers.ones, (self.axis_name,)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class BitLinear(nn.Module):
+    """A bias-free linear layer whose weights and inputs are quantized as `precision` says.
+
+    With the default `LinearPrecision()` it is an ordinary linear layer, so one module serves
+    the bf16 baseline and every quantized recipe. Order of operations on the input:
+    optional RMSNorm inside the layer (BitNet b1.58's BitLinear) -> optional Hadamard rotation
+    (BitNet v2) -> activation quantizer (STE) -> matmul with the quantized weight -> rescale.
+
+    `integer=True` runs the forward product as int8 x int8 -> int32 (same result, see
+    `quant.quantized_dot`). `out_dtype` defaults to `dtype`.
+    """
+
+    features: int
+    precision: LinearPrecision = LinearPrecision()
+    kernel_axes: tuple[str, str] = ("embed", "mlp")
+    inner_norm: bool = False
+    norm_eps: float = 1e-5
+    integer: bool = False
+    dtype: Dtype = jnp.bfloat16
+    out_dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.normal(stddev=0.02)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", logical_init(self.kernel_init, self.kernel_axes),
+                            (x.shape[-1], self.features), self.param_dtype)
+        if self.inner_norm:
+            x = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, self.kernel_axes[0],
+                        name="norm")(x)
+        if self.precision.hadamard:
+            x = quant.hadamard_transform(x, quant.largest_power_of_two_divisor(x.shape[-1]))
+        y = quant.quantized_dot(x, kernel, self.precision.activation, self.precision.weight,
+                                self.dtype, self.integer)
+        return y.astype(self.out_dtype or self.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
+    """cos/sin tables (..., T, head_dim) for the rotate-half convention of transformers' Llama."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention: x * cos + rotate_half(x) * sin (in float32)."""
+    head_dim = x_BxTxNxH.shape[-1]
+    cos, sin = rope_cos_sin(positions_BxT, head_dim, theta)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+def quantize_kv(x_BxTxKxH: jax.Array, positions_BxT: jax.Array,
+                kv: KVCachePrecision) -> jax.Array:
+    """Fake-quantize keys or values per token and head (absmax over head_dim), STE gradient."""
+    quantized = quant.fake_quantize(lambda t: quant.absmax_per_token(t, kv.bits), x_BxTxKxH)
+    if kv.bos_bits is None:
+        return quantized
+    bos = quant.fake_quantize(lambda t: quant.absmax_per_token(t, kv.bos_bits), x_BxTxKxH)
+    return jnp.where((positions_BxT == 0)[:, :, None, None], bos, quantized)
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal grouped-query attention with RoPE; optional sub-norm before the output projection.
+
+    The four projections are BitLinear layers with the recipe's `qkv` / `attn_out` precisions.
+    """
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    qkv_precision: LinearPrecision = LinearPrecision()
+    out_precision: LinearPrecision = LinearPrecision()
+    kv_cache: Optional[KVCachePrecision] = None
+    inner_norm: bool = False
+    sub_norm: bool = False
+    norm_eps: float = 1e-5
+    integer: bool = False
+    dtype: Dtype = jnp.bfloat16
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.normal(stddev=0.02)
+
+    def _linear(self, features, precision, axes, name):
+        return BitLinear(features, precision, axes, self.inner_norm, self.norm_eps, self.integer,
+                         self.dtype, None, self.param_dtype, self.kernel_init, name=name)
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+        batch, length, d_model = x_BxTxD.shape
+        q = self._linear(self.n_heads * self.head_dim, self.qkv_precision, ("embed", "heads"),
+                         "q_proj")(x_BxTxD)
+        k = self._linear(self.n_kv_heads * self.head_dim, self.qkv_precision,
+                         ("embed", "kv_heads"), "k_proj")(x_BxTxD)
+        v = self._linear(self.n_kv_heads * self.head_dim, self.qkv_precision,
+                         ("embed", "kv_heads"), "v_proj")(x_BxTxD)
+        q_BxTxNxH = q.reshape(batch, length, self.n_heads, self.head_dim)
+        k_BxTxKxH = k.reshape(batch, length, self.n_kv_heads, self.head_dim)
+        v_BxTxKxH = v.reshape(batch, length, self.n_kv_heads, self.head_dim)
+        q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, self.rope_theta)
+        k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, self.rope_theta)
+        if self.kv_cache is not None:  # a4.8: the cache holds low-bit keys/values after RoPE
+            k_BxTxKxH = quantize_kv(k_BxTxKxH, positions_BxT, self.kv_cache)
+            v_BxTxKxH = quantize_kv(v_BxTxKxH, positions_BxT, self.kv_cache)
+        out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
+        out = out_BxTxNxH.reshape(batch, length, self.n_heads * self.head_dim)
+        if self.sub_norm:
+            out = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, "heads",
+                          name="attn_sub_norm")(out)
+        return self._linear(d_model, self.out_precision, ("heads", "embed"), "o_proj")(out)
+
+
+def ffn_activation(name: str):
+    """The gate non-linearity of a gated MLP: SwiGLU's SiLU or BitNet's squared ReLU."""
+    if name == "swiglu":
+        return jax.nn.silu
+    if name == "relu2":
+        return lambda g: jnp.square(jax.nn.relu(g))
+    raise ValueError(f"ffn activation must be 'swiglu' or 'relu2', got {name!r}")
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), optionally with a sub-norm before the down projection."""
+
+    d_ff: int
+    activation: str = "swiglu"
+    gate_up_precision: LinearPrecision = LinearPrecision()
+    down_precision: LinearPrecision = LinearPrecision()
+    inner_norm: bool = False
+    sub_norm: bool = False
+    norm_eps: float = 1e-5
+    integer: bool = False
+    dtype: Dtype = jnp.bfloat16
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.normal(stddev=0.02)
+
+    def _linear(self, features, precision, axes, name):
+        return BitLinear(features, precision, axes, self.inner_norm, self.norm_eps, self.integer,
+                         self.dtype, None, self.param_dtype, self.kernel_init, name=name)
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        gate = self._linear(self.d_ff, self.gate_up_precision, ("embed", "mlp"), "gate_proj")(x_BxTxD)
+        up = self._linear(self.d_ff, self.gate_up_precision, ("embed", "mlp"), "up_proj")(x_BxTxD)
+        hidden_BxTxF = ffn_activation(self.activation)(gate) * up
+        if self.sub_norm:
+            hidden_BxTxF = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, "mlp",
+                                   name="ffn_sub_norm")(hidden_BxTxF)
+        return self._linear(x_BxTxD.shape[-1], self.down_precision, ("mlp", "embed"),
+                            "down_proj")(hidden_BxTxF)

@@ -1,0 +1,264 @@
+"""ModelConfig, size presets and the decoder-only Transformer LM.
+
+One model serves every precision: `Transformer(config, recipe)` with the same config gives the
+same parameter tree for `bf16` and `b1.58`; only the arithmetic inside BitLinear changes.
+
+Norm placements (`norm_placement`):
+- `pre`: LLaMA, RMSNorm before attention and before the MLP.
+- `subln`: BitNet b1.58 2B4T, `pre` plus `attn_sub_norm` before o_proj and `ffn_sub_norm`
+  before down_proj (the layout of transformers' BitNetForCausalLM).
+- `bitlinear`: BitNet b1.58 training tips, an RMSNorm inside every BitLinear and no block norms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.layers import BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, logical_init
+from bitnet_jax.precision import LinearPrecision, PrecisionRecipe, get_recipe
+
+NORM_PLACEMENTS = ("pre", "subln", "bitlinear")
+FFN_ACTIVATIONS = ("swiglu", "relu2")
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and architecture of a decoder-only LM. Invalid combinations fail at construction."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: Optional[int] = None  # default: n_heads (multi-head attention)
+    d_ff: Optional[int] = None  # default: 8/3 d_model rounded up to a multiple of 32
+    head_dim: Optional[int] = None  # default: d_model // n_heads
+    max_seq_len: int = 2048
+    ffn_activation: str = "swiglu"
+    norm_placement: str = "subln"
+    tie_embeddings: bool = False
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0,
+                    f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", -(-8 * self.d_model // 3 // 32) * 32)
+        if self.head_dim is None:
+            require(self.d_model % self.n_heads == 0,
+                    f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
+                    f"pick a divisor of d_model or set model.head_dim explicitly")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        for name in ("n_kv_heads", "d_ff", "head_dim"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0,
+                    f"model.{name} must be a positive integer, got {value!r}")
+        require(self.n_heads % self.n_kv_heads == 0,
+                f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} "
+                f"(grouped-query attention shares each KV head among a whole number of heads)")
+        require(self.head_dim % 2 == 0,
+                f"model.head_dim={self.head_dim} must be even for rotary embeddings (RoPE rotates "
+                f"pairs of features)")
+        require(self.ffn_activation in FFN_ACTIVATIONS,
+                f"model.ffn_activation={self.ffn_activation!r}; choose one of {FFN_ACTIVATIONS}")
+        require(self.norm_placement in NORM_PLACEMENTS,
+                f"model.norm_placement={self.norm_placement!r}; choose one of {NORM_PLACEMENTS}")
+        for name in ("dtype", "param_dtype"):
+            require(getattr(self, name) in DTYPES,
+                    f"model.{name}={getattr(self, name)!r}; choose one of {DTYPES}")
+        require(self.rope_theta > 0, f"model.rope_theta must be positive, got {self.rope_theta}")
+        require(self.init_std > 0, f"model.init_std must be positive, got {self.init_std}")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: embeddings -> blocks -> final RMSNorm -> logits (float32).
+
+    `recipe` says how each linear role is quantized; embeddings and the head stay full precision.
+    `integer=True` runs quantized matmuls on the int8 path (needs a recipe that supports it).
+    """
+
+    config: ModelConfig
+    recipe: PrecisionRecipe = get_recipe("bf16")
+    integer: bool = False
+
+    def setup(self):
+        cfg, recipe = self.config, self.recipe
+        if self.integer and not recipe.supports_integer_matmul:
+            raise ConfigError(f"precision {recipe.name!r} has a linear role that is not integer "
+                              f"(weights and activations at most 8 bits); set integer=False")
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        init = nn.initializers.normal(stddev=cfg.init_std)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=logical_init(init, ("vocab", "embed")))
+        self.layers = [DecoderBlock(cfg, recipe, self.integer, name=f"layers_{i}")
+                       for i in range(cfg.n_layers)]
+        self.norm = RMSNorm(cfg.norm_eps, dtype, param_dtype, "embed")
+        if not cfg.tie_embeddings:
+            self.lm_head = BitLinear(cfg.vocab_size, LinearPrecision(), ("embed", "vocab"),
+                                     dtype=dtype, out_dtype=jnp.float32, param_dtype=param_dtype,
+                                     kernel_init=init)
+
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: Optional[jax.Array] = None):
+        """Logits (B, T, vocab) in float32 for integer tokens (B, T)."""
+        return self.logits_from_embeddings(self.embed(tokens_BxT), positions_BxT)
+
+    def embed(self, tokens_BxT: jax.Array) -> jax.Array:
+        return self.embed_tokens(tokens_BxT)
+
+    def logits_from_embeddings(self, x_BxTxD: jax.Array,
+                               positions_BxT: Optional[jax.Array] = None) -> jax.Array:
+        batch, length = x_BxTxD.shape[:2]
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        for layer in self.layers:
+            x_BxTxD = layer(x_BxTxD, positions_BxT)
+        x_BxTxD = self.norm(x_BxTxD)
+        if self.config.tie_embeddings:
+            table_VxD = self.embed_tokens.embedding.astype(x_BxTxD.dtype)
+            return jnp.einsum("btd,vd->btv", x_BxTxD, table_VxD,
+                              preferred_element_type=jnp.float32)
+        return self.lm_head(x_BxTxD)
+
+
+class DecoderBlock(nn.Module):
+    config: ModelConfig
+    recipe: PrecisionRecipe
+    integer: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+        cfg, recipe = self.config, self.recipe
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        block_norms = cfg.norm_placement in ("pre", "subln")
+        common = dict(inner_norm=cfg.norm_placement == "bitlinear",
+                      sub_norm=cfg.norm_placement == "subln", norm_eps=cfg.norm_eps,
+                      integer=self.integer, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nn.initializers.normal(stddev=cfg.init_std))
+
+        h = x_BxTxD
+        if block_norms:
+            h = RMSNorm(cfg.norm_eps, dtype, param_dtype, "embed", name="input_layernorm")(h)
+        x_BxTxD = x_BxTxD + CausalSelfAttention(
+            cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, recipe.qkv,
+            recipe.attn_out, recipe.kv_cache, name="self_attn", **common)(h, positions_BxT)
+
+        h = x_BxTxD
+        if block_norms:
+            h = RMSNorm(cfg.norm_eps, dtype, param_dtype, "embed",
+                        name="post_attention_layernorm")(h)
+        return x_BxTxD + GatedMLP(cfg.d_ff, cfg.ffn_activation, recipe.gate_up, recipe.down,
+                                  name="mlp", **common)(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets.
+
+def _ladder(d_model, n_layers, head_dim, d_ff) -> ModelConfig:
+    """CPU sweep ladder: byte-level vocabulary (256 bytes + specials, padded to 320), 2B4T layout."""
+    return ModelConfig(vocab_size=320, d_model=d_model, n_layers=n_layers,
+                       n_heads=d_model // head_dim, d_ff=d_ff, max_seq_len=256)
+
+
+def _b158_paper(d_model, d_ff, n_heads, n_layers) -> ModelConfig:
+    """BitNet b1.58 paper shapes (FAQ Table 1), LLaMA tokenizer, BitLinear with inner RMSNorm."""
+    return ModelConfig(vocab_size=32000, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       d_ff=d_ff, max_seq_len=2048, norm_placement="bitlinear")
+
+
+def _spectra(d_model, n_layers, d_ff) -> ModelConfig:
+    """Spectra (TriLM/FloatLM) shapes. Heads of 64 and d_ff chosen to match the published counts
+    with the GPT-NeoX-20B vocabulary (50277) and untied embeddings."""
+    return ModelConfig(vocab_size=50277, d_model=d_model, n_layers=n_layers,
+                       n_heads=d_model // 64, d_ff=d_ff, max_seq_len=2048, norm_placement="pre")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU ladder, named by approximate non-embedding parameters (roughly doubling).
+    "ladder-50k": _ladder(64, 1, 32, 160),
+    "ladder-100k": _ladder(64, 2, 32, 160),
+    "ladder-200k": _ladder(96, 2, 32, 256),
+    "ladder-400k": _ladder(128, 2, 32, 352),
+    "ladder-800k": _ladder(128, 4, 32, 352),
+    "ladder-1.6m": _ladder(160, 5, 32, 448),
+    "ladder-3.2m": _ladder(256, 4, 64, 704),
+    "ladder-6.4m": _ladder(256, 8, 64, 704),
+    "ladder-12m": _ladder(320, 10, 64, 864),
+    "ladder-20m": _ladder(512, 6, 64, 1376),
+    # BitNet b1.58 paper (hidden / GLU / heads / layers).
+    "b1.58-700m": _b158_paper(1536, 4096, 24, 24),
+    "b1.58-1.3b": _b158_paper(2048, 5460, 32, 24),
+    "b1.58-3b": _b158_paper(3200, 8640, 32, 26),
+    "b1.58-3.9b": _b158_paper(3200, 12800, 32, 26),
+    # Spectra ladder (hidden / layers as published).
+    "spectra-99m": _spectra(512, 16, 1280),
+    "spectra-190m": _spectra(768, 16, 2048),
+    "spectra-390m": _spectra(1024, 24, 2560),
+    "spectra-560m": _spectra(1280, 24, 3072),
+    "spectra-830m": _spectra(1536, 24, 4096),
+    "spectra-1.1b": _spectra(1792, 24, 5120),
+    "spectra-1.5b": _spectra(2048, 24, 6144),
+    "spectra-2.4b": _spectra(2304, 30, 7680),
+    "spectra-3.9b": _spectra(3072, 30, 9216),
+    # The released BitNet b1.58 2B4T shape (microsoft/bitnet-b1.58-2B-4T).
+    "bitnet-2b4t": ModelConfig(vocab_size=128256, d_model=2560, n_layers=30, n_heads=20,
+                               n_kv_heads=5, d_ff=6912, max_seq_len=4096, ffn_activation="relu2",
+                               norm_placement="subln", tie_embeddings=True, rope_theta=500_000.0),
+}
+
+
+def get_model_config(name: str, **overrides) -> ModelConfig:
+    """A preset by name, with optional field overrides (e.g. `vocab_size=...`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; valid: {', '.join(PRESETS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise ConfigError(f"unknown model field(s) {sorted(unknown)}; fields are "
+                          f"{[f.name for f in dataclasses.fields(ModelConfig)]}")
+    return PRESETS[name].replace(**overrides)
+
+
+def validate_recipe_for_model(config: ModelConfig, recipe: PrecisionRecipe) -> None:
+    """Fail early where a recipe cannot run on a shape (e.g. group sizes that do not divide)."""
+    inputs = {"qkv": config.d_model, "attn_out": config.q_dim, "gate_up": config.d_model,
+              "down": config.d_ff}
+    for role, n_in in inputs.items():
+        weight = recipe.role(role).weight
+        if weight is not None and weight.granularity == "group":
+            require(n_in % weight.group_size == 0,
+                    f"precision {recipe.name!r}: group size {weight.group_size} does not divide "
+                    f"the {n_in} input features of the {role} projections; pick a divisor")
+
+
+def init_params(config: ModelConfig, recipe: PrecisionRecipe, rng: jax.Array,
+                seq_len: int = 8):
+    """Boxed (logically partitioned) parameters of `Transformer(config, recipe)`."""
+    validate_recipe_for_model(config, recipe)
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return Transformer(config, recipe).init(rng, tokens)["params"]
