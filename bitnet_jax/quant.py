@@ -189,6 +189,7 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+@functools.partial(jax.jit, static_argnames="block_size")  # one fused kernel, not log2(n) dispatches
 def hadamard_transform(x: jax.Array, block_size: Optional[int] = None) -> jax.Array:
     """Normalised fast Walsh-Hadamard transform over the last axis (BitNet v2), O(n log n).
 

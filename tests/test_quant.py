@@ -291,7 +291,8 @@ def test_unquantized_dot_is_a_plain_matmul():
 # ---------------------------------------------------------------- sharding
 
 def test_per_tensor_scale_is_global_under_sharding():
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("rows", "cols"))
+    cpus = jax.devices("cpu")[:8]  # the 8 simulated CPU devices of conftest, also on a GPU host
+    mesh = jax.sharding.Mesh(np.array(cpus).reshape(4, 2), ("rows", "cols"))
     w = make_input((64, 32), jnp.float32, seed=21) * 0.02
     # Make shards differ in scale, so a per-shard mean would give a different answer.
     w = w * jnp.linspace(0.1, 3.0, 64)[:, None]

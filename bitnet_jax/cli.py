@@ -1,0 +1,183 @@
+"""The `bitnet` command. Subcommands: `info` (compute accounting of a preset); more to come.
+
+Errors meant for people (`ConfigError`, `ValueError` from unknown names) are printed as one
+`error: ...` line on stderr with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Optional, Sequence
+
+from bitnet_jax import compute
+from bitnet_jax.errors import ConfigError
+
+EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
+
+
+# ----------------------------------------------------------------------------------------------
+# Human-readable numbers.
+
+def format_count(n: float) -> str:
+    """Parameter counts to three significant digits: 41.0K, 1.69M, 328M, 2.41B."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            value = n / scale
+            decimals = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+            return f"{value:.{decimals}f}{suffix}"
+    return f"{n:g}"
+
+
+def format_energy(pj: float) -> str:
+    """Energies from picojoules: 512.0 pJ, 14.6 uJ, 1.23 mJ."""
+    for scale, unit in ((1e12, "J"), (1e9, "mJ"), (1e6, "uJ"), (1e3, "nJ")):
+        if abs(pj) >= scale:
+            return f"{pj / scale:.4g} {unit}"
+    return f"{pj:.4g} pJ"
+
+
+def format_bytes(n: float) -> str:
+    """Sizes in decimal units: 177 KB, 521 MB, 4.83 GB."""
+    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if abs(n) >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n:g} B"
+
+
+def _rows(rows: Sequence[tuple[str, ...]], align: str = "lrrr", indent: str = "  ") -> list[str]:
+    """Aligned columns: `align[i]` is "l" or "r" for column i (labels left, numbers right)."""
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
+    lines = []
+    for row in rows:
+        cells = [c.ljust(widths[i]) if align[i] == "l" else c.rjust(widths[i])
+                 for i, c in enumerate(row)]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+def format_summary(name: str, summary: dict) -> str:
+    """The `bitnet info` table for the dict of `compute.summarize` (plus the preset's name)."""
+    cfg, prec, params = summary["config"], summary["precision"], summary["params"]
+    lines = [f"model {name}  precision {prec['name']}  seq_len {summary['seq_len']}"]
+    if prec["description"]:
+        lines.append(f"  {prec['description']}")
+
+    lines.append("\nshape")
+    lines += _rows([
+        ("vocab / d_model / layers", f"{cfg['vocab_size']} / {cfg['d_model']} / {cfg['n_layers']}"),
+        ("heads / kv heads / head_dim", f"{cfg['n_heads']} / {cfg['n_kv_heads']} / {cfg['head_dim']}"),
+        ("d_ff / activation", f"{cfg['d_ff']} / {cfg['ffn_activation']}"),
+        ("norms / tied embeddings", f"{cfg['norm_placement']} / {cfg['tie_embeddings']}"),
+    ], align="ll")
+
+    lines.append("\nparameters")
+    lines += _rows([(label, format_count(params[key]), f"{params[key]:,}") for label, key in (
+        ("embedding (+ untied head)", "embedding"), ("non-embedding", "non_embedding"),
+        ("  linear", "linear"), ("  norm", "norm"), ("quantized linear", "quantized_linear"),
+        ("total", "total"))])
+
+    lines.append("\ntraining FLOPs per token")
+    lines += _rows([(conv, f"{flops:.4e}", summary["flop_conventions"][conv])
+                    for conv, flops in summary["flops_per_token"].items()], align="lrl")
+
+    energy = summary["energy_per_token"]
+    nodes = list(energy)
+    lines.append(f"\ninference energy per token (context {energy[nodes[0]]['context_len']})")
+    parts = [(f"linear {role} ({r['arithmetic']})", lambda e, role=role: e["linear"][role])
+             for role, r in prec["roles"].items()]
+    parts += [("head (fp16)", lambda e: e["head"]), ("attention (fp16)", lambda e: e["attention"]),
+              ("total", lambda e: e["total"])]
+    lines += _rows([("", *nodes)] + [
+        (label, *(format_energy(get(energy[n])["total_pj"]) for n in nodes))
+        for label, get in parts])
+    lines.append("  matmul energy ratio FP16 MAC / INT8 add: " + ", ".join(
+        f"{r:.1f}x at {n}" for n, r in summary["matmul_energy_ratio"].items()))
+
+    mem = summary["memory"]
+    lines.append("\nweight memory (inference)")
+    rows = [(f"linear at {fmt}", format_bytes(b), f"{b / mem['linear_bf16_bytes']:.3f}x bf16")
+            for fmt, b in mem["linear_bytes"].items()]
+    rows += [("embedding + head (16-bit)", format_bytes(mem["embedding_bytes"])),
+             ("norms (16-bit)", format_bytes(mem["norm_bytes"])),
+             ("scales (float32)", format_bytes(mem["scale_bytes"])),
+             (f"total at {mem['default_format']}", format_bytes(mem["total_bytes"]),
+              f"{mem['vs_bf16']:.3f}x bf16"),
+             ("bf16 model", format_bytes(mem["bf16_bytes"]))]
+    lines += _rows(rows)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Subcommands.
+
+def _list_presets() -> str:
+    from bitnet_jax.model import PRESETS
+    from bitnet_jax.precision import PRESETS as RECIPES
+    from bitnet_jax.precision import recipe_names
+
+    rows = [(name, format_count(compute.param_counts(cfg).total),
+             f"d={cfg.d_model} L={cfg.n_layers} H={cfg.n_heads} {cfg.norm_placement}")
+            for name, cfg in PRESETS.items()]
+    lines = ["model presets (total parameters)"] + _rows(rows, align="lrl")
+    lines.append("\nprecision recipes")
+    lines += _rows([(name, r.description) for name, r in RECIPES.items()], align="ll")
+    lines += ["  also: " + ", ".join(recipe_names()[len(RECIPES):])]
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if args.list:
+        print(_list_presets())
+        return 0
+    if args.model is None:
+        raise ConfigError("info needs --model PRESET (see `bitnet info --list` for the names)")
+    from bitnet_jax.model import get_model_config
+    from bitnet_jax.precision import get_recipe
+
+    config, recipe = get_model_config(args.model), get_recipe(args.precision)
+    summary = {"model": args.model, **compute.summarize(config, recipe, args.seq_len)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(args.model, summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitnet", description="Scaling-law experiments on BitNet ternary LMs in JAX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = sub.add_parser(
+        "info", help="parameters, FLOPs, energy and memory of a model preset",
+        description="Compute accounting of a preset under a precision recipe (no JAX compute).")
+    info.add_argument("--model", metavar="PRESET", help="model preset, e.g. bitnet-2b4t")
+    info.add_argument("--precision", metavar="RECIPE", default="b1.58",
+                      help="precision recipe, e.g. bf16, b1.58, a4.8, w4a8 (default: b1.58)")
+    info.add_argument("--seq-len", type=int, default=None, metavar="N",
+                      help="attention span for FLOPs and energy (default: the preset's max_seq_len)")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.add_argument("--list", action="store_true", help="list model presets and recipes")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the `bitnet` command; returns the exit code (0 ok, 2 usage or config error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed usage and its error line
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ConfigError, ValueError) as error:  # ConfigError is a ValueError; named for clarity
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
