@@ -328,8 +328,10 @@ def quantized_dot(
     - `integer=False`: codes in `dtype` (bf16 holds integers up to 256 exactly) with float32
       accumulation, which is exact for integer codes, so it equals the integer path;
     - `integer=True`: int8 x int8 -> int32 `dot_general` (needs both quantizers, at most 8 bits).
-    A `None` quantizer leaves that operand in full precision (then `integer` is not possible).
-    The backward pass uses the dequantized operands in `dtype` (straight-through estimator).
+    A `None` quantizer leaves that operand in full precision (then `integer` is not possible);
+    with both `None` this is a plain `dtype` matmul with float32 accumulation.
+    The backward pass uses the dequantized operands in `dtype` (straight-through estimator),
+    with float32 accumulation.
     """
     dtype = jnp.dtype(dtype)
     if integer and (
@@ -340,9 +342,6 @@ def quantized_dot(
             "the integer matmul path needs both activations and weights quantized to at most "
             "8 bits; use integer=False for this precision"
         )
-    if quantize_x is None and quantize_w is None:  # plain full-precision matmul, plain autodiff
-        return jax.lax.dot_general(
-            x.astype(dtype), w.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
-            preferred_element_type=F32,
-        ).astype(dtype)
+    # Full precision goes through the same custom VJP: it also keeps the backward products in
+    # `dtype` (autodiff of a dot with float32 accumulation would run them in float32).
     return _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer)
