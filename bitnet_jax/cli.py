@@ -1,7 +1,10 @@
-"""The `bitnet` command. Subcommands: `info` (compute accounting of a preset); more to come.
+"""The `bitnet` command.
 
-Errors meant for people (`ConfigError`, `ValueError` from unknown names) are printed as one
-`error: ...` line on stderr with exit code 2, never as a traceback.
+Subcommands: `info` (compute accounting of a preset), `train` (one training run),
+`tokenizer train` (a BPE tokenizer for a corpus).
+
+Errors meant for people (`ConfigError`, and `ValueError`s from unknown names in `info`) are printed
+as one `error: ...` line on stderr with exit code 2, never as a traceback.
 """
 
 from __future__ import annotations
@@ -136,8 +139,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     from bitnet_jax.model import get_model_config
     from bitnet_jax.precision import get_recipe
 
-    config, recipe = get_model_config(args.model), get_recipe(args.precision)
-    summary = {"model": args.model, **compute.summarize(config, recipe, args.seq_len)}
+    config = get_model_config(args.model)
+    try:  # unknown recipe names and impossible arguments (e.g. --seq-len 0)
+        recipe = get_recipe(args.precision)
+        summary = {"model": args.model, **compute.summarize(config, recipe, args.seq_len)}
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -161,7 +168,57 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.add_argument("--list", action="store_true", help="list model presets and recipes")
     info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser(
+        "train", help="train one model (resumes from its latest checkpoint)",
+        description="Train one run from a YAML config; key=value arguments override fields, "
+                    "e.g. train.steps=200 precision=bf16 model.d_model=128.")
+    train.add_argument("--config", metavar="FILE.yaml", help="run config (default: all defaults)")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.set_defaults(func=cmd_train)
+
+    tokenizer = sub.add_parser("tokenizer", help="tokenizer utilities")
+    tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True,
+                                             metavar="ACTION")
+    tok_train = tokenizer_sub.add_parser(
+        "train", help="train a byte-level BPE on a config's corpus",
+        description="Train a byte-level BPE (HF tokenizers) on the training split of the "
+                    "corpus a config names; use it with data.tokenizer=PATH.")
+    tok_train.add_argument("--config", metavar="FILE.yaml")
+    tok_train.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    tok_train.add_argument("--out", required=True, metavar="PATH",
+                           help="where to write tokenizer.json")
+    tok_train.add_argument("overrides", nargs="*", metavar="key=value")
+    tok_train.set_defaults(func=cmd_tokenizer_train)
     return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bitnet_jax.config import load_config
+    from bitnet_jax.train import TrainingDiverged, TrainingInterrupted, train
+
+    config = load_config(args.config, args.overrides)
+    try:
+        summary = train(config)
+    except TrainingDiverged as error:
+        print(f"error: training diverged: {error}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        return 130
+    print(json.dumps({k: summary.get(k) for k in ("run", "status", "step", "eval_loss",
+                                                   "eval_ppl", "eval_bpb", "tokens_per_s")}))
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from bitnet_jax import data
+    from bitnet_jax.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    path = data.train_bpe(data.load_corpus(config.data), args.vocab_size, args.out)
+    print(f"wrote {path}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -174,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, ValueError) as error:  # ConfigError is a ValueError; named for clarity
+    except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
 

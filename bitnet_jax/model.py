@@ -137,14 +137,19 @@ class Transformer(nn.Module):
         batch, length = x_BxTxD.shape[:2]
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        # Constraints on the residual stream and logits (no-ops without sharding rules in scope).
+        residual_axes = ("batch", "length", "embed")
+        x_BxTxD = nn.with_logical_constraint(x_BxTxD, residual_axes)
         for layer in self.layers:
-            x_BxTxD = layer(x_BxTxD, positions_BxT)
+            x_BxTxD = nn.with_logical_constraint(layer(x_BxTxD, positions_BxT), residual_axes)
         x_BxTxD = self.norm(x_BxTxD)
         if self.config.tie_embeddings:
             table_VxD = self.embed_tokens.embedding.astype(x_BxTxD.dtype)
-            return jnp.einsum("btd,vd->btv", x_BxTxD, table_VxD,
-                              preferred_element_type=jnp.float32)
-        return self.lm_head(x_BxTxD)
+            logits = jnp.einsum("btd,vd->btv", x_BxTxD, table_VxD,
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x_BxTxD)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
 class DecoderBlock(nn.Module):

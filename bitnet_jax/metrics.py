@@ -1,0 +1,122 @@
+"""Run outputs: JSONL metrics, wandb, a progress bar, run metadata.
+
+Only process 0 writes; every call is a no-op on other hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+
+PACKAGES = ("bitnet-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+            "numpy", "tokenizers", "wandb")
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def git_sha(path: Path | str = ".") -> Optional[str]:
+    """The commit of the code that runs (None outside a git checkout)."""
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_metadata() -> dict[str, Any]:
+    """What a run needs to be reproduced and compared: code, packages, machine."""
+    devices = jax.devices()
+    return {
+        "git_sha": git_sha(),
+        "packages": package_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class JsonlWriter:
+    """Appends one JSON object per line. On resume, lines past the restored step are dropped,
+    so the file reads as if the run had never stopped."""
+
+    def __init__(self, path: Path, resume_step: Optional[int] = None):
+        self.path = Path(path)
+        if not is_main_process():
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: dict) -> None:
+        if is_main_process():
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class WandbLogger:
+    """wandb with config and git SHA; offline unless configured (no network needed)."""
+
+    def __init__(self, mode: str, project: str, entity: Optional[str], run_dir: Path,
+                 run_name: str, config: dict, meta: dict):
+        self.run = None
+        if mode == "disabled" or not is_main_process():
+            return
+        import wandb  # only when used: importing it costs a second
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(mode=mode, project=project, entity=entity, dir=str(run_dir),
+                              name=run_name, id=run_name.replace("/", "-"), resume="allow",
+                              config={**config, "meta": meta})
+
+    def log(self, record: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """tqdm on stderr; plain `None` when disabled or not the main process."""
+    if not enabled or not is_main_process():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stderr)

@@ -1,0 +1,145 @@
+"""Device mesh and logical-axis sharding: one code path for 1 CPU, 8 simulated devices, a pod.
+
+Parameters and key activations carry logical axis names (`embed`, `heads`, `mlp`, `vocab`, `batch`,
+...). Rules from the config map them to the mesh axes `data`, `fsdp` and `tensor`; Flax turns
+them into `NamedSharding`s and `jax.jit` (GSPMD) partitions the program accordingly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bitnet_jax.config import MeshConfig
+from bitnet_jax.errors import ConfigError, require
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("batch", "length")
+
+
+def maybe_initialize_distributed() -> bool:
+    """Start JAX's multi-host runtime when the environment describes a multi-process job.
+
+    `jax.distributed.initialize()` finds the coordinator itself on Cloud TPU pods and under
+    SLURM; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    `BITNET_DISTRIBUTED=1` forces the call (e.g. TPU pods), `=0` skips it.
+    """
+    flag = os.environ.get("BITNET_DISTRIBUTED")
+    slurm_multi = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    wanted = flag == "1" or (flag != "0" and ("JAX_COORDINATOR_ADDRESS" in os.environ
+                                               or slurm_multi))
+    if wanted and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+    return wanted
+
+
+def mesh_shape(config: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Axis sizes with -1 resolved; the product must use every device."""
+    sizes = [config.data, config.fsdp, config.tensor]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        require(n_devices % fixed == 0,
+                f"mesh: {n_devices} devices cannot be split into data x fsdp x tensor with the "
+                f"fixed sizes {dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = n_devices // fixed
+    require(math.prod(sizes) == n_devices,
+            f"mesh: data x fsdp x tensor = {' x '.join(map(str, sizes))} = {math.prod(sizes)}, "
+            f"but there are {n_devices} devices; set one axis to -1 to fill the rest")
+    return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with the classic auto-sharded axis types."""
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = mesh_shape(config, len(devices))
+    try:  # lays devices out for the interconnect on TPU/GPU
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # noqa: BLE001 - e.g. simulated CPU devices; any order works there
+        grid = np.array(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_rules(config: MeshConfig) -> tuple[tuple[str, Any], ...]:
+    """Rules as Flax wants them: (logical name, mesh axis | tuple of axes | None)."""
+    rules = []
+    for entry in config.rules:
+        require(isinstance(entry, (list, tuple)) and len(entry) == 2,
+                f"mesh.rules entries must be [logical_name, mesh_axis], got {entry!r}")
+        name, target = entry
+        targets = target if isinstance(target, (list, tuple)) else [target]
+        for axis in targets:
+            require(axis is None or axis in MESH_AXES,
+                    f"mesh.rules: {name!r} maps to unknown mesh axis {axis!r}; axes are "
+                    f"{', '.join(MESH_AXES)}")
+        rules.append((name, tuple(target) if isinstance(target, list) else target))
+    return tuple(rules)
+
+
+def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes from dimensions they do not divide (those dimensions are replicated)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+        size = math.prod(mesh.shape[a] for a in names)
+        fitted.append(axes if names and dim % size == 0 else None)
+    return PartitionSpec(*fitted)
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a (boxed, abstract) Flax parameter tree, as an unboxed tree."""
+    logical_specs = nn.get_partition_spec(abstract_params)
+    mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+    shapes = jax.tree.map(lambda a: a.shape, nn.unbox(abstract_params))
+    return jax.tree.map(lambda spec, shape: NamedSharding(mesh, _fit_spec(spec, shape, mesh)),
+                        mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, abstract_opt_state: Any,
+                              params_sharding: Any, mesh: Mesh) -> Any:
+    """Optimizer moments shard like their parameters; counters and the rest are replicated."""
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_opt_state,
+                                 params_sharding,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    """Batches of shape (batch, length) split over the mesh axes that `batch` maps to."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules))
+
+
+def batch_divisor(mesh: Mesh, rules) -> int:
+    """How many ways the batch axis is split: the global batch must be a multiple of it."""
+    spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    names = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def check_batch(global_batch: int, grad_accum: int, mesh: Mesh, rules) -> None:
+    divisor = batch_divisor(mesh, rules)
+    micro = global_batch // grad_accum
+    if micro % divisor:
+        raise ConfigError(
+            f"train.batch_size={global_batch} (micro-batches of {micro} with "
+            f"train.grad_accum={grad_accum}) is not divisible by the {divisor} ways the mesh "
+            f"splits the batch (mesh {dict(mesh.shape)}); use a multiple of {divisor}")
+    require(global_batch % jax.process_count() == 0,
+            f"train.batch_size={global_batch} must be divisible by the {jax.process_count()} "
+            f"processes (hosts)")
+
+
+def global_batch_from_host(local_batch: dict, sharding: NamedSharding) -> dict:
+    """Assemble each host's rows into global arrays (also correct on a single process)."""
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for key, value in local_batch.items()}

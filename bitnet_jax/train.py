@@ -1,0 +1,432 @@
+"""One training run: corpus -> tokenizer -> packed batches -> sharded jit train step -> run dir.
+
+`train(config)` (or `bitnet train --config FILE.yaml key=value ...`) writes one self-describing
+directory `out_dir/name/` with `config.yaml`, `meta.json`, `metrics.jsonl`, `summary.json` and
+`checkpoints/`, and resumes from its latest checkpoint when started again.
+
+The step functions are pure: `train_step(state, batch) -> (state, metrics)`, compiled once per
+precision recipe with explicit in/out shardings and the state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+
+from bitnet_jax import compute, data, metrics, optim, sharding
+from bitnet_jax.checkpoint import Checkpointer, restore_params
+from bitnet_jax.config import RunConfig, to_dict
+from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.model import ModelConfig, Transformer, get_model_config
+from bitnet_jax.precision import get_recipe
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT: a checkpoint was written, the run can be resumed."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure steps.
+
+def token_nll(model: Transformer, params, inputs_BxT, targets_BxT) -> jax.Array:
+    """Negative log-likelihood of every target token, float32 (B, T)."""
+    logits_BxTxV = model.apply({"params": params}, inputs_BxT)
+    log_z = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    target_logit = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    return log_z - target_logit
+
+
+def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
+                    grad_accum: int) -> Callable:
+    """state, batch -> state, metrics. Micro-batches are scanned, gradients averaged in float32.
+
+    A non-finite loss leaves the state unchanged (the loop then stops and says where).
+    """
+
+    def loss_fn(params, inputs, targets):
+        return jnp.mean(token_nll(model, params, inputs, targets))
+
+    def train_step(state: TrainState, batch: dict):
+        def split(x):  # (B, T) -> (accum, B / accum, T)
+            return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+
+        def micro_step(carry, micro):
+            loss_sum, grad_sum = carry
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, micro["inputs"],
+                                                      micro["targets"])
+            grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+            return (loss_sum + loss, grad_sum), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        micro_batches = {k: split(batch[k]) for k in ("inputs", "targets")}
+        (loss_sum, grad_sum), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros),
+                                               micro_batches)
+        loss = loss_sum / grad_accum
+        grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                 TrainState(state.step + 1, params, opt_state), state)
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+def make_eval_step(model: Transformer) -> Callable:
+    """params, batch -> summed NLL, token count and byte count (for exact bits per byte)."""
+
+    def eval_step(params, batch: dict):
+        nll = token_nll(model, params, batch["inputs"], batch["targets"])
+        return {"nll": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32),
+                "bytes": jnp.sum(batch["target_bytes"]).astype(jnp.float32)}
+
+    return eval_step
+
+
+def eval_metrics(sums: dict) -> dict:
+    loss = sums["nll"] / sums["tokens"]
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)),
+            "eval_bpb": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up.
+
+def run_name(config: RunConfig) -> str:
+    """A readable, stable name: preset-precision-<hash of the config without name/out_dir>."""
+    if config.name:
+        return config.name
+    body = {k: v for k, v in to_dict(config).items() if k not in ("name", "out_dir")}
+    digest = hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{config.model.preset}-{config.precision}-{digest}"
+
+
+def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """Achieved bf16 matmul FLOP/s of one device (f32 accumulation): the MFU denominator."""
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(key_a, (size, size), jnp.bfloat16)
+    b = jax.random.normal(key_b, (size, size), jnp.bfloat16)
+    matmul = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
+    jax.block_until_ready(matmul(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built before any training compute."""
+
+    config: RunConfig
+    model_config: ModelConfig
+    run_dir: Path
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tokenizer: Any
+    train_split: Any
+    eval_batches: list
+    data_stats: dict
+    optimizer: optax.GradientTransformation
+    state_sharding: Any
+    abstract_state: Any
+    batch_sharding: Any
+
+
+def build(config: RunConfig, devices=None) -> Setup:
+    """Check everything that can be checked, load data, plan shardings. No training compute."""
+    model_config = get_model_config(config.model.preset, **config.model.overrides)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.logical_rules(config.mesh)
+    sharding.check_batch(config.train.batch_size, config.train.grad_accum, mesh, rules)
+    if config.train.integer_forward:
+        for name in filter(None, [config.precision, config.train.stage1_precision]):
+            require(get_recipe(name).supports_integer_matmul,
+                    f"train.integer_forward=true but precision {name!r} has a linear role that "
+                    f"is not integer (weights and activations at most 8 bits)")
+
+    tokenizer = data.load_tokenizer(config.data.tokenizer)
+    require(tokenizer.vocab_size <= model_config.vocab_size,
+            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {model_config.vocab_size}; set model.vocab_size >= "
+            f"{tokenizer.vocab_size}")
+    train_split, validation_split, data_stats = data.prepare_data(config.data, tokenizer)
+    eval_batches = data.make_eval_batches(validation_split, config.data.seq_len,
+                                          config.train.batch_size, config.train.eval_batches)
+
+    optimizer = optim.make_optimizer(config.optimizer, config.train.steps)
+    model = Transformer(model_config, get_recipe(config.precision))
+    tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+    abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])
+    params_sharding = sharding.param_shardings(abstract_params, mesh, rules)
+    abstract_opt = jax.eval_shape(optimizer.init, nn.unbox(abstract_params))
+    opt_sharding = sharding.optimizer_state_shardings(optimizer, abstract_opt, params_sharding,
+                                                      mesh)
+    state_sharding = TrainState(sharding.replicated(mesh), params_sharding, opt_sharding)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        TrainState(jax.ShapeDtypeStruct((), jnp.int32), nn.unbox(abstract_params), abstract_opt),
+        state_sharding)
+    run_dir = Path(config.out_dir) / run_name(config)
+    return Setup(config, model_config, run_dir, mesh, rules, tokenizer, train_split,
+                 eval_batches, data_stats, optimizer, state_sharding, abstract_state,
+                 sharding.batch_sharding(mesh, rules))
+
+
+def init_state(setup: Setup) -> TrainState:
+    """Parameters initialised directly in their shardings (never whole on one device)."""
+    config = setup.config
+    model = Transformer(setup.model_config, get_recipe(config.precision))
+    tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+
+    def init(rng):
+        params = nn.unbox(model.init(rng, tokens)["params"])
+        return TrainState(jnp.zeros((), jnp.int32), params, setup.optimizer.init(params))
+
+    init = jax.jit(init, out_shardings=setup.state_sharding)
+    state = init(jax.random.PRNGKey(config.train.seed))
+    if config.init_from:
+        params = restore_params(Path(config.init_from) / "checkpoints",
+                                setup.abstract_state.params)
+        state = state.replace(params=params)
+    return state
+
+
+def checkpoint_meta(setup: Setup) -> dict:
+    return {"tokenizer": setup.tokenizer.name, "vocab_size": setup.tokenizer.vocab_size,
+            "model_vocab_size": setup.model_config.vocab_size,
+            "seq_len": setup.config.data.seq_len, "precision": setup.config.precision}
+
+
+def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
+    """A checkpoint made with another tokenizer or vocabulary cannot continue this run."""
+    for key in ("tokenizer", "vocab_size", "model_vocab_size"):
+        if saved.get(key) != current[key]:
+            raise ConfigError(
+                f"{run_dir}: the checkpoint was made with {key}={saved.get(key)!r} but this "
+                f"config has {key}={current[key]!r}; use the original data.tokenizer / "
+                f"model.vocab_size, or a new run name (name=...) to start afresh")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught there
+                pass
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def compile_steps(setup: Setup, precision: str) -> tuple[Callable, Callable]:
+    config = setup.config
+    model = Transformer(setup.model_config, get_recipe(precision),
+                        integer=config.train.integer_forward)
+    train_step = jax.jit(make_train_step(model, setup.optimizer, config.train.grad_accum),
+                         in_shardings=(setup.state_sharding, setup.batch_sharding),
+                         out_shardings=(setup.state_sharding, sharding.replicated(setup.mesh)),
+                         donate_argnums=0)
+    eval_batch_sharding = setup.batch_sharding
+    eval_step = jax.jit(make_eval_step(model),
+                        in_shardings=(setup.state_sharding.params, eval_batch_sharding),
+                        out_shardings=sharding.replicated(setup.mesh))
+    return train_step, eval_step
+
+
+def evaluate(eval_step, params, batches, batch_sharding) -> dict:
+    totals = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+    for batch in batches:
+        sums = eval_step(params, sharding.global_batch_from_host(host_rows(batch), batch_sharding))
+        for key in totals:
+            totals[key] += float(sums[key])
+    return eval_metrics(totals)
+
+
+def host_rows(batch: dict) -> dict:
+    """This host's rows of a global batch that every host holds whole (evaluation batches)."""
+    n = jax.process_count()
+    if n == 1:
+        return batch
+    index = jax.process_index()
+    return {k: np.array_split(v, n)[index] for k, v in batch.items()}
+
+
+def write_run_files(setup: Setup, meta: dict) -> None:
+    if not metrics.is_main_process():
+        return
+    setup.run_dir.mkdir(parents=True, exist_ok=True)
+    (setup.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(setup.config),
+                                                              sort_keys=False))
+    (setup.run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def train(config: RunConfig, devices=None) -> dict:
+    """Run (or resume) one training run; returns the summary written to summary.json."""
+    sharding.maybe_initialize_distributed()
+    setup = build(config, devices)
+    tc = config.train
+    meta = metrics.run_metadata()
+    write_run_files(setup, meta)
+    checkpointer = Checkpointer(setup.run_dir / "checkpoints", tc.keep_checkpoints)
+    iterator = data.make_train_iterator(
+        setup.train_split, config.data.seq_len, tc.batch_size // jax.process_count(),
+        config.data.seed, jax.process_index(), jax.process_count(), config.data.num_workers)
+
+    start_step = checkpointer.latest_step()
+    if start_step is not None:
+        check_resumable(checkpointer.restore_meta(start_step), checkpoint_meta(setup),
+                        setup.run_dir)
+        state = checkpointer.restore(start_step, setup.abstract_state, iterator)
+        print(f"resumed {setup.run_dir} at step {start_step}", flush=True)
+    else:
+        state = init_state(setup)
+    start = int(state.step)
+
+    jsonl = metrics.JsonlWriter(setup.run_dir / "metrics.jsonl",
+                                resume_step=start if start_step is not None else None)
+    wandb = metrics.WandbLogger(config.logging.wandb, config.logging.wandb_project,
+                                config.logging.wandb_entity, setup.run_dir,
+                                setup.run_dir.name, to_dict(config), meta)
+    flops_per_token = compute.flops_per_token(setup.model_config, "causal", config.data.seq_len)
+    peak = tc.peak_flops or measure_peak_flops()
+    tokens_per_step = tc.batch_size * config.data.seq_len
+    compiled: dict[str, tuple] = {}
+    status, last_eval, reason = "running", {}, None
+    bar = metrics.progress_bar(tc.steps, start, tc.progress)
+    wall_start, train_seconds, timed_steps = time.time(), 0.0, 0
+
+    def precision_at(step: int) -> str:
+        return optim.precision_for_step(config.precision, tc.stage1_precision,
+                                        tc.stage1_fraction, step, tc.steps)
+
+    def steps_for(precision: str):
+        if precision not in compiled:
+            compiled[precision] = compile_steps(setup, precision)
+        return compiled[precision]
+
+    def save(step: int):
+        checkpointer.save(step, state, iterator, checkpoint_meta(setup))
+
+    def run_eval(step: int) -> dict:
+        _, eval_step = steps_for(precision_at(max(step - 1, 0)))
+        result = {"step": step, "kind": "eval",
+                  **evaluate(eval_step, state.params, setup.eval_batches, setup.batch_sharding)}
+        jsonl.write(result)
+        wandb.log(result, step)
+        return result
+
+    try:
+        with _StopFlag() as stop:
+            step = start
+            while step < tc.steps:
+                compiling = precision_at(step) not in compiled  # its time includes compiling
+                train_step, _ = steps_for(precision_at(step))
+                batch = sharding.global_batch_from_host(next(iterator), setup.batch_sharding)
+                tick = time.perf_counter()
+                state, step_metrics = train_step(state, batch)
+                loss = float(step_metrics["loss"])  # syncs: cheap next to a step, and needed
+                if not compiling:  # throughput counts training steps only
+                    train_seconds += time.perf_counter() - tick
+                    timed_steps += 1
+                step += 1
+                if not math.isfinite(loss):
+                    last = checkpointer.latest_step()
+                    status, reason = "diverged", (
+                        f"loss became {loss} at step {step}; last good checkpoint: "
+                        f"{'step ' + str(last) if last is not None else 'none'} in "
+                        f"{checkpointer.directory}")
+                    raise TrainingDiverged(reason)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    hyper = optim.current_hyperparams(config.optimizer, tc.steps, step - 1)
+                    tokens_per_s = (tokens_per_step * timed_steps / train_seconds
+                                    if train_seconds else 0.0)
+                    record = {"step": step, "kind": "train", "loss": loss,
+                              "grad_norm": float(step_metrics["grad_norm"]), **hyper,
+                              "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s,
+                              "mfu": compute.mfu(tokens_per_s, flops_per_token,
+                                                 peak * jax.device_count())}
+                    jsonl.write(record)
+                    wandb.log(record, step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                    last_eval = run_eval(step)
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                    save(step)
+                if stop.signal is not None:
+                    save(step)
+                    checkpointer.wait()
+                    status = "interrupted"
+                    raise TrainingInterrupted(
+                        f"stopped by signal {stop.signal} at step {step}; checkpoint saved, "
+                        f"run the same command to resume")
+            last_eval = run_eval(step)
+            if checkpointer.latest_step() != step:
+                save(step)
+            status = "completed"
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpointer.close()
+        wandb.finish()
+        summary = {
+            "run": setup.run_dir.name, "status": status, "reason": reason,
+            "step": int(state.step), "steps": tc.steps,
+            "precision": config.precision, "preset": config.model.preset,
+            "tokens": int(state.step) * tokens_per_step,
+            "wall_seconds": time.time() - wall_start,
+            "tokens_per_s": tokens_per_step * timed_steps / train_seconds if train_seconds else None,
+            "peak_flops_per_device": peak, "data": setup.data_stats,
+            "compute": compute.summarize(setup.model_config, get_recipe(config.precision),
+                                         config.data.seq_len),
+            **{k: v for k, v in last_eval.items() if k not in ("step", "kind")},
+        }
+        if metrics.is_main_process():
+            (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=2,
+                                                                   default=str))
+    return summary
