@@ -89,14 +89,20 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     rules: list = field(default_factory=lambda: [
-        ["batch", ["data", "fsdp"]],
+        # parameters: FSDP over the model width, tensor parallelism over heads / MLP / vocab
         ["embed", "fsdp"],
-        ["vocab", "tensor"],
         ["heads", "tensor"],
         ["kv_heads", "tensor"],
         ["mlp", "tensor"],
+        ["vocab", "tensor"],
         ["norm", None],
+        # activations and input batches: data parallel over data and fsdp
+        ["batch", ["data", "fsdp"]],
         ["length", None],
+        ["activation_batch", ["data", "fsdp"]],
+        ["activation_length", None],
+        ["activation_embed", None],
+        ["activation_vocab", "tensor"],
     ])
 
 

@@ -138,7 +138,9 @@ class Transformer(nn.Module):
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(length), (batch, length))
         # Constraints on the residual stream and logits (no-ops without sharding rules in scope).
-        residual_axes = ("batch", "length", "embed")
+        # Activations have names of their own: FSDP shards a parameter's `embed` axis, while the
+        # residual stream is split over the batch and kept whole along its features.
+        residual_axes = ("activation_batch", "activation_length", "activation_embed")
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, residual_axes)
         for layer in self.layers:
             x_BxTxD = nn.with_logical_constraint(layer(x_BxTxD, positions_BxT), residual_axes)
@@ -149,7 +151,8 @@ class Transformer(nn.Module):
                                 preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x_BxTxD)
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return nn.with_logical_constraint(
+            logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 class DecoderBlock(nn.Module):

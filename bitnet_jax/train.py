@@ -93,7 +93,7 @@ def make_train_step(model: Transformer, optimizer: optax.GradientTransformation,
         finite = jnp.isfinite(loss)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                  TrainState(state.step + 1, params, opt_state), state)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 
@@ -348,8 +348,12 @@ def train(config: RunConfig, devices=None) -> dict:
             compiled[precision] = compile_steps(setup, precision)
         return compiled[precision]
 
+    saved = {"step": start_step}
+
     def save(step: int):
-        checkpointer.save(step, state, iterator, checkpoint_meta(setup))
+        if saved["step"] != step:  # a signal or the end can fall on a checkpoint step
+            checkpointer.save(step, state, iterator, checkpoint_meta(setup))
+            saved["step"] = step
 
     def run_eval(step: int) -> dict:
         _, eval_step = steps_for(precision_at(max(step - 1, 0)))
@@ -406,8 +410,7 @@ def train(config: RunConfig, devices=None) -> dict:
                         f"stopped by signal {stop.signal} at step {step}; checkpoint saved, "
                         f"run the same command to resume")
             last_eval = run_eval(step)
-            if checkpointer.latest_step() != step:
-                save(step)
+            save(step)
             status = "completed"
     finally:
         if bar is not None:
