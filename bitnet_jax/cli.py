@@ -190,7 +190,109 @@ def build_parser() -> argparse.ArgumentParser:
                            help="where to write tokenizer.json")
     tok_train.add_argument("overrides", nargs="*", metavar="key=value")
     tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    sweep = sub.add_parser("sweep", help="plan, run, collect and report a sweep of runs")
+    sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="ACTION")
+    sweep_plan = sweep_sub.add_parser(
+        "plan", help="print the runs with parameters, FLOPs and estimated time (runs nothing)")
+    sweep_plan.add_argument("file", metavar="SWEEP.yaml")
+    sweep_plan.add_argument("--flops-per-second", type=float, default=None,
+                            help="sustained training FLOP/s for the time estimate (default: "
+                                 "--mfu times a bf16 matmul peak measured here)")
+    sweep_plan.add_argument("--mfu", type=float, default=0.2,
+                            help="assumed MFU for the estimate (default 0.2)")
+    sweep_run = sweep_sub.add_parser(
+        "run", help="run every unfinished run, then collect the table and write the report")
+    sweep_run.add_argument("file", metavar="SWEEP.yaml")
+    sweep_run.add_argument("--launcher", choices=("local", "slurm", "print"), default="local")
+    sweep_run.add_argument("--workers", type=int, default=1,
+                           help="local: runs at once, each pinned to its share of the CPU cores")
+    sweep_run.add_argument("--retry-failed", action="store_true",
+                           help="run failed and diverged runs again (from scratch)")
+    sweep_run.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                           help="slurm: an sbatch option, e.g. --sbatch partition=gpu "
+                                "--sbatch gres=gpu:1 (repeatable)")
+    sweep_run.add_argument("--wait", action="store_true",
+                           help="slurm: wait for the array job, then collect and report")
+    for name, text in (("collect", "build results.csv / results.parquet from the run directories"),
+                       ("report", "collect, fit the scaling laws and write report.md with plots")):
+        action = sweep_sub.add_parser(name, help=text)
+        action.add_argument("file", metavar="SWEEP.yaml")
+    for action in sweep_sub.choices.values():
+        action.add_argument("overrides", nargs="*", metavar="key=value",
+                            help="overrides applied to the sweep's base config")
+    sweep.set_defaults(func=cmd_sweep)
+
+    fit = sub.add_parser("fit", help="fit scaling laws to any results table (CSV)",
+                         description="Fit L(N), the pure power law and L(N, D) per recipe to a "
+                                     "results table, e.g. one from another framework.")
+    fit.add_argument("table", metavar="TABLE.csv")
+    fit.add_argument("--params-column", default=None, help="default: params_non_embedding / params")
+    fit.add_argument("--tokens-column", default=None, help="default: tokens")
+    fit.add_argument("--loss-column", default=None, help="default: final_eval_loss / loss")
+    fit.add_argument("--recipe-column", default=None, help="default: precision / recipe if present")
+    fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
+    fit.set_defaults(func=cmd_fit)
     return parser
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from bitnet_jax import sweep as sweeps
+
+    sweep = sweeps.load_sweep(args.file, args.overrides)
+    if args.sweep_command == "plan":
+        rate = args.flops_per_second
+        if rate is None:
+            from bitnet_jax.train import measure_peak_flops
+
+            rate = args.mfu * measure_peak_flops()
+        print(sweeps.format_plan(sweep, sweeps.plan(sweep, rate)))
+        print(f"(time estimated at {rate / 1e12:.3g} TFLOP/s sustained)")
+        return 0
+    if args.sweep_command == "run":
+        options = dict(_key_value(item, "--sbatch") for item in args.sbatch)
+        outcome = sweeps.run_sweep(sweep, args.launcher, args.workers, args.retry_failed,
+                                   options, args.wait)
+        for run_id, status in outcome["skipped"].items():
+            print(f"skipped {run_id}: {status}" + (" (use --retry-failed to run it again)"
+                                                   if status in sweeps.FAILED else ""))
+        if args.launcher == "print":
+            print(outcome.get("commands", ""))
+            return 0
+        if args.launcher == "slurm":
+            submission = outcome.get("slurm")
+            if submission is not None:
+                print(f"submitted SLURM array job {submission.job_id} with "
+                      f"{submission.n_tasks} tasks ({submission.script})")
+            if not args.wait:
+                print(f"when it is done: bitnet sweep report {args.file}")
+                return 0
+    if args.sweep_command == "collect":
+        rows = sweeps.collect(sweep)
+        print(f"wrote {sweep.directory / 'results.csv'} and results.parquet ({len(rows)} runs)")
+        return 0
+    from bitnet_jax import report
+
+    path = report.write_report(sweep)
+    print(f"wrote {path}")
+    return 0
+
+
+def _key_value(text: str, flag: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"{flag} {text!r} must look like key=value, e.g. partition=gpu")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from bitnet_jax import scaling
+
+    fits = scaling.fit_table(args.table, params_column=args.params_column,
+                             tokens_column=args.tokens_column, loss_column=args.loss_column,
+                             recipe_column=args.recipe_column, n_boot=args.bootstrap)
+    print(scaling.format_fits(fits))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -340,6 +340,11 @@ def train(config: RunConfig, devices=None) -> dict:
             last_eval = run_eval(step)
             save(step)
             status = "completed"
+    except (TrainingDiverged, TrainingInterrupted):
+        raise
+    except BaseException as error:  # a crash: recorded for sweeps, then re-raised
+        status, reason = "failed", f"{type(error).__name__}: {error}"
+        raise
     finally:
         if bar is not None:
             bar.close()

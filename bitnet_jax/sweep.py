@@ -1,0 +1,389 @@
+"""Sweeps: expand a grid of run configs, plan them, launch them, collect one results table.
+
+A sweep file holds a base run config and a list of axes:
+
+    name: quickstart
+    base: {...}                      # any `bitnet train` config (or `base_config: FILE.yaml`)
+    axes:                            # the product of the axes ...
+      - model.preset: [ladder-50k, ladder-100k]
+      - precision: [bf16, b1.58]     # ... while keys inside one axis are zipped
+        optimizer.lr: [2.0e-3, 4.0e-3]
+    tokens_per_param: 20             # optional, or `tokens: 2.0e6`, or either as an axis key
+
+`tokens` and `tokens_per_param` (per non-embedding parameter) set `train.steps` from the batch
+and sequence length. Every run gets a stable id from its expanded config, and its directory is
+`out_dir/<sweep name>/<run id>/`. Re-running a sweep skips finished runs, resumes interrupted
+ones, and retries failed ones only when asked.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import yaml
+
+from bitnet_jax import compute
+from bitnet_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml, to_dict,
+                               unknown_key_error, validate)
+from bitnet_jax.errors import require
+from bitnet_jax.model import get_model_config
+from bitnet_jax.precision import get_recipe
+
+if TYPE_CHECKING:
+    from bitnet_jax.launch import Job
+
+TOKEN_KEYS = ("tokens", "tokens_per_param")
+SWEEP_KEYS = ("name", "out_dir", "base", "base_config", "axes") + TOKEN_KEYS
+FINISHED, FAILED = ("completed",), ("failed", "diverged")
+
+
+@dataclasses.dataclass
+class Run:
+    """One expanded run of a sweep."""
+
+    run_id: str
+    config: RunConfig
+    overrides: dict  # the axis values that made it (for tables and plans)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out_dir) / self.run_id
+
+
+@dataclasses.dataclass
+class Sweep:
+    name: str
+    directory: Path
+    runs: list[Run]
+
+
+# ----------------------------------------------------------------------------------------------
+# Expansion.
+
+def _axis_points(axis: dict, index: int) -> list[dict]:
+    """One axis -> a list of {key: value} points (its keys zipped)."""
+    require(isinstance(axis, dict) and axis,
+            f"sweep axes[{index}] must be a mapping of key: [values], got {axis!r}")
+    lengths = {key: len(values) for key, values in axis.items() if isinstance(values, list)}
+    require(len(lengths) == len(axis),
+            f"sweep axes[{index}]: every key needs a list of values, got {axis!r}")
+    require(len(set(lengths.values())) == 1,
+            f"sweep axes[{index}]: zipped keys need lists of one length, got {lengths}")
+    keys = list(axis)
+    return [dict(zip(keys, values)) for values in zip(*(axis[k] for k in keys))]
+
+
+def _set_steps_from_tokens(tree: dict, config: RunConfig, tokens: Optional[float],
+                           tokens_per_param: Optional[float]) -> None:
+    if tokens is None and tokens_per_param is None:
+        return
+    require(tokens is None or tokens_per_param is None,
+            "a sweep run gets either tokens or tokens_per_param, not both")
+    if tokens_per_param is not None:
+        model = get_model_config(config.model.preset, **config.model.overrides)
+        tokens = tokens_per_param * compute.param_counts(model).non_embedding
+    per_step = config.train.batch_size * config.data.seq_len
+    steps = max(1, round(tokens / per_step))
+    tree.setdefault("train", {})["steps"] = steps
+    # Warm-up cannot outlast a short run: keep it at most 10% of the steps.
+    warmup = tree.get("optimizer", {}).get("warmup_steps", config.optimizer.warmup_steps)
+    if warmup >= steps:
+        tree.setdefault("optimizer", {})["warmup_steps"] = max(0, steps // 10)
+
+
+def _stable_id(config: RunConfig) -> str:
+    from bitnet_jax.train import run_name  # the trainer's own naming, so both agree
+
+    return run_name(dataclasses.replace(config, name=None))
+
+
+def load_sweep(path: str | Path, overrides: Optional[list[str]] = None) -> Sweep:
+    """Read a sweep file and expand it into validated run configs (no compute)."""
+    spec = read_yaml(path)
+    for key in spec:
+        if key not in SWEEP_KEYS:
+            raise unknown_key_error(str(key), list(SWEEP_KEYS), "sweep.")
+    name = spec.get("name") or Path(path).stem
+    if "base_config" in spec:
+        base = read_yaml(Path(path).parent / spec["base_config"])
+        base = _merge(base, spec.get("base", {}))
+    else:
+        base = copy.deepcopy(spec.get("base", {}))
+    base = apply_overrides(base, list(overrides or []))
+    axes = spec.get("axes", [])
+    require(isinstance(axes, list), "sweep axes must be a list of mappings (one per axis)")
+    directory = Path(spec.get("out_dir", base.get("out_dir", "runs"))) / name
+
+    runs, seen = [], set()
+    for combination in itertools.product(*[_axis_points(a, i) for i, a in enumerate(axes)]):
+        point = {k: v for part in combination for k, v in part.items()}
+        tree = copy.deepcopy(base)
+        tokens = point.get("tokens", spec.get("tokens"))
+        per_param = point.get("tokens_per_param", spec.get("tokens_per_param"))
+        apply_overrides(tree, [f"{k}={json.dumps(v)}" for k, v in point.items()
+                               if k not in TOKEN_KEYS])
+        tree["out_dir"] = str(directory)
+        config = from_dict(RunConfig, tree)
+        _set_steps_from_tokens(tree, config, tokens, per_param)
+        config = from_dict(RunConfig, tree)
+        validate(config)
+        run_id = _stable_id(config)
+        require(run_id not in seen, f"sweep {name!r}: two axis points give the same run "
+                                    f"({run_id}); an axis repeats a value")
+        seen.add(run_id)
+        runs.append(Run(run_id, dataclasses.replace(config, name=run_id), point))
+    require(runs, f"sweep {name!r} expands to no runs")
+    return Sweep(name, directory, runs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan.
+
+def run_accounting(run: Run) -> dict:
+    """Parameters, tokens and training FLOPs of a run, from its config alone."""
+    config = run.config
+    model = get_model_config(config.model.preset, **config.model.overrides)
+    tokens = config.train.steps * config.train.batch_size * config.data.seq_len
+    counts = compute.param_counts(model)
+    flops = {c: compute.train_flops(model, tokens, c, config.data.seq_len)
+             for c in compute.FLOP_CONVENTIONS}
+    return {"run": run.run_id, "preset": config.model.preset, "precision": config.precision,
+            "params_total": counts.total, "params_non_embedding": counts.non_embedding,
+            "tokens": tokens, "steps": config.train.steps,
+            **{f"flops_{c}": v for c, v in flops.items()}}
+
+
+def plan(sweep: Sweep, flops_per_second: Optional[float] = None) -> list[dict]:
+    """One row per run; `est_seconds` from the causal FLOPs at a sustained FLOP/s, if given."""
+    rows = []
+    for run in sweep.runs:
+        row = {**run_accounting(run), "status": run_status(run.run_dir)["status"]}
+        if flops_per_second:
+            row["est_seconds"] = row["flops_causal"] / flops_per_second
+        rows.append(row)
+    return rows
+
+
+def format_plan(sweep: Sweep, rows: list[dict]) -> str:
+    header = f"{'run':<36} {'params(non-emb)':>15} {'tokens':>10} {'FLOPs(causal)':>13} " \
+             f"{'est. time':>10} {'status':>10}"
+    lines = [f"sweep {sweep.name}: {len(rows)} runs in {sweep.directory}", header,
+             "-" * len(header)]
+    for row in rows:
+        est = _duration(row["est_seconds"]) if "est_seconds" in row else "-"
+        lines.append(f"{row['run']:<36} {row['params_non_embedding']:>15,} {row['tokens']:>10.3g} "
+                     f"{row['flops_causal']:>13.3e} {est:>10} {row['status']:>10}")
+    total = sum(r["flops_causal"] for r in rows)
+    est_total = sum(r.get("est_seconds", 0.0) for r in rows)
+    lines.append(f"total {total:.3e} FLOPs" + (f", about {_duration(est_total)} at the measured "
+                                              f"rate" if est_total else ""))
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f}min"
+    return f"{seconds / 3600:.1f}h"
+
+
+# ----------------------------------------------------------------------------------------------
+# Status and launching.
+
+def run_status(run_dir: Path) -> dict:
+    """completed | failed | diverged | interrupted | started (checkpoints, no summary) | pending."""
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        status = summary.get("status", "failed")
+        if status == "running":  # a summary written by a crash in the summary itself
+            status = "failed"
+        return {"status": status, "reason": summary.get("reason")}
+    if (run_dir / "checkpoints").exists():
+        return {"status": "started", "reason": None}
+    return {"status": "pending", "reason": None}
+
+
+def write_run_config(run: Run) -> Path:
+    path = run.run_dir.parent / "_configs" / f"{run.run_id}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(run.config), sort_keys=False))
+    return path
+
+
+def jobs_to_run(sweep: Sweep, retry_failed: bool = False) -> tuple[list[Job], dict[str, str]]:
+    """Jobs for every run not finished (failed ones only if `retry_failed`); skipped ones' status."""
+    from bitnet_jax.launch import Job  # launching needs none of this module's planning imports
+
+    jobs, skipped = [], {}
+    for run in sweep.runs:
+        status = run_status(run.run_dir)["status"]
+        if status in FINISHED or (status in FAILED and not retry_failed):
+            skipped[run.run_id] = status
+            continue
+        if status in FAILED:  # retried from scratch: its checkpoints may hold the bad state
+            _archive_failed(run.run_dir)
+        argv = [sys.executable, "-m", "bitnet_jax.cli", "train", "--config",
+                str(write_run_config(run).resolve())]
+        jobs.append(Job(run.run_id, argv, run.run_dir.resolve()))
+    return jobs, skipped
+
+
+def _archive_failed(run_dir: Path) -> None:
+    target = run_dir.with_name(run_dir.name + ".failed")
+    index = 1
+    while target.exists():
+        target = run_dir.with_name(f"{run_dir.name}.failed{index}")
+        index += 1
+    run_dir.rename(target)
+
+
+def record_crashes(jobs: list[Job], results) -> None:
+    """A process that died without a summary (killed, out of memory) is marked failed."""
+    for job, result in zip(jobs, results):
+        if result.returncode != 0 and not (job.run_dir / "summary.json").exists():
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            (job.run_dir / "summary.json").write_text(json.dumps({
+                "run": job.name, "status": "failed",
+                "reason": f"process exited with code {result.returncode}; see {result.log_path}"},
+                indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Collect.
+
+RESULT_COLUMNS = (
+    "run", "status", "reason", "preset", "precision", "params_total", "params_non_embedding",
+    "params_embedding", "params_quantized_linear", "tokens", "steps", "flops_kaplan",
+    "flops_full", "flops_causal", "energy_per_token_7nm_j", "energy_per_token_45nm_j",
+    "weight_memory_bytes", "weight_memory_format", "weight_memory_vs_bf16",
+    "final_eval_loss", "best_eval_loss", "eval_ppl", "eval_bpb", "wall_seconds",
+    "tokens_per_s", "lr", "batch_size", "seq_len",
+)
+
+
+def collect_run(run: Run) -> dict:
+    """One results row: accounting from the config, metrics from the run directory."""
+    from bitnet_jax.metrics import read_jsonl
+
+    config = run.config
+    model = get_model_config(config.model.preset, **config.model.overrides)
+    recipe = get_recipe(config.precision)
+    accounting = run_accounting(run)
+    counts = compute.param_counts(model)
+    memory = compute.weight_memory(model, recipe)
+    status = run_status(run.run_dir)
+    row = {**accounting, **status,
+           "params_embedding": counts.embedding,
+           "params_quantized_linear": counts.quantized_linear(recipe),
+           "energy_per_token_7nm_j": compute.energy_per_token(model, recipe, "7nm",
+                                                              config.data.seq_len).total_j,
+           "energy_per_token_45nm_j": compute.energy_per_token(model, recipe, "45nm",
+                                                               config.data.seq_len).total_j,
+           "weight_memory_bytes": memory.total_bytes,
+           "weight_memory_format": memory.default_format,
+           "weight_memory_vs_bf16": memory.vs_bf16,
+           "lr": config.optimizer.lr, "batch_size": config.train.batch_size,
+           "seq_len": config.data.seq_len}
+    metrics_path = run.run_dir / "metrics.jsonl"
+    evals = [r for r in read_jsonl(metrics_path) if r.get("kind") == "eval"] \
+        if metrics_path.exists() else []
+    summary_path = run.run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    row.update({
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "best_eval_loss": min(r["eval_loss"] for r in evals) if evals else None,
+        "eval_ppl": evals[-1]["eval_ppl"] if evals else None,
+        "eval_bpb": evals[-1]["eval_bpb"] if evals else None,
+        "wall_seconds": summary.get("wall_seconds"), "tokens_per_s": summary.get("tokens_per_s"),
+    })
+    if status["status"] != "completed":  # report measured tokens only for finished runs
+        row["tokens"] = summary.get("tokens", row["tokens"]) if summary else row["tokens"]
+    row.update({k: v for k, v in run.overrides.items() if k not in row and "." not in k})
+    return {column: row.get(column) for column in RESULT_COLUMNS}
+
+
+def collect(sweep: Sweep) -> list[dict]:
+    """The results table of a sweep, written as results.csv and results.parquet."""
+    rows = [collect_run(run) for run in sweep.runs]
+    sweep.directory.mkdir(parents=True, exist_ok=True)
+    write_table(rows, sweep.directory / "results.csv")
+    write_parquet(rows, sweep.directory / "results.parquet")
+    return rows
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(RESULT_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {c: [r.get(c) for r in rows] for c in RESULT_COLUMNS}
+    pq.write_table(pa.table(columns), path)
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """Rows of a results CSV with numbers parsed (empty cells -> None)."""
+    def parse(value: str):
+        if value == "":
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() and "." not in value and "e" not in value \
+            else number
+
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run.
+
+LAUNCHERS = ("local", "slurm", "print")
+
+
+def run_sweep(sweep: Sweep, launcher: str = "local", workers: int = 1,
+              retry_failed: bool = False, sbatch_options: Optional[dict] = None,
+              wait: bool = False) -> dict:
+    """Launch every run that is not finished. Returns what was launched and skipped."""
+    from bitnet_jax import launch
+
+    require(launcher in LAUNCHERS, f"--launcher {launcher!r}; choose one of {LAUNCHERS}")
+    jobs, skipped = jobs_to_run(sweep, retry_failed)
+    outcome = {"launched": [j.name for j in jobs], "skipped": skipped, "results": []}
+    if not jobs:
+        return outcome
+    if launcher == "print":
+        outcome["commands"] = launch.launch_print(jobs)
+    elif launcher == "slurm":
+        outcome["slurm"] = launch.launch_slurm(jobs, sweep.directory, sbatch_options, wait=wait)
+    else:
+        results = launch.launch_local(jobs, workers=workers)
+        record_crashes(jobs, results)
+        outcome["results"] = results
+    return outcome
