@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
 import dataclasses
-import functools
 import itertools
 import math
 import time
@@ -38,6 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from scipy import optimize, stats
+from threadpoolctl import threadpool_limits
 
 from bitnet_jax.errors import ConfigError
 
@@ -57,58 +56,16 @@ ALPHA_MAX = 5.0  # bound of the L(N) exponent: a loss falling faster than N^-5 i
 # ----------------------------------------------------------------------------------------------
 # One BLAS thread while scipy's small optimizers run.
 
-@functools.lru_cache(maxsize=1)
-def _openblas_thread_setters() -> tuple[tuple[Callable[[], int], Callable[[int], None]], ...]:
-    """(get, set) thread-count functions of every OpenBLAS loaded in this process (Linux only)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return ()
-    paths = sorted({line.split()[-1] for line in maps.splitlines()
-                    if "openblas" in line.lower() and line.split()[-1].startswith("/")})
-    found = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in itertools.product(("scipy_openblas", "openblas"), ("", "64_")):
-            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                put.argtypes = [ctypes.c_int]
-                found.append((get, put))
-                break
-    return tuple(found)
-
-
 @contextlib.contextmanager
 def _one_blas_thread() -> Iterator[None]:
-    """Run the enclosed scipy optimizers with a single BLAS thread.
+    """Run the enclosed scipy optimizers with a single BLAS thread (threadpoolctl).
 
     Why: L-BFGS-B calls LAPACK on 5x5 matrices at every step. A multi-threaded OpenBLAS wakes its
     thread pool for each call, which made the 4500-start Epoch fit 14x slower on a 2-core machine
-    (0.75 ms instead of 0.05 ms a step). threadpoolctl does exactly this and is used when it is
-    installed; otherwise we call OpenBLAS's own get/set_num_threads on the copies this process
-    has loaded (what threadpoolctl does underneath), and elsewhere leave the threads as they are.
+    (0.75 ms instead of 0.05 ms a step).
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        threadpool_limits = None
-    if threadpool_limits is not None:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
-        return
-    setters = _openblas_thread_setters()
-    before = [get() for get, _ in setters]
-    for _, put in setters:
-        put(1)
-    try:
+    with threadpool_limits(limits=1, user_api="blas"):
         yield
-    finally:
-        for (_, put), n in zip(setters, before):
-            put(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,8 +137,8 @@ class Fit:
         return _LAWS[self.law][0]
 
     def _xs(self, x: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
-        if len(x) == 1 and isinstance(x[0], tuple):
-            x = x[0]
+        if len(x) == 1 and isinstance(x[0], tuple) and len(self.x_names) > 1:
+            x = x[0]  # predict((N, D))
         if len(x) != len(self.x_names):
             raise ConfigError(f"{self.form} takes {len(self.x_names)} variable(s) "
                               f"({', '.join(self.x_names)}), got {len(x)}")
@@ -271,7 +228,7 @@ def _positive(name: str, values: Any) -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ConfigError(f"{name} must be finite and positive (scaling laws work in logs): "
-                          f"{name}[{i}] = {array[i]!r} ({int(bad.sum())} bad value(s))")
+                          f"{name}[{i}] = {float(array[i])!r} ({int(bad.sum())} bad value(s))")
     return array
 
 
@@ -466,17 +423,28 @@ def _chinchilla_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarra
 
 def _theta_to_params(theta: np.ndarray) -> dict[str, float]:
     a, b, e, alpha, beta = (float(v) for v in theta)
-    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta}
+    with np.errstate(over="ignore"):  # a runaway start gives inf, flagged by the warnings
+        return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
+                "alpha": alpha, "beta": beta}
 
 
 def _params_to_theta(p: Mapping[str, float]) -> np.ndarray:
     return np.array([math.log(p["A"]), math.log(p["B"]), math.log(p["E"]), p["alpha"], p["beta"]])
 
 
-def _lbfgs(theta0: np.ndarray, args: tuple) -> optimize.OptimizeResult:
-    # scipy's L-BFGS-B, default tolerances, as in Epoch's replication (unbounded parameters).
+# Tight L-BFGS-B tolerances for refits and the final polish. Why: L-BFGS-B stops when the
+# reduction of f over max(|f|, 1) falls below ftol (default 2.2e-9); the summed Huber loss is
+# ~1e-3, so by default it stops on a relative change of ~2e-6 of f, which in the flat valley of
+# (a, alpha) happens after a few steps when starting next to the optimum: bootstrap refits barely
+# moved from the point estimate (A within 0.1 of 477.8) and the intervals came out ~100x too
+# narrow. With these, refits reach the optimum Nelder-Mead finds to 7 digits.
+_TIGHT = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10_000}
+
+
+def _lbfgs(theta0: np.ndarray, args: tuple, tight: bool = False) -> optimize.OptimizeResult:
+    # scipy's L-BFGS-B (unbounded parameters, as in Epoch's replication) rather than our own.
     return optimize.minimize(_chinchilla_objective, theta0, args=args, jac=True,
-                             method="L-BFGS-B")
+                             method="L-BFGS-B", options=_TIGHT if tight else None)
 
 
 def _chinchilla_warnings(params: Mapping[str, float], loss: np.ndarray, grid: Grid,
@@ -525,8 +493,10 @@ def fit_chinchilla(N: Any, D: Any, L: Any, *, huber_delta: float = 1e-3,
                               f"{len(loss)}")
         keep = np.sort(np.argsort(loss, kind="stable")[: len(loss) - drop_highest_loss])
         n, d, loss = n[keep], d[keep], loss[keep]
+    # >= 3 distinct values of each: with 2 values of D, E + B D^-beta is known at 2 points only
+    # and (E, B, beta) slide along a flat valley (the bootstrap then stays at its start).
     n, d, loss = _check_inputs((*x_names, "L"), (n, d, loss), 5, law,
-                               {x_names[0]: 2, x_names[1]: 2})
+                               {x_names[0]: 3, x_names[1]: 3})
     args = (np.log(n), np.log(d), np.log(loss), float(huber_delta))
     starts = grid.points()
     values = np.full(len(starts), np.inf)
@@ -541,13 +511,20 @@ def fit_chinchilla(N: Any, D: Any, L: Any, *, huber_delta: float = 1e-3,
         raise ConfigError(f"{law}: no L-BFGS start gave a finite fit")
     pool = succeeded if succeeded.any() else np.isfinite(values)
     best = int(np.flatnonzero(pool)[np.argmin(values[pool])])
-    params = _theta_to_params(thetas[best])
+    # The grid runs with scipy's default tolerances, as Epoch's did; the winner is then polished
+    # with tight ones so that the estimate is a true optimum (on Epoch's data it moves < 1e-6).
+    with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
+        polished = _lbfgs(thetas[best], args, tight=True)
+    best_value, best_theta = values[best], thetas[best]
+    if np.isfinite(polished.fun) and polished.fun <= best_value:
+        best_value, best_theta = float(polished.fun), polished.x
+    params = _theta_to_params(best_theta)
     warnings = _chinchilla_warnings(params, loss, grid, bool(succeeded.any()))
     at_best = int(np.sum(values <= values[best] * (1 + 1e-6) + 1e-15))
     info = {"seconds": time.perf_counter() - start, "n_starts": len(starts),
             "n_converged": int(succeeded.sum()), "n_at_optimum": at_best,
             "n_dropped": int(drop_highest_loss)}
-    return _make_fit("chinchilla", x_names, params, (n, d, loss), values[best],
+    return _make_fit("chinchilla", x_names, params, (n, d, loss), best_value,
                      {"huber_delta": float(huber_delta)}, warnings, info)
 
 
@@ -591,10 +568,10 @@ def _refit_offset(data: tuple[np.ndarray, ...], point: Fit) -> Optional[np.ndarr
 
 def _refit_chinchilla(data: tuple[np.ndarray, ...], point: Fit) -> Optional[np.ndarray]:
     n, d, loss = data
-    if len(np.unique(n)) < 2 or len(np.unique(d)) < 2:
+    if len(np.unique(n)) < 3 or len(np.unique(d)) < 3:
         return None
     args = (np.log(n), np.log(d), np.log(loss), point.options["huber_delta"])
-    res = _lbfgs(_params_to_theta(point.params), args)
+    res = _lbfgs(_params_to_theta(point.params), args, tight=True)
     if not (np.isfinite(res.fun) and np.all(np.isfinite(res.x))):
         return None
     p = _theta_to_params(res.x)
@@ -629,7 +606,7 @@ def bootstrap_fit(point: Fit, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
         for idx in rng.integers(0, n, size=(int(n_boot), n)):
             try:
                 row = refit(tuple(a[idx] for a in point.data), point)
-            except (ConfigError, ValueError, FloatingPointError, np.linalg.LinAlgError):
+            except (ValueError, ArithmeticError, np.linalg.LinAlgError):  # ConfigError too
                 row = None
             if row is not None and np.all(np.isfinite(row)):
                 rows.append(row)
@@ -723,12 +700,14 @@ class IsoflopFit:
 def _group_budgets(C: np.ndarray, rel_tol: float,
                    log_bin_width: Optional[float]) -> list[np.ndarray]:
     """Indices of runs per compute budget: equal within `rel_tol`, or in bins of
-    `log_bin_width` decades of C."""
+    `log_bin_width` decades of C centred on multiples of it."""
     log_c = np.log10(C)
     if log_bin_width is not None:
         if not log_bin_width > 0:
             raise ConfigError(f"log_bin_width must be positive (decades), got {log_bin_width!r}")
-        labels = np.floor(log_c / log_bin_width)
+        # Bins centred on multiples of the width: budgets are usually round numbers (1e18, 1e19),
+        # which would sit on bin edges with floor().
+        labels = np.round(log_c / log_bin_width)
     else:
         order = np.argsort(log_c, kind="stable")
         breaks = np.diff(log_c[order]) > np.log10(1 + rel_tol)
@@ -763,9 +742,10 @@ def fit_isoflop(N: Any, C: Any, L: Any, *, rel_tol: float = 1e-3,
     """Isoflop analysis (Chinchilla approach 2).
 
     Runs are grouped by compute budget C (values equal within `rel_tol`, or bins of
-    `log_bin_width` decades). Per budget with >= `min_points` runs (>= 3), a least-squares
-    parabola of L against ln N gives the minimum N*(C); budgets whose parabola opens downwards
-    are skipped with a warning, minima outside the sampled N range are kept with one. Then
+    `log_bin_width` decades centred on multiples of it). Per budget with >= `min_points` runs
+    (>= 3), a least-squares parabola of L against ln N gives the minimum N*(C); budgets whose
+    parabola opens downwards are skipped with a warning, minima outside the sampled N range are
+    kept with one. Then
     ln N* = ln k + a ln C by least squares (>= 2 budgets), and D* = C / (6 N*).
     Intervals: a stratified bootstrap (runs resampled within each budget, `n_boot` times; 0 to
     skip) refits every parabola and the line.
@@ -1028,6 +1008,8 @@ def loss_vs_resource(data: Mapping[str, tuple[Any, Any]], *, resource: str = "we
 PARAM_COLUMNS = ("params_non_embedding", "params", "n_params", "N")
 TOKEN_COLUMNS = ("tokens", "train_tokens", "D")
 LOSS_COLUMNS = ("final_eval_loss", "eval_loss", "loss")
+RECIPE_COLUMNS = ("recipe", "precision")  # the sweep's results table calls it "precision"
+STATUS_COLUMN, COMPLETED = "status", "completed"  # rows of runs that did not finish are skipped
 
 
 @dataclass(frozen=True, eq=False)
@@ -1092,7 +1074,7 @@ def _fit_or_note(notes: list[str], what: str, fn: Callable[[], Fit]) -> Optional
 
 def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
               params_column: Optional[str] = None, tokens_column: Optional[str] = None,
-              loss_column: Optional[str] = None, recipe_column: Optional[str] = "recipe",
+              loss_column: Optional[str] = None, recipe_column: Optional[str] = None,
               n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level: float = 0.95,
               chinchilla: bool = True, huber_delta: float = 1e-3,
               grid: Grid = EPOCH_GRID) -> dict[str, RecipeFits]:
@@ -1100,9 +1082,10 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
 
     `table` is a CSV path or a list of row dicts. Columns default to the first present of
     PARAM_COLUMNS (N), TOKEN_COLUMNS (D, optional) and LOSS_COLUMNS (L); rows are grouped by
-    `recipe_column` when the table has it (else one group, "all"). Rows with a missing or
-    non-positive value are skipped (noted). Per recipe: L(N) = E + A N^-alpha and L(N) = A N^-alpha
-    and, when D varies (>= 2 distinct N and D, >= 6 points) and `chinchilla`, Epoch's L(N, D);
+    `recipe_column` (default: the first of RECIPE_COLUMNS present; else one group, "all"). Rows
+    whose `status` column is present and not "completed", or with a missing or non-positive
+    value, are skipped (noted). Per recipe: L(N) = E + A N^-alpha and L(N) = A N^-alpha
+    and, when D varies (>= 3 distinct N and D, >= 6 points) and `chinchilla`, Epoch's L(N, D);
     each with `n_boot` bootstrap refits (0: none). A fit that cannot be made becomes a note.
     """
     rows = read_table(table) if isinstance(table, (str, Path)) else [dict(r) for r in table]
@@ -1112,18 +1095,30 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
     n_col = _pick_column(columns, params_column, PARAM_COLUMNS, "parameters", True)
     d_col = _pick_column(columns, tokens_column, TOKEN_COLUMNS, "tokens", False)
     l_col = _pick_column(columns, loss_column, LOSS_COLUMNS, "loss", True)
-    r_col = recipe_column if recipe_column in columns else None
+    r_col = _pick_column(columns, recipe_column, RECIPE_COLUMNS, "recipe", False)
     groups: dict[str, list[Mapping[str, Any]]] = {}
+    unfinished: dict[str, dict[str, int]] = {}
     for row in rows:
-        groups.setdefault(str(row[r_col]) if r_col else "all", []).append(row)
+        recipe = str(row[r_col]) if r_col else "all"
+        status = str(row.get(STATUS_COLUMN, COMPLETED) or "")
+        if status != COMPLETED:
+            counts = unfinished.setdefault(recipe, {})
+            counts[status or "(empty)"] = counts.get(status or "(empty)", 0) + 1
+            continue
+        groups.setdefault(recipe, []).append(row)
+    for recipe in unfinished:
+        groups.setdefault(recipe, [])
     used = {"N": n_col, "L": l_col, **({"D": d_col} if d_col else {}),
             **({"recipe": r_col} if r_col else {})}
     results = {}
     for recipe, members in groups.items():
         notes: list[str] = []
+        if recipe in unfinished:
+            notes.append("skipped unfinished runs: " + ", ".join(
+                f"{k} {status}" for status, k in sorted(unfinished[recipe].items())))
         names = [n_col, l_col] + ([d_col] if d_col else [])
-        values = np.array([[_number(r.get(c)) for c in names] for r in members]).reshape(-1,
-                                                                                         len(names))
+        values = np.array([[_number(r.get(c)) for c in names] for r in members])
+        values = values.reshape(-1, len(names))  # (0, k) when every run was skipped
         ok = np.all(np.isfinite(values) & (values > 0), axis=1)
         if not ok.all():
             notes.append(f"{int((~ok).sum())} row(s) skipped: missing, non-numeric or "
@@ -1143,8 +1138,9 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
         power = _fit_or_note(notes, "L(N) = A N^-alpha", lambda: boot(fit_power_law(n, loss)))
         chin = None
         if chinchilla and tokens is not None:
-            if len(np.unique(tokens)) < 2:
-                notes.append("L(N, D) not fitted: every run has the same token count")
+            if len(np.unique(tokens)) < 3:
+                notes.append(f"L(N, D) not fitted: {len(np.unique(tokens))} distinct token "
+                             "count(s); E, B and beta need at least 3")
             else:
                 chin = _fit_or_note(notes, "L(N, D)", lambda: boot(fit_chinchilla(
                     n, tokens, loss, huber_delta=huber_delta, grid=grid)))

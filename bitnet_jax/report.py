@@ -1,0 +1,345 @@
+"""Sweep reports: the results table -> scaling-law fits -> report.md with PNG plots.
+
+`write_report(sweep)` collects the table, fits per recipe L(N) = E + A N^-alpha (bootstrap
+intervals), the pure power law, L(N, D) where the token count varies, and isoflop curves where
+budgets repeat; compares every recipe with bf16 (loss ratio, effective parameter multiplier, loss
+against weight memory and against inference energy), and draws the plots. The plotting functions
+take the plain table rows, so a notebook draws the same curves from `results.csv`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from bitnet_jax import scaling
+from bitnet_jax.errors import ConfigError
+
+REFERENCE = "bf16"
+N_BOOT = 400
+LOSS = "final_eval_loss"
+COLORS = {"bf16": "#1f77b4", "b1.58": "#d62728", "b1": "#9467bd", "a4.8": "#2ca02c",
+          "v2-a8": "#ff7f0e", "v2-a4": "#8c564b"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def color(recipe: str) -> str:
+    return COLORS.get(recipe, "#7f7f7f")
+
+
+def completed(rows: list[dict], loss: str = LOSS) -> list[dict]:
+    return [r for r in rows if r.get("status") == "completed"
+            and isinstance(r.get(loss), (int, float)) and math.isfinite(r[loss])]
+
+
+def by_recipe(rows: list[dict]) -> dict[str, list[dict]]:
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["precision"]].append(row)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] != REFERENCE, kv[0])))
+
+
+def _column(rows: list[dict], key: str) -> np.ndarray:
+    return np.array([float(r[key]) for r in rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# Fits.
+
+def fit_recipes(rows: list[dict], x: str = "params_non_embedding", loss: str = LOSS,
+                n_boot: int = N_BOOT) -> tuple[dict, dict]:
+    """Per recipe: L(x) = E + A x^-alpha with bootstrap intervals; errors kept as text."""
+    fits, problems = {}, {}
+    for recipe, group in by_recipe(completed(rows, loss)).items():
+        try:
+            point = scaling.fit_power_law_with_offset(_column(group, x), _column(group, loss),
+                                                      x_name="N" if x.startswith("params") else x)
+            fits[recipe] = scaling.bootstrap_fit(point, n_boot=n_boot)
+        except ConfigError as error:
+            problems[recipe] = str(error)
+    return fits, problems
+
+
+def fit_power_laws(rows: list[dict], loss: str = LOSS) -> dict:
+    out = {}
+    for recipe, group in by_recipe(completed(rows, loss)).items():
+        try:
+            out[recipe] = scaling.fit_power_law(_column(group, "params_non_embedding"),
+                                                _column(group, loss))
+        except ConfigError:
+            pass
+    return out
+
+
+def fit_chinchilla_recipes(rows: list[dict], loss: str = LOSS) -> tuple[dict, dict]:
+    """L(N, D) per recipe where the sweep varies the token count (>= 3 values, as the fitter
+    needs to pin down B and beta)."""
+    fits, problems = {}, {}
+    for recipe, group in by_recipe(completed(rows, loss)).items():
+        if len({r["tokens"] for r in group}) < 3:
+            continue
+        try:
+            fits[recipe] = scaling.fit_chinchilla(_column(group, "params_non_embedding"),
+                                                  _column(group, "tokens"), _column(group, loss))
+        except ConfigError as error:
+            problems[recipe] = str(error)
+    return fits, problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (plain rows in, a PNG out).
+
+def _grid(values: np.ndarray, n: int = 100) -> np.ndarray:
+    lo, hi = float(np.min(values)), float(np.max(values))
+    return np.geomspace(lo / 1.5, hi * 1.5, n) if hi > lo else np.array([lo])
+
+
+def plot_loss_against(rows: list[dict], x: str, path: Path, xlabel: str,
+                      fits: Optional[dict] = None, loss: str = LOSS) -> Path:
+    """Loss against any column (log x), one colour per recipe, with fits and 95% bands."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    done = completed(rows, loss)
+    if done:  # the runs set the scale; a wide bootstrap band must not flatten them
+        observed = _column(done, loss)
+        span = max(float(np.ptp(observed)), 0.02 * float(observed.max()))
+        ax.set_ylim(observed.min() - 0.3 * span, observed.max() + 0.3 * span)
+    for recipe, group in by_recipe(done).items():
+        xs, ys = _column(group, x), _column(group, loss)
+        ax.scatter(xs, ys, color=color(recipe), label=recipe, zorder=3)
+        fit = (fits or {}).get(recipe)
+        if fit is not None:
+            grid = _grid(xs)
+            ax.plot(grid, fit.predict(grid), color=color(recipe), lw=1.5)
+            if fit.samples is not None:
+                lo, hi = fit.prediction_interval(grid)
+                ax.fill_between(grid, lo, hi, color=color(recipe), alpha=0.15, lw=0)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(rows: list[dict], run_dirs: dict[str, Path], path: Path) -> Path:
+    """Training loss against tokens for every run (recipe = colour, size = line width)."""
+    from bitnet_jax.metrics import read_jsonl
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    sizes = sorted({r["params_non_embedding"] for r in rows})
+    seen = set()
+    for row in rows:
+        metrics_path = run_dirs[row["run"]] / "metrics.jsonl"
+        if not metrics_path.exists():
+            continue
+        train = [r for r in read_jsonl(metrics_path) if r.get("kind") == "train"]
+        if not train:
+            continue
+        recipe = row["precision"]
+        width = 0.6 + 2.0 * sizes.index(row["params_non_embedding"]) / max(len(sizes) - 1, 1)
+        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], color=color(recipe),
+                lw=width, alpha=0.8, label=recipe if recipe not in seen else None)
+        seen.add(recipe)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("training loss (nats / token)")
+    ax.set_title("training curves (wider = larger model)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(fits: dict, path: Path) -> Optional[Path]:
+    """Loss ratio and effective parameter multiplier of each recipe against bf16, with bands."""
+    reference = fits.get(REFERENCE)
+    others = {k: v for k, v in fits.items() if k != REFERENCE}
+    if reference is None or not others:
+        return None
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for recipe, fit in others.items():
+        n = _grid(np.concatenate([fit.data[0], reference.data[0]]))
+        ratio = scaling.loss_ratio_band(fit, reference, n)
+        left.plot(n, ratio.value, color=color(recipe), label=f"{recipe} / {REFERENCE}")
+        left.fill_between(n, ratio.lo, ratio.hi, color=color(recipe), alpha=0.15, lw=0)
+        mult = scaling.effective_parameter_multiplier_band(fit, reference, n)
+        right.plot(n, mult.value, color=color(recipe), label=recipe)
+        finite_hi = np.where(np.isfinite(mult.hi), mult.hi, np.nan)
+        right.fill_between(n, mult.lo, finite_hi, color=color(recipe), alpha=0.15, lw=0)
+    left.axhline(1.0, color="k", lw=0.8)
+    right.axhline(1.0, color="k", lw=0.8)
+    for ax, label in ((left, "loss ratio"), (right, f"{REFERENCE} size with the same loss / N")):
+        ax.set_xscale("log")
+        ax.set_xlabel("non-embedding parameters N")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The report.
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _law_table(fits: dict) -> list[str]:
+    lines = ["| recipe | law | parameters (95% bootstrap interval) | R² | points |",
+             "|---|---|---|---|---|"]
+    for recipe, fit in fits.items():
+        params = "; ".join(
+            f"{k} = {v:.4g}" + (f" [{fit.intervals[k][0]:.3g}, {fit.intervals[k][1]:.3g}]"
+                                if k in fit.intervals else "")
+            for k, v in fit.params.items())
+        lines.append(f"| {recipe} | `{fit.form}` | {params} | {fit.r2:.4f} | {fit.n_points} |")
+        lines += [f"| | warning | {w} | | |" for w in fit.warnings]
+    return lines
+
+
+def _runs_table(rows: list[dict]) -> list[str]:
+    lines = ["| run | status | N (non-emb.) | tokens | val. loss | bits/byte | weight memory "
+             "| energy/token (7nm) | wall time |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        memory = r.get("weight_memory_bytes")
+        energy = r.get("energy_per_token_7nm_j")
+        lines.append(
+            f"| {r['run']} | {r['status']} | {r['params_non_embedding']:,} | {_fmt(r['tokens'])} "
+            f"| {_fmt(r.get(LOSS))} | {_fmt(r.get('eval_bpb'))} "
+            f"| {_fmt(memory / 1e6 if memory else None)} MB | {_fmt(energy * 1e9 if energy else None)} nJ "
+            f"| {_fmt(r.get('wall_seconds'), 3)} s |")
+    return lines
+
+
+def _comparison_lines(fits: dict) -> list[str]:
+    reference = fits.get(REFERENCE)
+    if reference is None:
+        return []
+    lines = []
+    for recipe, fit in fits.items():
+        if recipe == REFERENCE:
+            continue
+        n = np.array([min(fit.data[0].min(), reference.data[0].min()),
+                      max(fit.data[0].max(), reference.data[0].max())])
+        ratio = scaling.loss_ratio_band(fit, reference, n)
+        mult = scaling.effective_parameter_multiplier_band(fit, reference, n)
+        for i, label in enumerate(("smallest", "largest")):
+            lines.append(
+                f"- {recipe} at N = {n[i]:,.0f} ({label} run size): loss {ratio.value[i]:.3f}x "
+                f"{REFERENCE} [{ratio.lo[i]:.3f}, {ratio.hi[i]:.3f}]; matches a {REFERENCE} model "
+                f"of {mult.value[i]:.3g}x its size [{mult.lo[i]:.3g}, {mult.hi[i]:.3g}]")
+    return lines
+
+
+def _range(values: np.ndarray) -> str:
+    finite = values[np.isfinite(values)]
+    return f"{finite.min():.3g}-{finite.max():.3g}" if len(finite) else "(undefined)"
+
+
+def _resource_lines(rows: list[dict], column: str, resource: str) -> list[str]:
+    data = {recipe: (_column(group, column), _column(group, LOSS))
+            for recipe, group in by_recipe(completed(rows)).items()}
+    if REFERENCE not in data or len(data) < 2:
+        return []
+    try:
+        comparison = scaling.loss_vs_resource(data, resource=resource, reference=REFERENCE)
+    except ConfigError as error:
+        return [f"- loss against {resource}: not fitted ({error})"]
+    lines = []
+    for recipe, wins in comparison.wins.items():
+        lines.append(f"- {recipe} against {REFERENCE} at the same {resource}: lower loss on "
+                     f"{100 * wins.mean():.0f}% of the shared range; {REFERENCE} needs "
+                     f"{_range(comparison.multiplier[recipe])}x the {resource} for the same loss")
+    return lines
+
+
+def write_report(sweep, n_boot: int = N_BOOT) -> Path:
+    """Collect, fit and plot a sweep; returns the path of report.md."""
+    from bitnet_jax.sweep import collect
+
+    rows = collect(sweep)
+    out = sweep.directory
+    run_dirs = {run.run_id: run.run_dir for run in sweep.runs}
+    fits, problems = fit_recipes(rows, n_boot=n_boot)
+    pure = fit_power_laws(rows)
+    chinchilla, chinchilla_problems = fit_chinchilla_recipes(rows)
+
+    plots = {
+        "loss against parameters": plot_loss_against(
+            rows, "params_non_embedding", out / "loss_vs_params.png",
+            "non-embedding parameters N", fits),
+        "loss against training compute": plot_loss_against(
+            rows, "flops_causal", out / "loss_vs_flops.png", "training FLOPs (causal convention)"),
+        "loss against weight memory": plot_loss_against(
+            rows, "weight_memory_bytes", out / "loss_vs_memory.png",
+            "weight memory at the recipe's storage format (bytes)"),
+        "loss against inference energy": plot_loss_against(
+            rows, "energy_per_token_7nm_j", out / "loss_vs_energy.png",
+            "inference energy per token, 7nm model (J)"),
+        "training curves": plot_training_curves(rows, run_dirs, out / "training_curves.png"),
+    }
+    comparison_plot = plot_comparison(fits, out / "comparison.png")
+    if comparison_plot is not None:
+        plots[f"recipes against {REFERENCE}"] = comparison_plot
+
+    done = completed(rows)
+    failed = [r for r in rows if r["status"] != "completed"]
+    lines = [f"# Sweep report: {sweep.name}", "",
+             f"{len(done)} of {len(rows)} runs completed; results table: `results.csv` "
+             f"(also `results.parquet`). Loss is the final validation loss in nats per token.", ""]
+    if failed:
+        lines += ["## Runs that did not complete", ""]
+        lines += [f"- `{r['run']}`: {r['status']}" + (f" ({r['reason']})" if r.get("reason") else "")
+                  for r in failed]
+        lines.append("")
+    lines += ["## Scaling laws", "", "L(N) = E + A N^-alpha per recipe, fitted on log-loss "
+              f"residuals, with {n_boot} bootstrap resamples of the runs:", ""]
+    lines += _law_table(fits) if fits else ["(no recipe has enough completed runs to fit)"]
+    lines += [f"- {recipe}: {problem}" for recipe, problem in problems.items()]
+    if pure:
+        lines += ["", "Pure power laws L(N) = A N^-alpha:", ""] + _law_table(pure)
+    if chinchilla or chinchilla_problems:
+        lines += ["", "L(N, D) = E + A/N^alpha + B/D^beta (Huber loss on log-loss, L-BFGS from "
+                  "Epoch AI's grid):", ""] + _law_table(chinchilla)
+        lines += [f"- {recipe}: {problem}" for recipe, problem in chinchilla_problems.items()]
+    comparison = _comparison_lines(fits)
+    if comparison:
+        lines += ["", f"## Recipes against {REFERENCE}", ""] + comparison
+    resources = (_resource_lines(rows, "weight_memory_bytes", "weight memory")
+                 + _resource_lines(rows, "energy_per_token_7nm_j", "inference energy"))
+    if resources:
+        lines += [""] + resources
+    lines += ["", "## Plots", ""]
+    for title, path in plots.items():
+        lines += [f"### {title[0].upper() + title[1:]}", "", f"![{title}]({path.name})", ""]
+    lines += ["## Runs", ""] + _runs_table(rows) + [""]
+    report_path = out / "report.md"
+    report_path.write_text("\n".join(lines))
+    return report_path

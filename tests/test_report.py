@@ -1,0 +1,83 @@
+"""Reports and the notebook draw from the plain results table."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitnet_jax import report
+from bitnet_jax.sweep import RESULT_COLUMNS, read_table, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = [5e4, 1e5, 2e5, 4e5, 8e5, 1.6e6]
+LAWS = {"bf16": (1.5, 40.0, 0.35), "b1.58": (1.6, 45.0, 0.33)}  # E, A, alpha
+
+
+def synthetic_rows(seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for recipe, (e, a, alpha) in LAWS.items():
+        for n in SIZES:
+            loss = (e + a * n ** -alpha) * np.exp(rng.normal(0, 0.002))
+            row = {c: None for c in RESULT_COLUMNS}
+            row.update(run=f"{recipe}-{int(n)}", status="completed", precision=recipe,
+                       params_non_embedding=int(n), tokens=1_000_000, final_eval_loss=loss,
+                       flops_causal=6 * n * 1e6,
+                       weight_memory_bytes=n * (0.25 if recipe == "b1.58" else 2.0),
+                       energy_per_token_7nm_j=n * (1e-14 if recipe == "b1.58" else 5e-13))
+            rows.append(row)
+    rows.append({**rows[0], "run": "broken", "status": "diverged", "final_eval_loss": None})
+    return rows
+
+
+def test_fits_recover_the_laws_and_skip_failed_runs():
+    fits, problems = report.fit_recipes(synthetic_rows(), n_boot=100)
+    assert not problems and set(fits) == {"bf16", "b1.58"}
+    for recipe, (e, a, alpha) in LAWS.items():
+        fit = fits[recipe]
+        assert fit.n_points == len(SIZES)
+        assert fit.params["alpha"] == pytest.approx(alpha, rel=0.15)
+        lo, hi = fit.intervals["E"]
+        assert lo <= fit.params["E"] <= hi
+
+
+def test_too_few_runs_are_reported_not_fitted():
+    rows = [r for r in synthetic_rows() if r["params_non_embedding"] <= 1e5]
+    fits, problems = report.fit_recipes(rows, n_boot=50)
+    assert not fits and set(problems) == {"bf16", "b1.58"}
+    assert all("point" in p for p in problems.values())
+
+
+def test_plots_are_written(tmp_path):
+    rows = synthetic_rows()
+    fits, _ = report.fit_recipes(rows, n_boot=50)
+    for column in ("params_non_embedding", "weight_memory_bytes", "energy_per_token_7nm_j"):
+        path = report.plot_loss_against(rows, column, tmp_path / f"{column}.png", column, fits)
+        assert path.stat().st_size > 10_000
+    assert report.plot_comparison(fits, tmp_path / "cmp.png").stat().st_size > 10_000
+    lines = report._comparison_lines(fits)
+    assert len(lines) == 2 and "b1.58" in lines[0]
+
+
+def test_table_round_trip(tmp_path):
+    rows = synthetic_rows()
+    write_table(rows, tmp_path / "results.csv")
+    back = read_table(tmp_path / "results.csv")
+    assert back[0]["params_non_embedding"] == rows[0]["params_non_embedding"]
+    assert back[0]["final_eval_loss"] == pytest.approx(rows[0]["final_eval_loss"])
+    assert back[-1]["final_eval_loss"] is None
+
+
+def test_notebook_runs_on_a_results_table(tmp_path, monkeypatch):
+    pytest.importorskip("IPython")
+    write_table(synthetic_rows(), tmp_path / "results.csv")
+    monkeypatch.setenv("BITNET_RESULTS", str(tmp_path / "results.csv"))
+    monkeypatch.setenv("BITNET_FIGURES", str(tmp_path / "figures"))
+    notebook = json.loads((ROOT / "experiments" / "notebooks" / "scaling_curves.ipynb").read_text())
+    namespace = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "scaling_curves.ipynb", "exec"), namespace)
+    assert set(namespace["fits"]) == {"bf16", "b1.58"}
+    assert len(list((tmp_path / "figures").glob("*.png"))) == 6
