@@ -243,9 +243,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.sweep_command == "plan":
         rate = args.flops_per_second
         if rate is None:
-            from bitnet_jax.train import measure_peak_flops
+            from bitnet_jax.metrics import measure_matmul_peak
 
-            rate = args.mfu * measure_peak_flops()
+            rate = args.mfu * measure_matmul_peak()
         print(sweeps.format_plan(sweep, sweeps.plan(sweep, rate)))
         print(f"(time estimated at {rate / 1e12:.3g} TFLOP/s sustained)")
         return 0

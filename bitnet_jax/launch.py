@@ -130,7 +130,8 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """41s, 2.5min, 3.1h."""
     if seconds < 90:
         return f"{seconds:.0f}s"
     if seconds < 5400:
@@ -306,11 +307,11 @@ def launch_local(jobs: Sequence[Job], workers: int = 1,
             results[r.index] = JobResult(r.job.name, code, seconds, r.log_path)
             free.append(r.worker)
             if code == 0:
-                _log(f"[{r.index + 1}/{total}] done {r.job.name} in {_duration(seconds)}")
+                _log(f"[{r.index + 1}/{total}] done {r.job.name} in {format_duration(seconds)}")
             else:
                 how = f"exit {code}" if code > 0 else f"killed by {_signal_name(-code)}"
                 _log(f"[{r.index + 1}/{total}] failed {r.job.name} ({how}) after "
-                     f"{_duration(seconds)}, see {r.log_path}")
+                     f"{format_duration(seconds)}, see {r.log_path}")
         return bool(finished)
 
     previous = _install_sigterm()

@@ -16,9 +16,26 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 
 PACKAGES = ("bitnet-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
             "numpy", "tokenizers", "wandb")
+
+
+def measure_matmul_peak(size: int = 1024, repeats: int = 5) -> float:
+    """Best achieved FLOP/s of one device on a size^3 bf16 matmul with float32 accumulation:
+    the MFU denominator when no peak is configured."""
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(key_a, (size, size), jnp.bfloat16)
+    b = jax.random.normal(key_b, (size, size), jnp.bfloat16)
+    matmul = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
+    jax.block_until_ready(matmul(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
 
 
 def is_main_process() -> bool:

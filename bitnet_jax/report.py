@@ -101,6 +101,21 @@ def fit_chinchilla_recipes(rows: list[dict], loss: str = LOSS) -> tuple[dict, di
 # ----------------------------------------------------------------------------------------------
 # Plots (plain rows in, a PNG out).
 
+def _style(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _grid(values: np.ndarray, n: int = 100) -> np.ndarray:
     lo, hi = float(np.min(values)), float(np.max(values))
     return np.geomspace(lo / 1.5, hi * 1.5, n) if hi > lo else np.array([lo])
@@ -126,15 +141,8 @@ def plot_loss_against(rows: list[dict], x: str, path: Path, xlabel: str,
             if fit.samples is not None:
                 lo, hi = fit.prediction_interval(grid)
                 ax.fill_between(grid, lo, hi, color=color(recipe), alpha=0.15, lw=0)
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation loss (nats / token)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _style(ax, xlabel, "validation loss (nats / token)")
+    return _save(plt, fig, path)
 
 
 def plot_training_curves(rows: list[dict], run_dirs: dict[str, Path], path: Path) -> Path:
@@ -157,16 +165,9 @@ def plot_training_curves(rows: list[dict], run_dirs: dict[str, Path], path: Path
         ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], color=color(recipe),
                 lw=width, alpha=0.8, label=recipe if recipe not in seen else None)
         seen.add(recipe)
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("training loss (nats / token)")
     ax.set_title("training curves (wider = larger model)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _style(ax, "training tokens", "training loss (nats / token)")
+    return _save(plt, fig, path)
 
 
 def plot_comparison(fits: dict, path: Path) -> Optional[Path]:
@@ -189,15 +190,8 @@ def plot_comparison(fits: dict, path: Path) -> Optional[Path]:
     left.axhline(1.0, color="k", lw=0.8)
     right.axhline(1.0, color="k", lw=0.8)
     for ax, label in ((left, "loss ratio"), (right, f"{REFERENCE} size with the same loss / N")):
-        ax.set_xscale("log")
-        ax.set_xlabel("non-embedding parameters N")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        _style(ax, "non-embedding parameters N", label)
+    return _save(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import yaml
 
@@ -33,11 +33,9 @@ from bitnet_jax import compute
 from bitnet_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml, to_dict,
                                unknown_key_error, validate)
 from bitnet_jax.errors import require
+from bitnet_jax.launch import Job, format_duration
 from bitnet_jax.model import get_model_config
 from bitnet_jax.precision import get_recipe
-
-if TYPE_CHECKING:
-    from bitnet_jax.launch import Job
 
 TOKEN_KEYS = ("tokens", "tokens_per_param")
 SWEEP_KEYS = ("name", "out_dir", "base", "base_config", "axes") + TOKEN_KEYS
@@ -187,22 +185,14 @@ def format_plan(sweep: Sweep, rows: list[dict]) -> str:
     lines = [f"sweep {sweep.name}: {len(rows)} runs in {sweep.directory}", header,
              "-" * len(header)]
     for row in rows:
-        est = _duration(row["est_seconds"]) if "est_seconds" in row else "-"
+        est = format_duration(row["est_seconds"]) if "est_seconds" in row else "-"
         lines.append(f"{row['run']:<36} {row['params_non_embedding']:>15,} {row['tokens']:>10.3g} "
                      f"{row['flops_causal']:>13.3e} {est:>10} {row['status']:>10}")
     total = sum(r["flops_causal"] for r in rows)
     est_total = sum(r.get("est_seconds", 0.0) for r in rows)
-    lines.append(f"total {total:.3e} FLOPs" + (f", about {_duration(est_total)} at the measured "
+    lines.append(f"total {total:.3e} FLOPs" + (f", about {format_duration(est_total)} at the measured "
                                               f"rate" if est_total else ""))
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f}min"
-    return f"{seconds / 3600:.1f}h"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,8 +221,6 @@ def write_run_config(run: Run) -> Path:
 
 def jobs_to_run(sweep: Sweep, retry_failed: bool = False) -> tuple[list[Job], dict[str, str]]:
     """Jobs for every run not finished (failed ones only if `retry_failed`); skipped ones' status."""
-    from bitnet_jax.launch import Job  # launching needs none of this module's planning imports
-
     jobs, skipped = [], {}
     for run in sweep.runs:
         status = run_status(run.run_dir)["status"]

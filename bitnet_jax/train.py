@@ -55,21 +55,6 @@ def run_name(config: RunConfig) -> str:
     return f"{config.model.preset}-{config.precision}-{digest}"
 
 
-def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """Achieved bf16 matmul FLOP/s of one device (f32 accumulation): the MFU denominator."""
-    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(key_a, (size, size), jnp.bfloat16)
-    b = jax.random.normal(key_b, (size, size), jnp.bfloat16)
-    matmul = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
-    jax.block_until_ready(matmul(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a, b))
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
-
-
 @dataclasses.dataclass
 class Setup:
     """Everything a run needs, built before any training compute."""
@@ -260,7 +245,7 @@ def train(config: RunConfig, devices=None) -> dict:
                                 config.logging.wandb_entity, setup.run_dir,
                                 setup.run_dir.name, to_dict(config), meta)
     flops_per_token = compute.flops_per_token(setup.model_config, "causal", config.data.seq_len)
-    peak = tc.peak_flops or measure_peak_flops()
+    peak = tc.peak_flops or metrics.measure_matmul_peak()
     tokens_per_step = tc.batch_size * config.data.seq_len
     compiled: dict[str, tuple] = {}
     status, last_eval, reason = "running", {}, None

@@ -22,26 +22,13 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import compute, optim
+from bitnet_jax.metrics import measure_matmul_peak
 from bitnet_jax.config import OptimizerConfig
 from bitnet_jax.model import Transformer, get_model_config
 from bitnet_jax.precision import get_recipe
 from bitnet_jax.steps import TrainState, make_train_step
 
 MODES = {"bf16": ("bf16", False), "b1.58": ("b1.58", False), "b1.58-int8": ("b1.58", True)}
-
-
-def matmul_peak(size: int, repeats: int = 10) -> float:
-    """Best achieved FLOP/s of a size^3 bf16 matmul with float32 accumulation."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.bfloat16)
-    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.bfloat16)
-    matmul = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
-    jax.block_until_ready(matmul(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a, b))
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
 
 
 def step_time(preset: str, precision: str, integer: bool, batch: int, seq_len: int,
@@ -81,7 +68,7 @@ def main(argv=None) -> int:
     meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "machine": platform.machine(),
             "batch": args.batch, "seq_len": args.seq_len}
-    peak = matmul_peak(args.peak_size)
+    peak = measure_matmul_peak(args.peak_size, repeats=10)
     print(f"# {meta['backend']} / {meta['device']} / jax {meta['jax']}; batch {args.batch} x "
           f"{args.seq_len} tokens; measured bf16 matmul peak {peak / 1e12:.3f} TFLOP/s")
     header = f"{'preset':>12} {'mode':>11} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'vs bf16':>8}"
