@@ -98,6 +98,23 @@ def fit_chinchilla_recipes(rows: list[dict], loss: str = LOSS) -> tuple[dict, di
     return fits, problems
 
 
+def fit_isoflop_recipes(rows: list[dict], loss: str = LOSS) -> dict[str, str]:
+    """Isoflop analysis per recipe where >= 2 compute budgets each have >= 3 model sizes
+    (budgets grouped in bins of 0.1 decade); the printable summary, or why it was skipped."""
+    out = {}
+    for recipe, group in by_recipe(completed(rows, loss)).items():
+        budgets = np.round(np.log10(_column(group, "flops_causal")) / 0.1)
+        if sum(np.count_nonzero(budgets == b) >= 3 for b in set(budgets)) < 2:
+            continue
+        try:
+            out[recipe] = scaling.fit_isoflop(_column(group, "params_non_embedding"),
+                                              _column(group, "flops_causal"),
+                                              _column(group, loss), log_bin_width=0.1).summary()
+        except ConfigError as error:
+            out[recipe] = f"not fitted: {error}"
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Plots (plain rows in, a PNG out).
 
@@ -323,6 +340,12 @@ def write_report(sweep, n_boot: int = N_BOOT) -> Path:
         lines += ["", "L(N, D) = E + A/N^alpha + B/D^beta (Huber loss on log-loss, L-BFGS from "
                   "Epoch AI's grid):", ""] + _law_table(chinchilla)
         lines += [f"- {recipe}: {problem}" for recipe, problem in chinchilla_problems.items()]
+    isoflop = fit_isoflop_recipes(rows)
+    if isoflop:
+        lines += ["", "Isoflop curves (a parabola of loss in log N per compute budget; "
+                  "N*(C) = k C^a):", ""]
+        for recipe, text in isoflop.items():
+            lines += [f"{recipe}:", "```", text, "```"]
     comparison = _comparison_lines(fits)
     if comparison:
         lines += ["", f"## Recipes against {REFERENCE}", ""] + comparison

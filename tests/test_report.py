@@ -81,3 +81,20 @@ def test_notebook_runs_on_a_results_table(tmp_path, monkeypatch):
             exec(compile("".join(cell["source"]), "scaling_curves.ipynb", "exec"), namespace)
     assert set(namespace["fits"]) == {"bf16", "b1.58"}
     assert len(list((tmp_path / "figures").glob("*.png"))) == 6
+
+
+def test_isoflop_summary_where_budgets_repeat():
+    rng = np.random.default_rng(1)
+    rows = []
+    for budget in (1e13, 1e14, 1e15):
+        for n in np.geomspace(1e5, 1e7, 5):
+            tokens = budget / (6 * n)
+            loss = 1.7 + 400 * n ** -0.34 + 400 * tokens ** -0.28 + rng.normal(0, 1e-3)
+            row = {c: None for c in RESULT_COLUMNS}
+            row.update(run=f"{budget}-{n}", status="completed", precision="bf16",
+                       params_non_embedding=int(n), tokens=tokens, flops_causal=budget,
+                       final_eval_loss=loss)
+            rows.append(row)
+    summaries = report.fit_isoflop_recipes(rows)
+    assert summaries["bf16"].startswith("N*(C) = k * C^a") and "(3 budgets)" in summaries["bf16"]
+    assert not report.fit_isoflop_recipes(synthetic_rows())  # one budget per size: skipped
