@@ -123,7 +123,8 @@ def _style(ax, xlabel: str, ylabel: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # an empty plot (no runs yet) gets no legend
+        ax.legend()
 
 
 def _save(plt, fig, path: Path) -> Path:
