@@ -305,7 +305,6 @@ def collect_run(run: Run) -> dict:
     })
     if status["status"] != "completed":  # report measured tokens only for finished runs
         row["tokens"] = summary.get("tokens", row["tokens"]) if summary else row["tokens"]
-    row.update({k: v for k, v in run.overrides.items() if k not in row and "." not in k})
     return {column: row.get(column) for column in RESULT_COLUMNS}
 
 
