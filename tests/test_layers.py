@@ -177,3 +177,15 @@ def test_bf16_compute_keeps_float32_params():
     assert y.dtype == jnp.bfloat16
     assert all(isinstance(leaf, nn.Partitioned) for leaf in
                jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nn.Partitioned)))
+
+
+@pytest.mark.parametrize("length,block", [(8, 4), (12, 4), (16, 16), (10, 4)])
+def test_blockwise_causal_attention_equals_full(length, block):
+    from bitnet_jax.layers import causal_attention
+
+    q, k, v = normal((2, length, 4, 8), 11), normal((2, length, 2, 8), 12), normal((2, length, 2, 8), 13)
+    want = np_attention(np.asarray(q, np.float64), np.asarray(k, np.float64), np.asarray(v, np.float64))
+    np.testing.assert_allclose(causal_attention(q, k, v, block), want, rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda a: jnp.sum(causal_attention(a, k, v, block) ** 2))(q)
+    ref = jax.grad(lambda a: jnp.sum(jax.nn.dot_product_attention(a, k, v, is_causal=True) ** 2))(q)
+    np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5)
