@@ -183,9 +183,8 @@ def compile_steps(setup: Setup, precision: str) -> tuple[Callable, Callable]:
                          in_shardings=(setup.state_sharding, setup.batch_sharding),
                          out_shardings=(setup.state_sharding, sharding.replicated(setup.mesh)),
                          donate_argnums=0)
-    eval_batch_sharding = setup.batch_sharding
     eval_step = jax.jit(make_eval_step(model),
-                        in_shardings=(setup.state_sharding.params, eval_batch_sharding),
+                        in_shardings=(setup.state_sharding.params, setup.batch_sharding),
                         out_shardings=sharding.replicated(setup.mesh))
     return train_step, eval_step
 
