@@ -23,9 +23,12 @@ from bitnet_jax.errors import ConfigError, require
 
 @dataclass
 class ModelSection:
-    """A preset from `bitnet_jax.model.PRESETS` plus field overrides (any ModelConfig field)."""
+    """A preset from `bitnet_jax.model.PRESETS` plus field overrides (any ModelConfig field).
 
-    preset: str = "ladder-800k"
+    `preset: null` builds the model from `overrides` alone (imported models write this).
+    """
+
+    preset: Optional[str] = "ladder-800k"
     overrides: dict = field(default_factory=dict)
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.kv_cache import KVCache, LayerCache
 from bitnet_jax.layers import BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, logical_init
 from bitnet_jax.precision import LinearPrecision, PrecisionRecipe, get_recipe
 
@@ -101,11 +102,16 @@ class Transformer(nn.Module):
 
     `recipe` says how each linear role is quantized; embeddings and the head stay full precision.
     `integer=True` runs quantized matmuls on the int8 path (needs a recipe that supports it).
+    `weights` is how quantized linear layers hold their weights: "float" (training) or, for
+    inference, "int8" / "packed" codes (see `bitnet_jax.inference.inference_params`).
+
+    Called with a `kv_cache.KVCache`, the model decodes: it returns (logits, updated cache).
     """
 
     config: ModelConfig
     recipe: PrecisionRecipe = get_recipe("bf16")
     integer: bool = False
+    weights: str = "float"
 
     def setup(self):
         cfg, recipe = self.config, self.recipe
@@ -117,7 +123,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
             embedding_init=logical_init(init, ("vocab", "embed")))
-        self.layers = [DecoderBlock(cfg, recipe, self.integer, name=f"layers_{i}")
+        self.layers = [DecoderBlock(cfg, recipe, self.integer, self.weights, name=f"layers_{i}")
                        for i in range(cfg.n_layers)]
         self.norm = RMSNorm(cfg.norm_eps, dtype, param_dtype, "embed")
         if not cfg.tie_embeddings:
@@ -125,25 +131,37 @@ class Transformer(nn.Module):
                                      dtype=dtype, out_dtype=jnp.float32, param_dtype=param_dtype,
                                      kernel_init=init)
 
-    def __call__(self, tokens_BxT: jax.Array, positions_BxT: Optional[jax.Array] = None):
-        """Logits (B, T, vocab) in float32 for integer tokens (B, T)."""
-        return self.logits_from_embeddings(self.embed(tokens_BxT), positions_BxT)
+    def __call__(self, tokens_BxT: jax.Array, positions_BxT: Optional[jax.Array] = None,
+                 cache: Optional[KVCache] = None):
+        """Logits (B, T, vocab) in float32 for integer tokens (B, T); with a cache, also the
+        updated cache (positions then come from the cache)."""
+        return self.logits_from_embeddings(self.embed(tokens_BxT), positions_BxT, cache)
 
     def embed(self, tokens_BxT: jax.Array) -> jax.Array:
         return self.embed_tokens(tokens_BxT)
 
     def logits_from_embeddings(self, x_BxTxD: jax.Array,
-                               positions_BxT: Optional[jax.Array] = None) -> jax.Array:
+                               positions_BxT: Optional[jax.Array] = None,
+                               cache: Optional[KVCache] = None):
         batch, length = x_BxTxD.shape[:2]
-        if positions_BxT is None:
+        if cache is not None:
+            positions_BxT = cache.positions(length)
+        elif positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(length), (batch, length))
         # Constraints on the residual stream and logits (no-ops without sharding rules in scope).
         # Activations have names of their own: FSDP shards a parameter's `embed` axis, while the
         # residual stream is split over the batch and kept whole along its features.
         residual_axes = ("activation_batch", "activation_length", "activation_embed")
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, residual_axes)
-        for layer in self.layers:
-            x_BxTxD = nn.with_logical_constraint(layer(x_BxTxD, positions_BxT), residual_axes)
+        new_layer_caches = []
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                x_BxTxD = layer(x_BxTxD, positions_BxT)
+            else:
+                x_BxTxD, layer_cache = layer(x_BxTxD, positions_BxT, cache.layers[i],
+                                             cache.index, cache.start)
+                new_layer_caches.append(layer_cache)
+            x_BxTxD = nn.with_logical_constraint(x_BxTxD, residual_axes)
         x_BxTxD = self.norm(x_BxTxD)
         if self.config.tie_embeddings:
             table_VxD = self.embed_tokens.embedding.astype(x_BxTxD.dtype)
@@ -151,38 +169,51 @@ class Transformer(nn.Module):
                                 preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x_BxTxD)
-        return nn.with_logical_constraint(
+        logits = nn.with_logical_constraint(
             logits, ("activation_batch", "activation_length", "activation_vocab"))
+        if cache is None:
+            return logits
+        return logits, cache.advance(tuple(new_layer_caches), length)
 
 
 class DecoderBlock(nn.Module):
     config: ModelConfig
     recipe: PrecisionRecipe
     integer: bool = False
+    weights: str = "float"
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                 cache: Optional[LayerCache] = None, cache_index: Optional[jax.Array] = None,
+                 cache_start: Optional[jax.Array] = None):
         cfg, recipe = self.config, self.recipe
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         block_norms = cfg.norm_placement in ("pre", "subln")
         common = dict(inner_norm=cfg.norm_placement == "bitlinear",
                       sub_norm=cfg.norm_placement == "subln", norm_eps=cfg.norm_eps,
                       integer=self.integer, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nn.initializers.normal(stddev=cfg.init_std))
+                      kernel_init=nn.initializers.normal(stddev=cfg.init_std),
+                      weights=self.weights)
 
         h = x_BxTxD
         if block_norms:
             h = RMSNorm(cfg.norm_eps, dtype, param_dtype, "embed", name="input_layernorm")(h)
-        x_BxTxD = x_BxTxD + CausalSelfAttention(
+        attention = CausalSelfAttention(
             cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, recipe.qkv,
-            recipe.attn_out, recipe.kv_cache, name="self_attn", **common)(h, positions_BxT)
+            recipe.attn_out, recipe.kv_cache, name="self_attn", **common)
+        if cache is None:
+            x_BxTxD = x_BxTxD + attention(h, positions_BxT)
+        else:
+            attended, cache = attention(h, positions_BxT, cache, cache_index, cache_start)
+            x_BxTxD = x_BxTxD + attended
 
         h = x_BxTxD
         if block_norms:
             h = RMSNorm(cfg.norm_eps, dtype, param_dtype, "embed",
                         name="post_attention_layernorm")(h)
-        return x_BxTxD + GatedMLP(cfg.d_ff, cfg.ffn_activation, recipe.gate_up, recipe.down,
-                                  name="mlp", **common)(h)
+        x_BxTxD = x_BxTxD + GatedMLP(cfg.d_ff, cfg.ffn_activation, recipe.gate_up, recipe.down,
+                                     name="mlp", **common)(h)
+        return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,14 +272,25 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def get_model_config(name: str, **overrides) -> ModelConfig:
-    """A preset by name, with optional field overrides (e.g. `vocab_size=...`)."""
-    if name not in PRESETS:
+def get_model_config(name: Optional[str], **overrides) -> ModelConfig:
+    """A preset by name, with optional field overrides (e.g. `vocab_size=...`).
+
+    With `name=None` the overrides are the whole config (they must give the required fields).
+    """
+    if name is None:
+        required = [f.name for f in dataclasses.fields(ModelConfig)
+                    if f.default is dataclasses.MISSING]
+        missing = [field for field in required if field not in overrides]
+        require(not missing, f"model.preset is null, so model.overrides must give {required}; "
+                             f"missing {missing}")
+    elif name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; valid: {', '.join(PRESETS)}")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown:
         raise ConfigError(f"unknown model field(s) {sorted(unknown)}; fields are "
                           f"{[f.name for f in dataclasses.fields(ModelConfig)]}")
+    if name is None:
+        return ModelConfig(**overrides)
     return PRESETS[name].replace(**overrides)
 
 

@@ -52,7 +52,7 @@ def run_name(config: RunConfig) -> str:
         return config.name
     body = {k: v for k, v in to_dict(config).items() if k not in ("name", "out_dir")}
     digest = hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{config.model.preset}-{config.precision}-{digest}"
+    return f"{config.model.preset or 'custom'}-{config.precision}-{digest}"
 
 
 @dataclasses.dataclass

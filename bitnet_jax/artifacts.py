@@ -1,0 +1,142 @@
+"""A trained model as data, and run directories as its storage.
+
+`ModelBundle` is what leaves a run or comes in from elsewhere: the architecture, the precision
+recipe, the (float, unboxed) parameters and the tokenizer. `load_run` reads one from a run
+directory's latest checkpoint; `save_run` writes one as a run directory (config.yaml, meta.json,
+checkpoints/) that `bitnet train init_from=DIR`, `bitnet generate DIR` and `bitnet export-hf DIR`
+read like any trained run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+import yaml
+
+from bitnet_jax.checkpoint import restore_params
+from bitnet_jax.config import RunConfig, load_config, to_dict
+from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.model import ModelConfig, get_model_config, init_params
+from bitnet_jax.precision import PrecisionRecipe, get_recipe
+
+
+@dataclass
+class ModelBundle:
+    """A model outside training: shape, precision, float parameters, tokenizer.
+
+    `params` is the Flax parameter tree of `Transformer(config, recipe)` (plain nested dicts of
+    arrays, no logical boxes). `tokenizer` is "bytes" or the path of a tokenizer.json.
+    """
+
+    config: ModelConfig
+    precision: str
+    params: Any
+    tokenizer: str = "bytes"
+
+    @property
+    def recipe(self) -> PrecisionRecipe:
+        return get_recipe(self.precision)
+
+
+def abstract_params(config: ModelConfig, recipe: PrecisionRecipe) -> Any:
+    """Shapes and dtypes of the parameter tree on one device, without allocating it."""
+    shapes = nn.unbox(jax.eval_shape(lambda: init_params(config, recipe, jax.random.PRNGKey(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
+
+
+def _resolve_tokenizer(spec: str, run_dir: Path) -> str:
+    """A tokenizer path written relative to the run directory is found there."""
+    if spec == "bytes" or Path(spec).expanduser().exists():
+        return spec
+    local = run_dir / Path(spec).name
+    return str(local) if local.exists() else spec
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    require((run_dir / "config.yaml").is_file(),
+            f"{run_dir} is not a run directory (no config.yaml); pass a directory written by "
+            f"`bitnet train` or `bitnet import-hf`")
+    return load_config(run_dir / "config.yaml")
+
+
+def load_run(run_dir: str | Path, step: Optional[int] = None) -> ModelBundle:
+    """The model of a run directory at its latest (or the given) checkpoint step."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    model_config = get_model_config(config.model.preset, **config.model.overrides)
+    checkpoints = run_dir / "checkpoints"
+    require(checkpoints.is_dir() and any(checkpoints.iterdir()),
+            f"{run_dir} has no checkpoints yet (train it, or check the path)")
+    params = restore_params(checkpoints,
+                            abstract_params(model_config, get_recipe(config.precision)), step)
+    return ModelBundle(model_config, config.precision, params,
+                       _resolve_tokenizer(config.data.tokenizer, run_dir))
+
+
+def load_model(path: str | Path, step: Optional[int] = None) -> ModelBundle:
+    """The model in a run directory, a packed checkpoint (`bitnet pack`) or a Hugging Face
+    BitNet directory (config.json + safetensors), told apart by the files they hold."""
+    path = Path(path).expanduser()
+    require(path.is_dir(), f"{path} is not a directory")
+    if (path / "config.yaml").is_file():
+        return load_run(path, step)
+    if (path / "bitnet_packed.json").is_file():
+        from bitnet_jax.packed_checkpoint import load_packed  # these modules import this one
+
+        return load_packed(path)
+    if (path / "config.json").is_file():
+        from bitnet_jax.hf import load_hf
+
+        return load_hf(path)
+    raise ConfigError(f"{path} holds no model: expected a run directory (config.yaml), a packed "
+                      f"checkpoint (bitnet_packed.json) or a Hugging Face directory (config.json)")
+
+
+def save_run(bundle: ModelBundle, out_dir: str | Path, source: str = "",
+             overwrite: bool = False) -> Path:
+    """Write `bundle` as a run directory whose checkpoint holds the parameters (step 0).
+
+    Its config.yaml describes the model in full (`model.preset: null`) and sets `init_from` to
+    the directory itself, so `bitnet train --config OUT/config.yaml data.…=… ` continues training
+    from these parameters in a new run directory.
+    """
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        require(overwrite, f"{out_dir} exists and is not empty; choose a new directory")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = bundle.tokenizer
+    if tokenizer != "bytes":
+        copied = out_dir / "tokenizer.json"
+        shutil.copyfile(Path(tokenizer).expanduser(), copied)
+        tokenizer = str(copied)
+    fields = dataclasses.asdict(bundle.config)
+    run_config = RunConfig(name=None, out_dir="runs", precision=bundle.precision,
+                           init_from=str(out_dir))
+    run_config.model.preset = None
+    run_config.model.overrides = fields
+    run_config.data.tokenizer = tokenizer
+    run_config.data.seq_len = min(run_config.data.seq_len, bundle.config.max_seq_len)
+    tree = to_dict(run_config)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    (out_dir / "meta.json").write_text(json.dumps({"source": source}, indent=2))
+    params = jax.tree.map(jnp.asarray, bundle.params)
+    manager = ocp.CheckpointManager(out_dir / "checkpoints",
+                                    options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(0, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params}),
+        meta=ocp.args.JsonSave({"tokenizer": tokenizer, "source": source})))
+    manager.wait_until_finished()
+    manager.close()
+    return out_dir
