@@ -13,10 +13,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax import quant
+from bitnet_jax import kv_cache, packing, quant
 from bitnet_jax.precision import KVCachePrecision, LinearPrecision
 
 Dtype = Any
+
+# How a quantized BitLinear holds its weights: "float" kernels quantized on every call (training),
+# or, for inference, "int8" codes (out, in) or "packed" 2-bit codes (HF layout, unpacked on the
+# fly), each with a float32 scale. Unquantized layers always hold float kernels.
+WEIGHT_FORMATS = ("float", "int8", "packed")
 
 
 def logical_init(init, axes: tuple[str, ...]):
@@ -49,7 +54,8 @@ class BitLinear(nn.Module):
     (BitNet v2) -> activation quantizer (STE) -> matmul with the quantized weight -> rescale.
 
     `integer=True` runs the forward product as int8 x int8 -> int32 (same result, see
-    `quant.quantized_dot`). `out_dtype` defaults to `dtype`.
+    `quant.quantized_dot`). `out_dtype` defaults to `dtype`. `weights` picks how quantized
+    weights are held (see WEIGHT_FORMATS; `bitnet_jax.inference.inference_params` converts).
     """
 
     features: int
@@ -62,19 +68,45 @@ class BitLinear(nn.Module):
     out_dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.normal(stddev=0.02)
+    weights: str = "float"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", logical_init(self.kernel_init, self.kernel_axes),
-                            (x.shape[-1], self.features), self.param_dtype)
+        stored = self.weights != "float" and self.precision.weight is not None
+        if stored:
+            codes, scale = self._stored_weights(x.shape[-1])
+        else:
+            kernel = self.param("kernel", logical_init(self.kernel_init, self.kernel_axes),
+                                (x.shape[-1], self.features), self.param_dtype)
         if self.inner_norm:
             x = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, self.kernel_axes[0],
                         name="norm")(x)
         if self.precision.hadamard:
             x = quant.hadamard_transform(x, quant.largest_power_of_two_divisor(x.shape[-1]))
-        y = quant.quantized_dot(x, kernel, self.precision.activation, self.precision.weight,
-                                self.dtype, self.integer)
+        if stored:
+            y = quant.codes_dot(x, codes, scale, self.precision.activation, self.dtype,
+                                self.integer)
+        else:
+            y = quant.quantized_dot(x, kernel, self.precision.activation, self.precision.weight,
+                                    self.dtype, self.integer)
         return y.astype(self.out_dtype or self.dtype)
+
+    def _stored_weights(self, n_in: int) -> tuple[jax.Array, jax.Array]:
+        """Inference weights: int8 codes (out, in), or 2-bit packed and unpacked here."""
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
+        granularity = self.precision.weight.granularity
+        if granularity == "group":
+            raise ValueError("stored (int8/packed) weights support per-tensor and per-channel "
+                             "scales; use weights='float' for per-group recipes")
+        scale_shape = (self.features,) if granularity == "channel" else ()
+        scale = self.param("scale", nn.initializers.ones, scale_shape, jnp.float32)
+        if self.weights == "int8":
+            return self.param("codes", nn.initializers.zeros, (self.features, n_in),
+                              jnp.int8), scale
+        packed = self.param("packed", nn.initializers.zeros, (-(-self.features // 4), n_in),
+                            jnp.uint8)
+        return packing.unpack_2bit(packed, self.features, jnp.int8, validate=False), scale
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
@@ -152,6 +184,8 @@ class CausalSelfAttention(nn.Module):
     """Causal grouped-query attention with RoPE; optional sub-norm before the output projection.
 
     The four projections are BitLinear layers with the recipe's `qkv` / `attn_out` precisions.
+    Given a `cache` (decoding), the new keys/values are written into it from slot `cache_index`,
+    the queries attend to every visible slot, and the updated cache is returned with the output.
     """
 
     n_heads: int
@@ -168,13 +202,18 @@ class CausalSelfAttention(nn.Module):
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.normal(stddev=0.02)
+    weights: str = "float"
 
     def _linear(self, features, precision, axes, name):
         return BitLinear(features, precision, axes, self.inner_norm, self.norm_eps, self.integer,
-                         self.dtype, None, self.param_dtype, self.kernel_init, name=name)
+                         self.dtype, None, self.param_dtype, self.kernel_init, self.weights,
+                         name=name)
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                 cache: Optional[kv_cache.LayerCache] = None,
+                 cache_index: Optional[jax.Array] = None,
+                 cache_start: Optional[jax.Array] = None):
         batch, length, d_model = x_BxTxD.shape
         q = self._linear(self.n_heads * self.head_dim, self.qkv_precision, ("embed", "heads"),
                          "q_proj")(x_BxTxD)
@@ -187,15 +226,25 @@ class CausalSelfAttention(nn.Module):
         v_BxTxKxH = v.reshape(batch, length, self.n_kv_heads, self.head_dim)
         q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, self.rope_theta)
         k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, self.rope_theta)
-        if self.kv_cache is not None:  # a4.8: the cache holds low-bit keys/values after RoPE
-            k_BxTxKxH = quantize_kv(k_BxTxKxH, positions_BxT, self.kv_cache)
-            v_BxTxKxH = quantize_kv(v_BxTxKxH, positions_BxT, self.kv_cache)
-        out_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+        if cache is None:
+            if self.kv_cache is not None:  # a4.8: the cache holds low-bit keys/values after RoPE
+                k_BxTxKxH = quantize_kv(k_BxTxKxH, positions_BxT, self.kv_cache)
+                v_BxTxKxH = quantize_kv(v_BxTxKxH, positions_BxT, self.kv_cache)
+            out_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+        else:
+            cache = kv_cache.update_layer(cache, k_BxTxKxH, v_BxTxKxH, cache_index,
+                                          positions_BxT, self.kv_cache)
+            keys_BxSxKxH, values_BxSxKxH = kv_cache.read_layer(cache, q_BxTxNxH.dtype)
+            visible = kv_cache.attention_mask(cache_start, cache_index, length,
+                                              keys_BxSxKxH.shape[1])
+            out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH,
+                                                       mask=visible)
         out = out_BxTxNxH.reshape(batch, length, self.n_heads * self.head_dim)
         if self.sub_norm:
             out = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, "heads",
                           name="attn_sub_norm")(out)
-        return self._linear(d_model, self.out_precision, ("heads", "embed"), "o_proj")(out)
+        out = self._linear(d_model, self.out_precision, ("heads", "embed"), "o_proj")(out)
+        return out if cache is None else (out, cache)
 
 
 def ffn_activation(name: str):
@@ -221,10 +270,12 @@ class GatedMLP(nn.Module):
     dtype: Dtype = jnp.bfloat16
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.normal(stddev=0.02)
+    weights: str = "float"
 
     def _linear(self, features, precision, axes, name):
         return BitLinear(features, precision, axes, self.inner_norm, self.norm_eps, self.integer,
-                         self.dtype, None, self.param_dtype, self.kernel_init, name=name)
+                         self.dtype, None, self.param_dtype, self.kernel_init, self.weights,
+                         name=name)
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:

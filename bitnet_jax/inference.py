@@ -1,0 +1,259 @@
+"""Inference: weights quantized once and stored as integers, and batched KV-cache generation.
+
+Training keeps float weights and quantizes them on every call. For inference,
+`inference_params` quantizes each linear weight once into int8 codes (out, in) with a float32
+scale ("int8"), or 2-bit codes in the Hugging Face layout unpacked on the fly ("packed"), and
+casts everything else to the compute dtype. With `integer=True` the products run as
+int8 activations x int8 ternary weights -> int32. All formats give the numbers of the training
+model's quantized forward pass (tests/test_inference.py).
+
+`generate` left-pads a batch of prompts, fills the cache with one prefill pass, then decodes one
+token per step with a jitted step that donates the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitnet_jax import kv_cache, packing
+from bitnet_jax.errors import require
+from bitnet_jax.layers import WEIGHT_FORMATS
+from bitnet_jax.model import ModelConfig, Transformer
+from bitnet_jax.precision import KVCachePrecision, PrecisionRecipe
+from bitnet_jax.sampling import SamplingConfig, sample
+
+ROLE_OF_PROJECTION = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "attn_out",
+                      "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights for inference.
+
+def storable(recipe: PrecisionRecipe, weights: str) -> Optional[str]:
+    """Why `recipe` cannot hold its weights as `weights`, or None if it can."""
+    require(weights in WEIGHT_FORMATS, f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if weights == "float":
+        return None
+    if not recipe.quantizes_weights:
+        return f"precision {recipe.name!r} does not quantize weights"
+    for role, precision in recipe.roles.items():
+        quantizer = precision.weight
+        if quantizer is None:
+            return f"the {role} weights of {recipe.name!r} are not quantized"
+        if quantizer.granularity == "group":
+            return f"{recipe.name!r} has per-group scales (stored weights support tensor/channel)"
+        if quantizer.bits > 8:
+            return f"the {role} weights of {recipe.name!r} have more than 8 bits"
+        if weights == "packed" and quantizer.kind not in ("ternary", "binary"):
+            return f"2-bit packing needs ternary weights; {recipe.name!r} {role} is {quantizer.kind}"
+    return None
+
+
+def default_weights(recipe: PrecisionRecipe) -> str:
+    return "int8" if storable(recipe, "int8") is None else "float"
+
+
+def _stored_linear(node: dict, quantizer, weights: str) -> dict:
+    """{kernel (in, out), ...} -> {codes int8 (out, in) | packed uint8, scale, ...}."""
+    quantized = quantizer(node["kernel"])
+    codes_OxI = jnp.asarray(quantized.codes.T, jnp.int8)
+    scale = jnp.reshape(quantized.scale, (-1,) if quantizer.granularity == "channel" else ())
+    stored = {k: v for k, v in node.items() if k != "kernel"}
+    stored["scale"] = scale.astype(jnp.float32)
+    if weights == "int8":
+        stored["codes"] = codes_OxI
+    else:
+        stored["packed"] = packing.pack_2bit(codes_OxI)
+    return stored
+
+
+def inference_params(params: Any, recipe: PrecisionRecipe, weights: str, dtype) -> Any:
+    """The float parameter tree of `Transformer(config, recipe)` rearranged for
+    `Transformer(config, recipe, weights=weights)`: quantized linear weights stored as codes,
+    every other parameter cast to `dtype` (the compute dtype: it is what they are used in)."""
+    reason = storable(recipe, weights)
+    require(reason is None, f"cannot store weights as {weights!r}: {reason}")
+
+    def convert(node: Any, name: str) -> Any:
+        if not isinstance(node, dict):
+            return jnp.asarray(node, dtype)
+        role = ROLE_OF_PROJECTION.get(name)
+        if weights != "float" and role is not None and "kernel" in node:
+            stored = _stored_linear(node, recipe.role(role).weight, weights)
+            return {k: v if k in ("codes", "packed", "scale") else convert(v, k)
+                    for k, v in stored.items()}
+        return {k: convert(v, k) for k, v in node.items()}
+
+    return convert(dict(params), "")
+
+
+def tree_bytes(tree: Any) -> int:
+    return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation.
+
+@dataclass
+class Generator:
+    """A model ready to generate: inference parameters and the jitted forward step."""
+
+    config: ModelConfig
+    recipe: PrecisionRecipe
+    params: Any
+    weights: str = "float"
+    integer: bool = False
+    _step: Callable = field(init=False, repr=False)
+
+    def __post_init__(self):
+        model = self.model
+
+        def step(params, cache, tokens_BxT):
+            logits_BxTxV, cache = model.apply({"params": params}, tokens_BxT, cache=cache)
+            return logits_BxTxV[:, -1], cache
+
+        self._step = jax.jit(step, donate_argnums=1)
+
+    @property
+    def model(self) -> Transformer:
+        return Transformer(self.config, self.recipe, self.integer, self.weights)
+
+    def step(self, cache: kv_cache.KVCache, tokens_BxT: jax.Array):
+        """Logits of the last new token (B, V) and the cache with the new tokens in it."""
+        return self._step(self.params, cache, tokens_BxT)
+
+    def full_logits(self, tokens_BxT: jax.Array) -> jax.Array:
+        """Logits (B, T, V) of whole sequences, no cache (the reference for decoding)."""
+        return self.model.apply({"params": self.params}, tokens_BxT)
+
+
+def make_generator(params: Any, config: ModelConfig, recipe: PrecisionRecipe,
+                   weights: str = "auto", integer: Optional[bool] = None,
+                   kv_bits: Optional[int] = None, dtype: Optional[str] = None) -> Generator:
+    """A Generator from float parameters. "auto" weights: int8 codes where the recipe allows;
+    `integer` defaults to the int8 product wherever the recipe supports it; `kv_bits`
+    quantizes the KV cache (BitNet a4.8 uses 3); `dtype` overrides the compute dtype."""
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    if kv_bits is not None:
+        require(2 <= kv_bits <= 8, f"kv_bits must be between 2 and 8, got {kv_bits}")
+        recipe = dataclasses.replace(recipe, kv_cache=KVCachePrecision(kv_bits))
+    weights = default_weights(recipe) if weights == "auto" else weights
+    if integer is None:
+        integer = weights != "float" and recipe.supports_integer_matmul
+    require(not integer or recipe.supports_integer_matmul,
+            f"precision {recipe.name!r} cannot run integer products (needs <= 8-bit weights and "
+            f"activations in every linear role)")
+    config = config.replace(param_dtype=config.dtype)
+    stored = inference_params(params, recipe, weights, jnp.dtype(config.dtype))
+    return Generator(config, recipe, stored, weights, integer)
+
+
+@dataclass
+class Generation:
+    tokens: list  # new token ids per prompt (np.int32 arrays), stopping at (and keeping) stop_id
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        rows = len(self.tokens)
+        return rows * self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def left_pad(prompts: Sequence[np.ndarray], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts (B, P) right-aligned with 0s before them, and each row's first real slot.
+    Rows past len(prompts) repeat the last prompt."""
+    prompts = list(prompts) + [prompts[-1]] * (rows - len(prompts))
+    length = max(len(p) for p in prompts)
+    tokens = np.zeros((rows, length), np.int32)
+    start = np.zeros((rows,), np.int32)
+    for row, prompt in enumerate(prompts):
+        start[row] = length - len(prompt)
+        tokens[row, start[row]:] = prompt
+    return tokens, start
+
+
+def batch_rows(n_prompts: int) -> int:
+    """Rows to decode: XLA:CPU runs matrix-vector products ~10x slower than 2-row products (its
+    vector path is not the tuned GEMM), so a single prompt is decoded alongside a copy."""
+    return max(n_prompts, 2) if jax.default_backend() == "cpu" else n_prompts
+
+
+def generate(generator: Generator, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+             stop_id: Optional[int] = None,
+             on_step: Optional[Callable[[int], None]] = None) -> Generation:
+    """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens."""
+    require(len(prompts) > 0, "generate needs at least one prompt")
+    require(all(len(p) > 0 for p in prompts), "every prompt needs at least one token")
+    require(max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = [np.asarray(p, np.int32) for p in prompts]
+    cfg = generator.config
+    tokens_BxP, start_B = left_pad(prompts, batch_rows(len(prompts)))
+    total = tokens_BxP.shape[1] + max_new_tokens
+    require(total <= cfg.max_seq_len,
+            f"prompt ({tokens_BxP.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+            f"exceeds the model's max_seq_len={cfg.max_seq_len}")
+    cache = kv_cache.init_cache(cfg.n_layers, tokens_BxP.shape[0], total, cfg.n_kv_heads,
+                                cfg.head_dim, jnp.dtype(cfg.dtype), generator.recipe.kv_cache,
+                                start_B)
+    rng = jax.random.PRNGKey(seed)
+
+    began = time.perf_counter()
+    logits_BxV, cache = generator.step(cache, jnp.asarray(tokens_BxP))
+    logits_BxV.block_until_ready()
+    prefill_seconds = time.perf_counter() - began
+
+    new_tokens, done = [], np.zeros(tokens_BxP.shape[0], bool)
+    began = time.perf_counter()
+    for step in range(max_new_tokens):
+        rng, key = jax.random.split(rng)
+        next_B = np.asarray(_sample(logits_BxV, key, sampling))
+        new_tokens.append(next_B)
+        if stop_id is not None:
+            done |= next_B == stop_id
+        if on_step is not None:
+            on_step(step)
+        if step == max_new_tokens - 1 or done[:len(prompts)].all():
+            break
+        logits_BxV, cache = generator.step(cache, jnp.asarray(next_B[:, None]))
+    decode_seconds = time.perf_counter() - began
+
+    generated = np.stack(new_tokens, axis=1)[:len(prompts)]
+    return Generation([_until_stop(row, stop_id) for row in generated], prefill_seconds,
+                      decode_seconds, len(new_tokens))
+
+
+_sample = jax.jit(sample, static_argnames="config")
+
+
+def _until_stop(row: np.ndarray, stop_id: Optional[int]) -> np.ndarray:
+    if stop_id is None or stop_id not in row:
+        return row
+    return row[:int(np.argmax(row == stop_id)) + 1]
+
+
+def generate_without_cache(generator: Generator, prompt: Sequence[int], max_new_tokens: int,
+                           sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> np.ndarray:
+    """Reference decoding of one prompt: re-run the whole sequence for every new token."""
+    tokens = np.asarray(prompt, np.int32)
+    rng = jax.random.PRNGKey(seed)
+    forward = jax.jit(generator.full_logits)
+    new = []
+    for _ in range(max_new_tokens):
+        rng, key = jax.random.split(rng)
+        rows = np.stack([tokens] * batch_rows(1))
+        logits_BxV = forward(jnp.asarray(rows))[:, -1]
+        token = int(np.asarray(sample(logits_BxV, key, sampling))[0])
+        new.append(token)
+        tokens = np.append(tokens, token).astype(np.int32)
+    return np.asarray(new, np.int32)

@@ -1,0 +1,61 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax.errors import require
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps the smallest
+    set of most likely tokens whose probability reaches p."""
+
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+    def __post_init__(self):
+        require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        require(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        require(self.top_p is None or 0 < self.top_p <= 1,
+                f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def keep_top_k(logits_BxV: jax.Array, k: int) -> jax.Array:
+    """Logits below the k-th largest of each row set to -inf (ties with it are kept)."""
+    k = min(k, logits_BxV.shape[-1])
+    threshold = jax.lax.top_k(logits_BxV, k)[0][..., -1:]
+    return jnp.where(logits_BxV >= threshold, logits_BxV, -jnp.inf)
+
+
+def keep_top_p(logits_BxV: jax.Array, p: float) -> jax.Array:
+    """Keep the most likely tokens until their probability reaches p (at least one token)."""
+    sorted_desc = jnp.sort(logits_BxV, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
+    kept = jnp.where(before < p, sorted_desc, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    return jnp.where(logits_BxV >= threshold, logits_BxV, -jnp.inf)
+
+
+def sample(logits_BxV: jax.Array, rng: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Token ids (B,) int32 drawn from float logits (B, V)."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if config.greedy:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logits_BxV / config.temperature
+    if config.top_k is not None:
+        logits_BxV = keep_top_k(logits_BxV, config.top_k)
+    if config.top_p is not None and config.top_p < 1:
+        logits_BxV = keep_top_p(logits_BxV, config.top_p)
+    return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
