@@ -1,0 +1,613 @@
+"""Packed storage for ternary models: 2-bit or base-3 codes plus float32 scales, in safetensors.
+
+A packed checkpoint is a directory holding
+
+* `model.safetensors` -- one file with every tensor:
+    - each quantized linear kernel (Flax path `P`, e.g. `layers_0/self_attn/q_proj/kernel`,
+      Flax shape `(in, out)`) as two tensors:
+        `P.packed`: uint8 ternary codes. The codes are first transposed to the torch layout
+            `(out, in)`, then packed with `packing.pack_2bit` (axis 0, 4 per byte: shape
+            `(ceil(out/4), in)`, byte for byte the layout of transformers' BitNet `weight`) or
+            `packing.pack_base3` (`(out, in)` flattened in C order, 5 per byte: 1-D
+            `ceil(out*in/5)`);
+        `P.scale`: float32 absmean scale `gamma`, shaped as `quant.ternary_absmean` returns it
+            (broadcasts against the `(in, out)` kernel): `()` per tensor, `(1, out)` per
+            channel, `(in/group, 1, out)` per group;
+    - every other parameter (embeddings, norm scales, the full-precision lm_head) under its
+      Flax path, in bfloat16 (default) or float32;
+* `bitnet_packed.json` -- format name and version, model config, precision recipe, layout, the
+  original `(in, out)` shape and scale granularity of every packed kernel, the tokenizer
+  ("bytes", or "tokenizer.json" copied next to it) and the size report.
+
+`load_packed` rebuilds float kernels (`exact_latent`, a float32-exact `quant.ternary_latent`)
+that `ternary_absmean` maps back to exactly the stored codes and scales: the loaded model
+computes the saved quantized forward and can be trained on. `load_ternary_weights` and
+`load_inference_params` give the int8 (or 2-bit) codes and scales directly, for inference
+without float kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from bitnet_jax import compute, packing, quant
+from bitnet_jax.artifacts import ModelBundle, abstract_params
+from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.model import ModelConfig, get_model_config
+from bitnet_jax.precision import PrecisionRecipe, WeightQuantizer, get_recipe
+
+__all__ = [
+    "DTYPES",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "INFERENCE_WEIGHTS",
+    "MANIFEST_FILE",
+    "WEIGHTS_FILE",
+    "PackedLinear",
+    "exact_latent",
+    "format_size_report",
+    "load_inference_params",
+    "load_packed",
+    "load_ternary_weights",
+    "pack_codes",
+    "packed_tensors",
+    "quantized_kernels",
+    "read_manifest",
+    "require_ternary",
+    "safetensors_file_nbytes",
+    "save_packed",
+    "size_report",
+    "tensor_specs",
+    "unpack_codes",
+    "unpack_torch_codes",
+]
+
+FORMAT = "bitnet_jax.packed"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "bitnet_packed.json"
+PACKED_SUFFIX = ".packed"
+SCALE_SUFFIX = ".scale"
+DTYPES: dict[str, np.dtype] = {"bfloat16": np.dtype(ml_dtypes.bfloat16),
+                               "float32": np.dtype(np.float32)}
+ORIENTATION = ("codes transposed to torch (out, in) before packing; 2bit packs axis 0 "
+               "(transformers BitNet layout), base3 flattens (out, in) in C order")
+
+# One compiled kernel per shape instead of one dispatch per jnp op; granularity and group size
+# are static (they choose the reduction axes).
+_quantize = jax.jit(quant.ternary_absmean, static_argnums=(1, 2))
+_latent = jax.jit(quant.ternary_latent, static_argnums=(2, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Which parameters are packed.
+
+def require_ternary(recipe: PrecisionRecipe) -> None:
+    """ConfigError unless every linear role has ternary weights (only those have codes to pack)."""
+    other = [f"{role}: {p.weight.kind if p.weight else 'unquantized'}"
+             for role, p in recipe.roles.items() if p.weight is None or p.weight.kind != "ternary"]
+    require(not other,
+            f"precision {recipe.name!r} is not ternary in every linear role "
+            f"({', '.join(other)}); packed checkpoints store ternary codes only: use a "
+            f"b1.58-family recipe (b1.58, a4.8, v2-a8, ...) or keep this model as a run "
+            f"directory")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {'a/b/c': leaf}, the '/'-joined Flax path used as the tensor name."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def quantized_kernels(params: Any, recipe: PrecisionRecipe) -> dict[str, WeightQuantizer]:
+    """Flax path -> weight quantizer of every linear kernel the recipe quantizes.
+
+    Module names map to roles as in `compute.linear_shapes` (q/k/v_proj -> qkv, ...); the
+    lm_head is a kernel too but never quantized, so it is matched out by name.
+    """
+    roles = {s.name: s.role for s in compute.linear_shapes(_any_config())}
+    out = {}
+    for path in _flatten(params):
+        parts = path.split("/")
+        if parts[0].startswith("layers_") and parts[-1] == "kernel" and parts[-2] in roles:
+            weight = recipe.role(roles[parts[-2]]).weight
+            if weight is not None:
+                out[path] = weight
+    return out
+
+
+def _any_config() -> ModelConfig:
+    # linear_shapes needs a config only for sizes; the names and roles do not depend on it.
+    return ModelConfig(vocab_size=1, d_model=2, n_layers=1, n_heads=1)
+
+
+def _scale_shape(kernel_shape: tuple[int, ...], weight: WeightQuantizer) -> tuple[int, ...]:
+    """Shape of `ternary_absmean`'s scale for an `(in, out)` kernel."""
+    n_in, n_out = kernel_shape
+    if weight.granularity == "channel":
+        return (1, n_out)
+    if weight.granularity == "group":
+        return (n_in // weight.group_size, 1, n_out)
+    return ()
+
+
+def _packed_shape(kernel_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    n_in, n_out = kernel_shape
+    if layout == "2bit":
+        return (-(-n_out // 4), n_in)
+    return (-(-(n_in * n_out) // 5),)
+
+
+def _check_layout_dtype(layout: str, dtype: str) -> None:
+    require(layout in packing.LAYOUTS,
+            f"layout={layout!r}; choose one of {packing.LAYOUTS} (2bit: transformers' layout, "
+            f"4 weights a byte; base3: 5 weights a byte)")
+    require(dtype in DTYPES, f"dtype={dtype!r} for the unpacked parameters; choose one of "
+                             f"{tuple(DTYPES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing one kernel.
+
+def pack_codes(codes: Any, layout: str) -> np.ndarray:
+    """Ternary codes of an `(in, out)` kernel -> uint8, in the torch `(out, in)` orientation."""
+    torch_codes = np.ascontiguousarray(np.asarray(codes, np.int8).T)
+    if layout == "2bit":
+        return packing.pack_2bit(torch_codes)
+    return packing.pack_base3(torch_codes)
+
+
+def unpack_codes(packed: np.ndarray, kernel_shape: tuple[int, ...], layout: str) -> np.ndarray:
+    """Inverse of `pack_codes`: int8 codes of the `(in, out)` kernel."""
+    return unpack_torch_codes(packed, kernel_shape, layout).T
+
+
+def unpack_torch_codes(packed: np.ndarray, kernel_shape: tuple[int, ...],
+                       layout: str) -> np.ndarray:
+    """int8 codes in the stored torch `(out, in)` orientation."""
+    n_in, n_out = kernel_shape
+    if layout == "2bit":
+        return packing.unpack_2bit(packed, n_out, np.int8)
+    return packing.unpack_base3(packed, (n_out, n_in), np.int8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes.
+
+def tensor_specs(params: Any, recipe: PrecisionRecipe, layout: str = "2bit",
+                 dtype: str = "bfloat16") -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every tensor of the packed file, from shapes alone."""
+    _check_layout_dtype(layout, dtype)
+    kernels = quantized_kernels(params, recipe)
+    specs = {}
+    for path, leaf in _flatten(params).items():
+        shape = tuple(leaf.shape)
+        if path in kernels:
+            specs[path + PACKED_SUFFIX] = (np.dtype(np.uint8), _packed_shape(shape, layout))
+            specs[path + SCALE_SUFFIX] = (np.dtype(np.float32), _scale_shape(shape, kernels[path]))
+        else:
+            specs[path] = (DTYPES[dtype], shape)
+    return specs
+
+
+def _nbytes(spec: tuple[np.dtype, tuple[int, ...]]) -> int:
+    return spec[0].itemsize * math.prod(spec[1])
+
+
+_SAFETENSORS_DTYPE = {"uint8": "U8", "bfloat16": "BF16", "float32": "F32"}
+
+
+def safetensors_file_nbytes(specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+                            metadata: Mapping[str, str] | None = None) -> int:
+    """Size of the safetensors file these tensors make, without writing it.
+
+    The format is an 8-byte header length, a compact JSON header padded with spaces to a
+    multiple of 8, then the data; the library orders tensors by dtype size (largest first),
+    then name, which fixes the offsets written in the header. Tested against the library.
+    """
+    order = sorted(specs, key=lambda name: (-specs[name][0].itemsize, name))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        dtype, shape = specs[name]
+        end = offset + _nbytes(specs[name])
+        header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype.name], "shape": list(shape),
+                        "data_offsets": [offset, end]}
+        offset = end
+    n = len(json.dumps(header, separators=(",", ":")).encode())
+    return 8 + n + (-n % 8) + offset
+
+
+def _file_metadata(layout: str) -> dict[str, str]:
+    # Makes model.safetensors recognisable on its own (metadata values must be strings).
+    return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "layout": layout}
+
+
+def size_report(model: Any, layout: str = "2bit", precision: str | None = None,
+                dtype: str = "bfloat16") -> dict:
+    """Bytes of the packed checkpoint of `model` against the same model in bfloat16.
+
+    `model`: a ModelBundle, or a parameter tree (arrays or `jax.ShapeDtypeStruct`s: only shapes
+    are read, so a large model can be sized from `artifacts.abstract_params`) with `precision`.
+    Linear weights: packed codes + float32 scales vs those kernels in bf16 (`linear_ratio`,
+    ~8 for 2bit and ~10 for base3 when scales are few). Files: the packed model.safetensors vs
+    a safetensors file of every parameter in bf16 (`file_ratio`).
+    """
+    if isinstance(model, ModelBundle):
+        precision = precision or model.precision
+        model = model.params
+    require(precision is not None, "size_report of a parameter tree needs precision=NAME")
+    recipe = get_recipe(precision)
+    require_ternary(recipe)
+    specs = tensor_specs(model, recipe, layout, dtype)
+    bf16 = DTYPES["bfloat16"]
+    bf16_specs = {path: (bf16, tuple(leaf.shape)) for path, leaf in _flatten(model).items()}
+    kernels = quantized_kernels(model, recipe)
+    codes = sum(_nbytes(specs[p + PACKED_SUFFIX]) for p in kernels)
+    scales = sum(_nbytes(specs[p + SCALE_SUFFIX]) for p in kernels)
+    linear_bf16 = sum(_nbytes(bf16_specs[p]) for p in kernels)
+    other = sum(_nbytes(s) for name, s in specs.items() if name in bf16_specs)
+    other_bf16 = sum(_nbytes(s) for name, s in bf16_specs.items() if name not in kernels)
+    file_bytes = safetensors_file_nbytes(specs, _file_metadata(layout))
+    bf16_file_bytes = safetensors_file_nbytes(bf16_specs)
+    n_weights = sum(math.prod(bf16_specs[p][1]) for p in kernels)
+    return {
+        "layout": layout, "dtype": dtype, "precision": recipe.name,
+        "linear_tensors": len(kernels), "linear_weights": n_weights,
+        "linear_code_bytes": codes, "linear_scale_bytes": scales,
+        "linear_packed_bytes": codes + scales, "linear_bf16_bytes": linear_bf16,
+        "linear_bits_per_weight": 8 * (codes + scales) / n_weights if n_weights else 0.0,
+        "linear_ratio": linear_bf16 / (codes + scales) if kernels else 0.0,
+        "other_bytes": other, "other_bf16_bytes": other_bf16,
+        "file_bytes": file_bytes, "bf16_file_bytes": bf16_file_bytes,
+        "file_ratio": bf16_file_bytes / file_bytes,
+    }
+
+
+def format_size_report(report: Mapping[str, Any]) -> str:
+    """The size table for the CLI: packed vs bf16 bytes and the ratio, per part and per file."""
+    # Imported here: the CLI imports library modules, never the other way round at load time.
+    from bitnet_jax.cli import format_bytes
+
+    rows = [
+        ("", f"packed ({report['layout']})", "bf16", "bf16 / packed"),
+        ("linear weights", format_bytes(report["linear_packed_bytes"]),
+         format_bytes(report["linear_bf16_bytes"]), f"{report['linear_ratio']:.2f}x"),
+        ("  codes", format_bytes(report["linear_code_bytes"]), "", ""),
+        ("  scales (f32)", format_bytes(report["linear_scale_bytes"]), "", ""),
+        (f"other params ({report['dtype']})", format_bytes(report["other_bytes"]),
+         format_bytes(report["other_bf16_bytes"]), ""),
+        ("model.safetensors", format_bytes(report["file_bytes"]),
+         format_bytes(report["bf16_file_bytes"]), f"{report['file_ratio']:.2f}x"),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    title = (f"precision {report['precision']}: {report['linear_tensors']} ternary kernels, "
+             f"{report['linear_weights']:,} weights at "
+             f"{report['linear_bits_per_weight']:.3f} bits each (codes + scales)")
+    lines = [title]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append(("  " + "  ".join(cells)).rstrip())
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Save.
+
+def packed_tensors(params: Any, recipe: PrecisionRecipe, layout: str = "2bit",
+                   dtype: str = "bfloat16") -> dict[str, np.ndarray]:
+    """The tensors of `model.safetensors` for float `params` quantized by `recipe`."""
+    require_ternary(recipe)
+    _check_layout_dtype(layout, dtype)
+    kernels = quantized_kernels(params, recipe)
+    tensors = {}
+    for path, leaf in _flatten(params).items():
+        if path in kernels:
+            w = kernels[path]
+            codes, scale = _quantize(jnp.asarray(leaf), w.granularity, w.group_size)
+            tensors[path + PACKED_SUFFIX] = pack_codes(codes, layout)
+            tensors[path + SCALE_SUFFIX] = np.asarray(scale, np.float32)
+        else:
+            # Through numpy float32 first: ml_dtypes rounds to nearest even, as jnp.astype does.
+            tensors[path] = np.asarray(leaf, np.float32).astype(DTYPES[dtype])
+    return tensors
+
+
+def save_packed(bundle: ModelBundle, out_dir: str | os.PathLike, layout: str = "2bit",
+                dtype: str = "bfloat16", overwrite: bool = False) -> dict:
+    """Write `bundle` as a packed checkpoint in `out_dir`; return its size report.
+
+    The report's `file_bytes` is the size of the written model.safetensors.
+    """
+    recipe = get_recipe(bundle.precision)
+    require_ternary(recipe)
+    _check_layout_dtype(layout, dtype)
+    kernels = quantized_kernels(bundle.params, recipe)
+    require(len(kernels) == 7 * bundle.config.n_layers,
+            f"found {len(kernels)} quantized linear kernels in the parameters, expected "
+            f"{7 * bundle.config.n_layers} (7 per layer): is this a Transformer parameter tree?")
+    out_dir = Path(out_dir)
+    require(not out_dir.is_file(), f"{out_dir} is a file; pass a directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        require(overwrite, f"{out_dir} exists and is not empty; choose a new directory "
+                           f"(or pass overwrite=True)")
+        shutil.rmtree(out_dir)
+    report = size_report(bundle, layout, dtype=dtype)
+    tensors = packed_tensors(bundle.params, recipe, layout, dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata=_file_metadata(layout))
+    report["file_bytes"] = os.path.getsize(out_dir / WEIGHTS_FILE)
+    report["file_ratio"] = report["bf16_file_bytes"] / report["file_bytes"]
+
+    tokenizer = bundle.tokenizer
+    if tokenizer != "bytes":  # travels with the weights, named relative to the directory
+        source = Path(tokenizer).expanduser()
+        require(source.is_file(), f"tokenizer {tokenizer!r} is not a file")
+        shutil.copyfile(source, out_dir / "tokenizer.json")
+        tokenizer = "tokenizer.json"
+    flat = _flatten(bundle.params)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "precision": bundle.precision, "layout": layout, "dtype": dtype,
+        "orientation": ORIENTATION, "tokenizer": tokenizer,
+        "config": dataclasses.asdict(bundle.config),
+        "linear": {path: {"shape": list(flat[path].shape), "granularity": w.granularity,
+                          "group_size": w.group_size} for path, w in kernels.items()},
+        "size": report,
+    }
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Load.
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The parsed bitnet_packed.json of a packed checkpoint, with the format checked."""
+    directory = Path(directory)
+    require(directory.is_dir(), f"{directory} is not a directory; pass a packed checkpoint "
+                                f"directory written by save_packed")
+    path = directory / MANIFEST_FILE
+    require(path.is_file(), f"{directory} is not a packed checkpoint (no {MANIFEST_FILE}); "
+                            f"write one with save_packed from a ternary run")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err})") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    require(found == FORMAT, f"{path} is not a {FORMAT} manifest (format={found!r})")
+    version = manifest.get("format_version")
+    require(version == FORMAT_VERSION,
+            f"{path} has format_version {version!r}; this bitnet_jax reads version "
+            f"{FORMAT_VERSION} (upgrade bitnet_jax to read newer checkpoints)")
+    missing = [k for k in ("precision", "layout", "dtype", "config", "tokenizer")
+               if k not in manifest]
+    require(not missing, f"{path} lacks {missing}")
+    require((directory / WEIGHTS_FILE).is_file(), f"{directory} has no {WEIGHTS_FILE}")
+    return manifest
+
+
+def _read_tensors(directory: Path, expected: set[str]) -> dict[str, np.ndarray]:
+    """All tensors of model.safetensors, checked to be exactly the `expected` names."""
+    with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
+        names = set(f.keys())
+        missing, extra = sorted(expected - names), sorted(names - expected)
+        require(not missing, f"{directory / WEIGHTS_FILE} lacks {len(missing)} tensor(s) the "
+                             f"model needs, e.g. {missing[:3]}")
+        require(not extra, f"{directory / WEIGHTS_FILE} has {len(extra)} tensor(s) the model "
+                           f"does not have, e.g. {extra[:3]}: written for another model?")
+        return {name: f.get_tensor(name) for name in names}
+
+
+def _checked(tensors: Mapping[str, np.ndarray], name: str,
+             spec: tuple[np.dtype, tuple[int, ...]]) -> np.ndarray:
+    value = tensors[name]
+    require(value.dtype == spec[0] and tuple(value.shape) == spec[1],
+            f"tensor {name!r} is {value.dtype}{list(value.shape)}, expected "
+            f"{spec[0]}{list(spec[1])}")
+    return value
+
+
+def _open(directory: str | os.PathLike):
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    config = get_model_config(None, **manifest["config"])
+    recipe = get_recipe(manifest["precision"])
+    require_ternary(recipe)
+    layout, dtype = manifest["layout"], manifest["dtype"]
+    _check_layout_dtype(layout, dtype)
+    shapes = abstract_params(config, recipe)
+    specs = tensor_specs(shapes, recipe, layout, dtype)
+    raw = _read_tensors(directory, set(specs))
+    tensors = {name: _checked(raw, name, specs[name]) for name in raw}
+    return directory, manifest, config, recipe, shapes, tensors
+
+
+def _scale_groups(x: np.ndarray, granularity: str, group_size: int | None) -> np.ndarray:
+    """View an `(in, out)` kernel as `(groups, members, columns)`: one scale per (group, column)."""
+    if granularity == "tensor":
+        return x.reshape(1, -1, 1)
+    if granularity == "channel":
+        return x.reshape(1, *x.shape)
+    return x.reshape(x.shape[0] // group_size, group_size, x.shape[1])
+
+
+def exact_latent(codes: Any, gamma: Any, granularity: str = "tensor",
+                 group_size: int | None = None, max_steps: int = 8) -> np.ndarray:
+    """Float32 `(in, out)` weights that `quant.ternary_absmean` maps to exactly `codes`, `gamma`.
+
+    `quant.ternary_latent` (W = codes * gamma / p) is exact in real numbers, but in float32
+    mean|W| can land one ulp off gamma. Here every |W| is a multiple of q = ulp(S), S the float32
+    sum that mean|W| = S / n must have: then every partial sum is a multiple of q below 2**24 q,
+    exact in any summation order, and the mean is S / n on any backend. S starts at gamma * n
+    and moves an ulp at a time until the mean is gamma (division is monotone, and gamma, being
+    some float32 sum over n, is reachable). A scale group with more nonzero codes than S / q
+    (at least 2**23) cannot be built so: it falls back to `quant.ternary_latent` (codes exact,
+    scale possibly one ulp off), e.g. the per-tensor MLP kernels of a 2B model.
+    """
+    codes = np.asarray(codes, np.float32)
+    grouped = _scale_groups(codes, granularity, group_size)
+    target = np.asarray(gamma, np.float32).reshape(grouped.shape[0], 1, grouped.shape[2])
+    nonzero = grouped != 0
+    count = np.maximum(nonzero.sum(axis=1, keepdims=True), 1)
+    rank = np.cumsum(nonzero, axis=1) - 1
+    total = (target.astype(np.float64) * grouped.shape[1]).astype(np.float32)
+    for _ in range(max_steps):
+        quantum = np.spacing(total).astype(np.float64)
+        units = np.rint(total / quantum).astype(np.int64)  # < 2**24: S is a multiple of its ulp
+        if np.any(units < count):  # more nonzero codes than units: some |W| would be 0
+            break
+        # Spread the units over the nonzero codes: each gets units // count, some one more.
+        multiple = units // count + (rank < units % count)
+        w = np.where(nonzero, grouped * (multiple * quantum), 0.0).astype(np.float32)
+        w = w.reshape(codes.shape)
+        requant = _quantize(jnp.asarray(w), granularity, group_size)
+        scale = np.asarray(requant.scale).reshape(target.shape)
+        if np.array_equal(scale, target):
+            if np.array_equal(np.asarray(requant.codes), codes):
+                return w
+            break  # a zero multiple changed a code: the group is too large for this scheme
+        up, down = np.float32(np.inf), np.float32(-np.inf)
+        total = np.where(scale > target, np.nextafter(total, down),
+                         np.where(scale < target, np.nextafter(total, up), total))
+    return np.asarray(_latent(jnp.asarray(codes), jnp.asarray(gamma, jnp.float32),
+                              granularity, group_size))
+
+
+def load_packed(directory: str | os.PathLike) -> ModelBundle:
+    """Read a packed checkpoint back as a ModelBundle of float32 parameters.
+
+    Each kernel comes from `exact_latent(codes, scale)`: quantizing it again gives exactly the
+    stored codes and scale, so the model's quantized forward equals the saved one and training
+    can continue from it.
+    """
+    directory, manifest, config, recipe, shapes, tensors = _open(directory)
+    kernels = quantized_kernels(shapes, recipe)
+    flat = {}
+    for path, leaf in _flatten(shapes).items():
+        if path in kernels:
+            w = kernels[path]
+            codes = _unpack_checked(tensors, path, tuple(leaf.shape), manifest["layout"]).T
+            flat[path] = jnp.asarray(exact_latent(codes, tensors[path + SCALE_SUFFIX],
+                                                  w.granularity, w.group_size))
+        else:
+            flat[path] = jnp.asarray(tensors[path], jnp.float32)
+    return ModelBundle(config, manifest["precision"], _unflatten(flat),
+                       _tokenizer(directory, manifest))
+
+
+def _unpack_checked(tensors: Mapping[str, np.ndarray], path: str, kernel_shape: tuple[int, ...],
+                    layout: str) -> np.ndarray:
+    """int8 codes `(out, in)` of one kernel; bytes that no ternary code makes are a ConfigError."""
+    try:
+        return unpack_torch_codes(tensors[path + PACKED_SUFFIX], kernel_shape, layout)
+    except ValueError as err:
+        raise ConfigError(f"tensor {path + PACKED_SUFFIX!r} is not valid {layout} data: "
+                          f"{err}") from None
+
+
+def _tokenizer(directory: Path, manifest: Mapping[str, Any]) -> str:
+    tokenizer = manifest["tokenizer"]
+    if tokenizer == "bytes":
+        return tokenizer
+    path = (directory / tokenizer).resolve()
+    require(path.is_file(), f"{directory} lacks its tokenizer {tokenizer}")
+    return str(path)
+
+
+class PackedLinear(NamedTuple):
+    """One ternary linear layer as stored, for an inference engine.
+
+    `codes`: int8 in {-1, 0, 1}, torch layout `(out, in)`; `scale`: float32 in the shape of
+    `quant.ternary_absmean` for the `(in, out)` kernel (`()`, `(1, out)` or `(groups, 1, out)`).
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    granularity: str
+    group_size: int | None
+
+    def quantized(self) -> quant.Quantized:
+        """As `quant.Quantized` on the Flax `(in, out)` kernel (e.g. to dequantize)."""
+        return quant.Quantized(jnp.asarray(self.codes.T, jnp.float32), jnp.asarray(self.scale))
+
+
+def load_ternary_weights(directory: str | os.PathLike) -> dict[str, PackedLinear]:
+    """Flax kernel path -> PackedLinear, straight from the packed bytes (no float kernels)."""
+    directory, manifest, _, recipe, shapes, tensors = _open(directory)
+    flat, out = _flatten(shapes), {}
+    for path, w in quantized_kernels(shapes, recipe).items():
+        codes = _unpack_checked(tensors, path, tuple(flat[path].shape), manifest["layout"])
+        out[path] = PackedLinear(codes, tensors[path + SCALE_SUFFIX], w.granularity, w.group_size)
+    return out
+
+
+INFERENCE_WEIGHTS = ("int8", "packed")
+
+
+def load_inference_params(directory: str | os.PathLike,
+                          weights: str = "int8") -> tuple[ModelBundle, dict]:
+    """The bundle's description and the parameters of `Transformer(config, recipe, weights=...)`.
+
+    Each quantized `.../kernel` becomes the stored-weight parameters of `layers.BitLinear`:
+    `codes` int8 `(out, in)` ("int8") or `packed` uint8 `(ceil(out/4), in)` in the 2-bit layout
+    ("packed": a 2bit file's bytes are used as they are), plus `scale`, `()` per tensor or
+    `(out,)` per channel. Everything else is float32. The returned bundle has `params=None`.
+    """
+    require(weights in INFERENCE_WEIGHTS,
+            f"weights={weights!r}; choose one of {INFERENCE_WEIGHTS}")
+    directory, manifest, config, recipe, shapes, tensors = _open(directory)
+    kernels = quantized_kernels(shapes, recipe)
+    require(all(w.granularity != "group" for w in kernels.values()),
+            f"precision {recipe.name!r} has per-group scales, which stored (int8/packed) "
+            f"weights do not support; use load_packed")
+    flat = {}
+    for path, leaf in _flatten(shapes).items():
+        if path not in kernels:
+            flat[path] = jnp.asarray(tensors[path], jnp.float32)
+            continue
+        module = path.rsplit("/", 1)[0]
+        scale = tensors[path + SCALE_SUFFIX]
+        # BitLinear's stored scale: () per tensor, (out,) per channel (not (1, out)).
+        flat[module + "/scale"] = jnp.asarray(scale.reshape(scale.shape[-1:]))
+        if weights == "packed" and manifest["layout"] == "2bit":
+            flat[module + "/packed"] = jnp.asarray(tensors[path + PACKED_SUFFIX])
+            continue
+        codes = _unpack_checked(tensors, path, tuple(leaf.shape), manifest["layout"])
+        if weights == "packed":
+            flat[module + "/packed"] = jnp.asarray(packing.pack_2bit(codes))
+        else:
+            flat[module + "/codes"] = jnp.asarray(codes)
+    bundle = ModelBundle(config, manifest["precision"], None, _tokenizer(directory, manifest))
+    return bundle, _unflatten(flat)
