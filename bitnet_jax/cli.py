@@ -1,7 +1,9 @@
 """The `bitnet` command.
 
 Subcommands: `info` (compute accounting of a preset), `train` (one training run),
-`tokenizer train` (a BPE tokenizer for a corpus).
+`tokenizer train` (a BPE tokenizer for a corpus), `sweep` and `fit` (scaling laws),
+`generate` (text from a trained, packed or Hugging Face model), `export-hf` / `import-hf`
+(transformers' BitNet format) and `pack` (2-bit / 1.6-bit ternary checkpoints).
 
 Errors meant for people (`ConfigError`, and `ValueError`s from unknown names in `info`) are printed
 as one `error: ...` line on stderr with exit code 2, never as a traceback.
@@ -233,7 +235,132 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--recipe-column", default=None, help="default: precision / recipe if present")
     fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
     fit.set_defaults(func=cmd_fit)
+
+    generate = sub.add_parser(
+        "generate", help="generate text with a KV cache from a run, packed or HF directory",
+        description="Continue prompts with a trained run (config.yaml), a packed checkpoint "
+                    "(bitnet pack) or a Hugging Face BitNet directory. Ternary models run "
+                    "with int8 ternary weights and int8 x int8 -> int32 products by default.")
+    generate.add_argument("model_dir", metavar="RUN_OR_HF_DIR")
+    generate.add_argument("--prompt", action="append", required=True,
+                          help="a prompt (repeat for a batch)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--weights", choices=("auto", "float", "int8", "packed"),
+                          default="auto", help="how quantized weights are held (default: int8 "
+                                               "codes for ternary and other <= 8-bit recipes)")
+    generate.add_argument("--kv-bits", type=int, default=None,
+                          help="quantize the KV cache to this many bits (a4.8 uses 3)")
+    generate.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                          help="compute dtype (default: the model's)")
+    generate.add_argument("--no-stop", action="store_true",
+                          help="do not stop at the end-of-document token")
+    generate.set_defaults(func=cmd_generate)
+
+    export = sub.add_parser(
+        "export-hf", help="write a run as a transformers BitNetForCausalLM directory",
+        description="config.json + model.safetensors that transformers loads as "
+                    "BitNetForCausalLM: float weights quantized online, or --packed 2-bit "
+                    "weights with weight_scale (the microsoft/bitnet-b1.58-2B-4T format).")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("out_dir", metavar="OUT_DIR")
+    export.add_argument("--packed", action="store_true", help="2-bit packed ternary weights")
+    export.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the float tensors (default float32, exact)")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=cmd_export_hf)
+
+    import_ = sub.add_parser(
+        "import-hf", help="read a Hugging Face BitNet directory into a run directory",
+        description="Import a BitNetForCausalLM checkpoint (float, online-quantized or packed; "
+                    "bf16 or f32; tied or untied) as a run directory for `generate`, "
+                    "evaluation and `bitnet train init_from=OUT_DIR`.")
+    import_.add_argument("hf_dir", metavar="HF_DIR")
+    import_.add_argument("out_dir", metavar="OUT_DIR")
+    import_.add_argument("--tokenizer", default=None,
+                         help="'bytes' or a tokenizer.json (default: the one in HF_DIR)")
+    import_.add_argument("--overwrite", action="store_true")
+    import_.set_defaults(func=cmd_import_hf)
+
+    pack = sub.add_parser(
+        "pack", help="store a ternary run's weights as packed codes (2-bit or base-3)",
+        description="Quantize a ternary run once and write model.safetensors + "
+                    "bitnet_packed.json with the codes packed; prints the size table.")
+    pack.add_argument("run_dir", metavar="RUN_DIR")
+    pack.add_argument("--out", required=True, metavar="DIR")
+    pack.add_argument("--layout", choices=("2bit", "base3"), default="2bit")
+    pack.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                      help="storage of embeddings, norms and the head (default bfloat16)")
+    pack.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    pack.add_argument("--overwrite", action="store_true")
+    pack.set_defaults(func=cmd_pack)
     return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from bitnet_jax import data, inference
+    from bitnet_jax.artifacts import load_model
+    from bitnet_jax.sampling import SamplingConfig
+
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    bundle = load_model(args.model_dir)
+    tokenizer = data.load_tokenizer(bundle.tokenizer)
+    generator = inference.make_generator(bundle.params, bundle.config, bundle.recipe,
+                                         args.weights, kv_bits=args.kv_bits, dtype=args.dtype)
+    print(f"# {bundle.precision} model, {generator.weights} weights"
+          f"{', integer products' if generator.integer else ''}"
+          f"{f', {args.kv_bits}-bit KV cache' if args.kv_bits else ''}", file=sys.stderr)
+    prompts = [tokenizer.encode(text) for text in args.prompt]
+    result = inference.generate(generator, prompts, args.max_new_tokens, sampling, args.seed,
+                                stop_id=None if args.no_stop else tokenizer.eod_id)
+    for text, tokens in zip(args.prompt, result.tokens):
+        print(text + tokenizer.decode(tokens))
+    print(f"# prefill {result.prefill_seconds:.2f} s (includes compilation); decode "
+          f"{result.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from bitnet_jax.artifacts import load_run, read_run_config
+    from bitnet_jax.hf import check_exportable, export_hf
+    from bitnet_jax.model import get_model_config
+
+    config = read_run_config(args.run_dir)
+    check_exportable(get_model_config(config.model.preset, **config.model.overrides),
+                     config.precision, args.packed)  # before reading the checkpoint
+    summary = export_hf(load_run(args.run_dir, args.step), args.out_dir, args.packed,
+                        args.dtype, args.overwrite)
+    print(f"wrote {summary['out_dir']} ({summary['format']}, {args.dtype}): "
+          f"{format_bytes(summary['bytes'])}; linear weights "
+          f"{format_bytes(summary['linear_weight_bytes'])} "
+          f"(bf16: {format_bytes(summary['linear_weight_bytes_bf16'])})")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from bitnet_jax.hf import import_hf
+
+    out = import_hf(args.hf_dir, args.out_dir, args.overwrite, tokenizer=args.tokenizer)
+    print(f"wrote run directory {out}; continue training with "
+          f"`bitnet train --config {out}/config.yaml` (it starts from these weights)")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from bitnet_jax.artifacts import load_run, read_run_config
+    from bitnet_jax.packed_checkpoint import format_size_report, require_ternary, save_packed
+    from bitnet_jax.precision import get_recipe
+
+    require_ternary(get_recipe(read_run_config(args.run_dir).precision))  # before loading
+    report = save_packed(load_run(args.run_dir, args.step), args.out, args.layout, args.dtype,
+                         overwrite=args.overwrite)
+    print(format_size_report(report))
+    print(f"wrote {args.out}")
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
