@@ -327,3 +327,16 @@ def test_per_tensor_scale_is_global_under_sharding():
     x_sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows", "cols")))
     np.testing.assert_allclose(jax.jit(lambda v: quant.absmax_per_token(v).dequantize())(x_sharded),
                                np_absmax(np.asarray(x), 8), rtol=1e-6)
+
+
+@pytest.mark.parametrize("granularity,group_size", [("tensor", None), ("channel", None),
+                                                    ("group", 16)])
+def test_ternary_latent_quantizes_back_to_its_codes_and_scale(granularity, group_size):
+    rng = np.random.default_rng(0)
+    codes = jnp.asarray(rng.integers(-1, 2, (64, 48)), jnp.float32)
+    gamma = quant.ternary_absmean(jnp.asarray(rng.normal(0, 0.02, (64, 48)), jnp.float32),
+                                  granularity, group_size).scale
+    again = quant.ternary_absmean(quant.ternary_latent(codes, gamma, granularity, group_size),
+                                  granularity, group_size)
+    np.testing.assert_array_equal(again.codes, codes)
+    np.testing.assert_allclose(again.scale, gamma, rtol=1e-5)  # float32 summation order

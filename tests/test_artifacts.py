@@ -1,0 +1,44 @@
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from bitnet_jax import artifacts
+from bitnet_jax.config import load_config
+from bitnet_jax.errors import ConfigError
+from bitnet_jax.model import get_model_config, init_params
+from bitnet_jax.precision import get_recipe
+
+
+def bundle(tokenizer="bytes"):
+    config = get_model_config("ladder-50k")
+    params = nn.unbox(init_params(config, get_recipe("b1.58"), jax.random.PRNGKey(3)))
+    return artifacts.ModelBundle(config, "b1.58", params, tokenizer)
+
+
+def test_saved_run_loads_back_and_configures_training_from_itself(tmp_path):
+    tokenizer = tmp_path / "tok.json"
+    tokenizer.write_text("{}")
+    saved = bundle(str(tokenizer))
+    out = artifacts.save_run(saved, tmp_path / "run", source="test")
+    loaded = artifacts.load_model(out)
+    assert loaded.config == saved.config and loaded.precision == "b1.58"
+    assert jax.tree.all(jax.tree.map(np.array_equal, loaded.params, saved.params))
+    assert loaded.tokenizer == str(out / "tokenizer.json")  # copied in with the run
+    config = load_config(out / "config.yaml")
+    assert config.model.preset is None and config.init_from == str(out)
+    assert get_model_config(None, **config.model.overrides) == saved.config
+
+
+def test_saving_over_a_run_needs_overwrite(tmp_path):
+    artifacts.save_run(bundle(), tmp_path / "run")
+    with pytest.raises(ConfigError, match="not empty"):
+        artifacts.save_run(bundle(), tmp_path / "run")
+    artifacts.save_run(bundle(), tmp_path / "run", overwrite=True)
+
+
+def test_unknown_directories_and_incomplete_configs_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="holds no model"):
+        artifacts.load_model(tmp_path)
+    with pytest.raises(ConfigError, match="missing"):
+        get_model_config(None, vocab_size=320, d_model=64)
