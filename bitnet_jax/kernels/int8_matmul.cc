@@ -1,0 +1,472 @@
+// Exact int8 x int8 -> int32 matmul for XLA:CPU, as an XLA FFI custom call.
+//
+//   out[m, n] = sum_k x[m, k] * w[n, k]      x: (M, K) int8, w: (N, K) int8 ("out x in")
+//
+// AVX512-VNNI's vpdpbusd multiplies UNSIGNED bytes by SIGNED bytes.  Two paths:
+//
+//  * Packed path (M > 16, or M > 64 for big weights: the training shapes).  The weights are re-packed once per
+//    call into panels of NR = 16 * NRV output columns: for every group of 4 consecutive k, one
+//    64-byte block per zmm holds 16 columns x 4 bytes, and every byte is stored as the unsigned
+//    value w + 128 (= w ^ 0x80).  The activations stay signed and are broadcast 4 bytes at a
+//    time, so no pass over x is needed:
+//        sum_k x * (w + 128) - 128 * sum_k x  ==  sum_k x * w
+//    The accumulators start at -128 * rowsum(x).  Padding bytes of the packed weights are 0
+//    (unsigned), so they contribute nothing whatever x holds there.
+//
+//  * Direct path (small M, decode).  Memory-bound on the weights, so they are read in place
+//    (no packing pass): x is shifted once to unsigned (x ^ 0x80, zero padded to a multiple of
+//    64 bytes), w rows are the signed operand, and a second vpdpbusd with all-ones computes
+//    sum_k w[n, k] for the correction  - 128 * sum_k w.
+//
+// int32 arithmetic wraps (vpdpbusd is the non-saturating form), so the result is exact modulo
+// 2^32 whatever the intermediate values, i.e. bit-identical to XLA's int32-accumulating dot.
+//
+// Work is spread over XLA's intra-op thread pool (xla::ffi::ThreadPool); the calling thread
+// takes part and never waits on a task that has not started, so it cannot deadlock when the
+// pool is busy or runs tasks inline.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int NRV = 4;             // zmm registers of output columns per micro-tile
+constexpr int NR = 16 * NRV;       // output columns per packed panel
+constexpr int MR = 6;              // rows of x per micro-tile (MR * NRV accumulators)
+#ifndef BITNET_INT8_DIRECT_MAX_M
+#define BITNET_INT8_DIRECT_MAX_M 16
+#endif
+constexpr int64_t kDirectMaxM = BITNET_INT8_DIRECT_MAX_M;
+
+// acc += dot4(a as u8, b as s8) per 32-bit lane.  Inline asm ties the accumulator to the
+// destination register; with the intrinsic GCC 12 copies and spills every accumulator.
+__attribute__((always_inline)) inline __m512i Dpbusd(__m512i acc, __m512i a, __m512i b) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// ----------------------------------------------------------------------------------------
+// Parallel loop on the FFI thread pool.
+// ----------------------------------------------------------------------------------------
+
+struct ParState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  const std::function<void(int64_t)>* fn = nullptr;
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+void RunWorker(const std::shared_ptr<ParState>& st) {
+  for (;;) {
+    int64_t i = st->next.fetch_add(1, std::memory_order_relaxed);
+    if (i >= st->n) return;  // late starters touch nothing but the shared state
+    (*st->fn)(i);
+    if (st->done.fetch_add(1, std::memory_order_acq_rel) + 1 == st->n) {
+      std::lock_guard<std::mutex> lock(st->mu);
+      st->cv.notify_all();
+    }
+  }
+}
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
+  if (n <= 0) return;
+  int64_t threads = pool.num_threads();
+  if (threads <= 1 || n == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  auto st = std::make_shared<ParState>();
+  st->n = n;
+  st->fn = &fn;
+  int64_t helpers = std::min<int64_t>(threads, n) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([st]() { RunWorker(st); });
+  }
+  RunWorker(st);
+  std::unique_lock<std::mutex> lock(st->mu);
+  st->cv.wait(lock, [&] { return st->done.load(std::memory_order_acquire) == n; });
+}
+
+// Per-thread scratch, grown on demand (64-byte aligned).
+struct Scratch {
+  void* p = nullptr;
+  size_t size = 0;
+  ~Scratch() { std::free(p); }
+  void* get(size_t bytes) {
+    if (bytes > size) {
+      std::free(p);
+      size = (bytes + 4095) & ~size_t(4095);
+      p = std::aligned_alloc(64, size);
+    }
+    return p;
+  }
+};
+
+// ----------------------------------------------------------------------------------------
+// Packed path.
+// ----------------------------------------------------------------------------------------
+
+// Packs panel p (columns p*NR .. p*NR+NR-1) of w into dst: [kg][NR][4] bytes, unsigned w+128.
+void PackPanel(const int8_t* w, int64_t N, int64_t K, int64_t p, uint8_t* dst) {
+  const int64_t kgs = (K + 3) / 4;
+  const int64_t kfull = K / 4;
+  const int64_t n0 = p * NR;
+  const int64_t ncols = std::min<int64_t>(NR, N - n0);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  if (ncols == NR) {
+    // 16 x 16 transposes of 32-bit words: 16 rows of w, 16 k-groups at a time.
+    int64_t kg = 0;
+    const __m512i flip = _mm512_set1_epi32(static_cast<int>(0x80808080u));
+    for (; kg + 16 <= kfull; kg += 16) {
+      for (int cb = 0; cb < NR; cb += 16) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
+          r[i] = _mm512_xor_si512(
+              _mm512_loadu_si512(w + (n0 + cb + i) * K + kg * 4), flip);
+        }
+        // Transpose 16x16 of dwords: r[i][j] = word j of row i -> out[j][i].
+        __m512i t[16];
+        for (int i = 0; i < 16; i += 2) {
+          t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+          t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 16; i += 4) {
+          r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+          r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+          r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+          r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+        }
+        // Now r[4a+b] holds, in each 128-bit lane L, words (L*4 + {0..3}) rows 4a..4a+3 for
+        // word column 4L + b'.  Finish with 128-bit lane shuffles.
+        for (int i = 0; i < 4; ++i) {
+          t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+          t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+          t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+          t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+        }
+        for (int i = 0; i < 4; ++i) {
+          r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+          r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+          r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+          r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+        }
+        for (int j = 0; j < 16; ++j) {
+          _mm512_storeu_si512(d + (kg + j) * NR + cb, r[j]);
+        }
+      }
+    }
+    for (; kg < kgs; ++kg) {
+      for (int c = 0; c < NR; ++c) {
+        const int8_t* src = w + (n0 + c) * K + kg * 4;
+        uint32_t v = 0;
+        int64_t nb = std::min<int64_t>(4, K - kg * 4);
+        std::memcpy(&v, src, nb);
+        uint32_t mask = nb == 4 ? 0xffffffffu : ((1u << (8 * nb)) - 1u);
+        d[kg * NR + c] = (v ^ 0x80808080u) & mask;
+      }
+    }
+  } else {
+    for (int64_t kg = 0; kg < kgs; ++kg) {
+      for (int c = 0; c < NR; ++c) {
+        uint32_t v = 0, mask = 0;
+        if (c < ncols) {
+          int64_t nb = std::min<int64_t>(4, K - kg * 4);
+          std::memcpy(&v, w + (n0 + c) * K + kg * 4, nb);
+          mask = nb == 4 ? 0xffffffffu : ((1u << (8 * nb)) - 1u);
+        }
+        d[kg * NR + c] = (v ^ 0x80808080u) & mask;
+      }
+    }
+  }
+}
+
+// rows x NR micro-tile: out[rows, ncols] for a packed panel.
+template <int ROWS>
+__attribute__((always_inline)) inline void MicroKernel(
+    const int8_t* __restrict x, int64_t K, const uint8_t* __restrict wp,
+    const int32_t* __restrict corr, int32_t* __restrict out, int64_t ldo, int ncols) {
+  __m512i acc[ROWS][NRV];
+#pragma GCC unroll 16
+  for (int i = 0; i < ROWS; ++i) {
+    __m512i c = _mm512_set1_epi32(corr[i]);
+#pragma GCC unroll 4
+    for (int j = 0; j < NRV; ++j) acc[i][j] = c;
+  }
+  const int64_t kfull = K / 4;
+  const int8_t* xr[ROWS];
+#pragma GCC unroll 16
+  for (int i = 0; i < ROWS; ++i) xr[i] = x + i * K;
+  for (int64_t kg = 0; kg < kfull; ++kg) {
+    __m512i wv[NRV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NRV; ++j) wv[j] = _mm512_load_si512(wp + (kg * NRV + j) * 64);
+#pragma GCC unroll 16
+    for (int i = 0; i < ROWS; ++i) {
+      int32_t xv;
+      std::memcpy(&xv, xr[i] + kg * 4, 4);
+      __m512i xb = _mm512_set1_epi32(xv);
+#pragma GCC unroll 4
+      for (int j = 0; j < NRV; ++j) acc[i][j] = Dpbusd(acc[i][j], wv[j], xb);
+    }
+  }
+  if (K & 3) {
+    const int64_t kg = kfull;
+    const int nb = static_cast<int>(K & 3);
+    __m512i wv[NRV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NRV; ++j) wv[j] = _mm512_load_si512(wp + (kg * NRV + j) * 64);
+#pragma GCC unroll 16
+    for (int i = 0; i < ROWS; ++i) {
+      int32_t xv = 0;
+      std::memcpy(&xv, xr[i] + kg * 4, nb);
+      __m512i xb = _mm512_set1_epi32(xv);
+#pragma GCC unroll 4
+      for (int j = 0; j < NRV; ++j) acc[i][j] = Dpbusd(acc[i][j], wv[j], xb);
+    }
+  }
+  if (ncols == NR) {
+#pragma GCC unroll 16
+    for (int i = 0; i < ROWS; ++i) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NRV; ++j) _mm512_storeu_si512(out + i * ldo + j * 16, acc[i][j]);
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int i = 0; i < ROWS; ++i) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NRV; ++j) {
+        int rem = ncols - j * 16;
+        if (rem <= 0) break;
+        __mmask16 m = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1u);
+        _mm512_mask_storeu_epi32(out + i * ldo + j * 16, m, acc[i][j]);
+      }
+    }
+  }
+}
+
+// -128 * sum_k x[m, k] for rows [0, rows).
+void RowCorrections(const int8_t* x, int64_t K, int64_t rows, int32_t* corr) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int8_t* r = x + i * K;
+    __m512i acc = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      acc = Dpbusd(acc, ones, _mm512_loadu_si512(r + k));
+    }
+    int32_t s = _mm512_reduce_add_epi32(acc);
+    for (; k < K; ++k) s += r[k];
+    corr[i] = static_cast<int32_t>(-128u * static_cast<uint32_t>(s));
+  }
+}
+
+template <typename PF>
+void PackedMatmul(PF&& parallel_for, int64_t num_threads, const int8_t* x, const int8_t* w,
+                  int32_t* out, int64_t M, int64_t N, int64_t K) {
+  const int64_t kgs = (K + 3) / 4;
+  const int64_t panels = (N + NR - 1) / NR;
+  const int64_t panel_bytes = kgs * NR * 4;
+  static thread_local Scratch scratch;
+  uint8_t* wp = static_cast<uint8_t*>(scratch.get(panels * panel_bytes));
+
+  // Phase 1: pack the weights, a few panels per task.
+  const int64_t pack_per_task = 4;
+  const std::function<void(int64_t)> pack = [&](int64_t t) {
+    int64_t p1 = std::min(panels, (t + 1) * pack_per_task);
+    for (int64_t p = t * pack_per_task; p < p1; ++p) PackPanel(w, N, K, p, wp + p * panel_bytes);
+  };
+  parallel_for((panels + pack_per_task - 1) / pack_per_task, pack);
+
+  // Phase 2: tasks = (block of rows) x (group of panels).  A block of rows (~256 KB of x)
+  // stays in L2 while the panels stream through it.
+  int64_t mc = std::max<int64_t>(MR, (256 * 1024 / std::max<int64_t>(K, 1)) / MR * MR);
+  mc = std::min<int64_t>(mc, 40 * MR);
+  const int64_t mblocks = (M + mc - 1) / mc;
+  const int64_t threads = std::max<int64_t>(1, num_threads);
+  // Split N if there are too few row blocks to keep every thread busy.
+  int64_t ngroups = 1;
+  while (mblocks * ngroups < 4 * threads && ngroups * 2 <= panels) ngroups *= 2;
+  const int64_t panels_per_group = (panels + ngroups - 1) / ngroups;
+  ngroups = (panels + panels_per_group - 1) / panels_per_group;
+
+  const std::function<void(int64_t)> compute = [&](int64_t t) {
+    const int64_t mb = t / ngroups, ng = t % ngroups;
+    const int64_t m0 = mb * mc, m1 = std::min(M, m0 + mc);
+    const int64_t p0 = ng * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
+    int32_t corr[40 * MR];
+    RowCorrections(x + m0 * K, K, m1 - m0, corr);
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* panel = wp + p * panel_bytes;
+      const int ncols = static_cast<int>(std::min<int64_t>(NR, N - p * NR));
+      int32_t* o = out + p * NR;
+      int64_t m = m0;
+      for (; m + MR <= m1; m += MR) {
+        MicroKernel<MR>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols);
+      }
+      switch (m1 - m) {
+        case 5: MicroKernel<5>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols); break;
+        case 4: MicroKernel<4>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols); break;
+        case 3: MicroKernel<3>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols); break;
+        case 2: MicroKernel<2>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols); break;
+        case 1: MicroKernel<1>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols); break;
+        default: break;
+      }
+    }
+  };
+  static_assert(MR <= 6, "tail switch covers MR <= 6");
+  parallel_for(mblocks * ngroups, compute);
+}
+
+// ----------------------------------------------------------------------------------------
+// Direct path (small M): weights read in place, x shifted to unsigned.
+// ----------------------------------------------------------------------------------------
+
+// Tile of ROWS rows of (shifted, padded) x times NC rows of w.
+template <int ROWS, int NC>
+__attribute__((always_inline)) inline void DirectTile(
+    const uint8_t* __restrict xu, int64_t ldx, const int8_t* __restrict w, int64_t K,
+    int32_t* __restrict out, int64_t ldo) {
+  __m512i acc[ROWS][NC];
+  __m512i ws[NC];
+  const __m512i ones = _mm512_set1_epi8(1);
+#pragma GCC unroll 8
+  for (int j = 0; j < NC; ++j) {
+    ws[j] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) acc[i][j] = _mm512_setzero_si512();
+  }
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __m512i wv[NC];
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) {
+      wv[j] = _mm512_loadu_si512(w + j * K + k);
+      ws[j] = Dpbusd(ws[j], ones, wv[j]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) {
+      __m512i xv = _mm512_load_si512(xu + i * ldx + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NC; ++j) acc[i][j] = Dpbusd(acc[i][j], xv, wv[j]);
+    }
+  }
+  if (k < K) {
+    const __mmask64 m = (~0ull) >> (64 - (K - k));
+    __m512i wv[NC];
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) {
+      wv[j] = _mm512_maskz_loadu_epi8(m, w + j * K + k);
+      ws[j] = Dpbusd(ws[j], ones, wv[j]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) {
+      __m512i xv = _mm512_load_si512(xu + i * ldx + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NC; ++j) acc[i][j] = Dpbusd(acc[i][j], xv, wv[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NC; ++j) {
+    uint32_t c = 128u * static_cast<uint32_t>(_mm512_reduce_add_epi32(ws[j]));
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) {
+      uint32_t s = static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][j]));
+      out[i * ldo + j] = static_cast<int32_t>(s - c);
+    }
+  }
+}
+
+template <int NC>
+void DirectRows(const uint8_t* xu, int64_t ldx, int64_t rows, const int8_t* w, int64_t K,
+                int32_t* out, int64_t ldo) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) DirectTile<4, NC>(xu + i * ldx, ldx, w, K, out + i * ldo, ldo);
+  switch (rows - i) {
+    case 3: DirectTile<3, NC>(xu + i * ldx, ldx, w, K, out + i * ldo, ldo); break;
+    case 2: DirectTile<2, NC>(xu + i * ldx, ldx, w, K, out + i * ldo, ldo); break;
+    case 1: DirectTile<1, NC>(xu + i * ldx, ldx, w, K, out + i * ldo, ldo); break;
+    default: break;
+  }
+}
+
+template <typename PF>
+void DirectMatmul(PF&& parallel_for, const int8_t* x, const int8_t* w, int32_t* out,
+                  int64_t M, int64_t N, int64_t K) {
+  const int64_t ldx = (K + 63) / 64 * 64;
+  static thread_local Scratch scratch;
+  uint8_t* xu = static_cast<uint8_t*>(scratch.get(M * ldx));
+  for (int64_t m = 0; m < M; ++m) {
+    uint8_t* d = xu + m * ldx;
+    const int8_t* s = x + m * K;
+    for (int64_t k = 0; k < K; ++k) d[k] = static_cast<uint8_t>(s[k]) ^ 0x80u;
+    std::memset(d + K, 0, ldx - K);
+  }
+  constexpr int NC = 4;
+  const int64_t chunk = 64;  // rows of w per task
+  const int64_t tasks = (N + chunk - 1) / chunk;
+  const std::function<void(int64_t)> fn = [&](int64_t t) {
+    const int64_t n0 = t * chunk, n1 = std::min(N, n0 + chunk);
+    int64_t n = n0;
+    for (; n + NC <= n1; n += NC) DirectRows<NC>(xu, ldx, M, w + n * K, K, out + n, N);
+    for (; n < n1; ++n) DirectRows<1>(xu, ldx, M, w + n * K, K, out + n, N);
+  };
+  parallel_for(tasks, fn);
+}
+
+ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                       ffi::ResultBuffer<ffi::S32> out) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2) {
+    return ffi::Error::InvalidArgument("bitnet_int8_dot: expects x (M, K), w (N, K), out (M, N)");
+  }
+  const int64_t M = xd[0], K = xd[1], N = wd[0];
+  if (wd[1] != K || od[0] != M || od[1] != N) {
+    return ffi::Error::InvalidArgument("bitnet_int8_dot: shape mismatch");
+  }
+  int32_t* o = out->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::memset(o, 0, sizeof(int32_t) * M * N);
+    return ffi::Error::Success();
+  }
+  const int8_t* xp = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  auto parallel_for = [&pool](int64_t n, const std::function<void(int64_t)>& fn) {
+    ParallelFor(pool, n, fn);
+  };
+  // Direct path for few rows; up to 64 rows when the weights are big (packing them would
+  // cost as much memory traffic as the product).
+  if (M <= kDirectMaxM || (M <= 4 * kDirectMaxM && N * K >= (int64_t{4} << 20))) {
+    DirectMatmul(parallel_for, xp, wp, o, M, N, K);
+  } else {
+    PackedMatmul(parallel_for, pool.num_threads(), xp, wp, o, M, N, K);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Dot, Int8DotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

@@ -1,0 +1,136 @@
+"""Exactness of the AVX512-VNNI int8 FFI kernel (bitnet_jax.cpu_int8) against XLA's int8 dot."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax import cpu_int8
+
+pytestmark = pytest.mark.skipif(not cpu_int8.available(),
+                                reason=f"VNNI int8 kernel unavailable: "
+                                       f"{cpu_int8.unavailable_reason()}")
+
+
+def _ref(x, w):
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.int32)
+
+
+def _rand(rng, shape, low=-128, high=128):
+    return jnp.asarray(rng.integers(low, high, shape, dtype=np.int8))
+
+
+def _check(x, w, fn=cpu_int8.int8_dot):
+    got = np.asarray(fn(x, w))
+    want = np.asarray(_ref(x, w))
+    assert got.dtype == np.int32 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("k", [1, 5, 100])
+@pytest.mark.parametrize("n", [1, 15, 33])
+def test_odd_sizes(m, k, n):
+    rng = np.random.default_rng(m * 10007 + k * 101 + n)
+    _check(_rand(rng, (m, k)), _rand(rng, (n, k)))
+
+
+# Both code paths (direct: few rows; packed: many rows) and their tails: rows not a multiple of
+# the 6-row micro-tile, columns not a multiple of the 64-column panel, K not a multiple of 4/64.
+@pytest.mark.parametrize("m,k,n", [
+    (16, 64, 64), (18, 64, 64), (19, 131, 130), (37, 250, 200), (100, 67, 257),
+    (40, 1024, 4100),     # direct path for M <= 64 with big weights
+    (70, 1024, 4100),     # packed path, big weights
+    (6, 2560, 640), (256, 1376, 512),
+])
+def test_paths_and_tails(m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    _check(_rand(rng, (m, k)), _rand(rng, (n, k)))
+
+
+@pytest.mark.parametrize("m,k,n", [(4096, 512, 1376), (4096, 1376, 512), (4096, 512, 512),
+                                   (4096, 256, 704), (2, 2560, 6912), (16, 2560, 6912)])
+def test_training_and_decode_shapes(m, k, n):
+    rng = np.random.default_rng(0)
+    _check(_rand(rng, (m, k)), _rand(rng, (n, k), -1, 2))  # ternary weights
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 130, 70), (64, 2048, 96)])
+def test_extreme_values(m, k, n):
+    for xv, wv in [(-128, -128), (-128, 127), (127, 127), (127, -128)]:
+        x = jnp.full((m, k), xv, jnp.int8)
+        w = jnp.full((n, k), wv, jnp.int8)
+        _check(x, w)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.choice(np.array([-128, 127], np.int8), (m, k)))
+    w = jnp.asarray(rng.choice(np.array([-128, 127], np.int8), (n, k)))
+    _check(x, w)
+
+
+def test_int32_wraparound_matches_xla():
+    # 16384 * 131080 overflows int32: both must wrap identically (modulo 2^32).
+    k = 131080
+    x = jnp.full((2, k), -128, jnp.int8)
+    w = jnp.full((3, k), -128, jnp.int8)
+    _check(x, w)
+
+
+def test_under_jit_with_leading_dims():
+    rng = np.random.default_rng(2)
+    x = _rand(rng, (2, 3, 7, 45))
+    w = _rand(rng, (29, 45))
+    f = jax.jit(cpu_int8.int8_dot)
+    _check(x, w, f)
+    _check(x[0, 0, 0], w, f)  # 1-D x -> (N,)
+
+    @jax.jit
+    def fused(x, w):  # the kernel inside a larger jitted computation
+        y = cpu_int8.int8_dot(jnp.clip(x, -127, 127).astype(jnp.int8), w)
+        return y.astype(jnp.float32) * 0.5
+
+    got = np.asarray(fused(x, w))
+    want = np.asarray(_ref(jnp.clip(x, -127, 127), w)).astype(np.float32) * 0.5
+    np.testing.assert_array_equal(got, want)
+
+
+def test_vmap():
+    rng = np.random.default_rng(3)
+    x = _rand(rng, (4, 9, 33))
+    w = _rand(rng, (17, 33))
+    ws = _rand(rng, (4, 17, 33))
+    got = jax.jit(jax.vmap(cpu_int8.int8_dot, in_axes=(0, None)))(x, w)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_ref(x, w)))
+    got = jax.vmap(cpu_int8.int8_dot, in_axes=(1, None))(x, w)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_ref(x, w)).transpose(1, 0, 2))
+    got = jax.vmap(cpu_int8.int8_dot)(x, ws)  # batched weights: falls back to XLA
+    want = np.stack([np.asarray(_ref(x[i], ws[i])) for i in range(4)])
+    np.testing.assert_array_equal(np.asarray(got), want)
+    got = jax.vmap(jax.vmap(cpu_int8.int8_dot, in_axes=(0, None)), in_axes=(None, 0))(x, ws)
+    want = np.stack([np.asarray(_ref(x, ws[j])) for j in range(4)])
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_int8_dot_or_xla_and_errors():
+    rng = np.random.default_rng(4)
+    x, w = _rand(rng, (3, 10)), _rand(rng, (4, 10))
+    _check(x, w, cpu_int8.int8_dot_or_xla)
+    with pytest.raises(TypeError):
+        cpu_int8.int8_dot(x.astype(jnp.int32), w)
+    with pytest.raises(ValueError):
+        cpu_int8.int8_dot(x, w[:, :5])
+
+
+def test_sharded_input_under_jit_is_correct():
+    # The custom call is opaque to GSPMD: operands are gathered and the product is computed
+    # unpartitioned, but the result must still be exact.
+    devices = jax.devices()
+    if len(devices) < 2:
+        pytest.skip("needs several (simulated) devices")
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    rng = np.random.default_rng(5)
+    x = jax.device_put(_rand(rng, (8 * len(devices), 40)), spec)
+    w = _rand(rng, (24, 40))
+    got = jax.jit(cpu_int8.int8_dot)(x, w)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_ref(x, w)))
