@@ -244,16 +244,18 @@ def _until_stop(row: np.ndarray, stop_id: Optional[int]) -> np.ndarray:
 
 def generate_without_cache(generator: Generator, prompt: Sequence[int], max_new_tokens: int,
                            sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> np.ndarray:
-    """Reference decoding of one prompt: re-run the whole sequence for every new token."""
-    tokens = np.asarray(prompt, np.int32)
+    """Reference decoding of one prompt: re-run the whole sequence for every new token.
+
+    The sequence is right-padded to its final length so that one compiled forward serves every
+    step (the model is causal: padding after a position does not change its logits).
+    """
+    length = len(prompt) + max_new_tokens
+    tokens = np.zeros((batch_rows(1), length), np.int32)
+    tokens[:, :len(prompt)] = prompt
     rng = jax.random.PRNGKey(seed)
     forward = jax.jit(generator.full_logits)
-    new = []
-    for _ in range(max_new_tokens):
+    for position in range(len(prompt), length):
         rng, key = jax.random.split(rng)
-        rows = np.stack([tokens] * batch_rows(1))
-        logits_BxV = forward(jnp.asarray(rows))[:, -1]
-        token = int(np.asarray(sample(logits_BxV, key, sampling))[0])
-        new.append(token)
-        tokens = np.append(tokens, token).astype(np.int32)
-    return np.asarray(new, np.int32)
+        logits_BxV = forward(jnp.asarray(tokens))[:, position - 1]
+        tokens[:, position] = int(np.asarray(sample(logits_BxV, key, sampling))[0])
+    return tokens[0, len(prompt):]
