@@ -7,6 +7,7 @@ Parameters are float32; `dtype` is the compute dtype (bfloat16 by default).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -180,7 +181,29 @@ def causal_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.
     return jnp.concatenate(outputs, axis=1)
 
 
-class CausalSelfAttention(nn.Module):
+class _BlockWithLinears(nn.Module):
+    """What attention and MLP blocks share: how they build their BitLinear layers and norms.
+
+    Keyword-only, so subclasses can declare required fields of their own.
+    """
+
+    _: dataclasses.KW_ONLY
+    inner_norm: bool = False
+    sub_norm: bool = False
+    norm_eps: float = 1e-5
+    integer: bool = False
+    dtype: Dtype = jnp.bfloat16
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.normal(stddev=0.02)
+    weights: str = "float"
+
+    def _linear(self, features, precision, axes, name):
+        return BitLinear(features, precision, axes, self.inner_norm, self.norm_eps, self.integer,
+                         self.dtype, None, self.param_dtype, self.kernel_init, self.weights,
+                         name=name)
+
+
+class CausalSelfAttention(_BlockWithLinears):
     """Causal grouped-query attention with RoPE; optional sub-norm before the output projection.
 
     The four projections are BitLinear layers with the recipe's `qkv` / `attn_out` precisions.
@@ -195,19 +218,6 @@ class CausalSelfAttention(nn.Module):
     qkv_precision: LinearPrecision = LinearPrecision()
     out_precision: LinearPrecision = LinearPrecision()
     kv_cache: Optional[KVCachePrecision] = None
-    inner_norm: bool = False
-    sub_norm: bool = False
-    norm_eps: float = 1e-5
-    integer: bool = False
-    dtype: Dtype = jnp.bfloat16
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Any = nn.initializers.normal(stddev=0.02)
-    weights: str = "float"
-
-    def _linear(self, features, precision, axes, name):
-        return BitLinear(features, precision, axes, self.inner_norm, self.norm_eps, self.integer,
-                         self.dtype, None, self.param_dtype, self.kernel_init, self.weights,
-                         name=name)
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
@@ -256,26 +266,13 @@ def ffn_activation(name: str):
     raise ValueError(f"ffn activation must be 'swiglu' or 'relu2', got {name!r}")
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(_BlockWithLinears):
     """down(act(gate(x)) * up(x)), optionally with a sub-norm before the down projection."""
 
     d_ff: int
     activation: str = "swiglu"
     gate_up_precision: LinearPrecision = LinearPrecision()
     down_precision: LinearPrecision = LinearPrecision()
-    inner_norm: bool = False
-    sub_norm: bool = False
-    norm_eps: float = 1e-5
-    integer: bool = False
-    dtype: Dtype = jnp.bfloat16
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Any = nn.initializers.normal(stddev=0.02)
-    weights: str = "float"
-
-    def _linear(self, features, precision, axes, name):
-        return BitLinear(features, precision, axes, self.inner_norm, self.norm_eps, self.integer,
-                         self.dtype, None, self.param_dtype, self.kernel_init, self.weights,
-                         name=name)
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
