@@ -103,6 +103,19 @@ def load_model(path: str | Path, step: Optional[int] = None) -> ModelBundle:
                       f"checkpoint (bitnet_packed.json) or a Hugging Face directory (config.json)")
 
 
+def fresh_directory(out_dir: str | Path, overwrite: bool) -> Path:
+    """An empty directory to write a model into; a non-empty one is replaced only with
+    `overwrite` (exports, imports and packed checkpoints all refuse to mix files)."""
+    out_dir = Path(out_dir).resolve()
+    require(not out_dir.is_file(), f"{out_dir} is a file; pass a directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        require(overwrite, f"{out_dir} exists and is not empty; choose a new directory "
+                           f"(or overwrite it: --overwrite / overwrite=True)")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def save_run(bundle: ModelBundle, out_dir: str | Path, source: str = "",
              overwrite: bool = False) -> Path:
     """Write `bundle` as a run directory whose checkpoint holds the parameters (step 0).
@@ -111,16 +124,13 @@ def save_run(bundle: ModelBundle, out_dir: str | Path, source: str = "",
     the directory itself, so `bitnet train --config OUT/config.yaml data.…=… ` continues training
     from these parameters in a new run directory.
     """
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        require(overwrite, f"{out_dir} exists and is not empty; choose a new directory")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = bundle.tokenizer
-    if tokenizer != "bytes":
-        copied = out_dir / "tokenizer.json"
-        shutil.copyfile(Path(tokenizer).expanduser(), copied)
-        tokenizer = str(copied)
+    # Read first: the tokenizer may live in the directory about to be replaced.
+    tokenizer_bytes = None if tokenizer == "bytes" else Path(tokenizer).expanduser().read_bytes()
+    out_dir = fresh_directory(out_dir, overwrite)
+    if tokenizer_bytes is not None:
+        tokenizer = str(out_dir / "tokenizer.json")
+        Path(tokenizer).write_bytes(tokenizer_bytes)
     fields = dataclasses.asdict(bundle.config)
     run_config = RunConfig(name=None, out_dir="runs", precision=bundle.precision,
                            init_from=str(out_dir))

@@ -26,7 +26,6 @@ torch evaluates the reference's `127 / absmax`, so 8-bit codes agree even on .5 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from bitnet_jax import packing, quant
-from bitnet_jax.artifacts import ModelBundle, save_run
+from bitnet_jax.artifacts import ModelBundle, fresh_directory, save_run
 from bitnet_jax.data import EOD_TOKENS, ByteTokenizer
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.model import ModelConfig
@@ -277,16 +276,6 @@ def _gamma(name: str, weight_scale: np.ndarray, fmt: str) -> np.float32:
 # ----------------------------------------------------------------------------------------------
 # Export.
 
-def _fresh_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """An empty output directory (emptied only with `overwrite`, as `save_run` does)."""
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        require(overwrite, f"{out_dir} exists and is not empty; choose a new directory")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
 def hf_tensors(bundle: ModelBundle, packed: bool = False,
                dtype: str = "float32") -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The safetensors contents of `bundle` as a BitNetForCausalLM, and the bytes its linear
@@ -334,7 +323,7 @@ def export_hf(bundle: ModelBundle, out_dir: str | Path, packed: bool = False,
     tokenizer = None
     if bundle.tokenizer != "bytes":  # read first: it may live in the directory we empty
         tokenizer = _tokenizer_file(bundle.tokenizer).read_bytes()
-    out_dir = _fresh_dir(out_dir, overwrite)
+    out_dir = fresh_directory(out_dir, overwrite)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     # "format": "pt" is what transformers expects in the header of a checkpoint it loads.
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})

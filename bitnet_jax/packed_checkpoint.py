@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,7 +44,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from bitnet_jax import compute, packing, quant
-from bitnet_jax.artifacts import ModelBundle, abstract_params
+from bitnet_jax.artifacts import ModelBundle, abstract_params, fresh_directory
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.model import ModelConfig, get_model_config
 from bitnet_jax.precision import PrecisionRecipe, WeightQuantizer, get_recipe
@@ -357,24 +356,20 @@ def save_packed(bundle: ModelBundle, out_dir: str | os.PathLike, layout: str = "
     require(len(kernels) == 7 * bundle.config.n_layers,
             f"found {len(kernels)} quantized linear kernels in the parameters, expected "
             f"{7 * bundle.config.n_layers} (7 per layer): is this a Transformer parameter tree?")
-    out_dir = Path(out_dir)
-    require(not out_dir.is_file(), f"{out_dir} is a file; pass a directory")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        require(overwrite, f"{out_dir} exists and is not empty; choose a new directory "
-                           f"(or pass overwrite=True)")
-        shutil.rmtree(out_dir)
     report = size_report(bundle, layout, dtype=dtype)
     tensors = packed_tensors(bundle.params, recipe, layout, dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = bundle.tokenizer
+    if tokenizer != "bytes":  # read first: it may live in the directory about to be replaced
+        source = Path(tokenizer).expanduser()
+        require(source.is_file(), f"tokenizer {tokenizer!r} is not a file")
+        tokenizer_bytes = source.read_bytes()
+    out_dir = fresh_directory(out_dir, overwrite)
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata=_file_metadata(layout))
     report["file_bytes"] = os.path.getsize(out_dir / WEIGHTS_FILE)
     report["file_ratio"] = report["bf16_file_bytes"] / report["file_bytes"]
 
-    tokenizer = bundle.tokenizer
     if tokenizer != "bytes":  # travels with the weights, named relative to the directory
-        source = Path(tokenizer).expanduser()
-        require(source.is_file(), f"tokenizer {tokenizer!r} is not a file")
-        shutil.copyfile(source, out_dir / "tokenizer.json")
+        (out_dir / "tokenizer.json").write_bytes(tokenizer_bytes)
         tokenizer = "tokenizer.json"
     flat = _flatten(bundle.params)
     manifest = {
