@@ -59,18 +59,17 @@ class LinearShape:
         return (self.n_out, self.n_in)
 
 
+# The module name of each linear projection in a decoder layer -> its precision role.
+PROJECTION_ROLES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "attn_out",
+                    "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
+
+
 def linear_shapes(config: "ModelConfig") -> tuple[LinearShape, ...]:
     """The seven linear weights of one decoder layer (every layer has the same)."""
     d, q, kv, ff = config.d_model, config.q_dim, config.kv_dim, config.d_ff
-    return (
-        LinearShape("q_proj", "qkv", d, q),
-        LinearShape("k_proj", "qkv", d, kv),
-        LinearShape("v_proj", "qkv", d, kv),
-        LinearShape("o_proj", "attn_out", q, d),
-        LinearShape("gate_proj", "gate_up", d, ff),
-        LinearShape("up_proj", "gate_up", d, ff),
-        LinearShape("down_proj", "down", ff, d),
-    )
+    sizes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+             "gate_proj": (d, ff), "up_proj": (d, ff), "down_proj": (ff, d)}
+    return tuple(LinearShape(name, role, *sizes[name]) for name, role in PROJECTION_ROLES.items())
 
 
 def _norm_params_per_layer(config: "ModelConfig") -> int:

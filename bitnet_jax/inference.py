@@ -23,15 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax import kv_cache, packing
+from bitnet_jax.compute import PROJECTION_ROLES
 from bitnet_jax.errors import require
 from bitnet_jax.layers import WEIGHT_FORMATS
 from bitnet_jax.model import ModelConfig, Transformer
 from bitnet_jax.precision import KVCachePrecision, PrecisionRecipe
 from bitnet_jax.sampling import SamplingConfig, sample
-
-ROLE_OF_PROJECTION = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "attn_out",
-                      "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
-
 
 # ----------------------------------------------------------------------------------------------
 # Weights for inference.
@@ -84,7 +81,7 @@ def inference_params(params: Any, recipe: PrecisionRecipe, weights: str, dtype) 
     def convert(node: Any, name: str) -> Any:
         if not isinstance(node, dict):
             return jnp.asarray(node, dtype)
-        role = ROLE_OF_PROJECTION.get(name)
+        role = PROJECTION_ROLES.get(name)
         if weights != "float" and role is not None and "kernel" in node:
             stored = _stored_linear(node, recipe.role(role).weight, weights)
             return {k: v if k in ("codes", "packed", "scale") else convert(v, k)

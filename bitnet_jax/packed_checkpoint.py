@@ -46,7 +46,7 @@ from safetensors.numpy import save_file
 from bitnet_jax import compute, packing, quant
 from bitnet_jax.artifacts import ModelBundle, abstract_params, fresh_directory
 from bitnet_jax.errors import ConfigError, require
-from bitnet_jax.model import ModelConfig, get_model_config
+from bitnet_jax.model import get_model_config
 from bitnet_jax.precision import PrecisionRecipe, WeightQuantizer, get_recipe
 
 __all__ = [
@@ -132,10 +132,10 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
 def quantized_kernels(params: Any, recipe: PrecisionRecipe) -> dict[str, WeightQuantizer]:
     """Flax path -> weight quantizer of every linear kernel the recipe quantizes.
 
-    Module names map to roles as in `compute.linear_shapes` (q/k/v_proj -> qkv, ...); the
+    Module names map to roles by `compute.PROJECTION_ROLES` (q/k/v_proj -> qkv, ...); the
     lm_head is a kernel too but never quantized, so it is matched out by name.
     """
-    roles = {s.name: s.role for s in compute.linear_shapes(_any_config())}
+    roles = compute.PROJECTION_ROLES
     out = {}
     for path in _flatten(params):
         parts = path.split("/")
@@ -144,11 +144,6 @@ def quantized_kernels(params: Any, recipe: PrecisionRecipe) -> dict[str, WeightQ
             if weight is not None:
                 out[path] = weight
     return out
-
-
-def _any_config() -> ModelConfig:
-    # linear_shapes needs a config only for sizes; the names and roles do not depend on it.
-    return ModelConfig(vocab_size=1, d_model=2, n_layers=1, n_heads=1)
 
 
 def _scale_shape(kernel_shape: tuple[int, ...], weight: WeightQuantizer) -> tuple[int, ...]:
