@@ -20,6 +20,7 @@ import json
 import platform
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,10 +52,8 @@ def random_leaf(path: str, shape: tuple, dtype, rng: np.random.Generator) -> np.
 
 
 def random_params(model: Transformer, rng: np.random.Generator):
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1, 1), jnp.int32))["params"])
-    shapes = jax.tree.map(lambda x: getattr(x, "value", x), shapes,
-                          is_leaf=lambda x: hasattr(x, "value"))
+    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                        jnp.zeros((1, 1), jnp.int32))["params"]))
     return jax.tree_util.tree_map_with_path(
         lambda path, s: jnp.asarray(random_leaf(jax.tree_util.keystr(path), s.shape, s.dtype,
                                                 rng)), shapes)
