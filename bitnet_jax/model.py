@@ -143,11 +143,10 @@ class Transformer(nn.Module):
     def logits_from_embeddings(self, x_BxTxD: jax.Array,
                                positions_BxT: Optional[jax.Array] = None,
                                cache: Optional[KVCache] = None):
-        batch, length = x_BxTxD.shape[:2]
+        length = x_BxTxD.shape[1]
         if cache is not None:
             positions_BxT = cache.positions(length)
-        elif positions_BxT is None:
-            positions_BxT = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        # Otherwise None stands for 0..T-1 in every row: the layers then use constant RoPE tables.
         # Constraints on the residual stream and logits (no-ops without sharding rules in scope).
         # Activations have names of their own: FSDP shards a parameter's `embed` axis, while the
         # residual stream is split over the batch and kept whole along its features.
@@ -183,7 +182,7 @@ class DecoderBlock(nn.Module):
     weights: str = "float"
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: Optional[jax.Array] = None,
                  cache: Optional[LayerCache] = None, cache_index: Optional[jax.Array] = None,
                  cache_start: Optional[jax.Array] = None):
         cfg, recipe = self.config, self.recipe

@@ -61,6 +61,20 @@ def test_rope_matches_rotate_half_and_is_relative():
     assert score(7, 3) == pytest.approx(score(12, 8), rel=1e-5)
 
 
+def test_rope_without_positions_uses_constant_tables():
+    x = normal((2, 300, 3, 64), 5)
+    positions = np.broadcast_to(np.arange(300), (2, 300))
+    static = jax.jit(lambda x: apply_rope(x, None, 500_000.0))(x)
+    # Within the float32 rounding of angles up to 300 (ulp 3e-5) times |x| (up to about 4).
+    np.testing.assert_allclose(static, np_rope(np.asarray(x, np.float64), positions, 500_000.0),
+                               rtol=0, atol=2e-4)
+    traced = jax.jit(lambda x, p: apply_rope(x, p, 500_000.0))(x, jnp.asarray(positions))
+    np.testing.assert_allclose(static, traced, rtol=0, atol=2e-4)
+    # The tables are constants of the compiled program, not cos/sin computed inside it.
+    hlo = jax.jit(lambda x: apply_rope(x, None, 500_000.0)).lower(x).as_text()
+    assert "cosine" not in hlo and "sine" not in hlo
+
+
 @pytest.mark.parametrize("recipe_name", ["bf16", "b1.58", "a4.8", "v2-a4", "b1.58@g16"])
 def test_bitlinear_matches_formula(recipe_name):
     precision = get_recipe(recipe_name).attn_out
