@@ -1,4 +1,5 @@
-"""Exact int8 x int8 -> int32 matmul on x86 CPUs with AVX512-VNNI, as an XLA FFI custom call.
+"""Exact int8 x int8 -> int32 matmul on x86 CPUs with AVX512-VNNI, as an XLA FFI custom call,
+and the dequantize-and-transpose that the integer path's weight gradient needs.
 
 XLA:CPU lowers an int8 `dot_general` with int32 accumulation to a kernel that is slower than
 its bf16 dot.  `kernels/int8_matmul.cc` is a small VNNI (`vpdpbusd`) kernel; this module
@@ -7,6 +8,7 @@ the source, the compiler and its flags), registers it with XLA and exposes::
 
     available() -> bool
     int8_dot(x, w) -> int32      # x (..., K) int8, w (N, K) int8 ("out x in"), -> (..., N)
+    dequantize_transpose(codes, scale) -> bf16   # (K, rows): X_q^T for the weight gradient
 
 `int8_dot` is bit-identical to
 ``lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=int32)``.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -39,6 +42,8 @@ _log = logging.getLogger(__name__)
 
 TARGET_NAME = "bitnet_int8_dot"
 _SYMBOL = "BitnetInt8Dot"
+DEQUANTIZE_TRANSPOSE_TARGET = "bitnet_dequantize_transpose"
+_DEQUANTIZE_TRANSPOSE_SYMBOL = "BitnetDequantizeTranspose"
 _SOURCE = Path(__file__).with_name("kernels") / "int8_matmul.cc"
 _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
 _CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w") + _ISA_FLAGS
@@ -126,8 +131,10 @@ def _try_init() -> tuple[bool, str]:
     try:
         path = _build(cxx)
         _lib = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(getattr(_lib, _SYMBOL)),
-                                    platform="cpu")
+        for target, symbol in ((TARGET_NAME, _SYMBOL),
+                               (DEQUANTIZE_TRANSPOSE_TARGET, _DEQUANTIZE_TRANSPOSE_SYMBOL)):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(_lib, symbol)),
+                                        platform="cpu")
     except Exception as exc:  # noqa: BLE001 -- any failure means "fall back to XLA"
         _log.warning("bitnet_jax.cpu_int8: VNNI kernel unavailable, using XLA's int8 dot "
                      "(%s: %s)", type(exc).__name__, exc)
@@ -191,3 +198,55 @@ def int8_dot_or_xla(x: jax.Array, w: jax.Array) -> jax.Array:
         return int8_dot(x, w)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=jnp.int32)
+
+
+def _dequantize_transpose_xla(codes2, scale1):
+    return (codes2.astype(jnp.float32) * scale1[:, None]).astype(jnp.bfloat16).T
+
+
+@jax.custom_batching.custom_vmap
+def _ffi_dequantize_transpose(codes2, scale1):
+    m, k = codes2.shape
+    return jax.ffi.ffi_call(DEQUANTIZE_TRANSPOSE_TARGET,
+                            jax.ShapeDtypeStruct((k, m), jnp.bfloat16))(codes2, scale1)
+
+
+@_ffi_dequantize_transpose.def_vmap
+def _ffi_dequantize_transpose_vmap(axis_size, in_batched, codes, scale):
+    codes_batched, scale_batched = in_batched
+    if not codes_batched:
+        codes = jnp.broadcast_to(codes, (axis_size, *codes.shape))
+    if not scale_batched:
+        scale = jnp.broadcast_to(scale, (axis_size, *scale.shape))
+    return jax.vmap(_dequantize_transpose_xla)(codes, scale), True
+
+
+def _rows_and_scales(codes: jax.Array, scale: jax.Array):
+    lead = codes.shape[:-1]
+    if scale.shape not in (lead, (*lead, 1)):
+        raise ValueError(f"dequantize_transpose: codes {codes.shape} want one scale per row, "
+                         f"shape {lead} or {(*lead, 1)}; got {scale.shape}")
+    rows = math.prod(lead)
+    return codes.reshape(rows, codes.shape[-1]), scale.reshape(rows)
+
+
+def dequantize_transpose(codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """Per-row dequantization, transposed: codes (..., K) int8 and one float32 scale per row
+    (shape (...) or (..., 1)) -> bfloat16 (K, rows), rows = prod(...).
+
+    Bit-identical to ``(codes.astype(f32) * scale).astype(bf16).reshape(-1, K).T``: the
+    operand the weight gradient X^T G wants. Needs `available()`.
+    """
+    if codes.dtype != jnp.int8 or scale.dtype != jnp.float32:
+        raise TypeError(f"dequantize_transpose wants int8 codes and float32 scales, got "
+                        f"{codes.dtype} and {scale.dtype}")
+    if not available():
+        raise RuntimeError(f"bitnet_jax.cpu_int8 kernel unavailable: {_reason}")
+    return _ffi_dequantize_transpose(*_rows_and_scales(codes, scale))
+
+
+def dequantize_transpose_or_xla(codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """`dequantize_transpose` when available, else the same through XLA."""
+    if available():
+        return dequantize_transpose(codes, scale)
+    return _dequantize_transpose_xla(*_rows_and_scales(codes, scale))

@@ -134,3 +134,60 @@ def test_sharded_input_under_jit_is_correct():
     w = _rand(rng, (24, 40))
     got = jax.jit(cpu_int8.int8_dot)(x, w)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(_ref(x, w)))
+
+
+# ---------------------------------------------------------------------------------------------
+# dequantize_transpose: the weight-gradient operand X_q^T, bit for bit as XLA computes it.
+
+
+def _dequantize_transpose_ref(codes, scale):
+    return (codes.astype(jnp.float32) * scale).astype(jnp.bfloat16).reshape(-1, codes.shape[-1]).T
+
+
+def _check_dequantize_transpose(codes, scale, fn=cpu_int8.dequantize_transpose):
+    got = fn(codes, scale)
+    want = _dequantize_transpose_ref(codes, scale)
+    assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got.view(jnp.uint16)),
+                                  np.asarray(want.view(jnp.uint16)))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (17, 4), (15, 130), (33, 7), (2, 9, 70),
+                                   (16, 256, 512), (4096, 1376)])
+def test_dequantize_transpose_sizes(shape):
+    rng = np.random.default_rng(sum(shape))
+    codes = _rand(rng, shape)
+    scale = jnp.asarray(rng.lognormal(-4, 2, (*shape[:-1], 1)), jnp.float32)
+    _check_dequantize_transpose(codes, scale)
+    _check_dequantize_transpose(codes, scale, jax.jit(cpu_int8.dequantize_transpose))
+
+
+def test_dequantize_transpose_rounding_and_special_scales():
+    rng = np.random.default_rng(6)
+    codes = _rand(rng, (40, 24))
+    # Scales whose products land on bf16 ties (1 + 2^-8 has a 9-bit mantissa), tiny, huge
+    # (overflow to inf), zero, inf (0 * inf = NaN) and NaN.
+    scale = np.full((40, 1), 1 + 2.0 ** -8, np.float32)
+    scale[1], scale[2], scale[3] = 1e-40, 3e38, 0.0
+    scale[4], scale[5] = np.inf, np.nan
+    scale[6:] = rng.lognormal(0, 3, (34, 1))
+    _check_dequantize_transpose(codes, jnp.asarray(scale))
+    # A 1-D scale (one per row) is accepted too.
+    got = cpu_int8.dequantize_transpose(codes, jnp.asarray(scale[:, 0]))
+    want = _dequantize_transpose_ref(codes, jnp.asarray(scale))
+    np.testing.assert_array_equal(np.asarray(got.view(jnp.uint16)),
+                                  np.asarray(want.view(jnp.uint16)))
+
+
+def test_dequantize_transpose_vmap_or_xla_and_errors():
+    rng = np.random.default_rng(7)
+    codes = _rand(rng, (3, 20, 12))
+    scale = jnp.asarray(rng.random((3, 20, 1)), jnp.float32)
+    got = jax.vmap(cpu_int8.dequantize_transpose)(codes, scale)
+    want = np.stack([np.asarray(_dequantize_transpose_ref(codes[i], scale[i])) for i in range(3)])
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want.astype(np.float32))
+    _check_dequantize_transpose(codes, scale, cpu_int8.dequantize_transpose_or_xla)
+    with pytest.raises(TypeError):
+        cpu_int8.dequantize_transpose(codes.astype(jnp.int32), scale)
+    with pytest.raises(ValueError, match="one scale per row"):
+        cpu_int8.dequantize_transpose(codes, scale[:, :1])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from bitnet_jax import quant
+from bitnet_jax import cpu_int8, quant
 from bitnet_jax.precision import ActivationQuantizer, WeightQuantizer
 
 EPS = 1e-5
@@ -279,6 +279,28 @@ def test_integer_path_equals_float_path(name, dtype):
     # Integer codes make both products exact; only the final rescale rounds, identically.
     np.testing.assert_array_equal(np.asarray(float_path, np.float32),
                                   np.asarray(integer_path, np.float32))
+
+
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_integer_path_gradients_equal_float_path(name, dtype):
+    # In bf16 on CPU the integer path's weight gradient reads X_q^T from cpu_int8's kernel.
+    qx, qw = PAIRS[name]
+    x, w = _operands(seed=21)
+    cotangent = make_input((2, 5, 48), dtype, seed=22)
+
+    def grads(integer):
+        loss = lambda xv, wv: jnp.sum(  # noqa: E731
+            quant.quantized_dot(xv, wv, qx, qw, dtype, integer).astype(jnp.float32)
+            * cotangent.astype(jnp.float32))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        hlo = grad.lower(x.astype(dtype), w).as_text()
+        uses_kernel = cpu_int8.DEQUANTIZE_TRANSPOSE_TARGET in hlo
+        assert uses_kernel == (integer and dtype == jnp.bfloat16 and cpu_int8.available())
+        return grad(x.astype(dtype), w)
+
+    for got, want in zip(grads(True), grads(False)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 @pytest.mark.parametrize("name", ["b1.58", "ternary-group", "topk"])
