@@ -244,9 +244,3 @@ def dequantize_transpose(codes: jax.Array, scale: jax.Array) -> jax.Array:
         raise RuntimeError(f"bitnet_jax.cpu_int8 kernel unavailable: {_reason}")
     return _ffi_dequantize_transpose(*_rows_and_scales(codes, scale))
 
-
-def dequantize_transpose_or_xla(codes: jax.Array, scale: jax.Array) -> jax.Array:
-    """`dequantize_transpose` when available, else the same through XLA."""
-    if available():
-        return dequantize_transpose(codes, scale)
-    return _dequantize_transpose_xla(*_rows_and_scales(codes, scale))
