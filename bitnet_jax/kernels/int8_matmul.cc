@@ -338,6 +338,31 @@ void PackedMatmul(PF&& parallel_for, int64_t num_threads, const int8_t* x, const
 // Direct path (small M): weights read in place, x shifted to unsigned.
 // ----------------------------------------------------------------------------------------
 
+// One 64-byte step along k of DirectTile. MASKED loads only the first K - k bytes of each w
+// row (the tail); the full steps keep the mask out of the hot loop.
+template <int ROWS, int NC, bool MASKED>
+__attribute__((always_inline)) inline void DirectStep(
+    const uint8_t* __restrict xu, int64_t ldx, const int8_t* __restrict w, int64_t K,
+    int64_t k, __m512i (&acc)[ROWS][NC], __m512i (&ws)[NC]) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i wv[NC];
+#pragma GCC unroll 8
+  for (int j = 0; j < NC; ++j) {
+    if constexpr (MASKED) {
+      wv[j] = _mm512_maskz_loadu_epi8((~0ull) >> (64 - (K - k)), w + j * K + k);
+    } else {
+      wv[j] = _mm512_loadu_si512(w + j * K + k);
+    }
+    ws[j] = Dpbusd(ws[j], ones, wv[j]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i) {
+    __m512i xv = _mm512_load_si512(xu + i * ldx + k);
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) acc[i][j] = Dpbusd(acc[i][j], xv, wv[j]);
+  }
+}
+
 // Tile of ROWS rows of (shifted, padded) x times NC rows of w.
 template <int ROWS, int NC>
 __attribute__((always_inline)) inline void DirectTile(
@@ -345,7 +370,6 @@ __attribute__((always_inline)) inline void DirectTile(
     int32_t* __restrict out, int64_t ldo) {
   __m512i acc[ROWS][NC];
   __m512i ws[NC];
-  const __m512i ones = _mm512_set1_epi8(1);
 #pragma GCC unroll 8
   for (int j = 0; j < NC; ++j) {
     ws[j] = _mm512_setzero_si512();
@@ -353,35 +377,8 @@ __attribute__((always_inline)) inline void DirectTile(
     for (int i = 0; i < ROWS; ++i) acc[i][j] = _mm512_setzero_si512();
   }
   int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    __m512i wv[NC];
-#pragma GCC unroll 8
-    for (int j = 0; j < NC; ++j) {
-      wv[j] = _mm512_loadu_si512(w + j * K + k);
-      ws[j] = Dpbusd(ws[j], ones, wv[j]);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < ROWS; ++i) {
-      __m512i xv = _mm512_load_si512(xu + i * ldx + k);
-#pragma GCC unroll 8
-      for (int j = 0; j < NC; ++j) acc[i][j] = Dpbusd(acc[i][j], xv, wv[j]);
-    }
-  }
-  if (k < K) {
-    const __mmask64 m = (~0ull) >> (64 - (K - k));
-    __m512i wv[NC];
-#pragma GCC unroll 8
-    for (int j = 0; j < NC; ++j) {
-      wv[j] = _mm512_maskz_loadu_epi8(m, w + j * K + k);
-      ws[j] = Dpbusd(ws[j], ones, wv[j]);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < ROWS; ++i) {
-      __m512i xv = _mm512_load_si512(xu + i * ldx + k);
-#pragma GCC unroll 8
-      for (int j = 0; j < NC; ++j) acc[i][j] = Dpbusd(acc[i][j], xv, wv[j]);
-    }
-  }
+  for (; k + 64 <= K; k += 64) DirectStep<ROWS, NC, false>(xu, ldx, w, K, k, acc, ws);
+  if (k < K) DirectStep<ROWS, NC, true>(xu, ldx, w, K, k, acc, ws);
 #pragma GCC unroll 8
   for (int j = 0; j < NC; ++j) {
     uint32_t c = 128u * static_cast<uint32_t>(_mm512_reduce_add_epi32(ws[j]));
