@@ -36,10 +36,6 @@ class KVCache:
     index: jax.Array  # int32 scalar: the slot the next token goes to
     start: jax.Array  # int32 (B,): first real slot of each row
 
-    @property
-    def max_length(self) -> int:
-        return self.layers[0].keys.shape[1]
-
     def positions(self, length: int) -> jax.Array:
         """RoPE positions (B, length) of the next `length` tokens (0 for padding slots)."""
         slots = self.index + jnp.arange(length)
@@ -66,15 +62,22 @@ def init_cache(n_layers: int, batch: int, max_length: int, n_kv_heads: int, head
     return KVCache(tuple(layer() for _ in range(n_layers)), jnp.zeros((), jnp.int32), start)
 
 
-def _quantize(x_BxTxKxH: jax.Array, positions_BxT: jax.Array, kv: KVCachePrecision):
-    """int8 codes and float32 scales, with the BOS position at `kv.bos_bits` if set."""
+def quantize(x_BxTxKxH: jax.Array, positions_BxT: Optional[jax.Array],
+             kv: KVCachePrecision) -> quant.Quantized:
+    """Per token-and-head absmax codes (float32) and scales, the BOS position at `kv.bos_bits`
+    if set. `positions_BxT=None` means positions 0..T-1 (BOS is the first of each row).
+
+    The one definition of a quantized KV cache: the cache stores these codes, and training
+    fake-quantizes keys and values with them (`layers.quantize_kv`)."""
     main = quant.absmax_per_token(x_BxTxKxH, kv.bits)
     if kv.bos_bits is None:
-        return main.codes.astype(jnp.int8), main.scale
+        return main
     bos = quant.absmax_per_token(x_BxTxKxH, kv.bos_bits)
+    if positions_BxT is None:
+        positions_BxT = jnp.arange(x_BxTxKxH.shape[1])[None, :]
     is_bos = (positions_BxT == 0)[:, :, None, None]
-    return (jnp.where(is_bos, bos.codes, main.codes).astype(jnp.int8),
-            jnp.where(is_bos, bos.scale, main.scale))
+    return quant.Quantized(jnp.where(is_bos, bos.codes, main.codes),
+                           jnp.where(is_bos, bos.scale, main.scale))
 
 
 def _write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
@@ -88,11 +91,10 @@ def update_layer(layer: LayerCache, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
     if kv is None:
         return LayerCache(_write(layer.keys, k_BxTxKxH, index),
                           _write(layer.values, v_BxTxKxH, index))
-    k_codes, k_scales = _quantize(k_BxTxKxH, positions_BxT, kv)
-    v_codes, v_scales = _quantize(v_BxTxKxH, positions_BxT, kv)
-    return LayerCache(_write(layer.keys, k_codes, index), _write(layer.values, v_codes, index),
-                      _write(layer.key_scales, k_scales, index),
-                      _write(layer.value_scales, v_scales, index))
+    k, v = quantize(k_BxTxKxH, positions_BxT, kv), quantize(v_BxTxKxH, positions_BxT, kv)
+    return LayerCache(_write(layer.keys, k.codes, index), _write(layer.values, v.codes, index),
+                      _write(layer.key_scales, k.scale, index),
+                      _write(layer.value_scales, v.scale, index))
 
 
 def read_layer(layer: LayerCache, dtype) -> tuple[jax.Array, jax.Array]:

@@ -157,16 +157,10 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: Optional[jax.Array],
 
 def quantize_kv(x_BxTxKxH: jax.Array, positions_BxT: Optional[jax.Array],
                 kv: KVCachePrecision) -> jax.Array:
-    """Fake-quantize keys or values per token and head (absmax over head_dim), STE gradient.
-
-    `positions_BxT=None` means positions 0..T-1 (the BOS token is the first of each row)."""
-    quantized = quant.fake_quantize(lambda t: quant.absmax_per_token(t, kv.bits), x_BxTxKxH)
-    if kv.bos_bits is None:
-        return quantized
-    bos = quant.fake_quantize(lambda t: quant.absmax_per_token(t, kv.bos_bits), x_BxTxKxH)
-    if positions_BxT is None:
-        positions_BxT = jnp.arange(x_BxTxKxH.shape[1])[None, :]
-    return jnp.where((positions_BxT == 0)[:, :, None, None], bos, quantized)
+    """Fake-quantize keys or values as the KV cache stores them (`kv_cache.quantize`), STE
+    gradient. `positions_BxT=None` means positions 0..T-1."""
+    return quant.ste(x_BxTxKxH,
+                     kv_cache.quantize(x_BxTxKxH, positions_BxT, kv).dequantize(x_BxTxKxH.dtype))
 
 
 def attention_implementation(dtype, head_dim: int) -> Optional[str]:
