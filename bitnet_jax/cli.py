@@ -303,14 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from bitnet_jax import data, inference
-    from bitnet_jax.artifacts import load_model
     from bitnet_jax.sampling import SamplingConfig
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    bundle = load_model(args.model_dir)
+    bundle, generator = inference.load_generator(args.model_dir, args.weights,
+                                                 kv_bits=args.kv_bits, dtype=args.dtype)
     tokenizer = data.load_tokenizer(bundle.tokenizer)
-    generator = inference.make_generator(bundle.params, bundle.config, bundle.recipe,
-                                         args.weights, kv_bits=args.kv_bits, dtype=args.dtype)
     print(f"# {bundle.precision} model, {generator.weights} weights"
           f"{', integer products' if generator.integer else ''}"
           f"{f', {args.kv_bits}-bit KV cache' if args.kv_bits else ''}", file=sys.stderr)

@@ -16,18 +16,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import kv_cache, packing
+from bitnet_jax import kv_cache, packed_checkpoint, packing
+from bitnet_jax.artifacts import ModelBundle, load_model
 from bitnet_jax.compute import PROJECTION_ROLES
 from bitnet_jax.errors import require
 from bitnet_jax.layers import WEIGHT_FORMATS
 from bitnet_jax.model import ModelConfig, Transformer
-from bitnet_jax.precision import KVCachePrecision, PrecisionRecipe
+from bitnet_jax.precision import KVCachePrecision, PrecisionRecipe, get_recipe
 from bitnet_jax.sampling import SamplingConfig, sample
 
 # ----------------------------------------------------------------------------------------------
@@ -71,24 +73,35 @@ def _stored_linear(node: dict, quantizer, weights: str) -> dict:
     return stored
 
 
+_STORED_LEAVES = ("codes", "packed", "scale")
+
+
+def _cast_unstored(node: Any, dtype) -> Any:
+    """Every parameter cast to `dtype` (the compute dtype: it is what they are used in), except
+    the codes and scales of stored linear layers."""
+    if not isinstance(node, dict):
+        return jnp.asarray(node, dtype)
+    stored = "codes" in node or "packed" in node
+    return {k: v if stored and k in _STORED_LEAVES else _cast_unstored(v, dtype)
+            for k, v in node.items()}
+
+
 def inference_params(params: Any, recipe: PrecisionRecipe, weights: str, dtype) -> Any:
     """The float parameter tree of `Transformer(config, recipe)` rearranged for
     `Transformer(config, recipe, weights=weights)`: quantized linear weights stored as codes,
-    every other parameter cast to `dtype` (the compute dtype: it is what they are used in)."""
+    every other parameter cast to `dtype`."""
     reason = storable(recipe, weights)
     require(reason is None, f"cannot store weights as {weights!r}: {reason}")
 
     def convert(node: Any, name: str) -> Any:
         if not isinstance(node, dict):
-            return jnp.asarray(node, dtype)
+            return node
         role = PROJECTION_ROLES.get(name)
         if weights != "float" and role is not None and "kernel" in node:
-            stored = _stored_linear(node, recipe.role(role).weight, weights)
-            return {k: v if k in ("codes", "packed", "scale") else convert(v, k)
-                    for k, v in stored.items()}
+            node = _stored_linear(node, recipe.role(role).weight, weights)
         return {k: convert(v, k) for k, v in node.items()}
 
-    return convert(dict(params), "")
+    return _cast_unstored(convert(dict(params), ""), dtype)
 
 
 def tree_bytes(tree: Any) -> int:
@@ -131,12 +144,9 @@ class Generator:
         return self.model.apply({"params": self.params}, tokens_BxT)
 
 
-def make_generator(params: Any, config: ModelConfig, recipe: PrecisionRecipe,
-                   weights: str = "auto", integer: Optional[bool] = None,
-                   kv_bits: Optional[int] = None, dtype: Optional[str] = None) -> Generator:
-    """A Generator from float parameters. "auto" weights: int8 codes where the recipe allows;
-    `integer` defaults to the int8 product wherever the recipe supports it; `kv_bits`
-    quantizes the KV cache (BitNet a4.8 uses 3); `dtype` overrides the compute dtype."""
+def _generator_settings(config: ModelConfig, recipe: PrecisionRecipe, weights: str,
+                        integer: Optional[bool], kv_bits: Optional[int], dtype: Optional[str]):
+    """The config, recipe, weight format and integer flag a Generator runs with."""
     if dtype is not None:
         config = config.replace(dtype=dtype)
     if kv_bits is not None:
@@ -148,9 +158,44 @@ def make_generator(params: Any, config: ModelConfig, recipe: PrecisionRecipe,
     require(not integer or recipe.supports_integer_matmul,
             f"precision {recipe.name!r} cannot run integer products (needs <= 8-bit weights and "
             f"activations in every linear role)")
-    config = config.replace(param_dtype=config.dtype)
+    return config.replace(param_dtype=config.dtype), recipe, weights, integer
+
+
+def make_generator(params: Any, config: ModelConfig, recipe: PrecisionRecipe,
+                   weights: str = "auto", integer: Optional[bool] = None,
+                   kv_bits: Optional[int] = None, dtype: Optional[str] = None) -> Generator:
+    """A Generator from float parameters. "auto" weights: int8 codes where the recipe allows;
+    `integer` defaults to the int8 product wherever the recipe supports it; `kv_bits`
+    quantizes the KV cache (BitNet a4.8 uses 3); `dtype` overrides the compute dtype."""
+    config, recipe, weights, integer = _generator_settings(config, recipe, weights, integer,
+                                                           kv_bits, dtype)
     stored = inference_params(params, recipe, weights, jnp.dtype(config.dtype))
     return Generator(config, recipe, stored, weights, integer)
+
+
+def load_generator(directory: str | Path, weights: str = "auto", integer: Optional[bool] = None,
+                   kv_bits: Optional[int] = None,
+                   dtype: Optional[str] = None) -> tuple[ModelBundle, Generator]:
+    """The model in `directory` (see `artifacts.load_model`) and a Generator for it, with the
+    options of `make_generator`.
+
+    A packed checkpoint decoded from stored (int8 or packed) weights is read straight into
+    them: no float kernels are rebuilt only to be quantized again. The returned bundle then
+    has `params=None`.
+    """
+    path = Path(directory).expanduser()
+    if (path / packed_checkpoint.MANIFEST_FILE).is_file():
+        recipe = get_recipe(packed_checkpoint.read_manifest(path)["precision"])
+        stored_format = default_weights(recipe) if weights == "auto" else weights
+        if stored_format != "float" and storable(recipe, stored_format) is None:
+            bundle, stored = packed_checkpoint.load_inference_params(path, stored_format)
+            config, recipe, stored_format, integer = _generator_settings(
+                bundle.config, bundle.recipe, stored_format, integer, kv_bits, dtype)
+            stored = _cast_unstored(stored, jnp.dtype(config.dtype))
+            return bundle, Generator(config, recipe, stored, stored_format, integer)
+    bundle = load_model(path)
+    return bundle, make_generator(bundle.params, bundle.config, bundle.recipe, weights,
+                                  integer, kv_bits, dtype)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from bitnet_jax import compute, packing, quant
+from bitnet_jax import compute, inference, packing, quant
 from bitnet_jax import packed_checkpoint as pc
 from bitnet_jax.artifacts import ModelBundle, abstract_params
 from bitnet_jax.errors import ConfigError
@@ -219,6 +219,28 @@ def test_inference_params_run_the_stored_weight_model(tmp_path, weights):
     assert jax.tree.map(jnp.shape, params) == expected
     np.testing.assert_allclose(model.apply({"params": params}, TOKENS), _logits(bundle, TOKENS),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["auto", "int8", "packed", "float"])
+def test_load_generator_reads_stored_weights_straight_from_the_file(tmp_path, monkeypatch,
+                                                                     weights):
+    bundle = _bundle("b1.58@channel")
+    pc.save_packed(bundle, tmp_path / "packed", "2bit")
+    want = inference.make_generator(pc.load_packed(tmp_path / "packed").params, TINY,
+                                    bundle.recipe, weights, kv_bits=4, dtype="bfloat16")
+    if weights != "float":  # no float kernels are rebuilt only to be quantized again
+        def refuse(*args, **kwargs):
+            raise AssertionError("load_packed called")
+        monkeypatch.setattr(pc, "load_packed", refuse)
+    loaded, got = inference.load_generator(tmp_path / "packed", weights, kv_bits=4,
+                                           dtype="bfloat16")
+    assert (loaded.params is None) == (weights != "float")
+    assert (got.config, got.recipe, got.weights, got.integer) == \
+        (want.config, want.recipe, want.weights, want.integer)
+    assert jax.tree.structure(got.params) == jax.tree.structure(want.params)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 # ----------------------------------------------------------------------------------------------
