@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+from flax import traverse_util
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -106,27 +107,13 @@ def require_ternary(recipe: PrecisionRecipe) -> None:
             f"directory")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Any) -> dict[str, Any]:
     """Nested dicts -> {'a/b/c': leaf}, the '/'-joined Flax path used as the tensor name."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _unflatten(flat: Mapping[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def quantized_kernels(params: Any, recipe: PrecisionRecipe) -> dict[str, WeightQuantizer]:
