@@ -103,9 +103,30 @@ def load_model(path: str | Path, step: Optional[int] = None) -> ModelBundle:
                       f"checkpoint (bitnet_packed.json) or a Hugging Face directory (config.json)")
 
 
-def fresh_directory(out_dir: str | Path, overwrite: bool) -> Path:
-    """An empty directory to write a model into; a non-empty one is replaced only with
-    `overwrite` (exports, imports and packed checkpoints all refuse to mix files)."""
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def tokenizer_file(tokenizer: str) -> Path:
+    """The tokenizer.json a (non-"bytes") tokenizer setting names: the file, or one in a
+    directory."""
+    path = Path(tokenizer).expanduser()
+    return path / TOKENIZER_FILE if path.is_dir() else path
+
+
+def fresh_directory(out_dir: str | Path, overwrite: bool,
+                    tokenizer: str = "bytes") -> tuple[Path, str]:
+    """An empty directory to write a model into, and the model's tokenizer copied into it.
+
+    A non-empty directory is replaced only with `overwrite` (exports, imports and packed
+    checkpoints all refuse to mix files). A tokenizer.json is read before the directory is
+    replaced (it may live there) and written back as OUT/tokenizer.json, whose absolute path
+    is returned; "bytes" is returned as it is.
+    """
+    tokenizer_bytes = None
+    if tokenizer != "bytes":
+        source = tokenizer_file(tokenizer)
+        require(source.is_file(), f"tokenizer {tokenizer!r} is not a file")
+        tokenizer_bytes = source.read_bytes()
     out_dir = Path(out_dir).resolve()
     require(not out_dir.is_file(), f"{out_dir} is a file; pass a directory")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -113,7 +134,10 @@ def fresh_directory(out_dir: str | Path, overwrite: bool) -> Path:
                            f"(or overwrite it: --overwrite / overwrite=True)")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    if tokenizer_bytes is not None:
+        (out_dir / TOKENIZER_FILE).write_bytes(tokenizer_bytes)
+        tokenizer = str(out_dir / TOKENIZER_FILE)
+    return out_dir, tokenizer
 
 
 def save_run(bundle: ModelBundle, out_dir: str | Path, source: str = "",
@@ -124,13 +148,7 @@ def save_run(bundle: ModelBundle, out_dir: str | Path, source: str = "",
     the directory itself, so `bitnet train --config OUT/config.yaml data.…=… ` continues training
     from these parameters in a new run directory.
     """
-    tokenizer = bundle.tokenizer
-    # Read first: the tokenizer may live in the directory about to be replaced.
-    tokenizer_bytes = None if tokenizer == "bytes" else Path(tokenizer).expanduser().read_bytes()
-    out_dir = fresh_directory(out_dir, overwrite)
-    if tokenizer_bytes is not None:
-        tokenizer = str(out_dir / "tokenizer.json")
-        Path(tokenizer).write_bytes(tokenizer_bytes)
+    out_dir, tokenizer = fresh_directory(out_dir, overwrite, bundle.tokenizer)
     fields = dataclasses.asdict(bundle.config)
     run_config = RunConfig(name=None, out_dir="runs", precision=bundle.precision,
                            init_from=str(out_dir))

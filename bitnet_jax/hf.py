@@ -36,7 +36,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from bitnet_jax import packing, quant
-from bitnet_jax.artifacts import ModelBundle, fresh_directory, save_run
+from bitnet_jax.artifacts import (TOKENIZER_FILE, ModelBundle, fresh_directory, save_run,
+                                  tokenizer_file)
 from bitnet_jax.data import EOD_TOKENS, ByteTokenizer
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.model import ModelConfig
@@ -45,7 +46,6 @@ from bitnet_jax.precision import PRESETS, get_recipe
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
 OUR_KEY = "bitnet_jax"  # our own record in config.json; transformers keeps it as an attribute
 VALUES_PER_BYTE = 4  # ternary codes per packed byte (transformers' VALUES_PER_ITEM)
 
@@ -121,16 +121,11 @@ def _eos_token_id(tokenizer: str) -> int | None:
         return ByteTokenizer.eod_id
     from tokenizers import Tokenizer
 
-    path = _tokenizer_file(tokenizer)
+    path = tokenizer_file(tokenizer)
     require(path.is_file(), f"tokenizer {tokenizer!r}: no such file")
     vocab = Tokenizer.from_file(str(path))
     ids = [vocab.token_to_id(t) for t in EOD_TOKENS if vocab.token_to_id(t) is not None]
     return int(ids[0]) if ids else None
-
-
-def _tokenizer_file(tokenizer: str) -> Path:
-    path = Path(tokenizer).expanduser()
-    return path / TOKENIZER_FILE if path.is_dir() else path
 
 
 def hf_config(config: ModelConfig, precision: str, packed: bool = False,
@@ -320,17 +315,11 @@ def export_hf(bundle: ModelBundle, out_dir: str | Path, packed: bool = False,
     """
     config = hf_config(bundle.config, bundle.precision, packed, dtype, bundle.tokenizer)
     tensors, sizes = hf_tensors(bundle, packed, dtype)
-    tokenizer = None
-    if bundle.tokenizer != "bytes":  # read first: it may live in the directory we empty
-        tokenizer = _tokenizer_file(bundle.tokenizer).read_bytes()
-    out_dir = fresh_directory(out_dir, overwrite)
+    out_dir, tokenizer = fresh_directory(out_dir, overwrite, bundle.tokenizer)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     # "format": "pt" is what transformers expects in the header of a checkpoint it loads.
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    files = [CONFIG_FILE, WEIGHTS_FILE]
-    if tokenizer is not None:
-        (out_dir / TOKENIZER_FILE).write_bytes(tokenizer)
-        files.append(TOKENIZER_FILE)
+    files = [CONFIG_FILE, WEIGHTS_FILE] + ([TOKENIZER_FILE] if tokenizer != "bytes" else [])
     return {
         "out_dir": str(out_dir),
         "files": files,
@@ -520,7 +509,7 @@ def _names(names: list[str], limit: int = 6) -> str:
 def _import_tokenizer(hf_dir: Path, hf: dict, tokenizer: str | None) -> str:
     """An explicit choice, else the directory's tokenizer.json, else our recorded "bytes"."""
     if tokenizer is not None:
-        require(tokenizer == "bytes" or _tokenizer_file(tokenizer).is_file(),
+        require(tokenizer == "bytes" or tokenizer_file(tokenizer).is_file(),
                 f"tokenizer={tokenizer!r}: use 'bytes' or the path of a tokenizer.json")
         return tokenizer
     if (hf_dir / TOKENIZER_FILE).is_file():

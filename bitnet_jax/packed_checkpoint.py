@@ -340,19 +340,13 @@ def save_packed(bundle: ModelBundle, out_dir: str | os.PathLike, layout: str = "
             f"{7 * bundle.config.n_layers} (7 per layer): is this a Transformer parameter tree?")
     report = size_report(bundle, layout, dtype=dtype)
     tensors = packed_tensors(bundle.params, recipe, layout, dtype)
-    tokenizer = bundle.tokenizer
-    if tokenizer != "bytes":  # read first: it may live in the directory about to be replaced
-        source = Path(tokenizer).expanduser()
-        require(source.is_file(), f"tokenizer {tokenizer!r} is not a file")
-        tokenizer_bytes = source.read_bytes()
-    out_dir = fresh_directory(out_dir, overwrite)
+    out_dir, tokenizer = fresh_directory(out_dir, overwrite, bundle.tokenizer)
+    if tokenizer != "bytes":  # named relative to the directory: it travels with the weights
+        tokenizer = Path(tokenizer).name
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata=_file_metadata(layout))
     report["file_bytes"] = os.path.getsize(out_dir / WEIGHTS_FILE)
     report["file_ratio"] = report["bf16_file_bytes"] / report["file_bytes"]
 
-    if tokenizer != "bytes":  # travels with the weights, named relative to the directory
-        (out_dir / "tokenizer.json").write_bytes(tokenizer_bytes)
-        tokenizer = "tokenizer.json"
     flat = _flatten(bundle.params)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
