@@ -37,6 +37,20 @@ def test_saving_over_a_run_needs_overwrite(tmp_path):
     artifacts.save_run(bundle(), tmp_path / "run", overwrite=True)
 
 
+def test_fresh_directory_keeps_a_tokenizer_that_lives_in_the_replaced_directory(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "tokenizer.json").write_text('{"kept": 1}')
+    (out / "stale.bin").write_text("x")
+    directory, tokenizer = artifacts.fresh_directory(out, True, str(out))  # a directory works
+    assert sorted(p.name for p in directory.iterdir()) == ["tokenizer.json"]
+    assert tokenizer == str(out / "tokenizer.json")
+    assert (out / "tokenizer.json").read_text() == '{"kept": 1}'
+    assert artifacts.fresh_directory(tmp_path / "other", False) == (tmp_path / "other", "bytes")
+    with pytest.raises(ConfigError, match="not a file"):
+        artifacts.fresh_directory(tmp_path / "third", False, str(tmp_path / "missing.json"))
+
+
 def test_unknown_directories_and_incomplete_configs_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="holds no model"):
         artifacts.load_model(tmp_path)
