@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Callable, Optional, Sequence
 
-from bitnet_jax import compute
+from bitnet_jax.model import accounting as compute
 from bitnet_jax.errors import ConfigError
 
 EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
@@ -118,9 +118,9 @@ def format_summary(name: str, summary: dict) -> str:
 # Subcommands.
 
 def _list_presets() -> str:
-    from bitnet_jax.model import PRESETS
-    from bitnet_jax.precision import PRESETS as RECIPES
-    from bitnet_jax.precision import recipe_names
+    from bitnet_jax.model.transformer import PRESETS
+    from bitnet_jax.core.precision import PRESETS as RECIPES
+    from bitnet_jax.core.precision import recipe_names
 
     rows = [(name, format_count(compute.param_counts(cfg).total),
              f"d={cfg.d_model} L={cfg.n_layers} H={cfg.n_heads} {cfg.norm_placement}")
@@ -138,8 +138,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     if args.model is None:
         raise ConfigError("info needs --model PRESET (see `bitnet info --list` for the names)")
-    from bitnet_jax.model import get_model_config
-    from bitnet_jax.precision import get_recipe
+    from bitnet_jax.model.transformer import get_model_config
+    from bitnet_jax.core.precision import get_recipe
 
     config = get_model_config(args.model)
     try:  # unknown recipe names and impossible arguments (e.g. --seq-len 0)
@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from bitnet_jax import data, inference
-    from bitnet_jax.sampling import SamplingConfig
+    from bitnet_jax.data import pipeline as data
+    from bitnet_jax.infer import generate as inference
+    from bitnet_jax.infer.sampling import SamplingConfig
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     bundle, generator = inference.load_generator(args.model_dir, args.weights,
@@ -323,9 +324,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from bitnet_jax.artifacts import load_run, read_run_config
-    from bitnet_jax.hf import check_exportable, export_hf
-    from bitnet_jax.model import get_model_config
+    from bitnet_jax.interop.run_dir import load_run, read_run_config
+    from bitnet_jax.interop.hf import check_exportable, export_hf
+    from bitnet_jax.model.transformer import get_model_config
 
     config = read_run_config(args.run_dir)
     check_exportable(get_model_config(config.model.preset, **config.model.overrides),
@@ -340,7 +341,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
-    from bitnet_jax.hf import import_hf
+    from bitnet_jax.interop.hf import import_hf
 
     out = import_hf(args.hf_dir, args.out_dir, args.overwrite, tokenizer=args.tokenizer)
     print(f"wrote run directory {out}; continue training with "
@@ -349,9 +350,9 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from bitnet_jax.artifacts import load_run, read_run_config
-    from bitnet_jax.packed_checkpoint import format_size_report, require_ternary, save_packed
-    from bitnet_jax.precision import get_recipe
+    from bitnet_jax.interop.run_dir import load_run, read_run_config
+    from bitnet_jax.interop.packed import format_size_report, require_ternary, save_packed
+    from bitnet_jax.core.precision import get_recipe
 
     require_ternary(get_recipe(read_run_config(args.run_dir).precision))  # before loading
     report = save_packed(load_run(args.run_dir, args.step), args.out, args.layout, args.dtype,
@@ -362,13 +363,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from bitnet_jax import sweep as sweeps
+    from bitnet_jax.scaling import sweep as sweeps
 
     sweep = sweeps.load_sweep(args.file, args.overrides)
     if args.sweep_command == "plan":
         rate = args.flops_per_second
         if rate is None:
-            from bitnet_jax.metrics import measure_matmul_peak
+            from bitnet_jax.train.metrics import measure_matmul_peak
 
             rate = args.mfu * measure_matmul_peak()
         print(sweeps.format_plan(sweep, sweeps.plan(sweep, rate)))
@@ -396,7 +397,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         rows = sweeps.collect(sweep)
         print(f"wrote {sweep.directory / 'results.csv'} and results.parquet ({len(rows)} runs)")
         return 0
-    from bitnet_jax import report
+    from bitnet_jax.scaling import report
 
     path = report.write_report(sweep)
     print(f"wrote {path}")
@@ -411,7 +412,7 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from bitnet_jax import scaling
+    from bitnet_jax.scaling import laws as scaling
 
     fits = scaling.fit_table(args.table, params_column=args.params_column,
                              tokens_column=args.tokens_column, loss_column=args.loss_column,
@@ -422,7 +423,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from bitnet_jax.config import load_config
-    from bitnet_jax.train import TrainingDiverged, TrainingInterrupted, train
+    from bitnet_jax.train.loop import TrainingDiverged, TrainingInterrupted, train
 
     config = load_config(args.config, args.overrides)
     try:
@@ -439,7 +440,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from bitnet_jax import data
+    from bitnet_jax.data import pipeline as data
     from bitnet_jax.config import load_config
 
     config = load_config(args.config, args.overrides)

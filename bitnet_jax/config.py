@@ -23,7 +23,7 @@ from bitnet_jax.errors import ConfigError, require
 
 @dataclass
 class ModelSection:
-    """A preset from `bitnet_jax.model.PRESETS` plus field overrides (any ModelConfig field).
+    """A preset from `bitnet_jax.model.transformer.PRESETS` plus field overrides (any ModelConfig field).
 
     `preset: null` builds the model from `overrides` alone (imported models write this).
     """
@@ -201,7 +201,7 @@ def from_dict(cls, data: dict, path: str = ""):
 
 
 def _check_model_overrides(overrides: dict, path: str) -> None:
-    from bitnet_jax.model import ModelConfig  # model imports jax; keep config import light
+    from bitnet_jax.model.transformer import ModelConfig  # model imports jax; keep config import light
 
     valid = [f.name for f in dataclasses.fields(ModelConfig)]
     for key in overrides:
@@ -329,8 +329,8 @@ def validate(config: RunConfig) -> None:
     require([config.mesh.data, config.mesh.fsdp, config.mesh.tensor].count(-1) <= 1,
             "at most one mesh axis may be -1 (it takes the devices the others leave)")
     # Names resolve now, so a typo fails before any compute.
-    from bitnet_jax.model import get_model_config, validate_recipe_for_model
-    from bitnet_jax.precision import get_recipe
+    from bitnet_jax.model.transformer import get_model_config, validate_recipe_for_model
+    from bitnet_jax.core.precision import get_recipe
 
     model_config = get_model_config(config.model.preset, **config.model.overrides)
     for name in filter(None, [config.precision, config.train.stage1_precision]):

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import packing
-from bitnet_jax.inference import Generator, generate, tree_bytes
-from bitnet_jax.model import Transformer, get_model_config
-from bitnet_jax.precision import get_recipe
+from bitnet_jax.core import packing
+from bitnet_jax.infer.generate import Generator, generate, tree_bytes
+from bitnet_jax.model.transformer import Transformer, get_model_config
+from bitnet_jax.core.precision import get_recipe
 
 MODES = {"bf16": ("bf16", "float", False), "ternary-int8": ("b1.58", "int8", True),
          "ternary-2bit": ("b1.58", "packed", True)}

@@ -1,9 +1,9 @@
-"""Benchmark: XLA bf16 dot vs XLA int8 dot vs the AVX512-VNNI FFI kernel (bitnet_jax.cpu_int8).
+"""Benchmark: XLA bf16 dot vs XLA int8 dot vs the AVX512-VNNI FFI kernel (bitnet_jax.core.cpu_int8).
 
 For each shape (x (M, K) @ w (K, N)) it times, after warm-up, under `jax.jit`:
   bf16   x bf16 (M, K) @ w bf16 (K, N), f32 accumulation (XLA)
   int8   x int8 (M, K) @ w int8 (K, N), int32 accumulation (XLA)
-  vnni   bitnet_jax.cpu_int8.int8_dot(x int8 (M, K), w int8 (N, K)) -> int32
+  vnni   bitnet_jax.core.cpu_int8.int8_dot(x int8 (M, K), w int8 (N, K)) -> int32
 The three are measured interleaved, `--rounds` times; each round reports the median of
 `--iters` calls.  The table shows the median over rounds and the spread (min..max of the
 per-round medians), plus ratios to bf16 (< 1 = faster than bf16).
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import cpu_int8
+from bitnet_jax.core import cpu_int8
 
 TRAIN_SHAPES = [(4096, 512, 1376), (4096, 1376, 512), (4096, 512, 512), (4096, 256, 704)]
 DECODE_SHAPES = [(2, 2560, 6912), (16, 2560, 6912)]

@@ -20,8 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax import quant
-from bitnet_jax.precision import get_recipe
+from bitnet_jax.core import quant
+from bitnet_jax.core.precision import get_recipe
 
 
 def time_fn(fn, *args, repeats: int) -> float:

@@ -23,12 +23,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax import compute, optim
-from bitnet_jax.metrics import measure_matmul_peak
+from bitnet_jax.model import accounting as compute
+from bitnet_jax.train import optim
+from bitnet_jax.train.metrics import measure_matmul_peak
 from bitnet_jax.config import OptimizerConfig
-from bitnet_jax.model import Transformer, get_model_config
-from bitnet_jax.precision import get_recipe
-from bitnet_jax.steps import TrainState, make_train_step
+from bitnet_jax.model.transformer import Transformer, get_model_config
+from bitnet_jax.core.precision import get_recipe
+from bitnet_jax.train.steps import TrainState, make_train_step
 
 MODES = {"bf16": ("bf16", False), "b1.58": ("b1.58", False), "b1.58-int8": ("b1.58", True)}
 

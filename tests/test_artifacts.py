@@ -3,11 +3,11 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax import artifacts
+from bitnet_jax.interop import run_dir as artifacts
 from bitnet_jax.config import load_config
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.model import get_model_config, init_params
-from bitnet_jax.precision import get_recipe
+from bitnet_jax.model.transformer import get_model_config, init_params
+from bitnet_jax.core.precision import get_recipe
 
 
 def bundle(tokenizer="bytes"):

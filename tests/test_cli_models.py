@@ -8,10 +8,10 @@ import json
 import jax
 import pytest
 
-from bitnet_jax import artifacts
+from bitnet_jax.interop import run_dir as artifacts
 from bitnet_jax.cli import main
 from bitnet_jax.config import load_config
-from bitnet_jax.train import train
+from bitnet_jax.train.loop import train
 
 TINY = dict(vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
             max_seq_len=64, ffn_activation="relu2", norm_placement="subln")

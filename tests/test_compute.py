@@ -1,4 +1,4 @@
-"""Tests for bitnet_jax.compute: counts against the Flax model and published sizes, FLOPs by hand,
+"""Tests for bitnet_jax.model.accounting: counts against the Flax model and published sizes, FLOPs by hand,
 the BitNet energy model, weight memory and MFU."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import pytest
 
-from bitnet_jax import compute
-from bitnet_jax.compute import (
+from bitnet_jax.model import accounting as compute
+from bitnet_jax.model.accounting import (
     FLOP_CONVENTIONS,
     Energy,
     energy_per_token,
@@ -25,8 +25,8 @@ from bitnet_jax.compute import (
     train_flops,
     weight_memory,
 )
-from bitnet_jax.model import PRESETS, ModelConfig, get_model_config, init_params
-from bitnet_jax.precision import get_recipe
+from bitnet_jax.model.transformer import PRESETS, ModelConfig, get_model_config, init_params
+from bitnet_jax.core.precision import get_recipe
 
 # vocab 100, d 16, 2 layers, 4 heads of 4, 2 KV heads, d_ff 48, seq 32, untied, LLaMA norms.
 SMALL = ModelConfig(vocab_size=100, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,

@@ -1,11 +1,11 @@
-"""Exactness of the AVX512-VNNI int8 FFI kernel (bitnet_jax.cpu_int8) against XLA's int8 dot."""
+"""Exactness of the AVX512-VNNI int8 FFI kernel (bitnet_jax.core.cpu_int8) against XLA's int8 dot."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import cpu_int8
+from bitnet_jax.core import cpu_int8
 
 pytestmark = pytest.mark.skipif(not cpu_int8.available(),
                                 reason=f"VNNI int8 kernel unavailable: "

@@ -1,4 +1,4 @@
-"""Tests for bitnet_jax.data: corpora, tokenizers, packing, host sharding and iterator state."""
+"""Tests for bitnet_jax.data.pipeline: corpora, tokenizers, packing, host sharding and iterator state."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnet_jax import data
+from bitnet_jax.data import pipeline as data
 from bitnet_jax.config import DataConfig
 from bitnet_jax.errors import ConfigError
 

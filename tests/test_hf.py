@@ -20,13 +20,15 @@ from safetensors.torch import save_file as torch_save_file
 from transformers import BitNetConfig, BitNetForCausalLM
 from transformers.integrations.bitnet import AutoBitLinear, BitLinear, pack_weights
 
-from bitnet_jax import artifacts, hf, quant
-from bitnet_jax.artifacts import ModelBundle
+from bitnet_jax.interop import run_dir as artifacts
+from bitnet_jax.interop import hf
+from bitnet_jax.core import quant
+from bitnet_jax.interop.run_dir import ModelBundle
 from bitnet_jax.config import load_config
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.model import ModelConfig, Transformer, init_params
-from bitnet_jax.precision import get_recipe
-from bitnet_jax.train import train
+from bitnet_jax.model.transformer import ModelConfig, Transformer, init_params
+from bitnet_jax.core.precision import get_recipe
+from bitnet_jax.train.loop import train
 
 # Float32 logits of two implementations of the same model agree to ~1e-6 here; a wrong layout,
 # scale or rounding convention moves them by far more than this.

@@ -4,11 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import inference, kv_cache
+from bitnet_jax.infer import generate as inference
+from bitnet_jax.model import kv_cache
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.model import ModelConfig, Transformer, init_params
-from bitnet_jax.precision import get_recipe
-from bitnet_jax.sampling import SamplingConfig
+from bitnet_jax.model.transformer import ModelConfig, Transformer, init_params
+from bitnet_jax.core.precision import get_recipe
+from bitnet_jax.infer.sampling import SamplingConfig
 
 CONFIG = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,
                      max_seq_len=48, dtype="float32")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bitnet_jax import launch
+from bitnet_jax.scaling import launch
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.launch import Job, JobResult
+from bitnet_jax.scaling.launch import Job, JobResult
 
 # A stand-in for `bitnet train`: records what it saw into its run directory, then exits.
 CHILD = textwrap.dedent("""
@@ -156,7 +156,7 @@ def test_local_ctrl_c_sends_sigterm_to_jobs(tmp_path, stop_signal):
     driver = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from bitnet_jax.launch import Job, launch_local
+        from bitnet_jax.scaling.launch import Job, launch_local
         jobs = [Job(n, a, Path(d)) for n, a, d in {spec!r}]
         try:
             launch_local(jobs, workers=2)

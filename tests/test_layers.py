@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import quant
-from bitnet_jax.layers import (BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, apply_rope,
+from bitnet_jax.core import quant
+from bitnet_jax.model.layers import (BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, apply_rope,
                                quantize_kv)
-from bitnet_jax.precision import KVCachePrecision, get_recipe
+from bitnet_jax.core.precision import KVCachePrecision, get_recipe
 
 RNG = jax.random.PRNGKey(0)
 
@@ -195,7 +195,7 @@ def test_bf16_compute_keeps_float32_params():
 
 @pytest.mark.parametrize("length,block", [(8, 4), (12, 4), (16, 16), (10, 4)])
 def test_blockwise_causal_attention_equals_full(length, block):
-    from bitnet_jax.layers import causal_attention
+    from bitnet_jax.model.layers import causal_attention
 
     q, k, v = normal((2, length, 4, 8), 11), normal((2, length, 2, 8), 12), normal((2, length, 2, 8), 13)
     want = np_attention(np.asarray(q, np.float64), np.asarray(k, np.float64), np.asarray(v, np.float64))

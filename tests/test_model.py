@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.model import (NORM_PLACEMENTS, PRESETS, ModelConfig, Transformer,
+from bitnet_jax.model.transformer import (NORM_PLACEMENTS, PRESETS, ModelConfig, Transformer,
                               get_model_config, init_params, validate_recipe_for_model)
-from bitnet_jax.precision import get_recipe
+from bitnet_jax.core.precision import get_recipe
 
 RNG = jax.random.PRNGKey(0)
 RECIPES = ["bf16", "b1", "b1.58", "a4.8", "v2-a8", "v2-a4"]

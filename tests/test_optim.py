@@ -12,11 +12,11 @@ import pytest
 
 from bitnet_jax.config import OptimizerConfig
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.model import ModelConfig, init_params
-from bitnet_jax.optim import (current_hyperparams, learning_rate_schedule, make_optimizer,
+from bitnet_jax.model.transformer import ModelConfig, init_params
+from bitnet_jax.train.optim import (current_hyperparams, learning_rate_schedule, make_optimizer,
                               precision_for_step, precision_switch_step, stage2_peak_lr,
                               stage2_switch_step, weight_decay_mask, weight_decay_schedule)
-from bitnet_jax.precision import get_recipe
+from bitnet_jax.core.precision import get_recipe
 
 TOTAL = 1000
 # 700M b1.58 recipe: 1.5e-3 -> 1e-3, warm-up 100, switch at step 500, final 10% of each peak.

@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from bitnet_jax import compute, inference, packing, quant
-from bitnet_jax import packed_checkpoint as pc
-from bitnet_jax.artifacts import ModelBundle, abstract_params
+from bitnet_jax.model import accounting as compute
+from bitnet_jax.infer import generate as inference
+from bitnet_jax.core import packing
+from bitnet_jax.core import quant
+from bitnet_jax.interop import packed as pc
+from bitnet_jax.interop.run_dir import ModelBundle, abstract_params
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.model import ModelConfig, Transformer, get_model_config, init_params
-from bitnet_jax.precision import get_recipe
+from bitnet_jax.model.transformer import ModelConfig, Transformer, get_model_config, init_params
+from bitnet_jax.core.precision import get_recipe
 
 # Odd sizes on purpose: d_ff = 90 and kv_dim = 24 leave 2-bit padding rows (90 % 4 == 2),
 # group size 6 divides every input size (48, 48, 90).

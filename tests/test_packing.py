@@ -1,4 +1,4 @@
-"""Tests for bitnet_jax.packing: exact layouts, round trips, sizes and errors."""
+"""Tests for bitnet_jax.core.packing: exact layouts, round trips, sizes and errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.packing import (
+from bitnet_jax.core.packing import (
     BITS_PER_WEIGHT,
     pack_2bit,
     pack_base3,

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from bitnet_jax.precision import LINEAR_ROLES, PRESETS, get_recipe
+from bitnet_jax.core.precision import LINEAR_ROLES, PRESETS, get_recipe
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from bitnet_jax import cpu_int8, quant
-from bitnet_jax.precision import ActivationQuantizer, WeightQuantizer
+from bitnet_jax.core import cpu_int8
+from bitnet_jax.core import quant
+from bitnet_jax.core.precision import ActivationQuantizer, WeightQuantizer
 
 EPS = 1e-5
 SHAPES = [(1, 1), (1, 7), (5, 1), (16, 33), (2, 3, 64)]

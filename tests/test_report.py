@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnet_jax import report
-from bitnet_jax.sweep import RESULT_COLUMNS, read_table, write_table
+from bitnet_jax.scaling import report
+from bitnet_jax.scaling.sweep import RESULT_COLUMNS, read_table, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [5e4, 1e5, 2e5, 4e5, 8e5, 1.6e6]

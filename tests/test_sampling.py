@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.sampling import SamplingConfig, keep_top_k, keep_top_p, sample
+from bitnet_jax.infer.sampling import SamplingConfig, keep_top_k, keep_top_p, sample
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 LOGITS = jnp.log(jnp.asarray(PROBS, jnp.float32))[None]

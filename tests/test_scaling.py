@@ -1,4 +1,4 @@
-"""Tests for bitnet_jax.scaling: Epoch AI's Chinchilla replication, recovery of known laws from
+"""Tests for bitnet_jax.scaling.laws: Epoch AI's Chinchilla replication, recovery of known laws from
 noisy synthetic data, bootstrap coverage, recipe comparisons, errors and the results-table fit."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from bitnet_jax import scaling
+from bitnet_jax.scaling import laws as scaling
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.scaling import (
+from bitnet_jax.scaling.laws import (
     EPOCH_GRID,
     Grid,
     bootstrap,
@@ -492,7 +492,7 @@ def test_fit_table_rows_and_column_choices():
 # Module hygiene.
 
 def test_scaling_imports_no_jax():
-    code = ("import sys, bitnet_jax.scaling; "
+    code = ("import sys, bitnet_jax.scaling.laws; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'jaxlib')]; "
             "assert not bad, bad")
     root = Path(__file__).resolve().parents[1]

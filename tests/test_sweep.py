@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bitnet_jax import sweep as sweeps
+from bitnet_jax.scaling import sweep as sweeps
 from bitnet_jax.cli import main
 from bitnet_jax.errors import ConfigError
 

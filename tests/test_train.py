@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bitnet_jax import data, sharding
+from bitnet_jax.data import pipeline as data
+from bitnet_jax.train import sharding
 from bitnet_jax.config import load_config
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.metrics import read_jsonl
-from bitnet_jax.train import TrainingDiverged, build, init_state, train
+from bitnet_jax.train.metrics import read_jsonl
+from bitnet_jax.train.loop import TrainingDiverged, build, init_state, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.preset=ladder-50k", "train.steps=12", "train.batch_size=8", "data.seq_len=64",

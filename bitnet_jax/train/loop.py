@@ -26,13 +26,17 @@ import numpy as np
 import optax
 import yaml
 
-from bitnet_jax import compute, data, metrics, optim, sharding
-from bitnet_jax.checkpoint import Checkpointer, restore_params
+from bitnet_jax.model import accounting as compute
+from bitnet_jax.data import pipeline as data
+from bitnet_jax.train import metrics
+from bitnet_jax.train import optim
+from bitnet_jax.train import sharding
+from bitnet_jax.train.checkpoint import Checkpointer, restore_params
 from bitnet_jax.config import RunConfig, to_dict
 from bitnet_jax.errors import ConfigError, require
-from bitnet_jax.model import ModelConfig, Transformer, get_model_config
-from bitnet_jax.precision import get_recipe
-from bitnet_jax.steps import TrainState, eval_metrics, make_eval_step, make_train_step
+from bitnet_jax.model.transformer import ModelConfig, Transformer, get_model_config
+from bitnet_jax.core.precision import get_recipe
+from bitnet_jax.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
 
 
 class TrainingDiverged(RuntimeError):

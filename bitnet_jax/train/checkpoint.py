@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
-from bitnet_jax import data
+from bitnet_jax.data import pipeline as data
 
 
 class Checkpointer:

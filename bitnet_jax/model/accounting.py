@@ -17,11 +17,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from bitnet_jax.packing import BITS_PER_WEIGHT, packed_nbytes
+from bitnet_jax.core.packing import BITS_PER_WEIGHT, packed_nbytes
 
 if TYPE_CHECKING:  # only for annotations: keep this module free of Flax at import time
-    from bitnet_jax.model import ModelConfig
-    from bitnet_jax.precision import PrecisionRecipe, WeightQuantizer
+    from bitnet_jax.model.transformer import ModelConfig
+    from bitnet_jax.core.precision import PrecisionRecipe, WeightQuantizer
 
 __all__ = [
     "LinearShape", "linear_shapes", "ParamCounts", "param_counts",

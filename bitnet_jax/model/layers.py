@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import kv_cache, packing, quant
-from bitnet_jax.precision import KVCachePrecision, LinearPrecision
+from bitnet_jax.model import kv_cache
+from bitnet_jax.core import packing
+from bitnet_jax.core import quant
+from bitnet_jax.core.precision import KVCachePrecision, LinearPrecision
 
 Dtype = Any
 
@@ -58,7 +60,7 @@ class BitLinear(nn.Module):
 
     `integer=True` runs the forward product as int8 x int8 -> int32 (same result, see
     `quant.quantized_dot`). `out_dtype` defaults to `dtype`. `weights` picks how quantized
-    weights are held (see WEIGHT_FORMATS; `bitnet_jax.inference.inference_params` converts).
+    weights are held (see WEIGHT_FORMATS; `bitnet_jax.infer.generate.inference_params` converts).
     """
 
     features: int

@@ -35,13 +35,14 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from bitnet_jax import packing, quant
-from bitnet_jax.artifacts import (TOKENIZER_FILE, ModelBundle, fresh_directory, save_run,
+from bitnet_jax.core import packing
+from bitnet_jax.core import quant
+from bitnet_jax.interop.run_dir import (TOKENIZER_FILE, ModelBundle, fresh_directory, save_run,
                                   tokenizer_file)
-from bitnet_jax.data import EOD_TOKENS, ByteTokenizer
+from bitnet_jax.data.pipeline import EOD_TOKENS, ByteTokenizer
 from bitnet_jax.errors import ConfigError, require
-from bitnet_jax.model import ModelConfig
-from bitnet_jax.precision import PRESETS, get_recipe
+from bitnet_jax.model.transformer import ModelConfig
+from bitnet_jax.core.precision import PRESETS, get_recipe
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import yaml
 
-from bitnet_jax.checkpoint import restore_params
+from bitnet_jax.train.checkpoint import restore_params
 from bitnet_jax.config import RunConfig, load_config, to_dict
 from bitnet_jax.errors import ConfigError, require
-from bitnet_jax.model import ModelConfig, get_model_config, init_params
-from bitnet_jax.precision import PrecisionRecipe, get_recipe
+from bitnet_jax.model.transformer import ModelConfig, get_model_config, init_params
+from bitnet_jax.core.precision import PrecisionRecipe, get_recipe
 
 
 @dataclass
@@ -92,11 +92,11 @@ def load_model(path: str | Path, step: Optional[int] = None) -> ModelBundle:
     if (path / "config.yaml").is_file():
         return load_run(path, step)
     if (path / "bitnet_packed.json").is_file():
-        from bitnet_jax.packed_checkpoint import load_packed  # these modules import this one
+        from bitnet_jax.interop.packed import load_packed  # these modules import this one
 
         return load_packed(path)
     if (path / "config.json").is_file():
-        from bitnet_jax.hf import load_hf
+        from bitnet_jax.interop.hf import load_hf
 
         return load_hf(path)
     raise ConfigError(f"{path} holds no model: expected a run directory (config.yaml), a packed "

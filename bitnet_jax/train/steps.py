@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bitnet_jax.model import Transformer
+from bitnet_jax.model.transformer import Transformer
 
 
 @flax.struct.dataclass

@@ -136,7 +136,7 @@ def _try_init() -> tuple[bool, str]:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(_lib, symbol)),
                                         platform="cpu")
     except Exception as exc:  # noqa: BLE001 -- any failure means "fall back to XLA"
-        _log.warning("bitnet_jax.cpu_int8: VNNI kernel unavailable, using XLA's int8 dot "
+        _log.warning("bitnet_jax.core.cpu_int8: VNNI kernel unavailable, using XLA's int8 dot "
                      "(%s: %s)", type(exc).__name__, exc)
         return False, f"build/load failed: {exc}"
     return True, ""
@@ -186,7 +186,7 @@ def int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"int8_dot: x {x.shape} and w {w.shape} (want x (..., K), w (N, K))")
     if not available():
-        raise RuntimeError(f"bitnet_jax.cpu_int8 kernel unavailable: {_reason}")
+        raise RuntimeError(f"bitnet_jax.core.cpu_int8 kernel unavailable: {_reason}")
     lead = x.shape[:-1]
     out = _ffi_dot_2d(x.reshape(-1, x.shape[-1]), w)
     return out.reshape(*lead, w.shape[0])
@@ -241,6 +241,6 @@ def dequantize_transpose(codes: jax.Array, scale: jax.Array) -> jax.Array:
         raise TypeError(f"dequantize_transpose wants int8 codes and float32 scales, got "
                         f"{codes.dtype} and {scale.dtype}")
     if not available():
-        raise RuntimeError(f"bitnet_jax.cpu_int8 kernel unavailable: {_reason}")
+        raise RuntimeError(f"bitnet_jax.core.cpu_int8 kernel unavailable: {_reason}")
     return _ffi_dequantize_transpose(*_rows_and_scales(codes, scale))
 

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax import cpu_int8
+from bitnet_jax.core import cpu_int8
 
 EPS = 1e-5
 F32 = jnp.float32

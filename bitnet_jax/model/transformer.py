@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.errors import ConfigError, require
-from bitnet_jax.kv_cache import KVCache, LayerCache
-from bitnet_jax.layers import BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, logical_init
-from bitnet_jax.precision import LinearPrecision, PrecisionRecipe, get_recipe
+from bitnet_jax.model.kv_cache import KVCache, LayerCache
+from bitnet_jax.model.layers import BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, logical_init
+from bitnet_jax.core.precision import LinearPrecision, PrecisionRecipe, get_recipe
 
 NORM_PLACEMENTS = ("pre", "subln", "bitlinear")
 FFN_ACTIVATIONS = ("swiglu", "relu2")
@@ -103,7 +103,7 @@ class Transformer(nn.Module):
     `recipe` says how each linear role is quantized; embeddings and the head stay full precision.
     `integer=True` runs quantized matmuls on the int8 path (needs a recipe that supports it).
     `weights` is how quantized linear layers hold their weights: "float" (training) or, for
-    inference, "int8" / "packed" codes (see `bitnet_jax.inference.inference_params`).
+    inference, "int8" / "packed" codes (see `bitnet_jax.infer.generate.inference_params`).
 
     Called with a `kv_cache.KVCache`, the model decodes: it returns (logits, updated cache).
     """

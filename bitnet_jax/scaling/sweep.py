@@ -29,13 +29,13 @@ from typing import Optional
 
 import yaml
 
-from bitnet_jax import compute
+from bitnet_jax.model import accounting as compute
 from bitnet_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml, to_dict,
                                unknown_key_error, validate)
 from bitnet_jax.errors import require
-from bitnet_jax.launch import Job, format_duration
-from bitnet_jax.model import get_model_config
-from bitnet_jax.precision import get_recipe
+from bitnet_jax.scaling.launch import Job, format_duration
+from bitnet_jax.model.transformer import get_model_config
+from bitnet_jax.core.precision import get_recipe
 
 TOKEN_KEYS = ("tokens", "tokens_per_param")
 SWEEP_KEYS = ("name", "out_dir", "base", "base_config", "axes") + TOKEN_KEYS
@@ -97,7 +97,7 @@ def _set_steps_from_tokens(tree: dict, config: RunConfig, tokens: Optional[float
 
 
 def _stable_id(config: RunConfig) -> str:
-    from bitnet_jax.train import run_name  # the trainer's own naming, so both agree
+    from bitnet_jax.train.loop import run_name  # the trainer's own naming, so both agree
 
     return run_name(dataclasses.replace(config, name=None))
 
@@ -270,7 +270,7 @@ RESULT_COLUMNS = (
 
 def collect_run(run: Run) -> dict:
     """One results row: accounting from the config, metrics from the run directory."""
-    from bitnet_jax.metrics import read_jsonl
+    from bitnet_jax.train.metrics import read_jsonl
 
     config = run.config
     model = get_model_config(config.model.preset, **config.model.overrides)
@@ -358,7 +358,7 @@ def run_sweep(sweep: Sweep, launcher: str = "local", workers: int = 1,
               retry_failed: bool = False, sbatch_options: Optional[dict] = None,
               wait: bool = False) -> dict:
     """Launch every run that is not finished. Returns what was launched and skipped."""
-    from bitnet_jax import launch
+    from bitnet_jax.scaling import launch
 
     require(launcher in LAUNCHERS, f"--launcher {launcher!r}; choose one of {LAUNCHERS}")
     jobs, skipped = jobs_to_run(sweep, retry_failed)

@@ -433,7 +433,7 @@ def array_script(n_tasks: int, commands_path: Path, output_dir: Path, job_name: 
     commands = shlex.quote(str(commands_path))
     return "\n".join([
         "#!/bin/bash",
-        "# Written by bitnet_jax.launch.launch_slurm: task i runs line i+1 of the commands file.",
+        "# Written by bitnet_jax.scaling.launch.launch_slurm: task i runs line i+1 of the commands file.",
         *header,
         "",
         "# Thread counts follow the CPUs SLURM gave the task (XLA follows its CPU affinity).",

@@ -18,8 +18,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax import quant
-from bitnet_jax.precision import KVCachePrecision
+from bitnet_jax.core import quant
+from bitnet_jax.core.precision import KVCachePrecision
 
 
 @flax.struct.dataclass

@@ -44,11 +44,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bitnet_jax import compute, packing, quant
-from bitnet_jax.artifacts import ModelBundle, abstract_params, fresh_directory
+from bitnet_jax.model import accounting as compute
+from bitnet_jax.core import packing
+from bitnet_jax.core import quant
+from bitnet_jax.interop.run_dir import ModelBundle, abstract_params, fresh_directory
 from bitnet_jax.errors import ConfigError, require
-from bitnet_jax.model import get_model_config
-from bitnet_jax.precision import PrecisionRecipe, WeightQuantizer, get_recipe
+from bitnet_jax.model.transformer import get_model_config
+from bitnet_jax.core.precision import PrecisionRecipe, WeightQuantizer, get_recipe
 
 __all__ = [
     "DTYPES",

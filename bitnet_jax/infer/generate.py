@@ -23,14 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import kv_cache, packed_checkpoint, packing
-from bitnet_jax.artifacts import ModelBundle, load_model
-from bitnet_jax.compute import PROJECTION_ROLES
+from bitnet_jax.model import kv_cache
+from bitnet_jax.interop import packed as packed_checkpoint
+from bitnet_jax.core import packing
+from bitnet_jax.interop.run_dir import ModelBundle, load_model
+from bitnet_jax.model.accounting import PROJECTION_ROLES
 from bitnet_jax.errors import require
-from bitnet_jax.layers import WEIGHT_FORMATS
-from bitnet_jax.model import ModelConfig, Transformer
-from bitnet_jax.precision import KVCachePrecision, PrecisionRecipe, get_recipe
-from bitnet_jax.sampling import SamplingConfig, sample
+from bitnet_jax.model.layers import WEIGHT_FORMATS
+from bitnet_jax.model.transformer import ModelConfig, Transformer
+from bitnet_jax.core.precision import KVCachePrecision, PrecisionRecipe, get_recipe
+from bitnet_jax.infer.sampling import SamplingConfig, sample
 
 # ----------------------------------------------------------------------------------------------
 # Weights for inference.

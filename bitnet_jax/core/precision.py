@@ -19,7 +19,7 @@ from typing import Optional
 
 import jax
 
-from bitnet_jax import quant
+from bitnet_jax.core import quant
 
 LINEAR_ROLES = ("qkv", "attn_out", "gate_up", "down")
 

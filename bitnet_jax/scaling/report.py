@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from bitnet_jax import scaling
+from bitnet_jax.scaling import laws as scaling
 from bitnet_jax.errors import ConfigError
 
 REFERENCE = "bf16"
@@ -165,7 +165,7 @@ def plot_loss_against(rows: list[dict], x: str, path: Path, xlabel: str,
 
 def plot_training_curves(rows: list[dict], run_dirs: dict[str, Path], path: Path) -> Path:
     """Training loss against tokens for every run (recipe = colour, size = line width)."""
-    from bitnet_jax.metrics import read_jsonl
+    from bitnet_jax.train.metrics import read_jsonl
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -294,7 +294,7 @@ def _resource_lines(rows: list[dict], column: str, resource: str) -> list[str]:
 
 def write_report(sweep, n_boot: int = N_BOOT) -> Path:
     """Collect, fit and plot a sweep; returns the path of report.md."""
-    from bitnet_jax.sweep import collect
+    from bitnet_jax.scaling.sweep import collect
 
     rows = collect(sweep)
     out = sweep.directory

@@ -1,0 +1,1 @@
+"""Corpora, tokenizers and the packed-sequence input pipeline."""

@@ -1,0 +1,1 @@
+"""Generation with the KV cache, and sampling."""

@@ -1,0 +1,1 @@
+"""Models outside training: run directories, Hugging Face checkpoints, packed ternary checkpoints."""
