@@ -33,6 +33,8 @@ from bitnet_jax.train.loop import train
 # Float32 logits of two implementations of the same model agree to ~1e-6 here; a wrong layout,
 # scale or rounding convention moves them by far more than this.
 TOL = 1e-4
+# What one 8-bit activation code flipped on an exact .5 tie moves logits by (~4e-3 seen).
+ONE_ACTIVATION_CODE = 2e-2
 TINY = {"vocab_size": 320, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
         "d_ff": 160, "max_seq_len": 64, "dtype": "float32"}
 TOKENS = np.random.default_rng(0).integers(0, 320, (2, 48))
@@ -266,13 +268,30 @@ def _get(tree, path):
 
 @pytest.mark.slow
 def test_bf16_exports_load_back_to_the_transformers_model(trained, tmp_path):
-    """bf16 files round the weights (and BitLinear's 1/gamma); both sides read the same file."""
+    """bf16 files round the weights (and BitLinear's 1/gamma); both sides read the same file.
+
+    Not every logit can agree to TOL here: bf16 values make exact .5 ties in the 8-bit
+    activation codes likely (an embedding entry exactly half its row's largest, under equal bf16
+    norm gains, gives x * 127 / absmax = 63.5 up to the last ulp of the RMS). Which way such a
+    tie rounds depends on that ulp, i.e. on summation order and on torch's rsqrt (not correctly
+    rounded on CPU, XLA's is), not on the model; one flipped code moves the later logits of its
+    row by ~1e-3. So: the same tensors exactly, logits to TOL at most positions, and no worse
+    than one activation code anywhere.
+    """
     for packed in (False, True):
         out = tmp_path / str(packed)
         hf.export_hf(trained, out, packed=packed, dtype="bfloat16")
         bundle = hf.load_hf(out)
         assert bundle.tokenizer == "bytes" and bundle.config.tie_embeddings
-        assert max_diff(our_logits(bundle), hf_logits(hf_model(out))) < TOL
+        model = hf_model(out)
+        if not packed:  # float tensors: transformers holds exactly what we imported
+            ours, _ = hf.hf_tensors(bundle, dtype="float32")
+            theirs = model.state_dict()
+            for name, value in ours.items():
+                np.testing.assert_array_equal(theirs[name].numpy(), value, err_msg=name)
+        per_position = np.abs(our_logits(bundle) - hf_logits(model)).max(axis=-1)
+        assert np.mean(per_position < TOL) > 0.9, per_position
+        assert per_position.max() < ONE_ACTIVATION_CODE, per_position.max()
 
 
 # ----------------------------------------------------------------------------------------------
