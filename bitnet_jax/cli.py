@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.units import format_bytes  # noqa: F401  (re-exported: tests and callers)
+from bitnet_jax.units import format_bytes
 
 EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
 

@@ -99,8 +99,8 @@ def test_bfloat16_storage_rounds_only_the_unquantized_params(tmp_path):
             np.testing.assert_array_equal(leaf, expected, err_msg=path)
     # The same model as the original with its embeddings, norms and head rounded to bf16.
     rounded = pc.nested_params({p: (v if p in kernels else
-                                 jnp.asarray(v).astype(jnp.bfloat16).astype(jnp.float32))
-                             for p, v in _flat(bundle.params).items()})
+                                    jnp.asarray(v).astype(jnp.bfloat16).astype(jnp.float32))
+                                for p, v in _flat(bundle.params).items()})
     np.testing.assert_allclose(
         _logits(loaded, TOKENS), _logits(dataclasses.replace(bundle, params=rounded), TOKENS),
         rtol=1e-5, atol=1e-5)

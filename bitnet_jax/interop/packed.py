@@ -53,7 +53,6 @@ __all__ = [
     "DTYPES",
     "FORMAT",
     "FORMAT_VERSION",
-    "INFERENCE_WEIGHTS",
     "MANIFEST_FILE",
     "WEIGHTS_FILE",
     "PackedFile",
@@ -197,7 +196,7 @@ def size_report(model: Any, layout: str = "2bit", precision: str | None = None,
     """Bytes of the packed checkpoint of `model` against the same model in bfloat16.
 
     `model`: a ModelBundle, or a parameter tree (arrays or `jax.ShapeDtypeStruct`s: only shapes
-    are read, so a large model can be sized from `artifacts.abstract_params`) with `precision`.
+    are read, so a large model can be sized from `run_dir.abstract_params`) with `precision`.
     Linear weights: packed codes + float32 scales vs those kernels in bf16 (`linear_ratio`,
     ~8 for 2bit and ~10 for base3 when scales are few). Files: the packed model.safetensors vs
     a safetensors file of every parameter in bf16 (`file_ratio`).

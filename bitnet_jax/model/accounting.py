@@ -6,8 +6,8 @@ on the config's shapes (no JAX computation, no Flax init), so a 4B preset is acc
 
 Shapes come from the model's table of decoder linears (`model.linears`): per layer q
 (d, n_heads*head_dim), k and v (d, n_kv_heads*head_dim), o (n_heads*head_dim, d), gate and up
-(d, d_ff), down (d_ff, d); no biases. Sizes below are given as torch-layout (out_features, in_features) where a layout matters
-(2-bit packing pads the output axis).
+(d, d_ff), down (d_ff, d); no biases. Sizes below are given as torch-layout
+(out_features, in_features) where a layout matters (2-bit packing pads the output axis).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 
 from bitnet_jax.core.packing import BITS_PER_WEIGHT, packed_nbytes
 from bitnet_jax.core.precision import LINEAR_ROLES
-from bitnet_jax.model.linears import PROJECTION_ROLES, LinearShape, linear_shapes
+from bitnet_jax.model.linears import LinearShape, linear_shapes
 
 if TYPE_CHECKING:  # only for annotations: keep this module free of Flax at import time
     from bitnet_jax.model.transformer import ModelConfig
