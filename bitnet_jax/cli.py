@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.errors import ConfigError
+from bitnet_jax.scaling import results  # column names only (the csv module, no JAX)
 
 EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
 
@@ -229,11 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Fit L(N), the pure power law and L(N, D) per recipe to a "
                                      "results table, e.g. one from another framework.")
     fit.add_argument("table", metavar="TABLE.csv")
-    fit.add_argument("--params-column", default=None, help="default: params_non_embedding / params")
-    fit.add_argument("--tokens-column", default=None, help="default: tokens")
-    fit.add_argument("--loss-column", default=None, help="default: final_eval_loss / loss")
-    fit.add_argument("--recipe-column", default=None, help="default: precision / recipe if present")
-    fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
+    for flag, names in (("--params-column", results.PARAM_COLUMNS),
+                        ("--tokens-column", results.TOKEN_COLUMNS),
+                        ("--loss-column", results.LOSS_COLUMNS),
+                        ("--recipe-column", results.RECIPE_COLUMNS)):
+        fit.add_argument(flag, default=None,
+                         help=f"default: the first present of {', '.join(names)}")
+    fit.add_argument("--bootstrap", type=int, default=None,
+                     help="bootstrap resamples (default: the fitter's, as in `sweep report`)")
     fit.set_defaults(func=cmd_fit)
 
     generate = sub.add_parser(
@@ -412,12 +416,14 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from bitnet_jax.scaling import laws as scaling
+    from bitnet_jax.scaling.fit import fit_table, format_fits
 
-    fits = scaling.fit_table(args.table, params_column=args.params_column,
-                             tokens_column=args.tokens_column, loss_column=args.loss_column,
-                             recipe_column=args.recipe_column, n_boot=args.bootstrap)
-    print(scaling.format_fits(fits))
+    # The one fitter, with its own defaults: `bitnet sweep report` prints the same laws.
+    n_boot = {} if args.bootstrap is None else {"n_boot": args.bootstrap}
+    fits = fit_table(args.table, params_column=args.params_column,
+                     tokens_column=args.tokens_column, loss_column=args.loss_column,
+                     recipe_column=args.recipe_column, **n_boot)
+    print(format_fits(fits))
     return 0
 
 

@@ -19,7 +19,6 @@ ones, and retries failed ones only when asked.
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import itertools
 import json
@@ -34,6 +33,8 @@ from bitnet_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml,
                                unknown_key_error, validate)
 from bitnet_jax.errors import require
 from bitnet_jax.scaling.launch import Job, format_duration
+from bitnet_jax.scaling.results import (RESULT_COLUMNS, accounting_row, write_parquet,
+                                        write_table)
 from bitnet_jax.model.transformer import get_model_config
 from bitnet_jax.core.precision import get_recipe
 
@@ -155,17 +156,17 @@ def _merge(base: dict, extra: dict) -> dict:
 # Plan.
 
 def run_accounting(run: Run) -> dict:
-    """Parameters, tokens and training FLOPs of a run, from its config alone."""
+    """Parameters, tokens, training FLOPs, energy and weight memory of a run, from its config
+    alone: the flat results columns of `model.accounting.summarize` (what `bitnet info` and the
+    run's summary.json show), plus the run's own settings."""
     config = run.config
     model = get_model_config(config.model.preset, **config.model.overrides)
+    summary = compute.summarize(model, get_recipe(config.precision), config.data.seq_len)
     tokens = config.train.steps * config.train.batch_size * config.data.seq_len
-    counts = compute.param_counts(model)
-    flops = {c: compute.train_flops(model, tokens, c, config.data.seq_len)
-             for c in compute.FLOP_CONVENTIONS}
     return {"run": run.run_id, "preset": config.model.preset, "precision": config.precision,
-            "params_total": counts.total, "params_non_embedding": counts.non_embedding,
-            "tokens": tokens, "steps": config.train.steps,
-            **{f"flops_{c}": v for c, v in flops.items()}}
+            "tokens": tokens, "steps": config.train.steps, **accounting_row(summary, tokens),
+            "lr": config.optimizer.lr, "batch_size": config.train.batch_size,
+            "seq_len": config.data.seq_len}
 
 
 def plan(sweep: Sweep, flops_per_second: Optional[float] = None) -> list[dict]:
@@ -258,39 +259,12 @@ def record_crashes(jobs: list[Job], results) -> None:
 # ----------------------------------------------------------------------------------------------
 # Collect.
 
-RESULT_COLUMNS = (
-    "run", "status", "reason", "preset", "precision", "params_total", "params_non_embedding",
-    "params_embedding", "params_quantized_linear", "tokens", "steps", "flops_kaplan",
-    "flops_full", "flops_causal", "energy_per_token_7nm_j", "energy_per_token_45nm_j",
-    "weight_memory_bytes", "weight_memory_format", "weight_memory_vs_bf16",
-    "final_eval_loss", "best_eval_loss", "eval_ppl", "eval_bpb", "wall_seconds",
-    "tokens_per_s", "lr", "batch_size", "seq_len",
-)
-
-
 def collect_run(run: Run) -> dict:
     """One results row: accounting from the config, metrics from the run directory."""
     from bitnet_jax.train.metrics import read_jsonl
 
-    config = run.config
-    model = get_model_config(config.model.preset, **config.model.overrides)
-    recipe = get_recipe(config.precision)
-    accounting = run_accounting(run)
-    counts = compute.param_counts(model)
-    memory = compute.weight_memory(model, recipe)
     status = run_status(run.run_dir)
-    row = {**accounting, **status,
-           "params_embedding": counts.embedding,
-           "params_quantized_linear": counts.quantized_linear(recipe),
-           "energy_per_token_7nm_j": compute.energy_per_token(model, recipe, "7nm",
-                                                              config.data.seq_len).total_j,
-           "energy_per_token_45nm_j": compute.energy_per_token(model, recipe, "45nm",
-                                                               config.data.seq_len).total_j,
-           "weight_memory_bytes": memory.total_bytes,
-           "weight_memory_format": memory.default_format,
-           "weight_memory_vs_bf16": memory.vs_bf16,
-           "lr": config.optimizer.lr, "batch_size": config.train.batch_size,
-           "seq_len": config.data.seq_len}
+    row = {**run_accounting(run), **status}
     metrics_path = run.run_dir / "metrics.jsonl"
     evals = [r for r in read_jsonl(metrics_path) if r.get("kind") == "eval"] \
         if metrics_path.exists() else []
@@ -315,37 +289,6 @@ def collect(sweep: Sweep) -> list[dict]:
     write_table(rows, sweep.directory / "results.csv")
     write_parquet(rows, sweep.directory / "results.parquet")
     return rows
-
-
-def write_table(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(RESULT_COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_parquet(rows: list[dict], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    columns = {c: [r.get(c) for r in rows] for c in RESULT_COLUMNS}
-    pq.write_table(pa.table(columns), path)
-
-
-def read_table(path: str | Path) -> list[dict]:
-    """Rows of a results CSV with numbers parsed (empty cells -> None)."""
-    def parse(value: str):
-        if value == "":
-            return None
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        return int(number) if number.is_integer() and "." not in value and "e" not in value \
-            else number
-
-    with open(path, newline="") as f:
-        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------------------------------
