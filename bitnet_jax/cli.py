@@ -386,7 +386,11 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from bitnet_jax.interop import lm_eval_adapter
+    try:
+        from bitnet_jax.interop import lm_eval_adapter
+    except ModuleNotFoundError as missing:
+        raise ConfigError(f"bitnet eval needs lm-evaluation-harness ({missing}); install it with "
+                          f"`pip install 'bitnet-jax[eval]'`") from None
 
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     results = lm_eval_adapter.evaluate(

@@ -198,3 +198,12 @@ def test_bitnet_eval_refuses_unknown_tasks_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: unknown lm-eval task(s) ['no_such_task_anywhere']")
     assert "\n" not in error
+
+
+def test_bitnet_eval_without_lm_eval_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import bitnet_jax.interop
+
+    monkeypatch.setitem(sys.modules, "bitnet_jax.interop.lm_eval_adapter", None)  # as if lm-eval
+    monkeypatch.delattr(bitnet_jax.interop, "lm_eval_adapter")  # were not installed
+    assert cli.main(["eval", str(tmp_path), "--tasks", "x"]) == cli.EXIT_USAGE
+    assert "pip install 'bitnet-jax[eval]'" in capsys.readouterr().err

@@ -115,7 +115,7 @@ class BitnetLM(TemplateLM):
         # Our tokenizers add no special tokens of their own (documents are joined by EOD).
         return [int(t) for t in self.tokenizer_.encode(string)]
 
-    def tok_decode(self, tokens: Sequence[int]) -> str:
+    def tok_decode(self, tokens: Sequence[int], **kwargs) -> str:
         return self.tokenizer_.decode(tokens)
 
     # Scoring.
@@ -181,8 +181,8 @@ class BitnetLM(TemplateLM):
         for indices in groups.values():
             settings = dict(requests[indices[0]].args[1])
             until, max_new, sampling = self._generation_settings(settings)
-            prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):]
-                       for i in indices}
+            prompts = {i: (self.tok_encode(requests[i].args[0]) or [self.prefix_token_id])
+                       [-(self.max_length - max_new):] for i in indices}
             ordered = sorted(indices, key=lambda i: -len(prompts[i]))
             for start in tqdm(range(0, len(ordered), self.batch_size), disable=disable_tqdm,
                               desc="bitnet generate_until"):
