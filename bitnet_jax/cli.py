@@ -290,6 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("--overwrite", action="store_true")
     import_.set_defaults(func=cmd_import_hf)
 
+    evaluate = sub.add_parser(
+        "eval", help="score a run, packed or HF directory on lm-evaluation-harness tasks",
+        description="Run lm-evaluation-harness tasks (its registry, or YAML tasks in "
+                    "--include-path over local JSON/JSONL files) with our model and tokenizer.")
+    evaluate.add_argument("model_dir", metavar="RUN_OR_HF_OR_PACKED_DIR")
+    evaluate.add_argument("--tasks", required=True, help="comma-separated task, group or tag names")
+    evaluate.add_argument("--include-path", default=None, metavar="DIR",
+                          help="a directory of extra lm-eval task YAML files")
+    evaluate.add_argument("--limit", type=float, default=None,
+                          help="at most N documents per task (a fraction if < 1)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--num-fewshot", type=int, default=None)
+    evaluate.add_argument("--weights", choices=("auto", "float", "int8", "packed"),
+                          default="auto", help="how quantized weights are held (as in generate)")
+    evaluate.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                          help="compute dtype (default float32)")
+    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.set_defaults(func=cmd_eval)
+
     pack = sub.add_parser(
         "pack", help="store a ternary run's weights as packed codes (2-bit or base-3)",
         description="Quantize a ternary run once and write model.safetensors + "
@@ -363,6 +382,22 @@ def cmd_pack(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite)
     print(format_size_report(report))
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        from bitnet_jax.interop import lm_eval_adapter
+    except ModuleNotFoundError as missing:
+        raise ConfigError(f"bitnet eval needs lm-evaluation-harness ({missing}); install it with "
+                          f"`pip install 'bitnet-jax[eval]'`") from None
+
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = lm_eval_adapter.evaluate(
+        args.model_dir, [t.strip() for t in args.tasks.split(",") if t.strip()],
+        args.include_path, limit, args.batch_size, args.num_fewshot, args.weights, args.dtype)
+    print(lm_eval_adapter.results_json(results) if args.json
+          else lm_eval_adapter.format_results(results))
     return 0
 
 
