@@ -27,7 +27,8 @@ import optax
 import yaml
 
 from bitnet_jax.model import accounting as compute
-from bitnet_jax.data import pipeline as data
+from bitnet_jax.data import pipeline
+from bitnet_jax.data.tokenizers import load_tokenizer
 from bitnet_jax.train import metrics
 from bitnet_jax.train import optim
 from bitnet_jax.train import sharding
@@ -90,13 +91,13 @@ def build(config: RunConfig, devices=None) -> Setup:
                     f"train.integer_forward=true but precision {name!r} has a linear role that "
                     f"is not integer (weights and activations at most 8 bits)")
 
-    tokenizer = data.load_tokenizer(config.data.tokenizer)
+    tokenizer = load_tokenizer(config.data.tokenizer)
     require(tokenizer.vocab_size <= model_config.vocab_size,
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model's "
             f"vocab_size is {model_config.vocab_size}; set model.vocab_size >= "
             f"{tokenizer.vocab_size}")
-    train_split, validation_split, data_stats = data.prepare_data(config.data, tokenizer)
-    eval_batches = data.make_eval_batches(validation_split, config.data.seq_len,
+    train_split, validation_split, data_stats = pipeline.prepare_data(config.data, tokenizer)
+    eval_batches = pipeline.make_eval_batches(validation_split, config.data.seq_len,
                                           config.train.batch_size, config.train.eval_batches)
 
     optimizer = optim.make_optimizer(config.optimizer, config.train.steps)
@@ -228,7 +229,7 @@ def train(config: RunConfig, devices=None) -> dict:
     meta = metrics.run_metadata()
     write_run_files(setup, meta)
     checkpointer = Checkpointer(setup.run_dir / "checkpoints", tc.keep_checkpoints)
-    iterator = data.make_train_iterator(
+    iterator = pipeline.make_train_iterator(
         setup.train_split, config.data.seq_len, tc.batch_size // jax.process_count(),
         config.data.seed, jax.process_index(), jax.process_count(), config.data.num_workers)
 
