@@ -30,13 +30,12 @@ import yaml
 
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml, to_dict,
-                               unknown_key_error, validate)
+                               unknown_key_error)
 from bitnet_jax.errors import require
 from bitnet_jax.scaling.launch import Job, format_duration
 from bitnet_jax.scaling.results import (RESULT_COLUMNS, accounting_row, write_parquet,
                                         write_table)
-from bitnet_jax.model.transformer import get_model_config
-from bitnet_jax.core.precision import get_recipe
+from bitnet_jax.model.resolve import ResolvedRun, resolve_model, resolve_run
 
 TOKEN_KEYS = ("tokens", "tokens_per_param")
 SWEEP_KEYS = ("name", "out_dir", "base", "base_config", "axes") + TOKEN_KEYS
@@ -50,6 +49,11 @@ class Run:
     run_id: str
     config: RunConfig
     overrides: dict  # the axis values that made it (for tables and plans)
+    # The config's model config and recipes, resolved (and the config checked) at construction.
+    resolved: ResolvedRun = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.resolved = resolve_run(self.config)
 
     @property
     def run_dir(self) -> Path:
@@ -86,7 +90,7 @@ def _set_steps_from_tokens(tree: dict, config: RunConfig, tokens: Optional[float
     require(tokens is None or tokens_per_param is None,
             "a sweep run gets either tokens or tokens_per_param, not both")
     if tokens_per_param is not None:
-        model = get_model_config(config.model.preset, **config.model.overrides)
+        model = resolve_model(config.model)
         tokens = tokens_per_param * compute.param_counts(model).non_embedding
     per_step = config.train.batch_size * config.data.seq_len
     steps = max(1, round(tokens / per_step))
@@ -132,12 +136,12 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None) -> Sweep
         config = from_dict(RunConfig, tree)
         _set_steps_from_tokens(tree, config, tokens, per_param)
         config = from_dict(RunConfig, tree)
-        validate(config)
         run_id = _stable_id(config)
+        run = Run(run_id, dataclasses.replace(config, name=run_id), point)  # checks the config
         require(run_id not in seen, f"sweep {name!r}: two axis points give the same run "
                                     f"({run_id}); an axis repeats a value")
         seen.add(run_id)
-        runs.append(Run(run_id, dataclasses.replace(config, name=run_id), point))
+        runs.append(run)
     require(runs, f"sweep {name!r} expands to no runs")
     return Sweep(name, directory, runs)
 
@@ -160,8 +164,7 @@ def run_accounting(run: Run) -> dict:
     alone: the flat results columns of `model.accounting.summarize` (what `bitnet info` and the
     run's summary.json show), plus the run's own settings."""
     config = run.config
-    model = get_model_config(config.model.preset, **config.model.overrides)
-    summary = compute.summarize(model, get_recipe(config.precision), config.data.seq_len)
+    summary = compute.summarize(run.resolved.model, run.resolved.recipe, config.data.seq_len)
     tokens = config.train.steps * config.train.batch_size * config.data.seq_len
     return {"run": run.run_id, "preset": config.model.preset, "precision": config.precision,
             "tokens": tokens, "steps": config.train.steps, **accounting_row(summary, tokens),
