@@ -233,7 +233,7 @@ def write_run_files(setup: Setup, meta: dict) -> None:
 
 def train(config: RunConfig | ResolvedRun, devices=None) -> dict:
     """Run (or resume) one training run; returns the summary written to summary.json."""
-    run = resolve_run(config)  # a bad config fails here, before JAX starts anything
+    run = resolve_run(config)  # a bad config fails here, before any device or data work
     sharding.maybe_initialize_distributed()
     setup = build(run, devices)
     config = run.config
