@@ -28,6 +28,7 @@ from typing import Optional
 
 import yaml
 
+from bitnet_jax import run_files
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml, to_dict,
                                unknown_key_error)
@@ -204,14 +205,14 @@ def format_plan(sweep: Sweep, rows: list[dict]) -> str:
 
 def run_status(run_dir: Path) -> dict:
     """completed | failed | diverged | interrupted | started (checkpoints, no summary) | pending."""
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / run_files.SUMMARY_FILE
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         status = summary.get("status", "failed")
         if status == "running":  # a summary written by a crash in the summary itself
             status = "failed"
         return {"status": status, "reason": summary.get("reason")}
-    if (run_dir / "checkpoints").exists():
+    if (run_dir / run_files.CHECKPOINT_DIR).exists():
         return {"status": "started", "reason": None}
     return {"status": "pending", "reason": None}
 
@@ -251,9 +252,9 @@ def _archive_failed(run_dir: Path) -> None:
 def record_crashes(jobs: list[Job], results) -> None:
     """A process that died without a summary (killed, out of memory) is marked failed."""
     for job, result in zip(jobs, results):
-        if result.returncode != 0 and not (job.run_dir / "summary.json").exists():
+        if result.returncode != 0 and not (job.run_dir / run_files.SUMMARY_FILE).exists():
             job.run_dir.mkdir(parents=True, exist_ok=True)
-            (job.run_dir / "summary.json").write_text(json.dumps({
+            (job.run_dir / run_files.SUMMARY_FILE).write_text(json.dumps({
                 "run": job.name, "status": "failed",
                 "reason": f"process exited with code {result.returncode}; see {result.log_path}"},
                 indent=2))
@@ -268,10 +269,10 @@ def collect_run(run: Run) -> dict:
 
     status = run_status(run.run_dir)
     row = {**run_accounting(run), **status}
-    metrics_path = run.run_dir / "metrics.jsonl"
+    metrics_path = run.run_dir / run_files.METRICS_FILE
     evals = [r for r in read_jsonl(metrics_path) if r.get("kind") == "eval"] \
         if metrics_path.exists() else []
-    summary_path = run.run_dir / "summary.json"
+    summary_path = run.run_dir / run_files.SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     row.update({
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
