@@ -82,6 +82,16 @@ def test_train_refuses_a_bad_config_before_any_compute(capsys, tmp_path, overrid
     assert list(tmp_path.iterdir()) == []  # no run directory was started
 
 
+def test_tokenizer_train_writes_a_tokenizer_that_loads(capsys, tmp_path):
+    from bitnet_jax.data.tokenizers import load_tokenizer
+
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(out),
+                 "data.max_documents=8"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out / 'tokenizer.json'}"
+    assert load_tokenizer(str(out)).vocab_size == 300
+
+
 def test_argparse_errors_return_2(capsys):
     assert main([]) == 2
     assert main(["info", "--seq-len", "many"]) == 2
