@@ -12,7 +12,7 @@ import yaml
 from bitnet_jax.config import RunConfig, load_config, parse_override
 from bitnet_jax.core.precision import get_recipe
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.model.resolve import ResolvedRun, resolve_run
+from bitnet_jax.model.resolve import resolve_run
 from bitnet_jax.model.transformer import get_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
