@@ -325,14 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from bitnet_jax.data import pipeline as data
+    from bitnet_jax.data.tokenizers import load_tokenizer
     from bitnet_jax.infer import generate as inference
     from bitnet_jax.infer.sampling import SamplingConfig
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     bundle, generator = inference.load_generator(args.model_dir, args.weights,
                                                  kv_bits=args.kv_bits, dtype=args.dtype)
-    tokenizer = data.load_tokenizer(bundle.tokenizer)
+    tokenizer = load_tokenizer(bundle.tokenizer)
     print(f"# {bundle.precision} model, {generator.weights} weights"
           f"{', integer products' if generator.integer else ''}"
           f"{f', {args.kv_bits}-bit KV cache' if args.kv_bits else ''}", file=sys.stderr)
@@ -481,11 +481,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from bitnet_jax.data import pipeline as data
     from bitnet_jax.config import load_config
+    from bitnet_jax.data.corpus import load_corpus
+    from bitnet_jax.data.tokenizers import train_bpe
 
     config = load_config(args.config, args.overrides)
-    path = data.train_bpe(data.load_corpus(config.data), args.vocab_size, args.out)
+    path = train_bpe(load_corpus(config.data), args.vocab_size, args.out)
     print(f"wrote {path}")
     return 0
 

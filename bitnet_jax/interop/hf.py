@@ -39,7 +39,7 @@ from bitnet_jax.core import packing
 from bitnet_jax.core import quant
 from bitnet_jax.interop.run_dir import (TOKENIZER_FILE, ModelBundle, fresh_directory, save_run,
                                   tokenizer_file)
-from bitnet_jax.data.pipeline import EOD_TOKENS, ByteTokenizer
+from bitnet_jax.data.tokenizers import EOD_TOKENS, ByteTokenizer
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.model.transformer import ModelConfig
 from bitnet_jax.core.precision import PRESETS, get_recipe

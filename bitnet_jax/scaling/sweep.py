@@ -28,15 +28,15 @@ from typing import Optional
 
 import yaml
 
+from bitnet_jax import run_files
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml, to_dict,
-                               unknown_key_error, validate)
+                               unknown_key_error)
 from bitnet_jax.errors import require
 from bitnet_jax.scaling.launch import Job, format_duration
 from bitnet_jax.scaling.results import (RESULT_COLUMNS, accounting_row, write_parquet,
                                         write_table)
-from bitnet_jax.model.transformer import get_model_config
-from bitnet_jax.core.precision import get_recipe
+from bitnet_jax.model.resolve import ResolvedRun, resolve_model, resolve_run
 
 TOKEN_KEYS = ("tokens", "tokens_per_param")
 SWEEP_KEYS = ("name", "out_dir", "base", "base_config", "axes") + TOKEN_KEYS
@@ -50,6 +50,11 @@ class Run:
     run_id: str
     config: RunConfig
     overrides: dict  # the axis values that made it (for tables and plans)
+    # The config's model config and recipes, resolved (and the config checked) at construction.
+    resolved: ResolvedRun = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.resolved = resolve_run(self.config)
 
     @property
     def run_dir(self) -> Path:
@@ -86,7 +91,7 @@ def _set_steps_from_tokens(tree: dict, config: RunConfig, tokens: Optional[float
     require(tokens is None or tokens_per_param is None,
             "a sweep run gets either tokens or tokens_per_param, not both")
     if tokens_per_param is not None:
-        model = get_model_config(config.model.preset, **config.model.overrides)
+        model = resolve_model(config.model)
         tokens = tokens_per_param * compute.param_counts(model).non_embedding
     per_step = config.train.batch_size * config.data.seq_len
     steps = max(1, round(tokens / per_step))
@@ -132,12 +137,12 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None) -> Sweep
         config = from_dict(RunConfig, tree)
         _set_steps_from_tokens(tree, config, tokens, per_param)
         config = from_dict(RunConfig, tree)
-        validate(config)
         run_id = _stable_id(config)
+        run = Run(run_id, dataclasses.replace(config, name=run_id), point)  # checks the config
         require(run_id not in seen, f"sweep {name!r}: two axis points give the same run "
                                     f"({run_id}); an axis repeats a value")
         seen.add(run_id)
-        runs.append(Run(run_id, dataclasses.replace(config, name=run_id), point))
+        runs.append(run)
     require(runs, f"sweep {name!r} expands to no runs")
     return Sweep(name, directory, runs)
 
@@ -160,8 +165,7 @@ def run_accounting(run: Run) -> dict:
     alone: the flat results columns of `model.accounting.summarize` (what `bitnet info` and the
     run's summary.json show), plus the run's own settings."""
     config = run.config
-    model = get_model_config(config.model.preset, **config.model.overrides)
-    summary = compute.summarize(model, get_recipe(config.precision), config.data.seq_len)
+    summary = compute.summarize(run.resolved.model, run.resolved.recipe, config.data.seq_len)
     tokens = config.train.steps * config.train.batch_size * config.data.seq_len
     return {"run": run.run_id, "preset": config.model.preset, "precision": config.precision,
             "tokens": tokens, "steps": config.train.steps, **accounting_row(summary, tokens),
@@ -201,14 +205,14 @@ def format_plan(sweep: Sweep, rows: list[dict]) -> str:
 
 def run_status(run_dir: Path) -> dict:
     """completed | failed | diverged | interrupted | started (checkpoints, no summary) | pending."""
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / run_files.SUMMARY_FILE
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         status = summary.get("status", "failed")
         if status == "running":  # a summary written by a crash in the summary itself
             status = "failed"
         return {"status": status, "reason": summary.get("reason")}
-    if (run_dir / "checkpoints").exists():
+    if (run_dir / run_files.CHECKPOINT_DIR).exists():
         return {"status": "started", "reason": None}
     return {"status": "pending", "reason": None}
 
@@ -248,9 +252,9 @@ def _archive_failed(run_dir: Path) -> None:
 def record_crashes(jobs: list[Job], results) -> None:
     """A process that died without a summary (killed, out of memory) is marked failed."""
     for job, result in zip(jobs, results):
-        if result.returncode != 0 and not (job.run_dir / "summary.json").exists():
+        if result.returncode != 0 and not (job.run_dir / run_files.SUMMARY_FILE).exists():
             job.run_dir.mkdir(parents=True, exist_ok=True)
-            (job.run_dir / "summary.json").write_text(json.dumps({
+            (job.run_dir / run_files.SUMMARY_FILE).write_text(json.dumps({
                 "run": job.name, "status": "failed",
                 "reason": f"process exited with code {result.returncode}; see {result.log_path}"},
                 indent=2))
@@ -265,10 +269,10 @@ def collect_run(run: Run) -> dict:
 
     status = run_status(run.run_dir)
     row = {**run_accounting(run), **status}
-    metrics_path = run.run_dir / "metrics.jsonl"
+    metrics_path = run.run_dir / run_files.METRICS_FILE
     evals = [r for r in read_jsonl(metrics_path) if r.get("kind") == "eval"] \
         if metrics_path.exists() else []
-    summary_path = run.run_dir / "summary.json"
+    summary_path = run.run_dir / run_files.SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     row.update({
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
