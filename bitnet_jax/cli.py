@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.units import format_bytes
+from bitnet_jax.scaling import results  # column names only (the csv module, no JAX)
 
 EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
 
@@ -222,11 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Fit L(N), the pure power law and L(N, D) per recipe to a "
                                      "results table, e.g. one from another framework.")
     fit.add_argument("table", metavar="TABLE.csv")
-    fit.add_argument("--params-column", default=None, help="default: params_non_embedding / params")
-    fit.add_argument("--tokens-column", default=None, help="default: tokens")
-    fit.add_argument("--loss-column", default=None, help="default: final_eval_loss / loss")
-    fit.add_argument("--recipe-column", default=None, help="default: precision / recipe if present")
-    fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
+    for flag, names in (("--params-column", results.PARAM_COLUMNS),
+                        ("--tokens-column", results.TOKEN_COLUMNS),
+                        ("--loss-column", results.LOSS_COLUMNS),
+                        ("--recipe-column", results.RECIPE_COLUMNS)):
+        fit.add_argument(flag, default=None,
+                         help=f"default: the first present of {', '.join(names)}")
+    fit.add_argument("--bootstrap", type=int, default=None,
+                     help="bootstrap resamples (default: the fitter's, as in `sweep report`)")
     fit.set_defaults(func=cmd_fit)
 
     generate = sub.add_parser(
@@ -279,6 +283,25 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("--overwrite", action="store_true")
     import_.set_defaults(func=cmd_import_hf)
 
+    evaluate = sub.add_parser(
+        "eval", help="score a run, packed or HF directory on lm-evaluation-harness tasks",
+        description="Run lm-evaluation-harness tasks (its registry, or YAML tasks in "
+                    "--include-path over local JSON/JSONL files) with our model and tokenizer.")
+    evaluate.add_argument("model_dir", metavar="RUN_OR_HF_OR_PACKED_DIR")
+    evaluate.add_argument("--tasks", required=True, help="comma-separated task, group or tag names")
+    evaluate.add_argument("--include-path", default=None, metavar="DIR",
+                          help="a directory of extra lm-eval task YAML files")
+    evaluate.add_argument("--limit", type=float, default=None,
+                          help="at most N documents per task (a fraction if < 1)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--num-fewshot", type=int, default=None)
+    evaluate.add_argument("--weights", choices=("auto", "float", "int8", "packed"),
+                          default="auto", help="how quantized weights are held (as in generate)")
+    evaluate.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                          help="compute dtype (default float32)")
+    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.set_defaults(func=cmd_eval)
+
     pack = sub.add_parser(
         "pack", help="store a ternary run's weights as packed codes (2-bit or base-3)",
         description="Quantize a ternary run once and write model.safetensors + "
@@ -295,14 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from bitnet_jax.data import pipeline as data
+    from bitnet_jax.data.tokenizers import load_tokenizer
     from bitnet_jax.infer import generate as inference
     from bitnet_jax.infer.sampling import SamplingConfig
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     bundle, generator = inference.load_generator(args.model_dir, args.weights,
                                                  kv_bits=args.kv_bits, dtype=args.dtype)
-    tokenizer = data.load_tokenizer(bundle.tokenizer)
+    tokenizer = load_tokenizer(bundle.tokenizer)
     print(f"# {bundle.precision} model, {generator.weights} weights"
           f"{', integer products' if generator.integer else ''}"
           f"{f', {args.kv_bits}-bit KV cache' if args.kv_bits else ''}", file=sys.stderr)
@@ -352,6 +375,22 @@ def cmd_pack(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite)
     print(format_size_report(report))
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        from bitnet_jax.interop import lm_eval_adapter
+    except ModuleNotFoundError as missing:
+        raise ConfigError(f"bitnet eval needs lm-evaluation-harness ({missing}); install it with "
+                          f"`pip install 'bitnet-jax[eval]'`") from None
+
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = lm_eval_adapter.evaluate(
+        args.model_dir, [t.strip() for t in args.tasks.split(",") if t.strip()],
+        args.include_path, limit, args.batch_size, args.num_fewshot, args.weights, args.dtype)
+    print(lm_eval_adapter.results_json(results) if args.json
+          else lm_eval_adapter.format_results(results))
     return 0
 
 
@@ -405,12 +444,14 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from bitnet_jax.scaling import laws as scaling
+    from bitnet_jax.scaling.fit import fit_table, format_fits
 
-    fits = scaling.fit_table(args.table, params_column=args.params_column,
-                             tokens_column=args.tokens_column, loss_column=args.loss_column,
-                             recipe_column=args.recipe_column, n_boot=args.bootstrap)
-    print(scaling.format_fits(fits))
+    # The one fitter, with its own defaults: `bitnet sweep report` prints the same laws.
+    n_boot = {} if args.bootstrap is None else {"n_boot": args.bootstrap}
+    fits = fit_table(args.table, params_column=args.params_column,
+                     tokens_column=args.tokens_column, loss_column=args.loss_column,
+                     recipe_column=args.recipe_column, **n_boot)
+    print(format_fits(fits))
     return 0
 
 
@@ -433,11 +474,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from bitnet_jax.data import pipeline as data
     from bitnet_jax.config import load_config
+    from bitnet_jax.data.corpus import load_corpus
+    from bitnet_jax.data.tokenizers import train_bpe
 
     config = load_config(args.config, args.overrides)
-    path = data.train_bpe(data.load_corpus(config.data), args.vocab_size, args.out)
+    path = train_bpe(load_corpus(config.data), args.vocab_size, args.out)
     print(f"wrote {path}")
     return 0
 

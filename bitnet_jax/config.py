@@ -3,6 +3,10 @@
 A run config is plain data. `load_config(path, overrides)` reads YAML, applies overrides such as
 `train.steps=200` or `model.d_model=128` (values parsed as YAML), and checks every key and type
 before any compute: an unknown key gets a suggestion, a wrong type names the field and the value.
+
+A leaf module: it imports nothing of the model, so reading a config costs no JAX import. The
+names it holds (model preset and fields, precision recipes) are resolved into objects, and
+checked against each other, once per run by `bitnet_jax.model.resolve.resolve_run`.
 """
 
 from __future__ import annotations
@@ -195,18 +199,7 @@ def from_dict(cls, data: dict, path: str = ""):
         if key not in names:
             raise unknown_key_error(str(key), names, path)
         kwargs[key] = _coerce(value, hints[key], f"{path}{key}")
-    if cls is ModelSection:
-        _check_model_overrides(kwargs.get("overrides", {}), path)
     return cls(**kwargs)
-
-
-def _check_model_overrides(overrides: dict, path: str) -> None:
-    from bitnet_jax.model.transformer import ModelConfig  # model imports jax; keep config import light
-
-    valid = [f.name for f in dataclasses.fields(ModelConfig)]
-    for key in overrides:
-        if key not in valid:
-            raise unknown_key_error(str(key), valid, f"{path}overrides.")
 
 
 def to_dict(config) -> dict:
@@ -285,7 +278,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 
 # ----------------------------------------------------------------------------------------------
-# Semantic checks that need no devices (mesh divisibility is checked where devices are known).
+# Semantic checks that need neither the model nor devices (model fields, recipe names and the
+# recipe against the model: `model.resolve.resolve_run`; mesh divisibility: where devices are).
 
 CHOICES = {
     "data.source": ("builtin", "files", "hf", "tokens"),
@@ -328,17 +322,3 @@ def validate(config: RunConfig) -> None:
         require(size == -1 or size > 0, f"mesh.{axis} must be positive or -1, got {size}")
     require([config.mesh.data, config.mesh.fsdp, config.mesh.tensor].count(-1) <= 1,
             "at most one mesh axis may be -1 (it takes the devices the others leave)")
-    # Names resolve now, so a typo fails before any compute.
-    from bitnet_jax.model.transformer import get_model_config, validate_recipe_for_model
-    from bitnet_jax.core.precision import get_recipe
-
-    model_config = get_model_config(config.model.preset, **config.model.overrides)
-    for name in filter(None, [config.precision, config.train.stage1_precision]):
-        try:
-            recipe = get_recipe(name)
-        except ValueError as error:
-            raise ConfigError(f"precision: {error}") from None
-        validate_recipe_for_model(model_config, recipe)
-    require(config.data.seq_len <= model_config.max_seq_len,
-            f"data.seq_len={config.data.seq_len} exceeds the model's max_seq_len="
-            f"{model_config.max_seq_len}; lower data.seq_len or set model.max_seq_len")

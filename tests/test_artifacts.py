@@ -3,8 +3,10 @@ import jax
 import numpy as np
 import pytest
 
+from bitnet_jax import run_files
 from bitnet_jax.interop import run_dir as artifacts
 from bitnet_jax.interop.load import load_model
+from bitnet_jax.train.checkpoint import Checkpointer
 from bitnet_jax.config import load_config
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.model.transformer import get_model_config, init_params
@@ -57,3 +59,15 @@ def test_unknown_directories_and_incomplete_configs_are_refused(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ConfigError, match="missing"):
         get_model_config(None, vocab_size=320, d_model=64)
+
+
+def test_a_saved_run_has_the_layout_of_a_trained_run(tmp_path):
+    out = artifacts.save_run(bundle(), tmp_path / "run", source="test")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [run_files.CONFIG_FILE, run_files.META_FILE, run_files.CHECKPOINT_DIR])
+    checkpointer = Checkpointer(out / run_files.CHECKPOINT_DIR, keep=1)  # the trainer's reader
+    assert checkpointer.latest_step() == 0
+    assert checkpointer.restore_meta(0) == {"tokenizer": "bytes", "source": "test"}
+    checkpointer.close()
+    run = artifacts.read_resolved_run(out)
+    assert run.model == bundle().config and run.recipe.name == "b1.58"

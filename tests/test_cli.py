@@ -70,6 +70,28 @@ def test_errors_are_one_line_exit_2(capsys, argv, needle):
         assert "ladder-50k" in err and "bitnet-2b4t" in err  # lists the valid names
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("precision=b1.59", "unknown precision recipe 'b1.59'"),
+    ("model.d_modle=64", "did you mean 'd_model'"),
+    ("data.seq_len=4096", "exceeds the model's max_seq_len"),
+])
+def test_train_refuses_a_bad_config_before_any_compute(capsys, tmp_path, override, needle):
+    assert main(["train", f"out_dir={tmp_path}", "logging.wandb=disabled", override]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1 and needle in err
+    assert list(tmp_path.iterdir()) == []  # no run directory was started
+
+
+def test_tokenizer_train_writes_a_tokenizer_that_loads(capsys, tmp_path):
+    from bitnet_jax.data.tokenizers import load_tokenizer
+
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(out),
+                 "data.max_documents=8"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out / 'tokenizer.json'}"
+    assert load_tokenizer(str(out)).vocab_size == 300
+
+
 def test_argparse_errors_return_2(capsys):
     assert main([]) == 2
     assert main(["info", "--seq-len", "many"]) == 2

@@ -1,12 +1,21 @@
 """Run configs: YAML, key=value overrides, clear errors before any compute."""
 
+import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from bitnet_jax.config import RunConfig, load_config, parse_override
+from bitnet_jax.core.precision import get_recipe
 from bitnet_jax.errors import ConfigError
+from bitnet_jax.model.resolve import resolve_run
+from bitnet_jax.model.transformer import get_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Run configs (sweep files, with `axes`, are checked in test_sweep.py).
 EXPERIMENTS = [path for path in sorted((Path(__file__).resolve().parents[1] / "experiments")
@@ -15,14 +24,14 @@ EXPERIMENTS = [path for path in sorted((Path(__file__).resolve().parents[1] / "e
 
 
 def test_defaults_validate():
-    config = load_config()
+    config = resolve_run(load_config()).config
     assert isinstance(config, RunConfig)
     assert config.precision == "b1.58" and config.model.preset == "ladder-800k"
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_shipped_experiment_configs_parse_and_validate(path):
-    config = load_config(path)
+    config = resolve_run(load_config(path)).config
     assert config.train.steps > 0
 
 
@@ -55,7 +64,7 @@ def test_overrides_and_types():
 def test_bad_configs_fail_with_one_clear_message(override, message):
     overrides = [override] + (["train.grad_accum=4"] if "batch_size" in override else [])
     with pytest.raises(ConfigError) as info:
-        load_config(overrides=overrides)
+        resolve_run(load_config(overrides=overrides))  # names resolve with the model
     assert message in str(info.value)
 
 
@@ -68,3 +77,36 @@ def test_bad_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["train.steps"])
+
+
+def test_a_resolved_run_holds_the_model_config_and_recipes_of_its_names():
+    config = load_config(overrides=["precision=a4.8", "train.stage1_precision=b1.58",
+                                    "model.ffn_activation=relu2", "model.d_model=96"])
+    run = resolve_run(config)
+    assert run.config is config
+    assert run.model == get_model_config("ladder-800k", ffn_activation="relu2", d_model=96)
+    assert run.recipe == get_recipe("a4.8") and run.stage1_recipe == get_recipe("b1.58")
+    assert run.recipes == {"b1.58": get_recipe("b1.58"), "a4.8": get_recipe("a4.8")}
+    assert resolve_run(run) is run  # resolved once, passed on as it is
+    plain = resolve_run(load_config())
+    assert plain.stage1_recipe is None and list(plain.recipes) == ["b1.58"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plain.recipe = get_recipe("bf16")
+
+
+def test_group_sizes_are_checked_against_the_model_when_resolving():
+    config = load_config(overrides=["precision=b1.58@g48"])  # 48 does not divide d_model=128
+    with pytest.raises(ConfigError, match="group size 48 does not divide"):
+        resolve_run(config)
+
+
+def test_reading_a_config_imports_no_model_and_no_jax():
+    code = ("import sys; from bitnet_jax.config import load_config; "
+            "load_config(overrides=['train.steps=5', 'optimizer.warmup_steps=1']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'jax' "
+            "or m.startswith(('bitnet_jax.model', 'bitnet_jax.core'))))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""Tests for bitnet_jax.data.pipeline: corpora, tokenizers, packing, host sharding and iterator state."""
+"""Tests for bitnet_jax.data: corpora, tokenizers, packing, host sharding and iterator state."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnet_jax.data import pipeline as data
+from bitnet_jax.data import corpus as corpora
+from bitnet_jax.data import pipeline, tokenizers
 from bitnet_jax.config import DataConfig
 from bitnet_jax.errors import ConfigError
 
@@ -21,18 +22,18 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.",
          "Pack my box with five dozen liquor jugs. " * 3]
 
 
-def corpus_of(docs: list[str]) -> data.Corpus:
-    return data.Corpus("test", list(docs), [], {})
+def corpus_of(docs: list[str]) -> corpora.Corpus:
+    return corpora.Corpus("test", list(docs), [], {})
 
 
-def split_of(docs: list[str], tokenizer=None) -> data.TokenizedSplit:
-    return data.tokenize_split(docs, tokenizer or data.ByteTokenizer())
+def split_of(docs: list[str], tokenizer=None) -> pipeline.TokenizedSplit:
+    return pipeline.tokenize_split(docs, tokenizer or tokenizers.ByteTokenizer())
 
 
-def numbered_split(num_tokens: int) -> data.TokenizedSplit:
+def numbered_split(num_tokens: int) -> pipeline.TokenizedSplit:
     """A stream whose token i is i: a window is identified by its first token."""
     tokens = np.arange(num_tokens, dtype=np.int32)
-    return data.TokenizedSplit(tokens, np.ones(num_tokens, np.int32), 1)
+    return pipeline.TokenizedSplit(tokens, np.ones(num_tokens, np.int32), 1)
 
 
 def take(iterator, n: int) -> list[dict]:
@@ -51,15 +52,15 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
 # Built-in corpus.
 
 @pytest.fixture(scope="module")
-def builtin() -> data.Corpus:
-    return data.load_corpus(DataConfig(source="builtin", validation_fraction=0.05))
+def builtin() -> corpora.Corpus:
+    return corpora.load_corpus(DataConfig(source="builtin", validation_fraction=0.05))
 
 
 def test_builtin_files_sorted_filtered_deterministic():
-    files = data.builtin_corpus_files()
+    files = corpora.builtin_corpus_files()
     root = Path(sysconfig.get_paths()["stdlib"])
     assert len(files) > 100
-    assert files == data.builtin_corpus_files()
+    assert files == corpora.builtin_corpus_files()
     rel = [f.relative_to(root).as_posix() for f in files]
     assert rel == sorted(rel)
     assert all(r.endswith(".py") for r in rel)
@@ -69,7 +70,7 @@ def test_builtin_files_sorted_filtered_deterministic():
 
 
 def test_builtin_split_by_file(builtin):
-    files = data.builtin_corpus_files()
+    files = corpora.builtin_corpus_files()
     assert builtin.train and builtin.validation
     assert builtin.name.startswith("builtin:python")
     n = len(builtin.train) + len(builtin.validation)
@@ -87,31 +88,31 @@ def test_builtin_split_by_file(builtin):
 
 
 def test_builtin_deterministic_and_max_documents(builtin):
-    again = data.load_corpus(DataConfig(source="builtin", validation_fraction=0.05))
+    again = corpora.load_corpus(DataConfig(source="builtin", validation_fraction=0.05))
     assert again.train == builtin.train and again.validation == builtin.validation
-    small = data.load_corpus(DataConfig(source="builtin", max_documents=40,
+    small = corpora.load_corpus(DataConfig(source="builtin", max_documents=40,
                                         validation_fraction=0.1))
     assert len(small.train) + len(small.validation) == 40
     assert len(small.validation) == 4
     assert set(small.train) <= set(builtin.train) | set(builtin.validation)
-    tiny = data.load_corpus(DataConfig(source="builtin", max_documents=3,
+    tiny = corpora.load_corpus(DataConfig(source="builtin", max_documents=3,
                                        validation_fraction=0.01))
     assert len(tiny.validation) == 1  # at least one file when the fraction is positive
-    none = data.load_corpus(DataConfig(source="builtin", max_documents=10,
+    none = corpora.load_corpus(DataConfig(source="builtin", max_documents=10,
                                        validation_fraction=0.0))
     assert len(none.train) == 10 and none.validation == []
 
 
 def test_validation_mask_is_stable_when_items_are_added():
     keys = [f"file{i}.py" for i in range(200)]
-    before = dict(zip(keys, data.validation_mask(keys, 0.1)))
-    after = dict(zip(keys + ["new.py"], data.validation_mask(keys + ["new.py"], 0.1)))
+    before = dict(zip(keys, corpora.validation_mask(keys, 0.1)))
+    after = dict(zip(keys + ["new.py"], corpora.validation_mask(keys + ["new.py"], 0.1)))
     assert sum(before.values()) == 20
     moved = [k for k in keys if before[k] != after[k]]
     assert len(moved) <= 1
     # Duplicates share a split, so a repeated document cannot be both trained on and evaluated.
     docs = [f"doc {i % 50}" for i in range(200)]
-    mask = data.validation_mask(docs, 0.1)
+    mask = corpora.validation_mask(docs, 0.1)
     assert 0 < mask.sum() < 200
     assert all(len({bool(m) for d, m in zip(docs, mask) if d == key}) == 1 for key in set(docs))
 
@@ -139,23 +140,23 @@ def test_files_source_txt_jsonl_parquet(text_files: Path):
                                             str(text_files / "c.jsonl"),
                                             str(text_files / "d.parquet")],
                      validation_fraction=0.2)
-    corpus = data.load_corpus(cfg)
+    corpus = corpora.load_corpus(cfg)
     docs = corpus.train + corpus.validation
     expected = TEXTS + [f"parquet row {i}" for i in range(6)]
     assert sorted(docs) == sorted(expected)  # the empty .txt is dropped
     assert len(corpus.validation) == 2
     assert corpus.stats["files"] == 5
     assert corpus.stats["train"]["bytes"] == sum(len(d.encode()) for d in corpus.train)
-    assert data.load_corpus(cfg).validation == corpus.validation
+    assert corpora.load_corpus(cfg).validation == corpus.validation
     # A directory expands to its supported files; max_documents caps what is read, in order.
-    capped = data.load_corpus(replace(cfg, paths=[str(text_files)], max_documents=4,
+    capped = corpora.load_corpus(replace(cfg, paths=[str(text_files)], max_documents=4,
                                       validation_fraction=0.0))
     assert capped.train == [TEXTS[0], TEXTS[1], TEXTS[2], TEXTS[3]]
 
 
 def test_files_source_errors(text_files: Path, tmp_path: Path):
     def load(**kw):
-        return data.load_corpus(DataConfig(source="files", **kw))
+        return corpora.load_corpus(DataConfig(source="files", **kw))
 
     with pytest.raises(ConfigError, match=r"nope\.txt.*does not exist"):
         load(paths=[str(tmp_path / "nope.txt")])
@@ -171,7 +172,7 @@ def test_files_source_errors(text_files: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match=r"unsupported suffix '\.csv'"):
         load(paths=[str(tmp_path / "x.csv")])
     with pytest.raises(ConfigError, match=r"data\.source='nope' is unknown"):
-        data.load_corpus(DataConfig(source="nope"))
+        corpora.load_corpus(DataConfig(source="nope"))
 
 
 def test_hf_source_offline(tmp_path: Path):
@@ -179,20 +180,20 @@ def test_hf_source_offline(tmp_path: Path):
     rows = {"text": [f"document number {i} " * (i + 1) for i in range(20)],
             "label": list(range(20))}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
-    corpus = data.load_corpus(DataConfig(source="hf", hf_path=str(tmp_path / "saved"),
+    corpus = corpora.load_corpus(DataConfig(source="hf", hf_path=str(tmp_path / "saved"),
                                          validation_fraction=0.1))
     assert sorted(corpus.train + corpus.validation) == sorted(rows["text"])
     assert len(corpus.validation) == 2
-    capped = data.load_corpus(DataConfig(source="hf", hf_path=str(tmp_path / "saved"),
+    capped = corpora.load_corpus(DataConfig(source="hf", hf_path=str(tmp_path / "saved"),
                                          max_documents=5, validation_fraction=0.0))
     assert capped.train == rows["text"][:5]
     with pytest.raises(ConfigError, match=r"text_field='body'.*columns: text, label"):
-        data.load_corpus(DataConfig(source="hf", hf_path=str(tmp_path / "saved"),
+        corpora.load_corpus(DataConfig(source="hf", hf_path=str(tmp_path / "saved"),
                                     text_field="body"))
     # A local directory of data files (not a saved dataset) goes through `load_dataset`.
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "rows.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
-    from_files = data.load_corpus(DataConfig(source="hf", hf_path=str(tmp_path / "raw"),
+    from_files = corpora.load_corpus(DataConfig(source="hf", hf_path=str(tmp_path / "raw"),
                                              validation_fraction=0.0))
     assert from_files.train == TEXTS
     assert from_files.name == f"hf:{tmp_path / 'raw'}:train"
@@ -201,14 +202,14 @@ def test_hf_source_offline(tmp_path: Path):
 def test_hf_source_errors():
     pytest.importorskip("datasets")
     with pytest.raises(ConfigError, match=r"data\.hf_path='/no/such/dataset'.*cannot be loaded"):
-        data.load_corpus(DataConfig(source="hf", hf_path="/no/such/dataset"))
+        corpora.load_corpus(DataConfig(source="hf", hf_path="/no/such/dataset"))
 
 
 def test_tokens_source_npy_and_bin(tmp_path: Path):
     stream = np.arange(1000, dtype=np.int32) % 257
     np.save(tmp_path / "a.npy", stream[:600])
     stream[600:].astype("<u2").tofile(tmp_path / "b.bin")
-    corpus = data.load_corpus(DataConfig(source="tokens", paths=[str(tmp_path / "a.npy"),
+    corpus = corpora.load_corpus(DataConfig(source="tokens", paths=[str(tmp_path / "a.npy"),
                                                                  str(tmp_path / "b.bin")],
                                          validation_fraction=0.1))
     assert corpus.is_tokenized and corpus.train == []
@@ -216,26 +217,26 @@ def test_tokens_source_npy_and_bin(tmp_path: Path):
     np.testing.assert_array_equal(corpus.validation_tokens, stream[900:])
     assert corpus.train_tokens.dtype == np.int32
     assert corpus.stats["train"]["tokens"] == 900 and corpus.stats["files"] == 2
-    train, validation, stats = data.prepare_data(
+    train, validation, stats = pipeline.prepare_data(
         DataConfig(source="tokens", paths=[str(tmp_path / "*.npy"), str(tmp_path / "*.bin")],
-                   validation_fraction=0.1), data.ByteTokenizer())
+                   validation_fraction=0.1), tokenizers.ByteTokenizer())
     assert train.documents == int((stream[:900] == 256).sum()) == 3
     assert stats["validation"]["tokens"] == 100
     np.testing.assert_array_equal(train.token_bytes, (stream[:900] < 256).astype(np.int32))
     (tmp_path / "odd.bin").write_bytes(b"abc")
     with pytest.raises(ConfigError, match="not a whole number of uint16"):
-        data.load_corpus(DataConfig(source="tokens", paths=[str(tmp_path / "odd.bin")]))
+        corpora.load_corpus(DataConfig(source="tokens", paths=[str(tmp_path / "odd.bin")]))
     np.save(tmp_path / "big.npy", np.array([5, 300], np.int32))
     with pytest.raises(ConfigError, match="id 300, beyond data.tokenizer='bytes'"):
-        data.prepare_data(DataConfig(source="tokens", paths=[str(tmp_path / "big.npy")],
-                                     validation_fraction=0.0), data.ByteTokenizer())
+        pipeline.prepare_data(DataConfig(source="tokens", paths=[str(tmp_path / "big.npy")],
+                                     validation_fraction=0.0), tokenizers.ByteTokenizer())
 
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizers.
 
 def test_byte_tokenizer_round_trip_and_bytes():
-    tok = data.load_tokenizer("bytes")
+    tok = tokenizers.load_tokenizer("bytes")
     assert (tok.vocab_size, tok.eod_id, tok.name) == (257, 256, "bytes")
     for text in TEXTS:
         ids = tok.encode(text)
@@ -250,15 +251,15 @@ def test_byte_tokenizer_round_trip_and_bytes():
 def bpe_path(tmp_path_factory) -> Path:
     docs = TEXTS * 30 + [f"line {i}: the value is {i * i}\n" for i in range(300)]
     out = tmp_path_factory.mktemp("tok")
-    return data.train_bpe(corpus_of(docs), 400, out)
+    return tokenizers.train_bpe(corpus_of(docs), 400, out)
 
 
 def test_train_bpe_and_load(bpe_path: Path):
     assert bpe_path.name == "tokenizer.json" and bpe_path.is_file()
-    tok = data.load_tokenizer(str(bpe_path))
+    tok = tokenizers.load_tokenizer(str(bpe_path))
     assert tok.vocab_size == 400
     assert tok.eod_id == tok._tokenizer.token_to_id("<|endoftext|>")
-    assert data.load_tokenizer(str(bpe_path.parent)).vocab_size == 400  # a directory works too
+    assert tokenizers.load_tokenizer(str(bpe_path.parent)).vocab_size == 400  # a directory works too
     for text in TEXTS + ["unseen: Ωmega ∑ 𝔘nicode\ttabs  and  spaces"]:
         ids = tok.encode(text)
         assert tok.decode(ids) == text
@@ -270,23 +271,23 @@ def test_train_bpe_and_load(bpe_path: Path):
 
 def test_tokenizer_errors(tmp_path: Path, bpe_path: Path):
     with pytest.raises(ConfigError, match=r"data\.tokenizer='missing\.json': no such file"):
-        data.load_tokenizer("missing.json")
+        tokenizers.load_tokenizer("missing.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not a readable tokenizer.json"):
-        data.load_tokenizer(str(tmp_path / "bad.json"))
+        tokenizers.load_tokenizer(str(tmp_path / "bad.json"))
     spec = json.loads(bpe_path.read_text())
     spec["added_tokens"] = []
     spec["model"]["vocab"].pop("<|endoftext|>")
     (tmp_path / "no_eod.json").write_text(json.dumps(spec))
     with pytest.raises(ConfigError, match="no end-of-document token"):
-        data.load_tokenizer(str(tmp_path / "no_eod.json"))
+        tokenizers.load_tokenizer(str(tmp_path / "no_eod.json"))
     with pytest.raises(ConfigError, match="at least 257"):
-        data.train_bpe(corpus_of(TEXTS), 100, tmp_path)
+        tokenizers.train_bpe(corpus_of(TEXTS), 100, tmp_path)
 
 
 def test_tokenize_split_joins_with_eod(bpe_path: Path):
-    for tok in (data.ByteTokenizer(), data.load_tokenizer(str(bpe_path))):
-        split = data.tokenize_split(TEXTS, tok)
+    for tok in (tokenizers.ByteTokenizer(), tokenizers.load_tokenizer(str(bpe_path))):
+        split = pipeline.tokenize_split(TEXTS, tok)
         assert split.tokens.dtype == np.int32 and split.token_bytes.dtype == np.int32
         assert split.documents == len(TEXTS)
         eods = np.flatnonzero(split.tokens == tok.eod_id)
@@ -301,7 +302,7 @@ def test_prepare_data_stats(text_files: Path):
     cfg = DataConfig(source="files", paths=[str(text_files / "*.txt"),
                                             str(text_files / "*.jsonl")],
                      validation_fraction=0.2)
-    train, validation, stats = data.prepare_data(cfg, data.ByteTokenizer())
+    train, validation, stats = pipeline.prepare_data(cfg, tokenizers.ByteTokenizer())
     assert stats["tokenizer"] == "bytes" and stats["corpus"].startswith("files:")
     assert stats["train"]["tokens"] == len(train)
     assert stats["train"]["documents"] == train.documents
@@ -314,7 +315,7 @@ def test_prepare_data_stats(text_files: Path):
 
 def test_train_batches_shift_and_windows():
     split = numbered_split(4001)  # 400 windows of 10
-    it = data.make_train_iterator(split, seq_len=10, batch_size=8, seed=0)
+    it = pipeline.make_train_iterator(split, seq_len=10, batch_size=8, seed=0)
     batches = take(it, 50)  # exactly one epoch of 400 windows
     for batch in batches:
         assert set(batch) == {"inputs", "targets"}
@@ -336,7 +337,7 @@ def test_train_batches_shift_and_windows():
 def test_packed_stream_has_eod_between_documents():
     docs = ["aaaa", "bbbbbb", "cc"]
     split = split_of(docs)
-    batches = data.make_eval_batches(split, seq_len=3, batch_size=1, max_batches=100)
+    batches = pipeline.make_eval_batches(split, seq_len=3, batch_size=1, max_batches=100)
     assert len(batches) == 4  # 15 tokens -> (15 - 1) // 3 windows
     # Consecutive windows tile the stream: inputs, then the final target.
     stream = np.concatenate([b["inputs"][0] for b in batches] + [batches[-1]["targets"][0, -1:]])
@@ -349,22 +350,22 @@ def test_shuffle_deterministic_per_seed():
     split = numbered_split(2001)
 
     def firsts(seed: int) -> np.ndarray:
-        it = data.make_train_iterator(split, seq_len=10, batch_size=4, seed=seed)
+        it = pipeline.make_train_iterator(split, seq_len=10, batch_size=4, seed=seed)
         return np.stack([b["inputs"] for b in take(it, 10)])
 
     np.testing.assert_array_equal(firsts(1), firsts(1))
     assert not np.array_equal(firsts(1), firsts(2))
     # Grain shuffles epoch e with seed + e; hashed seeds keep seed 1 from replaying seed 0's
     # second epoch.
-    it0 = data.make_train_iterator(split, seq_len=10, batch_size=4, seed=0)
+    it0 = pipeline.make_train_iterator(split, seq_len=10, batch_size=4, seed=0)
     second_epoch_of_0 = np.stack([b["inputs"] for b in take(it0, 100)[50:60]])
     assert not np.array_equal(second_epoch_of_0, firsts(1))
 
 
 def test_host_split_is_a_partition_of_the_global_batch():
     split = numbered_split(3001)
-    single = take(data.make_train_iterator(split, 10, batch_size=8, seed=3), 12)
-    hosts = [take(data.make_train_iterator(split, 10, batch_size=4, seed=3,
+    single = take(pipeline.make_train_iterator(split, 10, batch_size=8, seed=3), 12)
+    hosts = [take(pipeline.make_train_iterator(split, 10, batch_size=4, seed=3,
                                            process_index=h, process_count=2), 12)
              for h in range(2)]
     for step in range(12):
@@ -376,9 +377,9 @@ def test_host_split_is_a_partition_of_the_global_batch():
 
 def test_train_iterator_errors():
     with pytest.raises(ConfigError, match="fewer than one global batch of 16"):
-        data.make_train_iterator(numbered_split(101), 10, batch_size=8, seed=0, process_count=2)
+        pipeline.make_train_iterator(numbered_split(101), 10, batch_size=8, seed=0, process_count=2)
     with pytest.raises(ConfigError, match="process_index=2"):
-        data.make_train_iterator(numbered_split(1001), 10, 4, 0, process_index=2,
+        pipeline.make_train_iterator(numbered_split(1001), 10, 4, 0, process_index=2,
                                  process_count=2)
 
 
@@ -387,12 +388,12 @@ def test_train_iterator_errors():
 
 def test_iterator_state_resumes_exactly():
     split = numbered_split(2001)
-    it = data.make_train_iterator(split, seq_len=16, batch_size=4, seed=5)
+    it = pipeline.make_train_iterator(split, seq_len=16, batch_size=4, seed=5)
     take(it, 7)
     state = it.get_state()
     json.dumps(state)  # a JSON-able dict, which is how grain's orbax handler stores it
     expected = take(it, 5)
-    fresh = data.make_train_iterator(split, seq_len=16, batch_size=4, seed=5)
+    fresh = pipeline.make_train_iterator(split, seq_len=16, batch_size=4, seed=5)
     fresh.set_state(state)
     assert_same_batches(take(fresh, 5), expected)
     # Across an epoch boundary (31 windows of 4 per epoch -> 7 batches per epoch) as well.
@@ -405,21 +406,21 @@ def test_iterator_state_resumes_exactly():
 def test_iterator_state_through_orbax(tmp_path: Path):
     ocp = pytest.importorskip("orbax.checkpoint")
     split = numbered_split(2001)
-    it = data.make_train_iterator(split, seq_len=16, batch_size=4, seed=5)
+    it = pipeline.make_train_iterator(split, seq_len=16, batch_size=4, seed=5)
     take(it, 7)
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
     with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as manager:
         manager.save(7, args=ocp.args.Composite(
-            data=data.iterator_checkpoint_args(it, save=True)))
+            data=pipeline.iterator_checkpoint_args(it, save=True)))
         manager.wait_until_finished()
     expected = take(it, 5)
 
-    fresh = data.make_train_iterator(split, seq_len=16, batch_size=4, seed=5)
+    fresh = pipeline.make_train_iterator(split, seq_len=16, batch_size=4, seed=5)
     take(fresh, 2)  # a position that the restore must overwrite
     with ocp.CheckpointManager(tmp_path / "ckpt", options=options) as manager:
         assert manager.latest_step() == 7
         restored = manager.restore(7, args=ocp.args.Composite(
-            data=data.iterator_checkpoint_args(fresh, save=False)))
+            data=pipeline.iterator_checkpoint_args(fresh, save=False)))
     assert restored["data"] is fresh
     assert_same_batches(take(fresh, 5), expected)
 
@@ -427,15 +428,15 @@ def test_iterator_state_through_orbax(tmp_path: Path):
 @pytest.mark.slow
 def test_iterator_with_worker_processes_matches_in_process():
     split = numbered_split(2001)
-    reference = take(data.make_train_iterator(split, 16, 4, seed=5), 12)
-    it = data.make_train_iterator(split, 16, 4, seed=5, num_workers=2)
+    reference = take(pipeline.make_train_iterator(split, 16, 4, seed=5), 12)
+    it = pipeline.make_train_iterator(split, 16, 4, seed=5, num_workers=2)
     try:
         assert_same_batches(take(it, 7), reference[:7])
         state = it.get_state()
         assert_same_batches(take(it, 5), reference[7:])
     finally:
         it.close()
-    fresh = data.make_train_iterator(split, 16, 4, seed=5, num_workers=2)
+    fresh = pipeline.make_train_iterator(split, 16, 4, seed=5, num_workers=2)
     try:
         fresh.set_state(state)
         assert_same_batches(take(fresh, 5), reference[7:])
@@ -447,11 +448,11 @@ def test_iterator_with_worker_processes_matches_in_process():
 # Evaluation batches.
 
 def test_eval_batches_deterministic_with_target_bytes(bpe_path: Path):
-    tok = data.load_tokenizer(str(bpe_path))
+    tok = tokenizers.load_tokenizer(str(bpe_path))
     split = split_of(TEXTS * 10, tok)
-    batches = data.make_eval_batches(split, seq_len=8, batch_size=3, max_batches=4)
+    batches = pipeline.make_eval_batches(split, seq_len=8, batch_size=3, max_batches=4)
     assert len(batches) == 4
-    assert_same_batches(batches, data.make_eval_batches(split, 8, 3, 4))
+    assert_same_batches(batches, pipeline.make_eval_batches(split, 8, 3, 4))
     flat_inputs = np.concatenate([b["inputs"].reshape(-1) for b in batches])
     np.testing.assert_array_equal(flat_inputs, split.tokens[:4 * 3 * 8])  # in order, from 0
     for batch in batches:
@@ -460,10 +461,10 @@ def test_eval_batches_deterministic_with_target_bytes(bpe_path: Path):
         np.testing.assert_array_equal(batch["target_bytes"], tok.token_bytes(batch["targets"]))
         assert np.all(batch["target_bytes"][batch["targets"] == tok.eod_id] == 0)
     # max_batches is a cap: a short split gives what it has.
-    assert len(data.make_eval_batches(split, 8, 3, 10_000)) == (len(split) - 1) // 8 // 3
+    assert len(pipeline.make_eval_batches(split, 8, 3, 10_000)) == (len(split) - 1) // 8 // 3
 
 
 def test_eval_batches_error_when_too_small():
     split = split_of(["tiny"])  # 5 tokens
     with pytest.raises(ConfigError, match=r"has 5 tokens.*needs 33.*data\.seq_len"):
-        data.make_eval_batches(split, seq_len=8, batch_size=4, max_batches=2)
+        pipeline.make_eval_batches(split, seq_len=8, batch_size=4, max_batches=2)

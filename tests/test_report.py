@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax.scaling import report
-from bitnet_jax.scaling.sweep import RESULT_COLUMNS, read_table, write_table
+from bitnet_jax.scaling.results import RESULT_COLUMNS, read_table, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [5e4, 1e5, 2e5, 4e5, 8e5, 1.6e6]
@@ -98,3 +98,65 @@ def test_isoflop_summary_where_budgets_repeat():
     summaries = report.fit_isoflop_recipes(rows)
     assert summaries["bf16"].startswith("N*(C) = k * C^a") and "(3 budgets)" in summaries["bf16"]
     assert not report.fit_isoflop_recipes(synthetic_rows())  # one budget per size: skipped
+
+
+def law_table_rows(seed=3):
+    """Two recipes, 4 sizes x 3 token counts each (so L(N, D) is fitted too), as a sweep writes."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for recipe, scale in (("bf16", 1.0), ("b1.58", 1.05)):
+        for n in np.geomspace(1e5, 3e6, 4):
+            for d in (1e7, 4e7, 1.6e8):
+                loss = scale * (1.7 + 400 * n ** -0.34 + 400 * d ** -0.28) \
+                    * np.exp(rng.normal(0, 0.002))
+                row = {c: None for c in RESULT_COLUMNS}
+                row.update(run=f"{recipe}-{n:.0f}-{d:.0f}", status="completed", precision=recipe,
+                           params_non_embedding=int(n), tokens=int(d), final_eval_loss=loss)
+                rows.append(row)
+    return rows
+
+
+def test_bitnet_fit_and_the_report_give_the_same_laws(tmp_path, monkeypatch, capsys):
+    from bitnet_jax.cli import main
+    from bitnet_jax.scaling import fit as fitter
+    from bitnet_jax.scaling.laws import Grid, fit_chinchilla
+
+    path = tmp_path / "results.csv"
+    write_table(law_table_rows(), path)
+    # Epoch's 4500-start grid takes ~15 s a fit and 1000 bootstraps ~10 s a table: both commands
+    # get a small grid through the one fitter they share, and 50 resamples each.
+    small = Grid(alpha=(0.2, 0.5), beta=(0.2, 0.5), e=(0.0, 0.5), a=(5.0, 10.0), b=(5.0, 10.0))
+    monkeypatch.setattr(fitter, "fit_chinchilla", lambda *a, **k: fit_chinchilla(
+        *a, **{**k, "grid": small}))
+    printed_fits = []  # what `bitnet fit` fitted, caught on its way to the printer
+    format_fits = fitter.format_fits
+    monkeypatch.setattr(fitter, "format_fits", lambda fits, **k: printed_fits.append(fits)
+                        or format_fits(fits, **k))
+    assert main(["fit", str(path), "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    laws = report.fit_laws(read_table(path), n_boot=50)  # what `bitnet sweep report` fits
+    assert list(laws) == ["bf16", "b1.58"]
+    assert printed.strip() == format_fits(laws).strip()
+    (cli_laws,) = printed_fits
+    for recipe, group in laws.items():
+        assert set(group.fits) == {"offset", "power", "chinchilla"}
+        for kind, fit in group.fits.items():
+            again = cli_laws[recipe].fits[kind]
+            assert fit.params == again.params and fit.intervals == again.intervals, (recipe, kind)
+            assert np.array_equal(fit.samples, again.samples)
+
+
+def test_bitnet_fit_and_the_report_share_the_bootstrap_default():
+    import inspect
+
+    from bitnet_jax.cli import build_parser
+    from bitnet_jax.scaling.bootstrap import DEFAULT_N_BOOT
+    from bitnet_jax.scaling.fit import fit_table
+
+    def default(fn):
+        return inspect.signature(fn).parameters["n_boot"].default
+
+    assert default(fit_table) == default(report.fit_laws) == default(report.write_report) \
+        == DEFAULT_N_BOOT == 1000
+    # `bitnet fit` without --bootstrap leaves the count to fit_table's default
+    assert build_parser().parse_args(["fit", "results.csv"]).bootstrap is None

@@ -1,5 +1,6 @@
-"""Tests for bitnet_jax.scaling.laws: Epoch AI's Chinchilla replication, recovery of known laws from
-noisy synthetic data, bootstrap coverage, recipe comparisons, errors and the results-table fit."""
+"""Tests for the scaling fitters (laws, bootstrap, isoflop, compare, fit): Epoch AI's Chinchilla
+replication, recovery of known laws from noisy synthetic data, bootstrap coverage, recipe
+comparisons, errors and the results-table fit."""
 
 from __future__ import annotations
 
@@ -15,23 +16,23 @@ from scipy import optimize
 
 from bitnet_jax.scaling import laws as scaling
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.scaling.laws import (
-    EPOCH_GRID,
-    Grid,
-    bootstrap,
-    bootstrap_fit,
-    chinchilla_compute_optimal,
+from bitnet_jax.scaling.bootstrap import bootstrap, bootstrap_fit
+from bitnet_jax.scaling.compare import (
     effective_parameter_multiplier,
     effective_parameter_multiplier_band,
-    fit_chinchilla,
-    fit_isoflop,
-    fit_power_law,
-    fit_power_law_with_offset,
-    fit_table,
-    format_fits,
     loss_ratio,
     loss_ratio_band,
     loss_vs_resource,
+)
+from bitnet_jax.scaling.fit import fit_table, format_fits
+from bitnet_jax.scaling.isoflop import fit_isoflop
+from bitnet_jax.scaling.laws import (
+    EPOCH_GRID,
+    Grid,
+    chinchilla_compute_optimal,
+    fit_chinchilla,
+    fit_power_law,
+    fit_power_law_with_offset,
 )
 
 EPOCH_CSV = (Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -491,8 +492,13 @@ def test_fit_table_rows_and_column_choices():
 # ----------------------------------------------------------------------------------------------
 # Module hygiene.
 
+FITTING_MODULES = ("laws", "bootstrap", "isoflop", "compare", "results", "fit", "report")
+
+
 def test_scaling_imports_no_jax():
-    code = ("import sys, bitnet_jax.scaling.laws; "
+    # Every module that fits or reads results (and the report built on them) loads without JAX.
+    imports = ", ".join(f"bitnet_jax.scaling.{m}" for m in FITTING_MODULES)
+    code = (f"import sys, {imports}; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'jaxlib')]; "
             "assert not bad, bad")
     root = Path(__file__).resolve().parents[1]

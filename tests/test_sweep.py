@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from bitnet_jax.scaling import sweep as sweeps
+from bitnet_jax.scaling.results import read_table
 from bitnet_jax.cli import main
 from bitnet_jax.errors import ConfigError
 
@@ -79,6 +80,40 @@ def test_plan_prints_runs_flops_and_time(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # planning runs nothing
 
 
+def test_results_accounting_is_the_flat_view_of_summarize(tmp_path):
+    """A run's accounting columns are `summarize`'s numbers (what `bitnet info` and summary.json
+    show), equal to the accounting functions called directly, and all named in RESULT_COLUMNS."""
+    from bitnet_jax.core.precision import get_recipe
+    from bitnet_jax.model import accounting
+    from bitnet_jax.model.transformer import get_model_config
+    from bitnet_jax.scaling.results import RESULT_COLUMNS
+
+    path = write_sweep(tmp_path, [{"precision": ["bf16", "b1.58"]}], tokens=4096)
+    for run in sweeps.load_sweep(path).runs:
+        row = sweeps.run_accounting(run)
+        assert set(row) <= set(RESULT_COLUMNS)
+        model = get_model_config(run.config.model.preset)
+        recipe = get_recipe(run.config.precision)
+        counts = accounting.param_counts(model)
+        memory = accounting.weight_memory(model, recipe)
+        seq_len = run.config.data.seq_len
+        assert row["tokens"] == 4096 and row["steps"] == 16
+        assert (row["params_total"], row["params_non_embedding"], row["params_embedding"],
+                row["params_quantized_linear"]) == (counts.total, counts.non_embedding,
+                                                    counts.embedding,
+                                                    counts.quantized_linear(recipe))
+        for convention in accounting.FLOP_CONVENTIONS:
+            assert row[f"flops_{convention}"] == accounting.train_flops(model, 4096, convention,
+                                                                        seq_len)
+        for node in ("7nm", "45nm"):
+            assert row[f"energy_per_token_{node}_j"] == accounting.energy_per_token(
+                model, recipe, node, seq_len).total_j
+        assert (row["weight_memory_bytes"], row["weight_memory_format"],
+                row["weight_memory_vs_bf16"]) == (memory.total_bytes, memory.default_format,
+                                                  memory.vs_bf16)
+    assert row["params_quantized_linear"] > 0  # the b1.58 run quantizes its linear weights
+
+
 def test_print_launcher_gives_one_command_per_run(tmp_path, capsys):
     path = write_sweep(tmp_path, [{"precision": ["bf16", "b1.58"]}], tokens=2048)
     assert main(["sweep", "run", str(path), "--launcher", "print"]) == 0
@@ -113,7 +148,7 @@ def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path):
     assert "resumed" in (resumed.run_dir / "launch.log").read_text()
 
     assert main(["sweep", "report", str(path)]) == 0
-    rows = sweeps.read_table(sweep.directory / "results.csv")
+    rows = read_table(sweep.directory / "results.csv")
     assert len(rows) == 10 and sum(r["status"] == "completed" for r in rows) == 9
     assert (sweep.directory / "results.parquet").exists()
     report = (sweep.directory / "report.md").read_text()

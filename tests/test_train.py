@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bitnet_jax.data import pipeline as data
+from bitnet_jax.data import corpus as corpora
+from bitnet_jax.data import tokenizers
 from bitnet_jax.train import sharding
 from bitnet_jax.config import load_config
 from bitnet_jax.errors import ConfigError
@@ -202,15 +203,15 @@ def test_empty_corpus(tmp_path):
 
 
 def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
-    corpus = data.load_corpus(small(tmp_path).data)
-    path = data.train_bpe(corpus, 400, tmp_path / "bpe400.json")
+    corpus = corpora.load_corpus(small(tmp_path).data)
+    path = tokenizers.train_bpe(corpus, 400, tmp_path / "bpe400.json")
     with pytest.raises(ConfigError, match="model.vocab_size >= "):
         build(small(tmp_path, f"data.tokenizer={path}"))
 
 
 def test_resuming_with_another_tokenizer_is_refused(tmp_path):
     run(small(tmp_path, "name=run", "train.steps=4"))
-    corpus = data.load_corpus(small(tmp_path).data)
-    path = data.train_bpe(corpus, 300, tmp_path / "bpe300.json")
+    corpus = corpora.load_corpus(small(tmp_path).data)
+    path = tokenizers.train_bpe(corpus, 300, tmp_path / "bpe300.json")
     with pytest.raises(ConfigError, match="checkpoint was made with tokenizer="):
         run(small(tmp_path, "name=run", "train.steps=4", f"data.tokenizer={path}"))

@@ -42,7 +42,7 @@ from safetensors.numpy import load_file, save_file
 
 from bitnet_jax.core import codec
 from bitnet_jax.core.precision import PRESETS, get_recipe
-from bitnet_jax.data.pipeline import EOD_TOKENS, ByteTokenizer
+from bitnet_jax.data.tokenizers import EOD_TOKENS, ByteTokenizer
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.interop.run_dir import (TOKENIZER_FILE, ModelBundle, fresh_directory, save_run,
                                         tokenizer_file)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from bitnet_jax import run_files
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.interop import hf, packed, packed_params, run_dir
 from bitnet_jax.interop.run_dir import ModelBundle
@@ -20,7 +21,7 @@ def load_model(path: str | Path, step: Optional[int] = None) -> ModelBundle:
     BitNet directory (config.json + safetensors), told apart by the files they hold."""
     path = Path(path).expanduser()
     require(path.is_dir(), f"{path} is not a directory")
-    if (path / "config.yaml").is_file():
+    if (path / run_files.CONFIG_FILE).is_file():
         return run_dir.load_run(path, step)
     if (path / packed.MANIFEST_FILE).is_file():
         return packed_params.load_packed(path)

@@ -19,14 +19,15 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 import yaml
 
-from bitnet_jax.train.checkpoint import restore_params
+from bitnet_jax.train.checkpoint import Checkpointer, restore_params
 from bitnet_jax.config import RunConfig, load_config, to_dict
 from bitnet_jax.errors import require
-from bitnet_jax.model.transformer import ModelConfig, get_model_config, init_params
+from bitnet_jax.model.resolve import ResolvedRun, resolve_run
+from bitnet_jax.model.transformer import ModelConfig, init_params
 from bitnet_jax.core.precision import PrecisionRecipe, get_recipe
+from bitnet_jax.run_files import CHECKPOINT_DIR, CONFIG_FILE, META_FILE, TOKENIZER_FILE
 
 
 @dataclass
@@ -62,29 +63,31 @@ def _resolve_tokenizer(spec: str, run_dir: Path) -> str:
     return str(local) if local.exists() else spec
 
 
-def read_run_config(run_dir: str | Path) -> RunConfig:
+def read_resolved_run(run_dir: str | Path) -> ResolvedRun:
+    """The config of a run directory, checked in full, with its model config and recipes."""
     run_dir = Path(run_dir)
-    require((run_dir / "config.yaml").is_file(),
-            f"{run_dir} is not a run directory (no config.yaml); pass a directory written by "
+    require((run_dir / CONFIG_FILE).is_file(),
+            f"{run_dir} is not a run directory (no {CONFIG_FILE}); pass a directory written by "
             f"`bitnet train` or `bitnet import-hf`")
-    return load_config(run_dir / "config.yaml")
+    return resolve_run(load_config(run_dir / CONFIG_FILE))
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    return read_resolved_run(run_dir).config
 
 
 def load_run(run_dir: str | Path, step: Optional[int] = None) -> ModelBundle:
     """The model of a run directory at its latest (or the given) checkpoint step."""
     run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    model_config = get_model_config(config.model.preset, **config.model.overrides)
-    checkpoints = run_dir / "checkpoints"
+    run = read_resolved_run(run_dir)
+    checkpoints = run_dir / CHECKPOINT_DIR
     require(checkpoints.is_dir() and any(checkpoints.iterdir()),
             f"{run_dir} has no checkpoints yet (train it, or check the path)")
-    params = restore_params(checkpoints,
-                            abstract_params(model_config, get_recipe(config.precision)), step)
-    return ModelBundle(model_config, config.precision, params,
-                       _resolve_tokenizer(config.data.tokenizer, run_dir))
+    params = restore_params(checkpoints, abstract_params(run.model, run.recipe), step)
+    return ModelBundle(run.model, run.config.precision, params,
+                       _resolve_tokenizer(run.config.data.tokenizer, run_dir))
 
 
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def tokenizer_file(tokenizer: str) -> Path:
@@ -138,14 +141,11 @@ def save_run(bundle: ModelBundle, out_dir: str | Path, source: str = "",
     run_config.data.tokenizer = tokenizer
     run_config.data.seq_len = min(run_config.data.seq_len, bundle.config.max_seq_len)
     tree = to_dict(run_config)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    (out_dir / "meta.json").write_text(json.dumps({"source": source}, indent=2))
-    params = jax.tree.map(jnp.asarray, bundle.params)
-    manager = ocp.CheckpointManager(out_dir / "checkpoints",
-                                    options=ocp.CheckpointManagerOptions(create=True))
-    manager.save(0, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"params": params}),
-        meta=ocp.args.JsonSave({"tokenizer": tokenizer, "source": source})))
-    manager.wait_until_finished()
-    manager.close()
+    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(tree, sort_keys=False))
+    (out_dir / META_FILE).write_text(json.dumps({"source": source}, indent=2))
+    # The trainer's own writer: a run saved here has the layout of a trained run's checkpoints.
+    checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, keep=1, async_save=False)
+    checkpointer.save(0, {"params": jax.tree.map(jnp.asarray, bundle.params)}, None,
+                      {"tokenizer": tokenizer, "source": source})
+    checkpointer.close()
     return out_dir

@@ -1,9 +1,10 @@
 """Sweep reports: the results table -> scaling-law fits -> report.md with PNG plots.
 
-`write_report(sweep)` collects the table, fits per recipe L(N) = E + A N^-alpha (bootstrap
-intervals), the pure power law, L(N, D) where the token count varies, and isoflop curves where
-budgets repeat; compares every recipe with bf16 (loss ratio, effective parameter multiplier, loss
-against weight memory and against inference energy), and draws the plots. The plotting functions
+`write_report(sweep)` collects the table and fits it with `fit.fit_table`, the function and
+defaults of `bitnet fit` (per recipe L(N) = E + A N^-alpha and the pure power law, L(N, D) where
+the token count varies, all with bootstrap intervals), adds isoflop curves where budgets repeat,
+compares every recipe with bf16 (loss ratio, effective parameter multiplier, loss against weight
+memory and against inference energy), and draws the plots. The plotting functions
 take the plain table rows, so a notebook draws the same curves from `results.csv`.
 """
 
@@ -16,12 +17,15 @@ from typing import Optional
 
 import numpy as np
 
-from bitnet_jax.scaling import laws as scaling
 from bitnet_jax.errors import ConfigError
+from bitnet_jax.scaling.bootstrap import DEFAULT_N_BOOT
+from bitnet_jax.scaling.compare import (effective_parameter_multiplier_band, loss_ratio_band,
+                                        loss_vs_resource)
+from bitnet_jax.scaling.fit import RecipeFits, fit_table
+from bitnet_jax.scaling.isoflop import fit_isoflop
+from bitnet_jax.scaling.results import COMPLETED, LOSS, PARAMS, RECIPE, STATUS
 
 REFERENCE = "bf16"
-N_BOOT = 400
-LOSS = "final_eval_loss"
 COLORS = {"bf16": "#1f77b4", "b1.58": "#d62728", "b1": "#9467bd", "a4.8": "#2ca02c",
           "v2-a8": "#ff7f0e", "v2-a4": "#8c564b"}
 
@@ -40,14 +44,14 @@ def color(recipe: str) -> str:
 
 
 def completed(rows: list[dict], loss: str = LOSS) -> list[dict]:
-    return [r for r in rows if r.get("status") == "completed"
+    return [r for r in rows if r.get(STATUS) == COMPLETED
             and isinstance(r.get(loss), (int, float)) and math.isfinite(r[loss])]
 
 
 def by_recipe(rows: list[dict]) -> dict[str, list[dict]]:
     groups = defaultdict(list)
     for row in rows:
-        groups[row["precision"]].append(row)
+        groups[row[RECIPE]].append(row)
     return dict(sorted(groups.items(), key=lambda kv: (kv[0] != REFERENCE, kv[0])))
 
 
@@ -58,44 +62,25 @@ def _column(rows: list[dict], key: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Fits.
 
-def fit_recipes(rows: list[dict], x: str = "params_non_embedding", loss: str = LOSS,
-                n_boot: int = N_BOOT) -> tuple[dict, dict]:
-    """Per recipe: L(x) = E + A x^-alpha with bootstrap intervals; errors kept as text."""
-    fits, problems = {}, {}
-    for recipe, group in by_recipe(completed(rows, loss)).items():
-        try:
-            point = scaling.fit_power_law_with_offset(_column(group, x), _column(group, loss),
-                                                      x_name="N" if x.startswith("params") else x)
-            fits[recipe] = scaling.bootstrap_fit(point, n_boot=n_boot)
-        except ConfigError as error:
-            problems[recipe] = str(error)
+def fit_laws(rows: list[dict], n_boot: int = DEFAULT_N_BOOT) -> dict[str, RecipeFits]:
+    """The laws of `bitnet fit` for these rows: the same function with the same defaults (so the
+    report and `bitnet fit results.csv` print the same parameters), the reference recipe first."""
+    fits = fit_table(rows, n_boot=n_boot)
+    return dict(sorted(fits.items(), key=lambda kv: (kv[0] != REFERENCE, kv[0])))
+
+
+def laws_of_kind(laws: dict[str, RecipeFits], kind: str = "offset") -> tuple[dict, dict]:
+    """One kind of law per recipe ("offset", "power" or "chinchilla"; see `RecipeFits.fits`) and,
+    for the recipes without one, the fitter's notes joined as text."""
+    fits = {recipe: group.fits[kind] for recipe, group in laws.items() if kind in group.fits}
+    problems = {recipe: "; ".join(group.notes) for recipe, group in laws.items()
+                if kind not in group.fits}
     return fits, problems
 
 
-def fit_power_laws(rows: list[dict], loss: str = LOSS) -> dict:
-    out = {}
-    for recipe, group in by_recipe(completed(rows, loss)).items():
-        try:
-            out[recipe] = scaling.fit_power_law(_column(group, "params_non_embedding"),
-                                                _column(group, loss))
-        except ConfigError:
-            pass
-    return out
-
-
-def fit_chinchilla_recipes(rows: list[dict], loss: str = LOSS) -> tuple[dict, dict]:
-    """L(N, D) per recipe where the sweep varies the token count (>= 3 values, as the fitter
-    needs to pin down B and beta)."""
-    fits, problems = {}, {}
-    for recipe, group in by_recipe(completed(rows, loss)).items():
-        if len({r["tokens"] for r in group}) < 3:
-            continue
-        try:
-            fits[recipe] = scaling.fit_chinchilla(_column(group, "params_non_embedding"),
-                                                  _column(group, "tokens"), _column(group, loss))
-        except ConfigError as error:
-            problems[recipe] = str(error)
-    return fits, problems
+def fit_recipes(rows: list[dict], n_boot: int = DEFAULT_N_BOOT) -> tuple[dict, dict]:
+    """Per recipe: L(N) = E + A N^-alpha with bootstrap intervals; why a recipe was not fitted."""
+    return laws_of_kind(fit_laws(rows, n_boot), "offset")
 
 
 def fit_isoflop_recipes(rows: list[dict], loss: str = LOSS) -> dict[str, str]:
@@ -107,9 +92,8 @@ def fit_isoflop_recipes(rows: list[dict], loss: str = LOSS) -> dict[str, str]:
         if sum(np.count_nonzero(budgets == b) >= 3 for b in set(budgets)) < 2:
             continue
         try:
-            out[recipe] = scaling.fit_isoflop(_column(group, "params_non_embedding"),
-                                              _column(group, "flops_causal"),
-                                              _column(group, loss), log_bin_width=0.1).summary()
+            out[recipe] = fit_isoflop(_column(group, PARAMS), _column(group, "flops_causal"),
+                                      _column(group, loss), log_bin_width=0.1).summary()
         except ConfigError as error:
             out[recipe] = f"not fitted: {error}"
     return out
@@ -169,7 +153,7 @@ def plot_training_curves(rows: list[dict], run_dirs: dict[str, Path], path: Path
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    sizes = sorted({r["params_non_embedding"] for r in rows})
+    sizes = sorted({r[PARAMS] for r in rows})
     seen = set()
     for row in rows:
         metrics_path = run_dirs[row["run"]] / "metrics.jsonl"
@@ -178,8 +162,8 @@ def plot_training_curves(rows: list[dict], run_dirs: dict[str, Path], path: Path
         train = [r for r in read_jsonl(metrics_path) if r.get("kind") == "train"]
         if not train:
             continue
-        recipe = row["precision"]
-        width = 0.6 + 2.0 * sizes.index(row["params_non_embedding"]) / max(len(sizes) - 1, 1)
+        recipe = row[RECIPE]
+        width = 0.6 + 2.0 * sizes.index(row[PARAMS]) / max(len(sizes) - 1, 1)
         ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], color=color(recipe),
                 lw=width, alpha=0.8, label=recipe if recipe not in seen else None)
         seen.add(recipe)
@@ -198,10 +182,10 @@ def plot_comparison(fits: dict, path: Path) -> Optional[Path]:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     for recipe, fit in others.items():
         n = _grid(np.concatenate([fit.data[0], reference.data[0]]))
-        ratio = scaling.loss_ratio_band(fit, reference, n)
+        ratio = loss_ratio_band(fit, reference, n)
         left.plot(n, ratio.value, color=color(recipe), label=f"{recipe} / {REFERENCE}")
         left.fill_between(n, ratio.lo, ratio.hi, color=color(recipe), alpha=0.15, lw=0)
-        mult = scaling.effective_parameter_multiplier_band(fit, reference, n)
+        mult = effective_parameter_multiplier_band(fit, reference, n)
         right.plot(n, mult.value, color=color(recipe), label=recipe)
         finite_hi = np.where(np.isfinite(mult.hi), mult.hi, np.nan)
         right.fill_between(n, mult.lo, finite_hi, color=color(recipe), alpha=0.15, lw=0)
@@ -260,8 +244,8 @@ def _comparison_lines(fits: dict) -> list[str]:
             continue
         n = np.array([min(fit.data[0].min(), reference.data[0].min()),
                       max(fit.data[0].max(), reference.data[0].max())])
-        ratio = scaling.loss_ratio_band(fit, reference, n)
-        mult = scaling.effective_parameter_multiplier_band(fit, reference, n)
+        ratio = loss_ratio_band(fit, reference, n)
+        mult = effective_parameter_multiplier_band(fit, reference, n)
         for i, label in enumerate(("smallest", "largest")):
             lines.append(
                 f"- {recipe} at N = {n[i]:,.0f} ({label} run size): loss {ratio.value[i]:.3f}x "
@@ -281,7 +265,7 @@ def _resource_lines(rows: list[dict], column: str, resource: str) -> list[str]:
     if REFERENCE not in data or len(data) < 2:
         return []
     try:
-        comparison = scaling.loss_vs_resource(data, resource=resource, reference=REFERENCE)
+        comparison = loss_vs_resource(data, resource=resource, reference=REFERENCE)
     except ConfigError as error:
         return [f"- loss against {resource}: not fitted ({error})"]
     lines = []
@@ -292,20 +276,21 @@ def _resource_lines(rows: list[dict], column: str, resource: str) -> list[str]:
     return lines
 
 
-def write_report(sweep, n_boot: int = N_BOOT) -> Path:
+def write_report(sweep, n_boot: int = DEFAULT_N_BOOT) -> Path:
     """Collect, fit and plot a sweep; returns the path of report.md."""
     from bitnet_jax.scaling.sweep import collect
 
     rows = collect(sweep)
     out = sweep.directory
     run_dirs = {run.run_id: run.run_dir for run in sweep.runs}
-    fits, problems = fit_recipes(rows, n_boot=n_boot)
-    pure = fit_power_laws(rows)
-    chinchilla, chinchilla_problems = fit_chinchilla_recipes(rows)
+    laws = fit_laws(rows, n_boot)
+    fits, _ = laws_of_kind(laws, "offset")
+    pure, _ = laws_of_kind(laws, "power")
+    chinchilla, _ = laws_of_kind(laws, "chinchilla")
 
     plots = {
         "loss against parameters": plot_loss_against(
-            rows, "params_non_embedding", out / "loss_vs_params.png",
+            rows, PARAMS, out / "loss_vs_params.png",
             "non-embedding parameters N", fits),
         "loss against training compute": plot_loss_against(
             rows, "flops_causal", out / "loss_vs_flops.png", "training FLOPs (causal convention)"),
@@ -331,16 +316,18 @@ def write_report(sweep, n_boot: int = N_BOOT) -> Path:
         lines += [f"- `{r['run']}`: {r['status']}" + (f" ({r['reason']})" if r.get("reason") else "")
                   for r in failed]
         lines.append("")
-    lines += ["## Scaling laws", "", "L(N) = E + A N^-alpha per recipe, fitted on log-loss "
-              f"residuals, with {n_boot} bootstrap resamples of the runs:", ""]
+    lines += ["## Scaling laws", "", "The laws of `bitnet fit results.csv`: L(N) = E + A N^-alpha "
+              f"per recipe, fitted on log-loss residuals, with {n_boot} bootstrap resamples of the "
+              "runs:", ""]
     lines += _law_table(fits) if fits else ["(no recipe has enough completed runs to fit)"]
-    lines += [f"- {recipe}: {problem}" for recipe, problem in problems.items()]
     if pure:
         lines += ["", "Pure power laws L(N) = A N^-alpha:", ""] + _law_table(pure)
-    if chinchilla or chinchilla_problems:
+    if chinchilla:
         lines += ["", "L(N, D) = E + A/N^alpha + B/D^beta (Huber loss on log-loss, L-BFGS from "
                   "Epoch AI's grid):", ""] + _law_table(chinchilla)
-        lines += [f"- {recipe}: {problem}" for recipe, problem in chinchilla_problems.items()]
+    notes = [f"- {recipe}: {note}" for recipe, group in laws.items() for note in group.notes]
+    if notes:
+        lines += ["", "Notes from the fitter:", ""] + notes
     isoflop = fit_isoflop_recipes(rows)
     if isoflop:
         lines += ["", "Isoflop curves (a parabola of loss in log N per compute budget; "

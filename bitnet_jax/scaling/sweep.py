@@ -19,7 +19,6 @@ ones, and retries failed ones only when asked.
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import itertools
 import json
@@ -29,13 +28,15 @@ from typing import Optional
 
 import yaml
 
+from bitnet_jax import run_files
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml, to_dict,
-                               unknown_key_error, validate)
+                               unknown_key_error)
 from bitnet_jax.errors import require
 from bitnet_jax.scaling.launch import Job, format_duration
-from bitnet_jax.model.transformer import get_model_config
-from bitnet_jax.core.precision import get_recipe
+from bitnet_jax.scaling.results import (RESULT_COLUMNS, accounting_row, write_parquet,
+                                        write_table)
+from bitnet_jax.model.resolve import ResolvedRun, resolve_model, resolve_run
 
 TOKEN_KEYS = ("tokens", "tokens_per_param")
 SWEEP_KEYS = ("name", "out_dir", "base", "base_config", "axes") + TOKEN_KEYS
@@ -49,6 +50,11 @@ class Run:
     run_id: str
     config: RunConfig
     overrides: dict  # the axis values that made it (for tables and plans)
+    # The config's model config and recipes, resolved (and the config checked) at construction.
+    resolved: ResolvedRun = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.resolved = resolve_run(self.config)
 
     @property
     def run_dir(self) -> Path:
@@ -85,7 +91,7 @@ def _set_steps_from_tokens(tree: dict, config: RunConfig, tokens: Optional[float
     require(tokens is None or tokens_per_param is None,
             "a sweep run gets either tokens or tokens_per_param, not both")
     if tokens_per_param is not None:
-        model = get_model_config(config.model.preset, **config.model.overrides)
+        model = resolve_model(config.model)
         tokens = tokens_per_param * compute.param_counts(model).non_embedding
     per_step = config.train.batch_size * config.data.seq_len
     steps = max(1, round(tokens / per_step))
@@ -131,12 +137,12 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None) -> Sweep
         config = from_dict(RunConfig, tree)
         _set_steps_from_tokens(tree, config, tokens, per_param)
         config = from_dict(RunConfig, tree)
-        validate(config)
         run_id = _stable_id(config)
+        run = Run(run_id, dataclasses.replace(config, name=run_id), point)  # checks the config
         require(run_id not in seen, f"sweep {name!r}: two axis points give the same run "
                                     f"({run_id}); an axis repeats a value")
         seen.add(run_id)
-        runs.append(Run(run_id, dataclasses.replace(config, name=run_id), point))
+        runs.append(run)
     require(runs, f"sweep {name!r} expands to no runs")
     return Sweep(name, directory, runs)
 
@@ -155,17 +161,16 @@ def _merge(base: dict, extra: dict) -> dict:
 # Plan.
 
 def run_accounting(run: Run) -> dict:
-    """Parameters, tokens and training FLOPs of a run, from its config alone."""
+    """Parameters, tokens, training FLOPs, energy and weight memory of a run, from its config
+    alone: the flat results columns of `model.accounting.summarize` (what `bitnet info` and the
+    run's summary.json show), plus the run's own settings."""
     config = run.config
-    model = get_model_config(config.model.preset, **config.model.overrides)
+    summary = compute.summarize(run.resolved.model, run.resolved.recipe, config.data.seq_len)
     tokens = config.train.steps * config.train.batch_size * config.data.seq_len
-    counts = compute.param_counts(model)
-    flops = {c: compute.train_flops(model, tokens, c, config.data.seq_len)
-             for c in compute.FLOP_CONVENTIONS}
     return {"run": run.run_id, "preset": config.model.preset, "precision": config.precision,
-            "params_total": counts.total, "params_non_embedding": counts.non_embedding,
-            "tokens": tokens, "steps": config.train.steps,
-            **{f"flops_{c}": v for c, v in flops.items()}}
+            "tokens": tokens, "steps": config.train.steps, **accounting_row(summary, tokens),
+            "lr": config.optimizer.lr, "batch_size": config.train.batch_size,
+            "seq_len": config.data.seq_len}
 
 
 def plan(sweep: Sweep, flops_per_second: Optional[float] = None) -> list[dict]:
@@ -200,14 +205,14 @@ def format_plan(sweep: Sweep, rows: list[dict]) -> str:
 
 def run_status(run_dir: Path) -> dict:
     """completed | failed | diverged | interrupted | started (checkpoints, no summary) | pending."""
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / run_files.SUMMARY_FILE
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         status = summary.get("status", "failed")
         if status == "running":  # a summary written by a crash in the summary itself
             status = "failed"
         return {"status": status, "reason": summary.get("reason")}
-    if (run_dir / "checkpoints").exists():
+    if (run_dir / run_files.CHECKPOINT_DIR).exists():
         return {"status": "started", "reason": None}
     return {"status": "pending", "reason": None}
 
@@ -247,9 +252,9 @@ def _archive_failed(run_dir: Path) -> None:
 def record_crashes(jobs: list[Job], results) -> None:
     """A process that died without a summary (killed, out of memory) is marked failed."""
     for job, result in zip(jobs, results):
-        if result.returncode != 0 and not (job.run_dir / "summary.json").exists():
+        if result.returncode != 0 and not (job.run_dir / run_files.SUMMARY_FILE).exists():
             job.run_dir.mkdir(parents=True, exist_ok=True)
-            (job.run_dir / "summary.json").write_text(json.dumps({
+            (job.run_dir / run_files.SUMMARY_FILE).write_text(json.dumps({
                 "run": job.name, "status": "failed",
                 "reason": f"process exited with code {result.returncode}; see {result.log_path}"},
                 indent=2))
@@ -258,43 +263,16 @@ def record_crashes(jobs: list[Job], results) -> None:
 # ----------------------------------------------------------------------------------------------
 # Collect.
 
-RESULT_COLUMNS = (
-    "run", "status", "reason", "preset", "precision", "params_total", "params_non_embedding",
-    "params_embedding", "params_quantized_linear", "tokens", "steps", "flops_kaplan",
-    "flops_full", "flops_causal", "energy_per_token_7nm_j", "energy_per_token_45nm_j",
-    "weight_memory_bytes", "weight_memory_format", "weight_memory_vs_bf16",
-    "final_eval_loss", "best_eval_loss", "eval_ppl", "eval_bpb", "wall_seconds",
-    "tokens_per_s", "lr", "batch_size", "seq_len",
-)
-
-
 def collect_run(run: Run) -> dict:
     """One results row: accounting from the config, metrics from the run directory."""
     from bitnet_jax.train.metrics import read_jsonl
 
-    config = run.config
-    model = get_model_config(config.model.preset, **config.model.overrides)
-    recipe = get_recipe(config.precision)
-    accounting = run_accounting(run)
-    counts = compute.param_counts(model)
-    memory = compute.weight_memory(model, recipe)
     status = run_status(run.run_dir)
-    row = {**accounting, **status,
-           "params_embedding": counts.embedding,
-           "params_quantized_linear": counts.quantized_linear(recipe),
-           "energy_per_token_7nm_j": compute.energy_per_token(model, recipe, "7nm",
-                                                              config.data.seq_len).total_j,
-           "energy_per_token_45nm_j": compute.energy_per_token(model, recipe, "45nm",
-                                                               config.data.seq_len).total_j,
-           "weight_memory_bytes": memory.total_bytes,
-           "weight_memory_format": memory.default_format,
-           "weight_memory_vs_bf16": memory.vs_bf16,
-           "lr": config.optimizer.lr, "batch_size": config.train.batch_size,
-           "seq_len": config.data.seq_len}
-    metrics_path = run.run_dir / "metrics.jsonl"
+    row = {**run_accounting(run), **status}
+    metrics_path = run.run_dir / run_files.METRICS_FILE
     evals = [r for r in read_jsonl(metrics_path) if r.get("kind") == "eval"] \
         if metrics_path.exists() else []
-    summary_path = run.run_dir / "summary.json"
+    summary_path = run.run_dir / run_files.SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     row.update({
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
@@ -315,37 +293,6 @@ def collect(sweep: Sweep) -> list[dict]:
     write_table(rows, sweep.directory / "results.csv")
     write_parquet(rows, sweep.directory / "results.parquet")
     return rows
-
-
-def write_table(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(RESULT_COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_parquet(rows: list[dict], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    columns = {c: [r.get(c) for r in rows] for c in RESULT_COLUMNS}
-    pq.write_table(pa.table(columns), path)
-
-
-def read_table(path: str | Path) -> list[dict]:
-    """Rows of a results CSV with numbers parsed (empty cells -> None)."""
-    def parse(value: str):
-        if value == "":
-            return None
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        return int(number) if number.is_integer() and "." not in value and "e" not in value \
-            else number
-
-    with open(path, newline="") as f:
-        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------------------------------

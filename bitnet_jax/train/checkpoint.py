@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
-from bitnet_jax.data import pipeline as data
+from bitnet_jax.data.pipeline import iterator_checkpoint_args
 
 
 class Checkpointer:
@@ -27,7 +27,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, iterator, meta: dict) -> None:
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if iterator is not None:
-            items["data"] = data.iterator_checkpoint_args(iterator, save=True)
+            items["data"] = iterator_checkpoint_args(iterator, save=True)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_meta(self, step: int) -> dict:
@@ -39,7 +39,7 @@ class Checkpointer:
         moved to its saved position in place."""
         items = dict(state=ocp.args.StandardRestore(abstract_state))
         if iterator is not None:
-            items["data"] = data.iterator_checkpoint_args(iterator, save=False)
+            items["data"] = iterator_checkpoint_args(iterator, save=False)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 

@@ -2,7 +2,8 @@
 
 `train(config)` (or `bitnet train --config FILE.yaml key=value ...`) writes one self-describing
 directory `out_dir/name/` with `config.yaml`, `meta.json`, `metrics.jsonl`, `summary.json` and
-`checkpoints/`, and resumes from its latest checkpoint when started again.
+`checkpoints/` (names in `bitnet_jax.run_files`), and resumes from its latest checkpoint when
+started again.
 
 The step functions are pure: `train_step(state, batch) -> (state, metrics)`, compiled once per
 precision recipe with explicit in/out shardings and the state donated.
@@ -27,15 +28,17 @@ import optax
 import yaml
 
 from bitnet_jax.model import accounting as compute
-from bitnet_jax.data import pipeline as data
+from bitnet_jax.data import pipeline
+from bitnet_jax.data.tokenizers import load_tokenizer
 from bitnet_jax.train import metrics
 from bitnet_jax.train import optim
 from bitnet_jax.train import sharding
 from bitnet_jax.train.checkpoint import Checkpointer, restore_params
+from bitnet_jax import run_files
 from bitnet_jax.config import RunConfig, to_dict
 from bitnet_jax.errors import ConfigError, require
-from bitnet_jax.model.transformer import ModelConfig, Transformer, get_model_config
-from bitnet_jax.core.precision import get_recipe
+from bitnet_jax.model.resolve import ResolvedRun, resolve_run
+from bitnet_jax.model.transformer import ModelConfig, Transformer
 from bitnet_jax.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
 
 
@@ -63,8 +66,7 @@ def run_name(config: RunConfig) -> str:
 class Setup:
     """Everything a run needs, built before any training compute."""
 
-    config: RunConfig
-    model_config: ModelConfig
+    run: ResolvedRun
     run_dir: Path
     mesh: jax.sharding.Mesh
     rules: tuple
@@ -77,30 +79,39 @@ class Setup:
     abstract_state: Any
     batch_sharding: Any
 
+    @property
+    def config(self) -> RunConfig:
+        return self.run.config
 
-def build(config: RunConfig, devices=None) -> Setup:
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.run.model
+
+
+def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
     """Check everything that can be checked, load data, plan shardings. No training compute."""
-    model_config = get_model_config(config.model.preset, **config.model.overrides)
+    run = resolve_run(config)
+    config, model_config = run.config, run.model
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.logical_rules(config.mesh)
     sharding.check_batch(config.train.batch_size, config.train.grad_accum, mesh, rules)
     if config.train.integer_forward:
-        for name in filter(None, [config.precision, config.train.stage1_precision]):
-            require(get_recipe(name).supports_integer_matmul,
+        for name, recipe in run.recipes.items():
+            require(recipe.supports_integer_matmul,
                     f"train.integer_forward=true but precision {name!r} has a linear role that "
                     f"is not integer (weights and activations at most 8 bits)")
 
-    tokenizer = data.load_tokenizer(config.data.tokenizer)
+    tokenizer = load_tokenizer(config.data.tokenizer)
     require(tokenizer.vocab_size <= model_config.vocab_size,
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model's "
             f"vocab_size is {model_config.vocab_size}; set model.vocab_size >= "
             f"{tokenizer.vocab_size}")
-    train_split, validation_split, data_stats = data.prepare_data(config.data, tokenizer)
-    eval_batches = data.make_eval_batches(validation_split, config.data.seq_len,
+    train_split, validation_split, data_stats = pipeline.prepare_data(config.data, tokenizer)
+    eval_batches = pipeline.make_eval_batches(validation_split, config.data.seq_len,
                                           config.train.batch_size, config.train.eval_batches)
 
     optimizer = optim.make_optimizer(config.optimizer, config.train.steps)
-    model = Transformer(model_config, get_recipe(config.precision))
+    model = Transformer(model_config, run.recipe)
     tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
     abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])
     params_sharding = sharding.param_shardings(abstract_params, mesh, rules)
@@ -113,7 +124,7 @@ def build(config: RunConfig, devices=None) -> Setup:
         TrainState(jax.ShapeDtypeStruct((), jnp.int32), nn.unbox(abstract_params), abstract_opt),
         state_sharding)
     run_dir = Path(config.out_dir) / run_name(config)
-    return Setup(config, model_config, run_dir, mesh, rules, tokenizer, train_split,
+    return Setup(run, run_dir, mesh, rules, tokenizer, train_split,
                  eval_batches, data_stats, optimizer, state_sharding, abstract_state,
                  sharding.batch_sharding(mesh, rules))
 
@@ -121,7 +132,7 @@ def build(config: RunConfig, devices=None) -> Setup:
 def init_state(setup: Setup) -> TrainState:
     """Parameters initialised directly in their shardings (never whole on one device)."""
     config = setup.config
-    model = Transformer(setup.model_config, get_recipe(config.precision))
+    model = Transformer(setup.model_config, setup.run.recipe)
     tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
 
     def init(rng):
@@ -131,7 +142,7 @@ def init_state(setup: Setup) -> TrainState:
     init = jax.jit(init, out_shardings=setup.state_sharding)
     state = init(jax.random.PRNGKey(config.train.seed))
     if config.init_from:
-        params = restore_params(Path(config.init_from) / "checkpoints",
+        params = restore_params(Path(config.init_from) / run_files.CHECKPOINT_DIR,
                                 setup.abstract_state.params)
         state = state.replace(params=params)
     return state
@@ -181,7 +192,7 @@ class _StopFlag:
 
 def compile_steps(setup: Setup, precision: str) -> tuple[Callable, Callable]:
     config = setup.config
-    model = Transformer(setup.model_config, get_recipe(precision),
+    model = Transformer(setup.model_config, setup.run.recipes[precision],
                         integer=config.train.integer_forward)
     train_step = jax.jit(make_train_step(model, setup.optimizer, config.train.grad_accum),
                          in_shardings=(setup.state_sharding, setup.batch_sharding),
@@ -215,20 +226,22 @@ def write_run_files(setup: Setup, meta: dict) -> None:
     if not metrics.is_main_process():
         return
     setup.run_dir.mkdir(parents=True, exist_ok=True)
-    (setup.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(setup.config),
-                                                              sort_keys=False))
-    (setup.run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    (setup.run_dir / run_files.CONFIG_FILE).write_text(
+        yaml.safe_dump(to_dict(setup.config), sort_keys=False))
+    (setup.run_dir / run_files.META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def train(config: RunConfig, devices=None) -> dict:
+def train(config: RunConfig | ResolvedRun, devices=None) -> dict:
     """Run (or resume) one training run; returns the summary written to summary.json."""
+    run = resolve_run(config)  # a bad config fails here, before any device or data work
     sharding.maybe_initialize_distributed()
-    setup = build(config, devices)
+    setup = build(run, devices)
+    config = run.config
     tc = config.train
     meta = metrics.run_metadata()
     write_run_files(setup, meta)
-    checkpointer = Checkpointer(setup.run_dir / "checkpoints", tc.keep_checkpoints)
-    iterator = data.make_train_iterator(
+    checkpointer = Checkpointer(setup.run_dir / run_files.CHECKPOINT_DIR, tc.keep_checkpoints)
+    iterator = pipeline.make_train_iterator(
         setup.train_split, config.data.seq_len, tc.batch_size // jax.process_count(),
         config.data.seed, jax.process_index(), jax.process_count(), config.data.num_workers)
 
@@ -242,7 +255,7 @@ def train(config: RunConfig, devices=None) -> dict:
         state = init_state(setup)
     start = int(state.step)
 
-    jsonl = metrics.JsonlWriter(setup.run_dir / "metrics.jsonl",
+    jsonl = metrics.JsonlWriter(setup.run_dir / run_files.METRICS_FILE,
                                 resume_step=start if start_step is not None else None)
     wandb = metrics.WandbLogger(config.logging.wandb, config.logging.wandb_project,
                                 config.logging.wandb_entity, setup.run_dir,
@@ -346,11 +359,10 @@ def train(config: RunConfig, devices=None) -> dict:
             "wall_seconds": time.time() - wall_start,
             "tokens_per_s": tokens_per_step * timed_steps / train_seconds if train_seconds else None,
             "peak_flops_per_device": peak, "data": setup.data_stats,
-            "compute": compute.summarize(setup.model_config, get_recipe(config.precision),
-                                         config.data.seq_len),
+            "compute": compute.summarize(run.model, run.recipe, config.data.seq_len),
             **{k: v for k, v in last_eval.items() if k not in ("step", "kind")},
         }
         if metrics.is_main_process():
-            (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=2,
-                                                                   default=str))
+            (setup.run_dir / run_files.SUMMARY_FILE).write_text(
+                json.dumps(summary, indent=2, default=str))
     return summary
