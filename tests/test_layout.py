@@ -4,12 +4,9 @@ CLI, and no module over about 600 lines."""
 import ast
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "bitnet_jax"
 MAX_LINES = 600
-# Modules other work is splitting right now; the test turns green by itself when they are.
-BEING_SPLIT = {"bitnet_jax.scaling.laws", "bitnet_jax.data.pipeline"}
 
 
 def module_name(path: Path) -> str:
@@ -106,16 +103,6 @@ def test_nothing_imports_the_cli():
     assert importers == []
 
 
-def _too_long() -> dict[str, int]:
-    lengths = {m: len(path.read_text().splitlines()) for m, path in MODULES.items()}
-    return {m: n for m, n in lengths.items() if n > MAX_LINES}
-
-
-def test_no_module_of_ours_is_over_600_lines():
-    assert {m: n for m, n in _too_long().items() if m not in BEING_SPLIT} == {}
-
-
-@pytest.mark.xfail(strict=False, reason="scaling/laws.py and data/pipeline.py are being split "
-                                        "by other work")
 def test_no_module_is_over_600_lines():
-    assert _too_long() == {}
+    lengths = {m: len(path.read_text().splitlines()) for m, path in MODULES.items()}
+    assert {m: n for m, n in lengths.items() if n > MAX_LINES} == {}
