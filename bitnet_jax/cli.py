@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.errors import ConfigError
+from bitnet_jax.units import format_bytes
 from bitnet_jax.scaling import results  # column names only (the csv module, no JAX)
 
 EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
@@ -42,14 +43,6 @@ def format_energy(pj: float) -> str:
         if abs(pj) >= scale:
             return f"{pj / scale:.4g} {unit}"
     return f"{pj:.4g} pJ"
-
-
-def format_bytes(n: float) -> str:
-    """Sizes in decimal units: 177 KB, 521 MB, 4.83 GB."""
-    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
-        if abs(n) >= scale:
-            return f"{n / scale:.4g} {unit}"
-    return f"{n:g} B"
 
 
 def _rows(rows: Sequence[tuple[str, ...]], align: str = "lrrr", indent: str = "  ") -> list[str]:

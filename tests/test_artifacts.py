@@ -5,6 +5,7 @@ import pytest
 
 from bitnet_jax import run_files
 from bitnet_jax.interop import run_dir as artifacts
+from bitnet_jax.interop.load import load_model
 from bitnet_jax.train.checkpoint import Checkpointer
 from bitnet_jax.config import load_config
 from bitnet_jax.errors import ConfigError
@@ -23,7 +24,7 @@ def test_saved_run_loads_back_and_configures_training_from_itself(tmp_path):
     tokenizer.write_text("{}")
     saved = bundle(str(tokenizer))
     out = artifacts.save_run(saved, tmp_path / "run", source="test")
-    loaded = artifacts.load_model(out)
+    loaded = load_model(out)
     assert loaded.config == saved.config and loaded.precision == "b1.58"
     assert jax.tree.all(jax.tree.map(np.array_equal, loaded.params, saved.params))
     assert loaded.tokenizer == str(out / "tokenizer.json")  # copied in with the run
@@ -55,7 +56,7 @@ def test_fresh_directory_keeps_a_tokenizer_that_lives_in_the_replaced_directory(
 
 def test_unknown_directories_and_incomplete_configs_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="holds no model"):
-        artifacts.load_model(tmp_path)
+        load_model(tmp_path)
     with pytest.raises(ConfigError, match="missing"):
         get_model_config(None, vocab_size=320, d_model=64)
 

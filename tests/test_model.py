@@ -5,11 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.model.transformer import (NORM_PLACEMENTS, PRESETS, ModelConfig, Transformer,
                               get_model_config, init_params, validate_recipe_for_model)
-from bitnet_jax.core.precision import get_recipe
+from bitnet_jax.core.precision import LINEAR_ROLES, get_recipe
+from bitnet_jax.model.linears import DECODER_LINEARS, decoder_linear, kernel_path
 
 RNG = jax.random.PRNGKey(0)
 RECIPES = ["bf16", "b1", "b1.58", "a4.8", "v2-a8", "v2-a4"]
@@ -154,3 +156,18 @@ def test_ladder_presets_run(name):
     out = jax.eval_shape(lambda p: Transformer(config, recipe).apply({"params": p}, tokens(1, 16, 320)),
                          shapes)
     assert out.shape == (1, 16, config.vocab_size)
+
+
+@pytest.mark.parametrize("placement", NORM_PLACEMENTS)
+def test_linear_table_is_the_models_kernels(placement):
+    """model.linears' table names every decoder kernel the model creates, with its shape."""
+    config = small_config(norm_placement=placement, head_dim=16, d_ff=96)
+    tree = nn.unbox(jax.eval_shape(lambda: init_params(config, get_recipe("b1.58"), RNG)))
+    kernels = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(tree).items()
+               if path[-1] == "kernel" and path[0].startswith("layers_")}
+    expected = {kernel_path(i, linear): linear.shape(config)
+                for i in range(config.n_layers) for linear in DECODER_LINEARS}
+    assert kernels == expected
+    assert all(decoder_linear(path).shape(config) == shape for path, shape in kernels.items())
+    assert decoder_linear(("lm_head", "kernel")) is None
+    assert {linear.role for linear in DECODER_LINEARS} == set(LINEAR_ROLES)

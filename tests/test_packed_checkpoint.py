@@ -17,7 +17,9 @@ from bitnet_jax.model import accounting as compute
 from bitnet_jax.infer import generate as inference
 from bitnet_jax.core import packing
 from bitnet_jax.core import quant
+from bitnet_jax.core import codec
 from bitnet_jax.interop import packed as pc
+from bitnet_jax.interop import packed_params as pp
 from bitnet_jax.interop.run_dir import ModelBundle, abstract_params
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.model.transformer import ModelConfig, Transformer, get_model_config, init_params
@@ -39,7 +41,7 @@ def _bundle(precision="b1.58", config=TINY, tokenizer="bytes"):
 
 
 def _flat(tree):
-    return pc._flatten(tree)
+    return pc.flat_params(tree)
 
 
 def _logits(bundle, tokens):
@@ -57,7 +59,7 @@ TOKENS = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, TINY.vocab_size)
 def test_round_trip_is_exact(tmp_path, layout, precision):
     bundle = _bundle(precision)
     pc.save_packed(bundle, tmp_path / "packed", layout, dtype="float32")
-    loaded = pc.load_packed(tmp_path / "packed")
+    loaded = pp.load_packed(tmp_path / "packed")
 
     assert loaded.config == bundle.config and loaded.precision == precision
     assert loaded.tokenizer == "bytes"
@@ -82,7 +84,7 @@ def test_round_trip_is_exact(tmp_path, layout, precision):
 def test_bfloat16_storage_rounds_only_the_unquantized_params(tmp_path):
     bundle = _bundle("b1.58@channel")
     pc.save_packed(bundle, tmp_path / "packed")  # bfloat16 by default
-    loaded = pc.load_packed(tmp_path / "packed")
+    loaded = pp.load_packed(tmp_path / "packed")
     kernels = pc.quantized_kernels(bundle.params, bundle.recipe)
     before, after = _flat(bundle.params), _flat(loaded.params)
     for path, leaf in after.items():
@@ -96,9 +98,9 @@ def test_bfloat16_storage_rounds_only_the_unquantized_params(tmp_path):
             expected = np.asarray(before[path]).astype(ml_dtypes.bfloat16).astype(np.float32)
             np.testing.assert_array_equal(leaf, expected, err_msg=path)
     # The same model as the original with its embeddings, norms and head rounded to bf16.
-    rounded = pc._unflatten({p: (v if p in kernels else
-                                 jnp.asarray(v).astype(jnp.bfloat16).astype(jnp.float32))
-                             for p, v in _flat(bundle.params).items()})
+    rounded = pc.nested_params({p: (v if p in kernels else
+                                    jnp.asarray(v).astype(jnp.bfloat16).astype(jnp.float32))
+                                for p, v in _flat(bundle.params).items()})
     np.testing.assert_allclose(
         _logits(loaded, TOKENS), _logits(dataclasses.replace(bundle, params=rounded), TOKENS),
         rtol=1e-5, atol=1e-5)
@@ -109,7 +111,7 @@ def test_other_ternary_recipes_and_layouts_round_trip(tmp_path):
     config = dataclasses.replace(TINY, norm_placement="bitlinear", tie_embeddings=True)
     bundle = _bundle("a4.8", config)
     pc.save_packed(bundle, tmp_path / "packed", "base3", dtype="float32")
-    loaded = pc.load_packed(tmp_path / "packed")
+    loaded = pp.load_packed(tmp_path / "packed")
     assert "lm_head" not in loaded.params
     assert "norm" in loaded.params["layers_0"]["self_attn"]["q_proj"]
     np.testing.assert_allclose(_logits(loaded, TOKENS), _logits(bundle, TOKENS),
@@ -120,7 +122,7 @@ def test_other_ternary_recipes_and_layouts_round_trip(tmp_path):
 def test_training_can_continue_from_a_loaded_model(tmp_path):
     bundle = _bundle()
     pc.save_packed(bundle, tmp_path / "packed", dtype="float32")
-    loaded = pc.load_packed(tmp_path / "packed")
+    loaded = pp.load_packed(tmp_path / "packed")
 
     def loss(params):
         return jnp.mean(Transformer(TINY, loaded.recipe).apply({"params": params}, TOKENS) ** 2)
@@ -136,7 +138,7 @@ def test_exact_latent_hits_every_scale_exactly():
             w = jnp.asarray(rng.normal(size=shape) * rng.uniform(1e-3, 1.0), jnp.float32)
             w = w.at[:, 0].set(0.0)  # an all-zero column: its scale is clamped to eps
             q = quant.ternary_absmean(w, granularity, group_size)
-            latent = pc.exact_latent(q.codes, q.scale, granularity, group_size)
+            latent = codec.exact_latent(q.codes, q.scale, granularity, group_size)
             again = quant.ternary_absmean(jnp.asarray(latent), granularity, group_size)
             np.testing.assert_array_equal(again.codes, q.codes)
             np.testing.assert_array_equal(again.scale, q.scale)
@@ -149,7 +151,7 @@ def test_tokenizer_file_travels_with_the_checkpoint(tmp_path):
     pc.save_packed(bundle, tmp_path / "packed")
     manifest = pc.read_manifest(tmp_path / "packed")
     assert manifest["tokenizer"] == "tokenizer.json"
-    loaded = pc.load_packed(tmp_path / "packed")
+    loaded = pp.load_packed(tmp_path / "packed")
     assert loaded.tokenizer == str((tmp_path / "packed" / "tokenizer.json").resolve())
     with open(loaded.tokenizer) as f:
         assert f.read() == '{"model": "stub"}'
@@ -198,7 +200,7 @@ def test_base3_stores_flat_out_in_codes(tmp_path):
 def test_ternary_weights_for_an_inference_engine(tmp_path, layout):
     bundle = _bundle("b1.58@channel")
     pc.save_packed(bundle, tmp_path / "packed", layout)
-    weights = pc.load_ternary_weights(tmp_path / "packed")
+    weights = pp.load_ternary_weights(tmp_path / "packed")
     assert set(weights) == set(pc.quantized_kernels(bundle.params, bundle.recipe))
     for path, packed in weights.items():
         q = quant.ternary_absmean(_flat(bundle.params)[path], "channel")
@@ -208,13 +210,13 @@ def test_ternary_weights_for_an_inference_engine(tmp_path, layout):
         np.testing.assert_array_equal(packed.quantized().dequantize(), q.dequantize())
 
 
-@pytest.mark.parametrize("weights", pc.INFERENCE_WEIGHTS)
+@pytest.mark.parametrize("weights", pp.INFERENCE_WEIGHTS)
 def test_inference_params_run_the_stored_weight_model(tmp_path, weights):
     if "weights" not in {f.name for f in dataclasses.fields(Transformer)}:
         pytest.skip("this Transformer has no stored-weight mode")
     bundle = _bundle("b1.58@channel")
     pc.save_packed(bundle, tmp_path / "packed", "base3", dtype="float32")
-    info, params = pc.load_inference_params(tmp_path / "packed", weights)
+    info, params = pp.load_inference_params(tmp_path / "packed", weights)
     assert info.config == TINY and info.params is None
     model = Transformer(TINY, bundle.recipe, weights=weights)
     expected = jax.tree.map(jnp.shape, nn.unbox(jax.eval_shape(
@@ -229,12 +231,12 @@ def test_load_generator_reads_stored_weights_straight_from_the_file(tmp_path, mo
                                                                      weights):
     bundle = _bundle("b1.58@channel")
     pc.save_packed(bundle, tmp_path / "packed", "2bit")
-    want = inference.make_generator(pc.load_packed(tmp_path / "packed").params, TINY,
+    want = inference.make_generator(pp.load_packed(tmp_path / "packed").params, TINY,
                                     bundle.recipe, weights, kv_bits=4, dtype="bfloat16")
     if weights != "float":  # no float kernels are rebuilt only to be quantized again
         def refuse(*args, **kwargs):
             raise AssertionError("load_packed called")
-        monkeypatch.setattr(pc, "load_packed", refuse)
+        monkeypatch.setattr(pp, "load_packed", refuse)
     loaded, got = inference.load_generator(tmp_path / "packed", weights, kv_bits=4,
                                            dtype="bfloat16")
     assert (loaded.params is None) == (weights != "float")
@@ -333,17 +335,17 @@ def test_refuses_bad_arguments_and_a_full_directory(tmp_path):
 
 def test_refuses_directories_that_are_not_packed_checkpoints(tmp_path):
     with pytest.raises(ConfigError, match="not a directory"):
-        pc.load_packed(tmp_path / "missing")
+        pp.load_packed(tmp_path / "missing")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("name: x\n")
     with pytest.raises(ConfigError, match="not a packed checkpoint"):
-        pc.load_packed(tmp_path / "run")
+        pp.load_packed(tmp_path / "run")
     (tmp_path / "run" / pc.MANIFEST_FILE).write_text('{"format": "something-else"}')
     with pytest.raises(ConfigError, match="format='something-else'"):
-        pc.load_packed(tmp_path / "run")
+        pp.load_packed(tmp_path / "run")
     (tmp_path / "run" / pc.MANIFEST_FILE).write_text("not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        pc.load_packed(tmp_path / "run")
+        pp.load_packed(tmp_path / "run")
 
 
 def _rewrite_manifest(directory, **changes):
@@ -359,33 +361,33 @@ def test_refuses_unknown_versions_and_missing_or_foreign_tensors(tmp_path):
     pc.save_packed(bundle, directory)
     _rewrite_manifest(directory, format_version=pc.FORMAT_VERSION + 1)
     with pytest.raises(ConfigError, match="format_version 2"):
-        pc.load_packed(directory)
+        pp.load_packed(directory)
     _rewrite_manifest(directory, format_version=pc.FORMAT_VERSION)
 
     path = str(directory / pc.WEIGHTS_FILE)
     tensors = load_file(path)
     save_file({k: v for k, v in tensors.items() if k != "norm/scale"}, path)
     with pytest.raises(ConfigError, match="lacks 1 tensor.*norm/scale"):
-        pc.load_packed(directory)
+        pp.load_packed(directory)
     save_file({**tensors, "extra": np.zeros(3, np.float32)}, path)
     with pytest.raises(ConfigError, match="does not have.*extra"):
-        pc.load_packed(directory)
+        pp.load_packed(directory)
     bad = dict(tensors)
     bad["layers_0/mlp/up_proj/kernel.packed"] = np.full_like(
         tensors["layers_0/mlp/up_proj/kernel.packed"], 0xFF)  # code 3 everywhere
     save_file(bad, path)
     with pytest.raises(ConfigError, match="not valid 2bit data"):
-        pc.load_packed(directory)
+        pp.load_packed(directory)
     wrong = dict(tensors)
     wrong["norm/scale"] = np.zeros(5, ml_dtypes.bfloat16)
     save_file(wrong, path)
     with pytest.raises(ConfigError, match="'norm/scale' is bfloat16\\[5\\]"):
-        pc.load_packed(directory)
+        pp.load_packed(directory)
     # A manifest describing another model: its shapes do not match the file.
     save_file(tensors, path)
     _rewrite_manifest(directory, config={**dataclasses.asdict(TINY), "d_model": 64})
     with pytest.raises(ConfigError):
-        pc.load_packed(directory)
+        pp.load_packed(directory)
     os.remove(path)
     with pytest.raises(ConfigError, match="no model.safetensors"):
-        pc.load_packed(directory)
+        pp.load_packed(directory)

@@ -23,16 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.model import kv_cache
-from bitnet_jax.interop import packed as packed_checkpoint
-from bitnet_jax.core import packing
-from bitnet_jax.interop.run_dir import ModelBundle, load_model
-from bitnet_jax.model.accounting import PROJECTION_ROLES
-from bitnet_jax.errors import require
-from bitnet_jax.model.layers import WEIGHT_FORMATS
-from bitnet_jax.model.transformer import ModelConfig, Transformer
+from bitnet_jax.core import codec
 from bitnet_jax.core.precision import KVCachePrecision, PrecisionRecipe, get_recipe
+from bitnet_jax.errors import require
 from bitnet_jax.infer.sampling import SamplingConfig, sample
+from bitnet_jax.interop import packed, packed_params
+from bitnet_jax.interop.load import load_model
+from bitnet_jax.interop.run_dir import ModelBundle
+from bitnet_jax.model import kv_cache
+from bitnet_jax.model.layers import WEIGHT_FORMATS
+from bitnet_jax.model.linears import PROJECTION_ROLES
+from bitnet_jax.model.transformer import ModelConfig, Transformer
 
 # ----------------------------------------------------------------------------------------------
 # Weights for inference.
@@ -64,14 +65,14 @@ def default_weights(recipe: PrecisionRecipe) -> str:
 def _stored_linear(node: dict, quantizer, weights: str) -> dict:
     """{kernel (in, out), ...} -> {codes int8 (out, in) | packed uint8, scale, ...}."""
     quantized = quantizer(node["kernel"])
-    codes_OxI = jnp.asarray(quantized.codes.T, jnp.int8)
+    codes_OxI = codec.torch_codes(quantized.codes)
     scale = jnp.reshape(quantized.scale, (-1,) if quantizer.granularity == "channel" else ())
     stored = {k: v for k, v in node.items() if k != "kernel"}
     stored["scale"] = scale.astype(jnp.float32)
     if weights == "int8":
         stored["codes"] = codes_OxI
     else:
-        stored["packed"] = packing.pack_2bit(codes_OxI)
+        stored["packed"] = codec.pack_codes(codes_OxI, "2bit")
     return stored
 
 
@@ -178,7 +179,7 @@ def make_generator(params: Any, config: ModelConfig, recipe: PrecisionRecipe,
 def load_generator(directory: str | Path, weights: str = "auto", integer: Optional[bool] = None,
                    kv_bits: Optional[int] = None,
                    dtype: Optional[str] = None) -> tuple[ModelBundle, Generator]:
-    """The model in `directory` (see `artifacts.load_model`) and a Generator for it, with the
+    """The model in `directory` (see `interop.load.load_model`) and a Generator for it, with the
     options of `make_generator`.
 
     A packed checkpoint decoded from stored (int8 or packed) weights is read straight into
@@ -186,11 +187,11 @@ def load_generator(directory: str | Path, weights: str = "auto", integer: Option
     has `params=None`.
     """
     path = Path(directory).expanduser()
-    if (path / packed_checkpoint.MANIFEST_FILE).is_file():
-        recipe = get_recipe(packed_checkpoint.read_manifest(path)["precision"])
+    if (path / packed.MANIFEST_FILE).is_file():
+        recipe = get_recipe(packed.read_manifest(path)["precision"])
         stored_format = default_weights(recipe) if weights == "auto" else weights
         if stored_format != "float" and storable(recipe, stored_format) is None:
-            bundle, stored = packed_checkpoint.load_inference_params(path, stored_format)
+            bundle, stored = packed_params.load_inference_params(path, stored_format)
             config, recipe, stored_format, integer = _generator_settings(
                 bundle.config, bundle.recipe, stored_format, integer, kv_bits, dtype)
             stored = _cast_unstored(stored, jnp.dtype(config.dtype))

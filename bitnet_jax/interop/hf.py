@@ -14,13 +14,17 @@ forms that `config.json`'s `quantization_config` names:
 
 `export_hf` writes the first two (or the packed one with `packed=True`); `load_hf` reads all
 four. Ternary codes come back as float weights that our absmean quantizer maps to exactly those
-codes and scale (`quant.ternary_latent`), so an imported packed model is the same model and
-training can go on from it. Embeddings and the LM head stay full precision on both sides:
-transformers' quantizer skips the output embedding (and tied weights) by default.
+codes and scale (`codec.exact_latent`), so an imported packed model is the same model, exports
+to the same codes, and training can go on from it. Embeddings and the LM head stay full
+precision on both sides: transformers' quantizer skips the output embedding (and tied weights)
+by default.
 
-Numerics: in float32 the two implementations agree to ~1e-6 in the logits, bf16 files
-included: `quant.absmax_per_token` forms the activation scale as `(1 / absmax) * 127`, the way
-torch evaluates the reference's `127 / absmax`, so 8-bit codes agree even on .5 ties.
+Numerics: in float32 the two implementations agree to ~1e-6 in the logits:
+`quant.absmax_per_token` forms the activation scale as `(1 / absmax) * 127`, the way torch
+evaluates the reference's `127 / absmax`, so 8-bit codes agree on ties that scale decides. An
+activation exactly on a .5 tie by construction (bf16 weights make those likely: an entry half
+its row's largest) still rounds by the last ulp of the RMSNorm, where jnp.mean and torch's
+mean and rsqrt may differ: one code, ~1e-3 in later logits (see tests/test_hf.py).
 """
 
 from __future__ import annotations
@@ -33,16 +37,17 @@ from typing import Any
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from bitnet_jax.core import packing
-from bitnet_jax.core import quant
-from bitnet_jax.interop.run_dir import (TOKENIZER_FILE, ModelBundle, fresh_directory, save_run,
-                                  tokenizer_file)
+from bitnet_jax.core import codec
+from bitnet_jax.core.precision import PRESETS, get_recipe
 from bitnet_jax.data.tokenizers import EOD_TOKENS, ByteTokenizer
 from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.interop.run_dir import (TOKENIZER_FILE, ModelBundle, fresh_directory, save_run,
+                                        tokenizer_file)
+from bitnet_jax.model.linears import DECODER_LINEARS, kernel_path
 from bitnet_jax.model.transformer import ModelConfig
-from bitnet_jax.core.precision import PRESETS, get_recipe
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -64,11 +69,9 @@ QUANTIZATION_CONFIGS = {
     BITLINEAR: {"quant_method": "bitnet", "linear_class": "bitlinear",
                 "quantization_mode": "offline"},
 }
-LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
-           ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"),
-           ("mlp", "down_proj"))
-BLOCK_NORMS = (("input_layernorm",), ("post_attention_layernorm",),
-               ("self_attn", "attn_sub_norm"), ("mlp", "ffn_sub_norm"))
+# The subln block's norms: their path in a layer and the ModelConfig size of their scale.
+BLOCK_NORMS = ((("input_layernorm",), "d_model"), (("post_attention_layernorm",), "d_model"),
+               (("self_attn", "attn_sub_norm"), "q_dim"), (("mlp", "ffn_sub_norm"), "d_ff"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,43 +178,39 @@ class TensorSpec:
 
     kind: "linear" (a BitLinear kernel, HF (out, in) = our (in, out) transposed; ternary in the
     quantized formats), "head" (the untied LM head, transposed, never quantized) or "plain".
+    `shape` is our parameter's shape (the HF tensor's, transposed for linears and the head).
     """
 
     hf_name: str
     path: tuple[str, ...]
+    shape: tuple[int, ...]
     kind: str = "plain"
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return self.shape[::-1] if self.kind in ("linear", "head") else self.shape
 
 
 def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
-    specs = [TensorSpec("model.embed_tokens.weight", ("embed_tokens", "embedding"))]
+    """Every parameter of `Transformer(config)` in the subln layout, with its HF name."""
+    d, vocab = config.d_model, config.vocab_size
+    specs = [TensorSpec("model.embed_tokens.weight", ("embed_tokens", "embedding"), (vocab, d))]
     for i in range(config.n_layers):
         prefix = f"model.layers.{i}"
-        for path in BLOCK_NORMS:
+        for path, size in BLOCK_NORMS:
             specs.append(TensorSpec(f"{prefix}.{'.'.join(path)}.weight",
-                                    (f"layers_{i}", *path, "scale")))
-        for path in LINEARS:
-            specs.append(TensorSpec(f"{prefix}.{'.'.join(path)}.weight",
-                                    (f"layers_{i}", *path, "kernel"), "linear"))
-    specs.append(TensorSpec("model.norm.weight", ("norm", "scale")))
+                                    (f"layers_{i}", *path, "scale"), (getattr(config, size),)))
+        for linear in DECODER_LINEARS:
+            specs.append(TensorSpec(f"{prefix}.{linear.parent}.{linear.name}.weight",
+                                    kernel_path(i, linear), linear.shape(config), "linear"))
+    specs.append(TensorSpec("model.norm.weight", ("norm", "scale"), (d,)))
     if not config.tie_embeddings:
-        specs.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), "head"))
+        specs.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (d, vocab), "head"))
     return specs
 
 
 def _scale_name(weight_name: str) -> str:
     return weight_name.removesuffix("weight") + "weight_scale"
-
-
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,19 +220,11 @@ def pack_kernel(kernel_IxO: Any, dtype: np.dtype) -> tuple[np.ndarray, np.ndarra
     """BitLinear's (weight, weight_scale) for one of our kernels: the codes our model uses,
     packed 2 bits each (transformers' layout), and 1 / gamma (BitLinear divides by it).
 
-    Quantized in our (in, out) layout, the reduction our forward pass runs, so that a weight
-    sitting on a rounding boundary gets the code our model gives it.
+    Quantized as our forward pass does (`codec.ternary_codes`).
     """
-    q = quant.ternary_absmean(jnp.asarray(kernel_IxO, jnp.float32))
-    codes_OxI = np.ascontiguousarray(np.asarray(q.codes, np.int8).T)
-    inverse = np.float32(1.0) / np.asarray(q.scale, np.float32)
-    return packing.pack_2bit(codes_OxI), inverse.reshape(1).astype(dtype)
-
-
-def latent_kernel(codes_OxI: np.ndarray, gamma: np.float32) -> np.ndarray:
-    """Our float kernel (in, out) that quantizes back to exactly these codes and scale."""
-    codes_IxO = jnp.asarray(np.ascontiguousarray(codes_OxI.T), jnp.float32)
-    return np.asarray(quant.ternary_latent(codes_IxO, jnp.float32(gamma)))
+    codes_OxI, gamma = codec.ternary_codes(kernel_IxO)
+    inverse = np.float32(1.0) / gamma
+    return codec.pack_codes(codes_OxI, "2bit"), inverse.reshape(1).astype(dtype)
 
 
 def _ternary_codes(name: str, weight: np.ndarray, shape: tuple[int, int],
@@ -246,7 +237,7 @@ def _ternary_codes(name: str, weight: np.ndarray, shape: tuple[int, int],
                 f"{name}: packed uint8 weight of shape {weight.shape}; a ({out_features}, "
                 f"{in_features}) linear packs to ({rows}, {in_features})")
         try:
-            return packing.unpack_2bit(weight, out_features)
+            return codec.unpack_codes(weight, shape, "2bit")
         except ValueError as error:
             raise ConfigError(f"{name}: {error}") from None
     require(fmt == AUTOBITLINEAR,
@@ -279,8 +270,9 @@ def hf_tensors(bundle: ModelBundle, packed: bool = False,
     out_dtype = EXPORT_DTYPES[dtype]
     tensors: dict[str, np.ndarray] = {}
     sizes = {"linear": 0, "linear_bf16": 0}
+    params = traverse_util.flatten_dict(bundle.params)
     for spec in tensor_specs(bundle.config):
-        value = np.asarray(_get(bundle.params, spec.path), np.float32)
+        value = np.asarray(params[spec.path], np.float32)
         if spec.kind == "linear" and packed:
             weight, scale = pack_kernel(value, out_dtype)
             tensors[spec.hf_name], tensors[_scale_name(spec.hf_name)] = weight, scale
@@ -455,15 +447,14 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig, fmt: str
     require(not missing, f"{where}: missing {len(missing)} tensor(s): {_names(missing)}")
     if config.tie_embeddings:
         remaining.pop("lm_head.weight", None)  # a tied head is the embedding table
-    abstract = _shapes(config)
     params: dict = {}
     for spec in specs:
         weight = remaining.pop(spec.hf_name)
-        shape = abstract[spec.path]
+        shape = spec.shape
         if spec.kind == "linear" and fmt in (BITLINEAR, AUTOBITLINEAR):
-            codes = _ternary_codes(spec.hf_name, weight, shape[::-1], fmt)
+            codes = _ternary_codes(spec.hf_name, weight, spec.hf_shape, fmt)
             gamma = _gamma(spec.hf_name, remaining.pop(_scale_name(spec.hf_name)), fmt)
-            value = latent_kernel(codes, gamma)
+            value = codec.exact_latent(codes.T, gamma)
         else:
             require(jnp.issubdtype(weight.dtype, jnp.floating),
                     f"{spec.hf_name}: dtype {weight.dtype}; float weights expected for "
@@ -472,34 +463,11 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig, fmt: str
             if spec.kind in ("linear", "head"):
                 value = value.T
             require(value.shape == shape, f"{spec.hf_name}: shape {weight.shape} does not fit "
-                                          f"config.json (expected {_hf_shape(spec, shape)})")
-        _set(params, spec.path, jnp.asarray(value))
+                                          f"config.json (expected {spec.hf_shape})")
+        params[spec.path] = jnp.asarray(value)
     require(not remaining, f"{where}: unexpected tensor(s) {_names(sorted(remaining))} for a "
                            f"{fmt} BitNetForCausalLM with this config.json")
-    return params
-
-
-def _shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Our parameter shapes by path, without building the model."""
-    shapes = {("embed_tokens", "embedding"): (config.vocab_size, config.d_model),
-              ("norm", "scale"): (config.d_model,),
-              ("lm_head", "kernel"): (config.d_model, config.vocab_size)}
-    sizes = {"q_proj": (config.d_model, config.q_dim), "k_proj": (config.d_model, config.kv_dim),
-             "v_proj": (config.d_model, config.kv_dim), "o_proj": (config.q_dim, config.d_model),
-             "gate_proj": (config.d_model, config.d_ff), "up_proj": (config.d_model, config.d_ff),
-             "down_proj": (config.d_ff, config.d_model)}
-    norms = {"input_layernorm": config.d_model, "post_attention_layernorm": config.d_model,
-             "attn_sub_norm": config.q_dim, "ffn_sub_norm": config.d_ff}
-    for i in range(config.n_layers):
-        for path in LINEARS:
-            shapes[(f"layers_{i}", *path, "kernel")] = sizes[path[-1]]
-        for path in BLOCK_NORMS:
-            shapes[(f"layers_{i}", *path, "scale")] = (norms[path[-1]],)
-    return shapes
-
-
-def _hf_shape(spec: TensorSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape[::-1] if spec.kind in ("linear", "head") else shape
+    return traverse_util.unflatten_dict(params)
 
 
 def _names(names: list[str], limit: int = 6) -> str:
@@ -545,7 +513,7 @@ def load_hf(hf_dir: str | Path, dtype: str | None = None,
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
               dtype: str | None = None, tokenizer: str | None = None) -> Path:
-    """Import a BitNetForCausalLM directory as a run directory (see `artifacts.save_run`)."""
+    """Import a BitNetForCausalLM directory as a run directory (see `run_dir.save_run`)."""
     bundle = load_hf(hf_dir, dtype, tokenizer)
     return save_run(bundle, out_dir, source=f"hf:{Path(hf_dir).expanduser().resolve()}",
                     overwrite=overwrite)

@@ -32,7 +32,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from bitnet_jax.data.pipeline import load_tokenizer
+from bitnet_jax.data.tokenizers import load_tokenizer
 from bitnet_jax.errors import require
 from bitnet_jax.infer.generate import Generator, generate, load_generator  # loads any model dir
 from bitnet_jax.infer.sampling import SamplingConfig

@@ -19,11 +19,10 @@ A packed checkpoint is a directory holding
   original `(in, out)` shape and scale granularity of every packed kernel, the tokenizer
   ("bytes", or "tokenizer.json" copied next to it) and the size report.
 
-`load_packed` rebuilds float kernels (`exact_latent`, a float32-exact `quant.ternary_latent`)
-that `ternary_absmean` maps back to exactly the stored codes and scales: the loaded model
-computes the saved quantized forward and can be trained on. `load_ternary_weights` and
-`load_inference_params` give the int8 (or 2-bit) codes and scales directly, for inference
-without float kernels.
+This module is the file format: which tensors a model makes (`tensor_specs`), their sizes,
+writing them (`save_packed`) and reading them back checked (`read_manifest`, `open_packed`).
+What the stored codes become (float kernels, int8 inference weights) is
+`interop.packed_params`; the conversions themselves are `core.codec`.
 """
 
 from __future__ import annotations
@@ -36,36 +35,31 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 from flax import traverse_util
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bitnet_jax.model import accounting as compute
-from bitnet_jax.core import packing
-from bitnet_jax.core import quant
-from bitnet_jax.interop.run_dir import ModelBundle, abstract_params, fresh_directory
-from bitnet_jax.errors import ConfigError, require
-from bitnet_jax.model.transformer import get_model_config
+from bitnet_jax.core import codec, packing
 from bitnet_jax.core.precision import PrecisionRecipe, WeightQuantizer, get_recipe
+from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.interop.run_dir import ModelBundle, abstract_params, fresh_directory
+from bitnet_jax.model.linears import decoder_linear
+from bitnet_jax.model.transformer import ModelConfig, get_model_config
+from bitnet_jax.units import format_bytes
 
 __all__ = [
     "DTYPES",
     "FORMAT",
     "FORMAT_VERSION",
-    "INFERENCE_WEIGHTS",
     "MANIFEST_FILE",
     "WEIGHTS_FILE",
-    "PackedLinear",
-    "exact_latent",
+    "PackedFile",
+    "flat_params",
     "format_size_report",
-    "load_inference_params",
-    "load_packed",
-    "load_ternary_weights",
-    "pack_codes",
+    "nested_params",
+    "open_packed",
     "packed_tensors",
     "quantized_kernels",
     "read_manifest",
@@ -74,8 +68,7 @@ __all__ = [
     "save_packed",
     "size_report",
     "tensor_specs",
-    "unpack_codes",
-    "unpack_torch_codes",
+    "unpack_checked",
 ]
 
 FORMAT = "bitnet_jax.packed"
@@ -88,11 +81,6 @@ DTYPES: dict[str, np.dtype] = {"bfloat16": np.dtype(ml_dtypes.bfloat16),
                                "float32": np.dtype(np.float32)}
 ORIENTATION = ("codes transposed to torch (out, in) before packing; 2bit packs axis 0 "
                "(transformers BitNet layout), base3 flattens (out, in) in C order")
-
-# One compiled kernel per shape instead of one dispatch per jnp op; granularity and group size
-# are static (they choose the reduction axes).
-_quantize = jax.jit(quant.ternary_absmean, static_argnums=(1, 2))
-_latent = jax.jit(quant.ternary_latent, static_argnums=(2, 3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,29 +97,27 @@ def require_ternary(recipe: PrecisionRecipe) -> None:
             f"directory")
 
 
-def _flatten(tree: Any) -> dict[str, Any]:
+def flat_params(tree: Any) -> dict[str, Any]:
     """Nested dicts -> {'a/b/c': leaf}, the '/'-joined Flax path used as the tensor name."""
     return traverse_util.flatten_dict(tree, sep="/")
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict:
+def nested_params(flat: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def quantized_kernels(params: Any, recipe: PrecisionRecipe) -> dict[str, WeightQuantizer]:
     """Flax path -> weight quantizer of every linear kernel the recipe quantizes.
 
-    Module names map to roles by `compute.PROJECTION_ROLES` (q/k/v_proj -> qkv, ...); the
-    lm_head is a kernel too but never quantized, so it is matched out by name.
+    Kernels are found by the model's table of decoder linears (`model.linears`), which also
+    gives their roles; the lm_head is a kernel too but not a decoder linear (never quantized).
     """
-    roles = compute.PROJECTION_ROLES
     out = {}
-    for path in _flatten(params):
-        parts = path.split("/")
-        if parts[0].startswith("layers_") and parts[-1] == "kernel" and parts[-2] in roles:
-            weight = recipe.role(roles[parts[-2]]).weight
-            if weight is not None:
-                out[path] = weight
+    for path in flat_params(params):
+        linear = decoder_linear(path.split("/"))
+        weight = recipe.role(linear.role).weight if linear is not None else None
+        if weight is not None:
+            out[path] = weight
     return out
 
 
@@ -145,44 +131,12 @@ def _scale_shape(kernel_shape: tuple[int, ...], weight: WeightQuantizer) -> tupl
     return ()
 
 
-def _packed_shape(kernel_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-    n_in, n_out = kernel_shape
-    if layout == "2bit":
-        return (-(-n_out // 4), n_in)
-    return (-(-(n_in * n_out) // 5),)
-
-
 def _check_layout_dtype(layout: str, dtype: str) -> None:
     require(layout in packing.LAYOUTS,
             f"layout={layout!r}; choose one of {packing.LAYOUTS} (2bit: transformers' layout, "
             f"4 weights a byte; base3: 5 weights a byte)")
     require(dtype in DTYPES, f"dtype={dtype!r} for the unpacked parameters; choose one of "
                              f"{tuple(DTYPES)}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Packing one kernel.
-
-def pack_codes(codes: Any, layout: str) -> np.ndarray:
-    """Ternary codes of an `(in, out)` kernel -> uint8, in the torch `(out, in)` orientation."""
-    torch_codes = np.ascontiguousarray(np.asarray(codes, np.int8).T)
-    if layout == "2bit":
-        return packing.pack_2bit(torch_codes)
-    return packing.pack_base3(torch_codes)
-
-
-def unpack_codes(packed: np.ndarray, kernel_shape: tuple[int, ...], layout: str) -> np.ndarray:
-    """Inverse of `pack_codes`: int8 codes of the `(in, out)` kernel."""
-    return unpack_torch_codes(packed, kernel_shape, layout).T
-
-
-def unpack_torch_codes(packed: np.ndarray, kernel_shape: tuple[int, ...],
-                       layout: str) -> np.ndarray:
-    """int8 codes in the stored torch `(out, in)` orientation."""
-    n_in, n_out = kernel_shape
-    if layout == "2bit":
-        return packing.unpack_2bit(packed, n_out, np.int8)
-    return packing.unpack_base3(packed, (n_out, n_in), np.int8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,10 +148,10 @@ def tensor_specs(params: Any, recipe: PrecisionRecipe, layout: str = "2bit",
     _check_layout_dtype(layout, dtype)
     kernels = quantized_kernels(params, recipe)
     specs = {}
-    for path, leaf in _flatten(params).items():
+    for path, leaf in flat_params(params).items():
         shape = tuple(leaf.shape)
         if path in kernels:
-            specs[path + PACKED_SUFFIX] = (np.dtype(np.uint8), _packed_shape(shape, layout))
+            specs[path + PACKED_SUFFIX] = (np.dtype(np.uint8), codec.packed_shape(shape[::-1], layout))
             specs[path + SCALE_SUFFIX] = (np.dtype(np.float32), _scale_shape(shape, kernels[path]))
         else:
             specs[path] = (DTYPES[dtype], shape)
@@ -242,7 +196,7 @@ def size_report(model: Any, layout: str = "2bit", precision: str | None = None,
     """Bytes of the packed checkpoint of `model` against the same model in bfloat16.
 
     `model`: a ModelBundle, or a parameter tree (arrays or `jax.ShapeDtypeStruct`s: only shapes
-    are read, so a large model can be sized from `artifacts.abstract_params`) with `precision`.
+    are read, so a large model can be sized from `run_dir.abstract_params`) with `precision`.
     Linear weights: packed codes + float32 scales vs those kernels in bf16 (`linear_ratio`,
     ~8 for 2bit and ~10 for base3 when scales are few). Files: the packed model.safetensors vs
     a safetensors file of every parameter in bf16 (`file_ratio`).
@@ -255,7 +209,7 @@ def size_report(model: Any, layout: str = "2bit", precision: str | None = None,
     require_ternary(recipe)
     specs = tensor_specs(model, recipe, layout, dtype)
     bf16 = DTYPES["bfloat16"]
-    bf16_specs = {path: (bf16, tuple(leaf.shape)) for path, leaf in _flatten(model).items()}
+    bf16_specs = {path: (bf16, tuple(leaf.shape)) for path, leaf in flat_params(model).items()}
     kernels = quantized_kernels(model, recipe)
     codes = sum(_nbytes(specs[p + PACKED_SUFFIX]) for p in kernels)
     scales = sum(_nbytes(specs[p + SCALE_SUFFIX]) for p in kernels)
@@ -280,9 +234,6 @@ def size_report(model: Any, layout: str = "2bit", precision: str | None = None,
 
 def format_size_report(report: Mapping[str, Any]) -> str:
     """The size table for the CLI: packed vs bf16 bytes and the ratio, per part and per file."""
-    # Imported here: the CLI imports library modules, never the other way round at load time.
-    from bitnet_jax.cli import format_bytes
-
     rows = [
         ("", f"packed ({report['layout']})", "bf16", "bf16 / packed"),
         ("linear weights", format_bytes(report["linear_packed_bytes"]),
@@ -315,12 +266,12 @@ def packed_tensors(params: Any, recipe: PrecisionRecipe, layout: str = "2bit",
     _check_layout_dtype(layout, dtype)
     kernels = quantized_kernels(params, recipe)
     tensors = {}
-    for path, leaf in _flatten(params).items():
+    for path, leaf in flat_params(params).items():
         if path in kernels:
             w = kernels[path]
-            codes, scale = _quantize(jnp.asarray(leaf), w.granularity, w.group_size)
-            tensors[path + PACKED_SUFFIX] = pack_codes(codes, layout)
-            tensors[path + SCALE_SUFFIX] = np.asarray(scale, np.float32)
+            codes_OxI, scale = codec.ternary_codes(leaf, w.granularity, w.group_size)
+            tensors[path + PACKED_SUFFIX] = codec.pack_codes(codes_OxI, layout)
+            tensors[path + SCALE_SUFFIX] = scale
         else:
             # Through numpy float32 first: ml_dtypes rounds to nearest even, as jnp.astype does.
             tensors[path] = np.asarray(leaf, np.float32).astype(DTYPES[dtype])
@@ -349,7 +300,7 @@ def save_packed(bundle: ModelBundle, out_dir: str | os.PathLike, layout: str = "
     report["file_bytes"] = os.path.getsize(out_dir / WEIGHTS_FILE)
     report["file_ratio"] = report["bf16_file_bytes"] / report["file_bytes"]
 
-    flat = _flatten(bundle.params)
+    flat = flat_params(bundle.params)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "precision": bundle.precision, "layout": layout, "dtype": dtype,
@@ -412,7 +363,43 @@ def _checked(tensors: Mapping[str, np.ndarray], name: str,
     return value
 
 
-def _open(directory: str | os.PathLike):
+class PackedFile(NamedTuple):
+    """A packed checkpoint read and checked: every tensor has the dtype and shape its model
+    needs."""
+
+    directory: Path
+    manifest: dict
+    config: ModelConfig
+    recipe: PrecisionRecipe
+    shapes: Any  # the parameter tree as jax.ShapeDtypeStructs
+    tensors: dict[str, np.ndarray]
+
+    @property
+    def layout(self) -> str:
+        return self.manifest["layout"]
+
+    @property
+    def tokenizer(self) -> str:
+        """"bytes", or the absolute path of the tokenizer.json stored next to the weights."""
+        tokenizer = self.manifest["tokenizer"]
+        if tokenizer == "bytes":
+            return tokenizer
+        path = (self.directory / tokenizer).resolve()
+        require(path.is_file(), f"{self.directory} lacks its tokenizer {tokenizer}")
+        return str(path)
+
+    def codes(self, path: str, kernel_shape: tuple[int, ...]) -> np.ndarray:
+        """int8 codes `(out, in)` of the `(in, out)` kernel at `path`."""
+        return unpack_checked(self.tensors, path, kernel_shape, self.layout)
+
+    def scale(self, path: str) -> np.ndarray:
+        return self.tensors[path + SCALE_SUFFIX]
+
+    def packed(self, path: str) -> np.ndarray:
+        return self.tensors[path + PACKED_SUFFIX]
+
+
+def open_packed(directory: str | os.PathLike) -> PackedFile:
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = get_model_config(None, **manifest["config"])
@@ -424,163 +411,14 @@ def _open(directory: str | os.PathLike):
     specs = tensor_specs(shapes, recipe, layout, dtype)
     raw = _read_tensors(directory, set(specs))
     tensors = {name: _checked(raw, name, specs[name]) for name in raw}
-    return directory, manifest, config, recipe, shapes, tensors
+    return PackedFile(directory, manifest, config, recipe, shapes, tensors)
 
 
-def _scale_groups(x: np.ndarray, granularity: str, group_size: int | None) -> np.ndarray:
-    """View an `(in, out)` kernel as `(groups, members, columns)`: one scale per (group, column)."""
-    if granularity == "tensor":
-        return x.reshape(1, -1, 1)
-    if granularity == "channel":
-        return x.reshape(1, *x.shape)
-    return x.reshape(x.shape[0] // group_size, group_size, x.shape[1])
-
-
-def exact_latent(codes: Any, gamma: Any, granularity: str = "tensor",
-                 group_size: int | None = None, max_steps: int = 8) -> np.ndarray:
-    """Float32 `(in, out)` weights that `quant.ternary_absmean` maps to exactly `codes`, `gamma`.
-
-    `quant.ternary_latent` (W = codes * gamma / p) is exact in real numbers, but in float32
-    mean|W| can land one ulp off gamma. Here every |W| is a multiple of q = ulp(S), S the float32
-    sum that mean|W| = S / n must have: then every partial sum is a multiple of q below 2**24 q,
-    exact in any summation order, and the mean is S / n on any backend. S starts at gamma * n
-    and moves an ulp at a time until the mean is gamma (division is monotone, and gamma, being
-    some float32 sum over n, is reachable). A scale group with more nonzero codes than S / q
-    (at least 2**23) cannot be built so: it falls back to `quant.ternary_latent` (codes exact,
-    scale possibly one ulp off), e.g. the per-tensor MLP kernels of a 2B model.
-    """
-    codes = np.asarray(codes, np.float32)
-    grouped = _scale_groups(codes, granularity, group_size)
-    target = np.asarray(gamma, np.float32).reshape(grouped.shape[0], 1, grouped.shape[2])
-    nonzero = grouped != 0
-    count = np.maximum(nonzero.sum(axis=1, keepdims=True), 1)
-    rank = np.cumsum(nonzero, axis=1) - 1
-    total = (target.astype(np.float64) * grouped.shape[1]).astype(np.float32)
-    for _ in range(max_steps):
-        quantum = np.spacing(total).astype(np.float64)
-        units = np.rint(total / quantum).astype(np.int64)  # < 2**24: S is a multiple of its ulp
-        if np.any(units < count):  # more nonzero codes than units: some |W| would be 0
-            break
-        # Spread the units over the nonzero codes: each gets units // count, some one more.
-        multiple = units // count + (rank < units % count)
-        w = np.where(nonzero, grouped * (multiple * quantum), 0.0).astype(np.float32)
-        w = w.reshape(codes.shape)
-        requant = _quantize(jnp.asarray(w), granularity, group_size)
-        scale = np.asarray(requant.scale).reshape(target.shape)
-        if np.array_equal(scale, target):
-            if np.array_equal(np.asarray(requant.codes), codes):
-                return w
-            break  # a zero multiple changed a code: the group is too large for this scheme
-        up, down = np.float32(np.inf), np.float32(-np.inf)
-        total = np.where(scale > target, np.nextafter(total, down),
-                         np.where(scale < target, np.nextafter(total, up), total))
-    return np.asarray(_latent(jnp.asarray(codes), jnp.asarray(gamma, jnp.float32),
-                              granularity, group_size))
-
-
-def load_packed(directory: str | os.PathLike) -> ModelBundle:
-    """Read a packed checkpoint back as a ModelBundle of float32 parameters.
-
-    Each kernel comes from `exact_latent(codes, scale)`: quantizing it again gives exactly the
-    stored codes and scale, so the model's quantized forward equals the saved one and training
-    can continue from it.
-    """
-    directory, manifest, config, recipe, shapes, tensors = _open(directory)
-    kernels = quantized_kernels(shapes, recipe)
-    flat = {}
-    for path, leaf in _flatten(shapes).items():
-        if path in kernels:
-            w = kernels[path]
-            codes = _unpack_checked(tensors, path, tuple(leaf.shape), manifest["layout"]).T
-            flat[path] = jnp.asarray(exact_latent(codes, tensors[path + SCALE_SUFFIX],
-                                                  w.granularity, w.group_size))
-        else:
-            flat[path] = jnp.asarray(tensors[path], jnp.float32)
-    return ModelBundle(config, manifest["precision"], _unflatten(flat),
-                       _tokenizer(directory, manifest))
-
-
-def _unpack_checked(tensors: Mapping[str, np.ndarray], path: str, kernel_shape: tuple[int, ...],
-                    layout: str) -> np.ndarray:
+def unpack_checked(tensors: Mapping[str, np.ndarray], path: str, kernel_shape: tuple[int, ...],
+                   layout: str) -> np.ndarray:
     """int8 codes `(out, in)` of one kernel; bytes that no ternary code makes are a ConfigError."""
     try:
-        return unpack_torch_codes(tensors[path + PACKED_SUFFIX], kernel_shape, layout)
+        return codec.unpack_codes(tensors[path + PACKED_SUFFIX], kernel_shape[::-1], layout)
     except ValueError as err:
         raise ConfigError(f"tensor {path + PACKED_SUFFIX!r} is not valid {layout} data: "
                           f"{err}") from None
-
-
-def _tokenizer(directory: Path, manifest: Mapping[str, Any]) -> str:
-    tokenizer = manifest["tokenizer"]
-    if tokenizer == "bytes":
-        return tokenizer
-    path = (directory / tokenizer).resolve()
-    require(path.is_file(), f"{directory} lacks its tokenizer {tokenizer}")
-    return str(path)
-
-
-class PackedLinear(NamedTuple):
-    """One ternary linear layer as stored, for an inference engine.
-
-    `codes`: int8 in {-1, 0, 1}, torch layout `(out, in)`; `scale`: float32 in the shape of
-    `quant.ternary_absmean` for the `(in, out)` kernel (`()`, `(1, out)` or `(groups, 1, out)`).
-    """
-
-    codes: np.ndarray
-    scale: np.ndarray
-    granularity: str
-    group_size: int | None
-
-    def quantized(self) -> quant.Quantized:
-        """As `quant.Quantized` on the Flax `(in, out)` kernel (e.g. to dequantize)."""
-        return quant.Quantized(jnp.asarray(self.codes.T, jnp.float32), jnp.asarray(self.scale))
-
-
-def load_ternary_weights(directory: str | os.PathLike) -> dict[str, PackedLinear]:
-    """Flax kernel path -> PackedLinear, straight from the packed bytes (no float kernels)."""
-    directory, manifest, _, recipe, shapes, tensors = _open(directory)
-    flat, out = _flatten(shapes), {}
-    for path, w in quantized_kernels(shapes, recipe).items():
-        codes = _unpack_checked(tensors, path, tuple(flat[path].shape), manifest["layout"])
-        out[path] = PackedLinear(codes, tensors[path + SCALE_SUFFIX], w.granularity, w.group_size)
-    return out
-
-
-INFERENCE_WEIGHTS = ("int8", "packed")
-
-
-def load_inference_params(directory: str | os.PathLike,
-                          weights: str = "int8") -> tuple[ModelBundle, dict]:
-    """The bundle's description and the parameters of `Transformer(config, recipe, weights=...)`.
-
-    Each quantized `.../kernel` becomes the stored-weight parameters of `layers.BitLinear`:
-    `codes` int8 `(out, in)` ("int8") or `packed` uint8 `(ceil(out/4), in)` in the 2-bit layout
-    ("packed": a 2bit file's bytes are used as they are), plus `scale`, `()` per tensor or
-    `(out,)` per channel. Everything else is float32. The returned bundle has `params=None`.
-    """
-    require(weights in INFERENCE_WEIGHTS,
-            f"weights={weights!r}; choose one of {INFERENCE_WEIGHTS}")
-    directory, manifest, config, recipe, shapes, tensors = _open(directory)
-    kernels = quantized_kernels(shapes, recipe)
-    require(all(w.granularity != "group" for w in kernels.values()),
-            f"precision {recipe.name!r} has per-group scales, which stored (int8/packed) "
-            f"weights do not support; use load_packed")
-    flat = {}
-    for path, leaf in _flatten(shapes).items():
-        if path not in kernels:
-            flat[path] = jnp.asarray(tensors[path], jnp.float32)
-            continue
-        module = path.rsplit("/", 1)[0]
-        scale = tensors[path + SCALE_SUFFIX]
-        # BitLinear's stored scale: () per tensor, (out,) per channel (not (1, out)).
-        flat[module + "/scale"] = jnp.asarray(scale.reshape(scale.shape[-1:]))
-        if weights == "packed" and manifest["layout"] == "2bit":
-            flat[module + "/packed"] = jnp.asarray(tensors[path + PACKED_SUFFIX])
-            continue
-        codes = _unpack_checked(tensors, path, tuple(leaf.shape), manifest["layout"])
-        if weights == "packed":
-            flat[module + "/packed"] = jnp.asarray(packing.pack_2bit(codes))
-        else:
-            flat[module + "/codes"] = jnp.asarray(codes)
-    bundle = ModelBundle(config, manifest["precision"], None, _tokenizer(directory, manifest))
-    return bundle, _unflatten(flat)

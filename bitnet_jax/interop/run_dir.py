@@ -4,7 +4,7 @@
 recipe, the (float, unboxed) parameters and the tokenizer. `load_run` reads one from a run
 directory's latest checkpoint; `save_run` writes one as a run directory (config.yaml, meta.json,
 checkpoints/) that `bitnet train init_from=DIR`, `bitnet generate DIR` and `bitnet export-hf DIR`
-read like any trained run.
+read like any trained run. `interop.load.load_model` reads any of the stored formats.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 
 from bitnet_jax.train.checkpoint import Checkpointer, restore_params
 from bitnet_jax.config import RunConfig, load_config, to_dict
-from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.errors import require
 from bitnet_jax.model.resolve import ResolvedRun, resolve_run
 from bitnet_jax.model.transformer import ModelConfig, init_params
 from bitnet_jax.core.precision import PrecisionRecipe, get_recipe
@@ -88,23 +88,6 @@ def load_run(run_dir: str | Path, step: Optional[int] = None) -> ModelBundle:
                        _resolve_tokenizer(run.config.data.tokenizer, run_dir))
 
 
-def load_model(path: str | Path, step: Optional[int] = None) -> ModelBundle:
-    """The model in a run directory, a packed checkpoint (`bitnet pack`) or a Hugging Face
-    BitNet directory (config.json + safetensors), told apart by the files they hold."""
-    path = Path(path).expanduser()
-    require(path.is_dir(), f"{path} is not a directory")
-    if (path / "config.yaml").is_file():
-        return load_run(path, step)
-    if (path / "bitnet_packed.json").is_file():
-        from bitnet_jax.interop.packed import load_packed  # these modules import this one
-
-        return load_packed(path)
-    if (path / "config.json").is_file():
-        from bitnet_jax.interop.hf import load_hf
-
-        return load_hf(path)
-    raise ConfigError(f"{path} holds no model: expected a run directory (config.yaml), a packed "
-                      f"checkpoint (bitnet_packed.json) or a Hugging Face directory (config.json)")
 
 
 def tokenizer_file(tokenizer: str) -> Path:

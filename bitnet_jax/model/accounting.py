@@ -4,10 +4,10 @@ Parameter counts, training FLOPs per token under named conventions, the BitNet i
 model, weight memory at each storage format, and MFU. Everything here is plain Python arithmetic
 on the config's shapes (no JAX computation, no Flax init), so a 4B preset is accounted instantly.
 
-Shapes follow `model.py` / `layers.py`: per layer q (d, n_heads*head_dim), k and v
-(d, n_kv_heads*head_dim), o (n_heads*head_dim, d), gate and up (d, d_ff), down (d_ff, d);
-no biases. Sizes below are given as torch-layout (out_features, in_features) where a layout matters
-(2-bit packing pads the output axis).
+Shapes come from the model's table of decoder linears (`model.linears`): per layer q
+(d, n_heads*head_dim), k and v (d, n_kv_heads*head_dim), o (n_heads*head_dim, d), gate and up
+(d, d_ff), down (d_ff, d); no biases. Sizes below are given as torch-layout
+(out_features, in_features) where a layout matters (2-bit packing pads the output axis).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from bitnet_jax.core.packing import BITS_PER_WEIGHT, packed_nbytes
+from bitnet_jax.core.precision import LINEAR_ROLES
+from bitnet_jax.model.linears import LinearShape, linear_shapes
 
 if TYPE_CHECKING:  # only for annotations: keep this module free of Flax at import time
     from bitnet_jax.model.transformer import ModelConfig
@@ -32,45 +34,12 @@ __all__ = [
     "WeightMemory", "weight_formats", "weight_memory", "mfu", "summarize",
 ]
 
-LINEAR_ROLES = ("qkv", "attn_out", "gate_up", "down")  # same names as precision.LINEAR_ROLES
 BYTES_16BIT = 2
 BYTES_SCALE = 4  # quantization scales are float32
 
 
 # ----------------------------------------------------------------------------------------------
 # Shapes and parameter counts.
-
-@dataclass(frozen=True)
-class LinearShape:
-    """One linear weight of a decoder layer: its module name, precision role and sizes."""
-
-    name: str  # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
-    role: str  # qkv, attn_out, gate_up, down
-    n_in: int
-    n_out: int
-
-    @property
-    def size(self) -> int:
-        return self.n_in * self.n_out
-
-    @property
-    def torch_shape(self) -> tuple[int, int]:
-        """(out_features, in_features), the layout of Hugging Face checkpoints."""
-        return (self.n_out, self.n_in)
-
-
-# The module name of each linear projection in a decoder layer -> its precision role.
-PROJECTION_ROLES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "attn_out",
-                    "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
-
-
-def linear_shapes(config: "ModelConfig") -> tuple[LinearShape, ...]:
-    """The seven linear weights of one decoder layer (every layer has the same)."""
-    d, q, kv, ff = config.d_model, config.q_dim, config.kv_dim, config.d_ff
-    sizes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-             "gate_proj": (d, ff), "up_proj": (d, ff), "down_proj": (ff, d)}
-    return tuple(LinearShape(name, role, *sizes[name]) for name, role in PROJECTION_ROLES.items())
-
 
 def _norm_params_per_layer(config: "ModelConfig") -> int:
     d = config.d_model

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.model.kv_cache import KVCache, LayerCache
+from bitnet_jax.model.linears import DECODER_LINEARS
 from bitnet_jax.model.layers import BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, logical_init
 from bitnet_jax.core.precision import LinearPrecision, PrecisionRecipe, get_recipe
 
@@ -295,8 +296,7 @@ def get_model_config(name: Optional[str], **overrides) -> ModelConfig:
 
 def validate_recipe_for_model(config: ModelConfig, recipe: PrecisionRecipe) -> None:
     """Fail early where a recipe cannot run on a shape (e.g. group sizes that do not divide)."""
-    inputs = {"qkv": config.d_model, "attn_out": config.q_dim, "gate_up": config.d_model,
-              "down": config.d_ff}
+    inputs = {linear.role: linear.shape(config)[0] for linear in DECODER_LINEARS}
     for role, n_in in inputs.items():
         weight = recipe.role(role).weight
         if weight is not None and weight.granularity == "group":
