@@ -340,13 +340,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from bitnet_jax.interop.run_dir import load_run, read_run_config
+    from bitnet_jax.interop.run_dir import load_run, read_resolved_run
     from bitnet_jax.interop.hf import check_exportable, export_hf
-    from bitnet_jax.model.transformer import get_model_config
 
-    config = read_run_config(args.run_dir)
-    check_exportable(get_model_config(config.model.preset, **config.model.overrides),
-                     config.precision, args.packed)  # before reading the checkpoint
+    run = read_resolved_run(args.run_dir)
+    check_exportable(run.model, run.config.precision, args.packed)  # before reading weights
     summary = export_hf(load_run(args.run_dir, args.step), args.out_dir, args.packed,
                         args.dtype, args.overwrite)
     print(f"wrote {summary['out_dir']} ({summary['format']}, {args.dtype}): "
@@ -366,11 +364,10 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from bitnet_jax.interop.run_dir import load_run, read_run_config
+    from bitnet_jax.interop.run_dir import load_run, read_resolved_run
     from bitnet_jax.interop.packed import format_size_report, require_ternary, save_packed
-    from bitnet_jax.core.precision import get_recipe
 
-    require_ternary(get_recipe(read_run_config(args.run_dir).precision))  # before loading
+    require_ternary(read_resolved_run(args.run_dir).recipe)  # before loading the weights
     report = save_packed(load_run(args.run_dir, args.step), args.out, args.layout, args.dtype,
                          overwrite=args.overwrite)
     print(format_size_report(report))
