@@ -111,7 +111,7 @@ class LawFit:
 class RecipeFits:
     """The fits of one recipe's runs, by law name (`laws`); `replicates` the mean loss and seed
     spread per size; `choices` the hyperparameter selection; `notes` what was not fitted and
-    why."""
+    why; `runs` the rows fitted (the best run per size and seed)."""
 
     recipe: str
     n_points: int
@@ -120,6 +120,7 @@ class RecipeFits:
     replicates: Optional[Replicates] = None
     choices: tuple[Choice, ...] = ()
     notes: tuple[str, ...] = ()
+    runs: tuple[dict, ...] = ()  # the rows fitted: the envelope over the hyperparameters
 
     @property
     def fits(self) -> dict[str, Fit]:
@@ -304,7 +305,7 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
             laws[law.name] = LawFit(law.name, fit, held, tuple(
                 list(fit.warnings) + selection_warnings + holdout_warnings))
         results[recipe] = RecipeFits(recipe, len(loss), used, laws, reps, chosen,
-                                     tuple(recipe_notes))
+                                     tuple(recipe_notes), tuple(members))
     return results
 
 
