@@ -199,3 +199,22 @@ def test_shipped_sweeps_expand(capsys):
     quick = sweeps.load_sweep(ROOT / "experiments" / "quickstart.yaml")
     assert {r.config.precision for r in quick.runs} == {"bf16", "b1.58"}
     assert len({r.config.model.preset for r in quick.runs}) >= 4
+
+
+def test_seed_and_lr_axes_are_recorded_in_the_results_table(tmp_path):
+    """`seed` sets model init and data order; every swept value lands in the table's `axes`, so
+    `bitnet fit results.csv` can select over the LR and average the seeds on its own."""
+    path = write_sweep(tmp_path, [{"optimizer.lr": [1e-3, 2e-3]}, {"seed": [0, 7]}], tokens=2048)
+    sweep = sweeps.load_sweep(path)
+    assert len(sweep.runs) == 4 and len({r.run_id for r in sweep.runs}) == 4
+    for run in sweep.runs:
+        seed = run.overrides["seed"]
+        assert run.config.train.seed == seed and run.config.data.seed == seed
+        row = sweeps.run_accounting(run)
+        assert (row["seed"], row["data_seed"], row["lr"]) == (seed, seed,
+                                                              run.overrides["optimizer.lr"])
+        assert json.loads(row["axes"]) == {"optimizer.lr": run.config.optimizer.lr, "seed": seed}
+    from bitnet_jax.scaling.select import default_hyperparameters
+
+    assert default_hyperparameters([sweeps.run_accounting(r) for r in sweep.runs]) == \
+        ("optimizer.lr",)

@@ -8,8 +8,9 @@ intervals (drawn from the measured seed spread where sizes have replicates) and 
 predicting the largest sizes from the others (`holdout`). `format_fits` prints them, `fits_json`
 gives them as data (fits.json). numpy and scipy only, like `laws`.
 
-A law is registered with `register_law(TableLaw(name, kind, variables, fit, requires))`: the
-precision laws add themselves the same way.
+A law is registered with `register_law(TableLaw(name, kind, label, variables, form, fit,
+requires))` (its formula and parameter names in `laws._LAWS`, its refit in `bootstrap._REFIT`):
+the precision laws add themselves the same way.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from bitnet_jax.errors import ConfigError
 from bitnet_jax.scaling.bootstrap import DEFAULT_N_BOOT, bootstrap_fit
 from bitnet_jax.scaling.compare import effective_parameter_multiplier, loss_ratio
 from bitnet_jax.scaling.holdout import DEFAULT_HOLDOUT, HeldOut, predict_held_out, split_largest
-from bitnet_jax.scaling.laws import (EPOCH_GRID, Fit, Grid, fit_chinchilla, fit_power_law,
-                                     fit_power_law_with_offset)
+from bitnet_jax.scaling.laws import (_LAWS, EPOCH_GRID, Fit, Grid, fit_chinchilla,
+                                     fit_power_law, fit_power_law_with_offset)
 from bitnet_jax.scaling.noise import Replicates
 from bitnet_jax.scaling.results import (COMPLETED, LOSS_COLUMNS, PARAM_COLUMNS, RECIPE_COLUMNS,
                                         STATUS, TOKEN_COLUMNS, read_table)
@@ -51,8 +52,13 @@ class TableLaw:
     kind: str
     label: str
     variables: tuple[str, ...]
+    form: str  # its formula's key in `laws` (how `Fit.predict` evaluates it)
     fit: Callable[[tuple[np.ndarray, ...], np.ndarray, Mapping[str, Any]], Fit]
     requires: Callable[[Replicates, Mapping[str, Any]], Optional[str]] = lambda reps, opts: None
+
+    def predict(self, params: Mapping[str, float], *x: Any) -> np.ndarray:
+        """The law's loss at x (N, or N and D) from parameters by name, e.g. fits.json's."""
+        return np.asarray(_LAWS[self.form][1](params, *(np.asarray(v, float) for v in x)))
 
 
 LAWS: dict[str, TableLaw] = {}
@@ -74,11 +80,11 @@ def _needs_tokens(reps: Replicates, options: Mapping[str, Any]) -> Optional[str]
 
 
 # The fitters are looked up when called, so a test may swap one (e.g. a smaller grid).
-register_law(TableLaw("L(N)", "offset", "L(N) = E + A N^-alpha", ("N",),
+register_law(TableLaw("L(N)", "offset", "L(N) = E + A N^-alpha", ("N",), "power_law_offset",
                       lambda x, loss, o: fit_power_law_with_offset(x[0], loss)))
-register_law(TableLaw("L(N)-pure", "power", "L(N) = A N^-alpha", ("N",),
+register_law(TableLaw("L(N)-pure", "power", "L(N) = A N^-alpha", ("N",), "power_law",
                       lambda x, loss, o: fit_power_law(x[0], loss)))
-register_law(TableLaw("L(N,D)", "chinchilla", "L(N, D)", ("N", "D"),
+register_law(TableLaw("L(N,D)", "chinchilla", "L(N, D)", ("N", "D"), "chinchilla",
                       lambda x, loss, o: fit_chinchilla(x[0], x[1], loss,
                                                         huber_delta=o["huber_delta"],
                                                         grid=o["grid"]),
