@@ -95,6 +95,10 @@ def test_hyperparameters_from_a_column_and_explicit_lists():
         row["axes"] = json.dumps({**axes, "model.parametrization": "mup"})
     fits = fit_table(mixed, hyperparameters=["optimizer.lr"], n_boot=0, holdout=0)
     assert list(fits) == ["bf16, model.parametrization=mup"]
+    # an LR zipped with the recipe (one value per size) is not a selection
+    zipped = [r for r in lr_rows() if r["lr"] == LRS[1]]
+    group = fit_table(zipped, n_boot=0, holdout=0)["bf16"]
+    assert not group.choices and len(group.runs) == len(SIZES)
 
 
 # ----------------------------------------------------------------------------------------------

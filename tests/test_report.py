@@ -174,6 +174,9 @@ def test_bitnet_fit_and_the_report_give_the_same_laws(tmp_path, monkeypatch, cap
             again = cli_laws[recipe].fits[kind]
             assert fit.params == again.params and fit.intervals == again.intervals, (recipe, kind)
             assert np.array_equal(fit.samples, again.samples)
+        for name, law in group.laws.items():  # the same held-out predictions and warnings
+            assert law.holdout == cli_laws[recipe].laws[name].holdout and law.holdout
+            assert law.warnings == cli_laws[recipe].laws[name].warnings
 
 
 def test_bitnet_fit_and_the_report_share_the_bootstrap_default():

@@ -490,7 +490,8 @@ def test_fit_table_rows_and_column_choices():
 # ----------------------------------------------------------------------------------------------
 # Module hygiene.
 
-FITTING_MODULES = ("laws", "bootstrap", "isoflop", "compare", "results", "fit", "report")
+FITTING_MODULES = ("laws", "bootstrap", "isoflop", "compare", "results", "select", "noise",
+                   "holdout", "fit", "report")
 
 
 def test_scaling_imports_no_jax():

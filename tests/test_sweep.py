@@ -122,7 +122,7 @@ def test_print_launcher_gives_one_command_per_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path):
+def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path, capsys):
     """Five sizes x two recipes, one run diverging; then an interrupted sweep is resumed."""
     axes = [{"model.preset": ["ladder-50k", "ladder-100k", "ladder-200k", "ladder-400k",
                               "ladder-800k"]},
@@ -157,6 +157,14 @@ def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path):
                  "training_curves", "comparison"):
         assert (sweep.directory / f"{name}.png").stat().st_size > 10_000, name
         assert f"({name}.png)" in report
+    # fits.json is what `bitnet fit results.csv --json` prints, held-out predictions included
+    fits = json.loads((sweep.directory / "fits.json").read_text())
+    capsys.readouterr()
+    assert main(["fit", str(sweep.directory / "results.csv"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == fits
+    assert fits["recipes"]["b1.58"]["laws"]["L(N)"]["holdout"][0]["N"] == max(
+        r["params_non_embedding"] for r in rows)  # 5 sizes: the largest predicted from 4
+    assert "## Validation by extrapolation" in report and "## Seeds and noise" in report
 
 
 def _with_lr(sweep, run_id, lr):

@@ -154,15 +154,22 @@ def select_envelope(rows: Sequence[Mapping[str, Any]], *, n_column: str, loss_co
     `rows` are finished runs with valid N, D and loss. `hyperparameters` default to the swept
     keys that are not size, tokens, precision or seed (`default_hyperparameters`). Runs with the
     same setting at one point are replicates (no seed column): they stay together and their mean
-    loss ranks the setting. Where nothing was swept, every run is kept as it is.
+    loss ranks the setting. Keys with one value at every point are not selected over; where
+    nothing was, every run is kept as it is.
     """
     keys = tuple(default_hyperparameters(rows) if hyperparameters is None else hyperparameters)
-    points: dict[tuple, dict[tuple, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    by_point: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for row in rows:
         d = float(row[d_column]) if d_column else None
-        point = (recipe_of(row), float(row[n_column]), d, replicate_of(row))
-        setting = tuple(hyperparameter_value(row, k) for k in keys)
-        points[point][setting].append(row)
+        by_point[(recipe_of(row), float(row[n_column]), d, replicate_of(row))].append(row)
+    # A key swept only across points (e.g. an LR zipped with the precision) selects nothing.
+    keys = tuple(k for k in keys if any(
+        len({json.dumps(hyperparameter_value(r, k), sort_keys=True) for r in group}) > 1
+        for group in by_point.values()))
+    points: dict[tuple, dict[tuple, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for point, group in by_point.items():
+        for row in group:
+            points[point][tuple(hyperparameter_value(row, k) for k in keys)].append(row)
     kept, choices = [], []
     for (recipe, n, d, replicate), settings in points.items():
         tried = tuple((setting, sum(float(r[loss_column]) for r in runs) / len(runs))
