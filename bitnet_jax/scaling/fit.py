@@ -16,7 +16,7 @@ the precision laws add themselves the same way.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -46,7 +46,7 @@ class TableLaw:
     """A law `fit_table` fits per recipe: `name` (its key in fits.json), `kind` (its key in
     `RecipeFits.fits`), `label` (its formula in notes), the `variables` it takes ("N", "D") and
     `fit(x, loss, options) -> Fit` on the per-size means; `requires(replicates, options)` says why
-    the law does not apply to a recipe's data (None when it does)."""
+    the law does not apply to a recipe's data (None when it does, "" to skip it silently)."""
 
     name: str
     kind: str
@@ -72,7 +72,7 @@ def register_law(law: TableLaw) -> TableLaw:
 
 def _needs_tokens(reps: Replicates, options: Mapping[str, Any]) -> Optional[str]:
     if not options["chinchilla"] or len(reps.x) < 2:
-        return "skip"  # not asked for, or no token column: nothing to say
+        return ""  # not asked for, or no token column: nothing to say
     distinct = len(np.unique(reps.x[1]))
     if distinct < 3:
         return f"{distinct} distinct token count(s); E, B and beta need at least 3"
@@ -287,7 +287,8 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
     for recipe in notes:
         members = [r for r in selection.rows if recipe_of(r) == recipe]
         recipe_notes = list(notes[recipe])
-        x = [np.array([r[c] for r in members], dtype=float) for c in [n_col] + ([d_col] if d_col else [])]
+        x = [np.array([r[c] for r in members], dtype=float)
+             for c in [n_col] + ([d_col] if d_col else [])]
         loss = np.array([r[l_col] for r in members], dtype=float)
         reps = Replicates.from_points(x, loss)
         if d_col and len(np.unique(x[1])) > 1:
@@ -299,7 +300,7 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
         for law in LAWS.values():
             reason = law.requires(reps, options)
             if reason is not None:
-                if reason != "skip":
+                if reason:
                     recipe_notes.append(f"{law.label} not fitted: {reason}")
                 continue
             try:

@@ -71,10 +71,10 @@ class Replicates:
 
     def resampler(self, n_x: Optional[int] = None
                   ) -> Callable[[np.random.Generator], tuple[np.ndarray, ...]]:
-        """Draws of (x[:n_x]..., mean loss per size): each size's mean moves by the measured noise of a
-        mean of its seeds, log L_i + N(0, s^2 / k_i), s the pooled spread. Why parametric: two or
-        three seeds resampled with replacement understate the spread (by (k - 1) / k) and give
-        sizes with one seed none; the pooled s is estimated from every size's seeds at once."""
+        """Draws of (x[:n_x]..., mean loss per size): each size's mean moves by the measured noise
+        of a mean of its seeds, log L_i + N(0, s^2 / k_i), s the pooled spread. Why parametric:
+        two or three seeds resampled with replacement understate the spread (by (k - 1) / k) and
+        give sizes with one seed none; the pooled s is estimated from every size's seeds at once."""
         log_means, scale = np.log(self.means), self.log_sd / np.sqrt(self.counts)
         x = self.x[:n_x]
 

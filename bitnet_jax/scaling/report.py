@@ -164,7 +164,8 @@ def draw_loss_against(ax, rows: list[dict], x: str, xlabel: str, fits: Optional[
             low = h["predicted"] if h["low"] is None else h["low"]
             high = h["predicted"] if h["high"] is None else h["high"]
             ax.errorbar([h["N"]], [h["predicted"]], fmt="D", mfc="none", ms=7, capsize=4,
-                        yerr=[[h["predicted"] - low], [high - h["predicted"]]],
+                        yerr=[[max(h["predicted"] - low, 0.0)],
+                              [max(high - h["predicted"], 0.0)]],
                         color=color(recipe), zorder=4,
                         label=f"{recipe}: predicted from smaller sizes" if i == 0 else None)
     _style(ax, xlabel, "validation loss (nats / token)")
@@ -179,8 +180,9 @@ def plot_training_curves(rows: list[dict], run_dirs: dict[str, Path], path: Path
     sizes = sorted({r[PARAMS] for r in rows})
     seen = set()
     for row in rows:
-        metrics_path = run_dirs.get(row["run"], Path("/nonexistent")) / "metrics.jsonl"
-        if not metrics_path.exists():
+        run_dir = run_dirs.get(row["run"])  # rows of a table alone have no run directories
+        metrics_path = run_dir / "metrics.jsonl" if run_dir is not None else None
+        if metrics_path is None or not metrics_path.exists():
             continue
         train = [r for r in read_jsonl(metrics_path) if r.get("kind") == "train"]
         if not train:
@@ -372,7 +374,8 @@ def _noise_lines(laws: dict[str, RecipeFits]) -> list[str]:
     if not with_seeds:
         return ["Every size has one seed: the seed-to-seed noise is not measured, so no gap "
                 "below can be told apart from it (add a `seed` axis)."]
-    lines = ["| recipe | N | D | seeds | mean loss | seed-to-seed sd |", "|---|---|---|---|---|---|"]
+    lines = ["| recipe | N | D | seeds | mean loss | seed-to-seed sd |",
+             "|---|---|---|---|---|---|"]
     for recipe, reps in with_seeds.items():
         for i in range(len(reps)):
             d = reps.x[1][i] if len(reps.x) > 1 else None
@@ -440,7 +443,8 @@ def write_report_files(name: str, rows: list[dict], out: Path, run_dirs: dict[st
             envelope, PARAMS, out / "loss_vs_params.png",
             "non-embedding parameters N", fits, holdout=holdout),
         "loss against training compute": plot_loss_against(
-            envelope, "flops_causal", out / "loss_vs_flops.png", "training FLOPs (causal convention)"),
+            envelope, "flops_causal", out / "loss_vs_flops.png",
+            "training FLOPs (causal convention)"),
         "loss against weight memory": plot_loss_against(
             envelope, "weight_memory_bytes", out / "loss_vs_memory.png",
             "weight memory at the recipe's storage format (bytes)"),

@@ -166,7 +166,7 @@ def select_envelope(rows: Sequence[Mapping[str, Any]], *, n_column: str, loss_co
     keys = tuple(k for k in keys if any(
         len({json.dumps(hyperparameter_value(r, k), sort_keys=True) for r in group}) > 1
         for group in by_point.values()))
-    points: dict[tuple, dict[tuple, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    points: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))
     for point, group in by_point.items():
         for row in group:
             points[point][tuple(hyperparameter_value(row, k) for k in keys)].append(row)

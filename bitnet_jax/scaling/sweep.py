@@ -13,8 +13,8 @@ A sweep file holds a base run config and a list of axes:
 `tokens` and `tokens_per_param` (per non-embedding parameter) set `train.steps` from the batch
 and sequence length. `seed` sets both `train.seed` (model init) and `data.seed` (data order): a
 seed axis gives replicates whose spread the report measures. Any other key (e.g. `optimizer.lr`)
-is a hyperparameter axis: the fits take the best run over it per size (see `select`). Every run gets a stable id from its expanded config, and its directory is
-`out_dir/<sweep name>/<run id>/`. Re-running a sweep skips finished runs, resumes interrupted
+is a hyperparameter axis: the fits take the best run over it per size (see `select`). Every run
+gets a stable id from its expanded config, and its directory is `out_dir/<sweep name>/<run id>/`. Re-running a sweep skips finished runs, resumes interrupted
 ones, and retries failed ones only when asked.
 """
 
