@@ -34,7 +34,7 @@ from bitnet_jax.train.checkpoint import CheckpointSaveError
 from bitnet_jax.train.loop import train
 from bitnet_jax.train.metrics import read_jsonl
 
-from multiprocess import run_processes
+from multihost import run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.preset=ladder-50k", "train.steps=8", "train.batch_size=8", "data.seq_len=64",

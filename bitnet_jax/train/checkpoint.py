@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import jax
 import orbax.checkpoint as ocp
 
 from bitnet_jax.data.pipeline import iterator_checkpoint_args
@@ -101,8 +102,9 @@ class Checkpointer:
                 skipped.append((step, short_error(error)))
                 continue
             for bad, reason in skipped:
-                log(f"skipped checkpoint step {bad} (it does not read: {reason}); moved it to "
-                    f"{self._move_aside(bad)}")
+                if jax.process_index() == 0:  # one mover on a shared file system
+                    log(f"skipped checkpoint step {bad} (it does not read: {reason}); moved it "
+                        f"to {self._move_aside(bad)}")
             if skipped:
                 self.manager.reload()
             return step, state

@@ -3,7 +3,8 @@
 Each process gets the environment README documents for multi-host runs (JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) and its own CPU devices; `run_processes` waits for all of them
 and kills the rest as soon as one fails, so a broken collective never hangs a test. Reusable by
-any test that needs several JAX processes (checkpoints, kills, ...).
+any test that needs several JAX processes (checkpoints, kills, ...). Not named `multiprocess`:
+that is a package `datasets` imports.
 """
 
 from __future__ import annotations
