@@ -117,6 +117,9 @@ def test_unreadable_files_are_one_line_errors(tmp_path, capsys, finished_run):
         case(f"corpus.{suffix}", content, lambda p: [
             "train", "--config", str(good_yaml), f"out_dir={tmp_path / 'runs'}",
             "data.source=files", f"data.paths=[{p}]", "logging.wandb=disabled"])
+    case("tokenizer.json", b'{"version": "1.0", "model": ', lambda p: [
+        "train", "--config", str(good_yaml), f"out_dir={tmp_path / 'runs'}",
+        f"data.tokenizer={p}", "logging.wandb=disabled"])
     out_file = tmp_path / "not_a_dir"
     case("not_a_dir", "a file", lambda p: [
         "train", "--config", str(good_yaml), f"out_dir={p}", "model.preset=ladder-50k",
