@@ -492,8 +492,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         print(f"error: training diverged: {error}", file=sys.stderr)
         return 1
-    except CheckpointSaveError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except CheckpointSaveError as error:  # one write: orbax's threads may still be logging
+        sys.stderr.write(f"error: {error}\n")
+        sys.stderr.flush()
         return 1
     except TrainingInterrupted as error:
         print(f"interrupted: {error}", file=sys.stderr)

@@ -272,7 +272,8 @@ def test_full_disk_for_real_stops_and_exits(tmp_path):
                           text=True, timeout=300)
     errors = [l for l in done.stderr.splitlines() if l.startswith("error:")]
     assert done.returncode == 1, done.stderr[-2000:]
-    assert len(errors) == 1 and "step 2" in errors[0] and "last good checkpoint: none" in errors[0]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "step 2" in errors[0] and "last good checkpoint: none" in errors[0], errors
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ to `checkpoints.skipped/` beside the run's checkpoints (kept for inspection, out
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -50,6 +51,9 @@ class Checkpointer:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
             self.manager.wait_until_finished()
         except Exception as error:  # noqa: BLE001 - OSError, tensorstore's ValueError, ...
+            # orbax's abandoned write tasks log this same error again, with tracebacks, when
+            # they are collected at exit; the one line raised below says it.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             last = [s for s in self.manager.all_steps() if s != step]
             good = f"step {max(last)}" if last else "none"
             raise CheckpointSaveError(
