@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.units import format_bytes
+from bitnet_jax.files import require_apart
 from bitnet_jax.scaling import results  # column names only (the csv module, no JAX)
 
 EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
@@ -356,6 +357,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     from bitnet_jax.interop.run_dir import load_run, read_resolved_run
     from bitnet_jax.interop.hf import check_exportable, export_hf
 
+    if args.overwrite:
+        require_apart(args.out_dir, [args.run_dir])
     run = read_resolved_run(args.run_dir)
     check_exportable(run.model, run.config.precision, args.packed)  # before reading weights
     summary = export_hf(load_run(args.run_dir, args.step), args.out_dir, args.packed,
@@ -370,6 +373,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 def cmd_import_hf(args: argparse.Namespace) -> int:
     from bitnet_jax.interop.hf import import_hf
 
+    if args.overwrite:  # (a tokenizer inside OUT_DIR is safe: it is read before replacing)
+        require_apart(args.out_dir, [args.hf_dir])
     out = import_hf(args.hf_dir, args.out_dir, args.overwrite, tokenizer=args.tokenizer)
     print(f"wrote run directory {out}; continue training with "
           f"`bitnet train --config {out}/config.yaml` (it starts from these weights)")
@@ -380,6 +385,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from bitnet_jax.interop.run_dir import load_run, read_resolved_run
     from bitnet_jax.interop.packed import format_size_report, require_ternary, save_packed
 
+    if args.overwrite:
+        require_apart(args.out, [args.run_dir])
     require_ternary(read_resolved_run(args.run_dir).recipe)  # before loading the weights
     report = save_packed(load_run(args.run_dir, args.step), args.out, args.layout, args.dtype,
                          overwrite=args.overwrite)
@@ -417,6 +424,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(sweeps.format_plan(sweep, sweeps.plan(sweep, rate)))
         print(f"(time estimated at {rate / 1e12:.3g} TFLOP/s sustained)")
         return 0
+    failures: list[dict] = []
     if args.sweep_command == "run":
         options = dict(_key_value(item, "--sbatch") for item in args.sbatch)
         outcome = sweeps.run_sweep(sweep, args.launcher, args.workers, args.retry_failed,
@@ -431,10 +439,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             submission = outcome.get("slurm")
             if submission is not None:
                 print(f"submitted SLURM array job {submission.job_id} with "
-                      f"{submission.n_tasks} tasks ({submission.script})")
+                      f"{submission.n_tasks} tasks ({submission.script_path})")
             if not args.wait:
                 print(f"when it is done: bitnet sweep report {args.file}")
                 return 0
+        failures = outcome.get("failures", [])
     if args.sweep_command == "collect":
         rows = sweeps.collect(sweep)
         print(f"wrote {sweep.directory / 'results.csv'} and results.parquet ({len(rows)} runs)")
@@ -443,7 +452,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     path = report.write_report(sweep)
     print(f"wrote {path}")
-    return 0
+    for failure in failures:  # the report is written; the command still says it went wrong
+        print(f"error: run {failure['run']} {failure['status']}: {failure['error']}",
+              file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _key_value(text: str, flag: str) -> tuple[str, str]:
@@ -456,7 +468,7 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
 def cmd_fit(args: argparse.Namespace) -> int:
     import json
 
-    from bitnet_jax.scaling.fit import fit_table, fits_json, format_fits
+    from bitnet_jax.scaling.fit import fit_table, fits_json, format_fits, require_a_fit
 
     # The one fitter, with its own defaults: `bitnet sweep report` prints the same laws.
     given = {"n_boot": args.bootstrap, "holdout": args.holdout}
@@ -464,12 +476,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
                      tokens_column=args.tokens_column, loss_column=args.loss_column,
                      recipe_column=args.recipe_column, hyperparameters=args.hyperparameter,
                      **{k: v for k, v in given.items() if v is not None})
+    require_a_fit(fits, args.table)
     print(json.dumps(fits_json(fits), indent=2) if args.json else format_fits(fits))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from bitnet_jax.config import load_config
+    from bitnet_jax.train.checkpoint import CheckpointSaveError
     from bitnet_jax.train.loop import TrainingDiverged, TrainingInterrupted, train
 
     config = load_config(args.config, args.overrides)
@@ -477,6 +491,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(config)
     except TrainingDiverged as error:
         print(f"error: training diverged: {error}", file=sys.stderr)
+        return 1
+    except CheckpointSaveError as error:  # one write: orbax's threads may still be logging
+        sys.stderr.write(f"error: {error}\n")
+        sys.stderr.flush()
         return 1
     except TrainingInterrupted as error:
         print(f"interrupted: {error}", file=sys.stderr)
@@ -510,6 +528,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:  # a file the readers did not reach: still one line naming it
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}; check the path, its permissions and "
+              f"free space", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

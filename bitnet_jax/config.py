@@ -23,6 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.files import read_text
 
 
 @dataclass
@@ -259,10 +260,14 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     require(path.is_file(), f"config file {str(path)!r} does not exist")
+    text = read_text(path, "config file")  # unreadable, binary or non-UTF-8: one line
     try:
-        tree = _yaml_load(path.read_text()) or {}
+        tree = _yaml_load(text) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        where = getattr(error, "problem_mark", None)
+        line = f":{where.line + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}{line}: not valid YAML ({problem}); fix the file") from None
     require(isinstance(tree, dict), f"{path}: the top level must be a mapping of sections")
     return tree
 
@@ -299,6 +304,10 @@ def validate(config: RunConfig) -> None:
         section, key = dotted.split(".")
         value = getattr(getattr(config, section), key)
         require(value > 0, f"{dotted} must be positive, got {value}")
+    for dotted in ("train.eval_every", "train.checkpoint_every"):
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        require(value >= 0, f"{dotted} must be 0 (only at the end) or positive, got {value}")
     require(config.train.batch_size % config.train.grad_accum == 0,
             f"train.batch_size={config.train.batch_size} is not divisible by "
             f"train.grad_accum={config.train.grad_accum}")

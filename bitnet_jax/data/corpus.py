@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bitnet_jax.config import DataConfig
+from bitnet_jax import files
 from bitnet_jax.errors import ConfigError, require
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -165,10 +166,19 @@ def resolve_paths(patterns: Sequence[str], suffixes: Sequence[str], field_name: 
 
 def _read_jsonl(path: Path, text_field: str, limit: Optional[int]) -> list[str]:
     docs: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    try:  # streamed (corpora can be large), each line decoded on its own to name it if bad
+        handle = path.open("rb")
+    except OSError as error:
+        raise ConfigError(f"data file {files.os_error_line(path, error)}") from None
+    with handle:
+        for number, raw in enumerate(handle, 1):
             if limit is not None and len(docs) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"data file {path}:{number}: not UTF-8 text; convert the file "
+                                  f"to UTF-8 (or check that it is JSONL)") from None
             if not line.strip():
                 continue
             try:
@@ -190,11 +200,13 @@ def _read_jsonl(path: Path, text_field: str, limit: Optional[int]) -> list[str]:
 def _read_parquet(path: Path, text_field: str, limit: Optional[int]) -> list[str]:
     import pyarrow.parquet as pq
 
-    columns = pq.read_schema(path).names
+    columns = files.read_with(path, lambda name: pq.read_schema(name).names, "data file",
+                              "check that it is a Parquet file")
     require(text_field in columns, f"{path}: no column data.text_field={text_field!r}; "
                                    f"columns: {', '.join(columns)}; set data.text_field")
     # Reading only the text column keeps other (possibly huge) columns off memory.
-    column = pq.read_table(path, columns=[text_field]).column(text_field)
+    column = files.read_with(path, lambda name: pq.read_table(name, columns=[text_field]),
+                             "data file", "check that it is a Parquet file").column(text_field)
     if limit is not None:
         column = column.slice(0, limit)
     texts = column.to_pylist()
@@ -205,7 +217,9 @@ def _read_parquet(path: Path, text_field: str, limit: Optional[int]) -> list[str
 
 def _read_text_file(path: Path, text_field: str, limit: Optional[int]) -> list[str]:
     if path.suffix == ".txt":
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        # Binary files (an executable renamed .txt) and other encodings are refused, naming
+        # the file and line, rather than trained on as replacement characters.
+        text = files.read_text(path, "data file")
         return [text] if text and limit != 0 else []
     if path.suffix == ".jsonl":
         return _read_jsonl(path, text_field, limit)

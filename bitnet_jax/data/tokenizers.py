@@ -16,6 +16,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from bitnet_jax import files
 from bitnet_jax.data.corpus import Corpus
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.run_files import TOKENIZER_FILE
@@ -155,7 +156,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
         path = path / TOKENIZER_FILE
     require(path.is_file(), f"data.tokenizer={spec!r}: no such file; use 'bytes' or the path of "
                             "a tokenizer.json (train one with `bitnet tokenizer train`)")
-    return HFTokenizer(path)
+    # A damaged or foreign file: one line naming it (the tokenizers library raises its own).
+    return files.read_with(path, lambda name: HFTokenizer(Path(name)), "tokenizer",
+                           "pass a tokenizer.json written by `bitnet tokenizer train` or "
+                           "a Hugging Face tokenizer")
 
 
 def train_bpe(corpus: Corpus, vocab_size: int, out_path: str | Path) -> Path:

@@ -14,7 +14,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,6 +24,7 @@ import yaml
 from bitnet_jax.train.checkpoint import Checkpointer, restore_params
 from bitnet_jax.config import RunConfig, load_config, to_dict
 from bitnet_jax.errors import require
+from bitnet_jax.files import require_apart
 from bitnet_jax.model.resolve import ResolvedRun, resolve_run
 from bitnet_jax.model.transformer import ModelConfig, init_params
 from bitnet_jax.core.precision import PrecisionRecipe, get_recipe
@@ -98,14 +99,17 @@ def tokenizer_file(tokenizer: str) -> Path:
 
 
 def fresh_directory(out_dir: str | Path, overwrite: bool,
-                    tokenizer: str = "bytes") -> tuple[Path, str]:
+                    tokenizer: str = "bytes", sources: Sequence[str | Path] = ()
+                    ) -> tuple[Path, str]:
     """An empty directory to write a model into, and the model's tokenizer copied into it.
 
     A non-empty directory is replaced only with `overwrite` (exports, imports and packed
     checkpoints all refuse to mix files). A tokenizer.json is read before the directory is
     replaced (it may live there) and written back as OUT/tokenizer.json, whose absolute path
-    is returned; "bytes" is returned as it is.
+    is returned; "bytes" is returned as it is. An output that is, contains or is inside one of
+    `sources` (the directories the model is read from) is refused, overwrite or not.
     """
+    require_apart(out_dir, sources)
     tokenizer_bytes = None
     if tokenizer != "bytes":
         source = tokenizer_file(tokenizer)

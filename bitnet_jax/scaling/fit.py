@@ -35,7 +35,7 @@ from bitnet_jax.scaling.select import (Choice, axis_values, default_hyperparamet
                                        select_envelope)
 
 __all__ = ["TableLaw", "LAWS", "register_law", "LawFit", "RecipeFits", "fit_table",
-           "format_fits", "fits_json"]
+           "format_fits", "fits_json", "require_a_fit"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +228,9 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
     none; from the seed spread where sizes have several seeds) and, with `holdout` = K > 0,
     refitted without the K largest sizes to predict them. A fit that cannot be made is a note.
     """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
+        raise ConfigError(f"bootstrap resamples must be 0 (no bootstrap) or a positive "
+                          f"integer, got {n_boot!r}")
     if int(holdout) != holdout or holdout < 0:
         raise ConfigError(f"holdout must be a non-negative integer (sizes held out), "
                           f"got {holdout!r}")
@@ -352,6 +355,17 @@ def _choice_lines(group: RecipeFits) -> list[str]:
         lines.append(f"    {where}: {won} (loss {c.loss:.4g}, {len(c.tried)} tried"
                      + (", at the edge of its grid" if c.edges else "") + ")")
     return lines
+
+
+def require_a_fit(fits: Mapping[str, RecipeFits], source: str) -> None:
+    """Refuse a table from which no law could be fitted (too few rows, no finite losses, ...),
+    naming why for each recipe: fitting nothing is an error, not an empty success."""
+    if any(group.fits for group in fits.values()):
+        return
+    why = "; ".join(f"{recipe}: {group.notes[-1] if group.notes else 'no rows'}"
+                    for recipe, group in fits.items())
+    raise ConfigError(f"{source}: no law could be fitted ({why}); check the table's rows and "
+                      f"columns")
 
 
 def format_fits(fits: Mapping[str, RecipeFits], *, reference: str = "bf16") -> str:

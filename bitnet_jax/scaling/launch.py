@@ -235,8 +235,30 @@ class _Running:
     started: float
 
 
-class _Stop(BaseException):
-    """SIGTERM to the launcher: stop the children like Ctrl-C does."""
+class _StopSignals:
+    """SIGINT and SIGTERM to the launcher, recorded for the loop to act on.
+
+    The handlers only note the signal: an exception raised from a handler lands on whatever
+    bytecode runs, e.g. inside `Popen.poll` while it holds its wait lock (every later poll then
+    says "running" and the stop waits out its whole grace period) or between starting a child
+    and recording it (which then never gets its SIGTERM). The loop checks between steps."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():  # handlers live there only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received.append(signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def launch_local(jobs: Sequence[Job], workers: int = 1,
@@ -314,23 +336,24 @@ def launch_local(jobs: Sequence[Job], workers: int = 1,
                      f"{format_duration(seconds)}, see {r.log_path}")
         return bool(finished)
 
-    previous = _install_sigterm()
-    try:
-        while pending or running:
-            while pending and free:
-                free.sort()
-                start(pending.pop(0), free.pop(0))
-            if not reap():
-                time.sleep(POLL_S)
-    except (KeyboardInterrupt, _Stop) as stop:
-        _stop_all(running, term_grace_s)
-        if isinstance(stop, _Stop):
-            raise KeyboardInterrupt("launcher got SIGTERM") from None
-        raise
-    finally:
-        _restore_sigterm(previous)
-        for r in running:
-            r.log.close()
+    with _StopSignals() as stop:
+        try:
+            while (pending or running) and not stop.received:
+                while pending and free and not stop.received:
+                    free.sort()
+                    start(pending.pop(0), free.pop(0))
+                if not reap():
+                    time.sleep(POLL_S)
+            if stop.received:
+                _stop_all(running, term_grace_s, stop.received)
+        except KeyboardInterrupt:  # only where no handler could be installed
+            _stop_all(running, term_grace_s, stop.received)
+            raise
+        finally:
+            for r in running:
+                r.log.close()
+        if stop.received:
+            raise KeyboardInterrupt(f"launcher got {_signal_name(stop.received[0])}")
     failed = [r for r in results.values() if not r.ok]
     _log(f"{total - len(failed)}/{total} jobs succeeded" +
          (f"; failed: {', '.join(r.name for r in failed)}" if failed else ""))
@@ -344,40 +367,31 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _install_sigterm():
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handle(signum, frame):
-        raise _Stop()
-
-    return signal.signal(signal.SIGTERM, handle)
-
-
-def _restore_sigterm(previous) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _stop_all(running: list[_Running], grace_s: float) -> None:
-    """SIGTERM each job; SIGKILL its process group after `grace_s` or at another Ctrl-C."""
+def _stop_all(running: list[_Running], grace_s: float, received: list[int]) -> None:
+    """SIGTERM each job; SIGKILL its process group after `grace_s` or at another signal
+    (`received` grows as signals arrive). Idempotent: stopped jobs leave `running`."""
     if not running:
         return
     _log(f"stopping {len(running)} running job(s) (SIGTERM; they checkpoint and exit)")
     for r in running:
         if r.process.poll() is None:
             _send(r.process.pid, signal.SIGTERM, group=False)
-    deadline = time.monotonic() + grace_s
+    deadline, seen = time.monotonic() + grace_s, len(received)
     try:
         while any(r.process.poll() is None for r in running) and time.monotonic() < deadline:
+            if len(received) > seen:
+                _log("interrupted again: killing the jobs")
+                break
             time.sleep(POLL_S)
-    except (KeyboardInterrupt, _Stop):
+    except KeyboardInterrupt:
         _log("interrupted again: killing the jobs")
-    for r in running:
+    for r in list(running):
         if r.process.poll() is None:
             _log(f"killing {r.job.name} (no exit after SIGTERM)")
         _send(r.process.pid, signal.SIGKILL, group=True)  # also what it left behind
         r.process.wait()
+        running.remove(r)
+        r.log.close()
         code = r.process.returncode
         _log(f"stopped {r.job.name} ({'exit ' + str(code) if code >= 0 else _signal_name(-code)})"
              f", see {r.log_path}")

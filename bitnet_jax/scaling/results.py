@@ -10,10 +10,12 @@ for parquet, pyarrow.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from bitnet_jax.errors import ConfigError
+from bitnet_jax.files import read_text
 
 __all__ = ["RESULT_COLUMNS", "PARAMS", "TOKENS", "LOSS", "RECIPE", "STATUS", "COMPLETED",
            "SEED", "DATA_SEED", "AXES", "KEY_COLUMNS",
@@ -27,6 +29,7 @@ RESULT_COLUMNS = (
     "weight_memory_bytes", "weight_memory_format", "weight_memory_vs_bf16",
     "final_eval_loss", "best_eval_loss", "eval_ppl", "eval_bpb", "wall_seconds",
     "tokens_per_s", "lr", "batch_size", "seq_len", "seed", "data_seed", "axes",
+    "error",  # a failed run's last error line (from its launch.log)
 )
 
 # The columns the fits read, by their role.
@@ -85,8 +88,17 @@ def read_table(path: Union[str, Path]) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"results table {str(path)!r} not found")
-    with path.open(newline="") as f:
-        rows = [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    text = read_text(path, "results table")  # binary or non-UTF-8: one line naming it
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        rows = [{k: _parse(v) for k, v in row.items()} for row in reader]
+    except csv.Error as error:
+        raise ConfigError(f"results table {path}:{reader.line_num}: not valid CSV ({error}); "
+                          f"repair the file") from None
+    if any(None in row for row in rows):
+        line = next(i for i, row in enumerate(rows) if None in row) + 2
+        raise ConfigError(f"results table {path}:{line}: more cells than the header has "
+                          f"columns; repair the file")
     if not rows:
         raise ConfigError(f"results table {str(path)!r} has no rows")
     return rows

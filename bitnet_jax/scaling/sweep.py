@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -34,7 +35,8 @@ from bitnet_jax import run_files
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml, to_dict,
                                unknown_key_error)
-from bitnet_jax.errors import require
+from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.files import read_json_object, write_text_atomic
 from bitnet_jax.scaling.launch import Job, format_duration
 from bitnet_jax.scaling.results import (AXES, DATA_SEED, RESULT_COLUMNS, SEED, accounting_row,
                                         write_parquet, write_table)
@@ -91,6 +93,10 @@ def _set_steps_from_tokens(tree: dict, config: RunConfig, tokens: Optional[float
                            tokens_per_param: Optional[float]) -> None:
     if tokens is None and tokens_per_param is None:
         return
+    for key, value in (("tokens", tokens), ("tokens_per_param", tokens_per_param)):
+        require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and value > 0),
+                f"sweep {key}={value!r}: give a positive number (e.g. {key}: 2.0e6)")
     require(tokens is None or tokens_per_param is None,
             "a sweep run gets either tokens or tokens_per_param, not both")
     if tokens_per_param is not None:
@@ -218,17 +224,53 @@ def format_plan(sweep: Sweep, rows: list[dict]) -> str:
 # Status and launching.
 
 def run_status(run_dir: Path) -> dict:
-    """completed | failed | diverged | interrupted | started (checkpoints, no summary) | pending."""
+    """completed | failed | diverged | interrupted | started (checkpoints, no summary) | pending.
+
+    A summary.json that does not read is set aside (the trainer writes a new one when the run
+    resumes) and named in `reason`: one damaged run never stops the sweep."""
     summary_path = run_dir / run_files.SUMMARY_FILE
+    damaged = None
     if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        status = summary.get("status", "failed")
-        if status == "running":  # a summary written by a crash in the summary itself
-            status = "failed"
-        return {"status": status, "reason": summary.get("reason")}
-    if (run_dir / run_files.CHECKPOINT_DIR).exists():
-        return {"status": "started", "reason": None}
-    return {"status": "pending", "reason": None}
+        try:
+            summary = read_json_object(summary_path, "run summary")
+        except ConfigError as error:
+            damaged = str(error)
+        else:
+            status = summary.get("status", "failed")
+            if status == "running":  # a summary written by a crash in the summary itself
+                status = "failed"
+            return {"status": status, "reason": summary.get("reason"),
+                    "error": summary.get("error")}
+    if has_checkpoints(run_dir):
+        return {"status": "started", "reason": damaged, "error": None}
+    return {"status": "pending", "reason": damaged, "error": None}
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """True when the run wrote at least one complete checkpoint step (it can resume)."""
+    directory = run_dir / run_files.CHECKPOINT_DIR
+    return directory.is_dir() and any(p.is_dir() and p.name.isdigit()
+                                      for p in directory.iterdir())
+
+
+# An exception's last line, e.g. "ValueError: ..." or "jax.errors.JaxRuntimeError: ...".
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+def last_error_line(log_path: Path, limit: int = 300) -> Optional[str]:
+    """Why a run failed, from its log: the last `error: ...` line our CLI prints, else the last
+    exception line of a traceback, else the last line; None without a log."""
+    try:
+        text = Path(log_path).read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    found = (next((l for l in reversed(lines) if l.startswith("error:")), None)
+             or next((l for l in reversed(lines) if _EXCEPTION_LINE.match(l)), None)
+             or (lines[-1] if lines else None))
+    if found is not None and len(found) > limit:
+        found = found[:limit - 3] + "..."
+    return found
 
 
 def write_run_config(run: Run) -> Path:
@@ -263,15 +305,32 @@ def _archive_failed(run_dir: Path) -> None:
     run_dir.rename(target)
 
 
-def record_crashes(jobs: list[Job], results) -> None:
-    """A process that died without a summary (killed, out of memory) is marked failed."""
+def record_crashes(jobs: list[Job], results) -> list[dict]:
+    """Record how each process that failed ended; returns one {run, status, error} per failure.
+
+    A process that died without a summary (killed, out of memory) is `interrupted` when it left
+    a checkpoint (a plain re-run resumes it) and `failed` otherwise. Every failure's summary
+    carries the last error line of its launch.log."""
+    failures = []
     for job, result in zip(jobs, results):
-        if result.returncode != 0 and not (job.run_dir / run_files.SUMMARY_FILE).exists():
+        if result.returncode == 0:
+            continue
+        error = last_error_line(result.log_path)
+        summary_path = job.run_dir / run_files.SUMMARY_FILE
+        status = run_status(job.run_dir)
+        if not summary_path.exists() or status["reason"] is not None and status["status"] in (
+                "started", "pending"):  # no summary, or one that does not read
+            resumable = has_checkpoints(job.run_dir)
+            status = {"status": "interrupted" if resumable else "failed",
+                      "reason": f"process exited with code {result.returncode}"
+                                f"{' after a checkpoint (a re-run resumes it)' if resumable else ''}"
+                                f"; see {result.log_path}"}
             job.run_dir.mkdir(parents=True, exist_ok=True)
-            (job.run_dir / run_files.SUMMARY_FILE).write_text(json.dumps({
-                "run": job.name, "status": "failed",
-                "reason": f"process exited with code {result.returncode}; see {result.log_path}"},
-                indent=2))
+            write_text_atomic(summary_path, json.dumps(
+                {"run": job.name, **status, "error": error}, indent=2))
+        failures.append({"run": job.name, "status": status["status"],
+                         "error": error or status.get("reason")})
+    return failures
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +346,11 @@ def collect_run(run: Run) -> dict:
     evals = [r for r in read_jsonl(metrics_path) if r.get("kind") == "eval"] \
         if metrics_path.exists() else []
     summary_path = run.run_dir / run_files.SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    damaged = status["status"] in ("started", "pending")  # a summary there did not read
+    summary = read_json_object(summary_path, "run summary") \
+        if summary_path.exists() and not damaged else {}
+    if status["status"] in FAILED + ("interrupted",) and not row.get("error"):
+        row["error"] = last_error_line(run.run_dir / run_files.LAUNCH_LOG)
     row.update({
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "best_eval_loss": min(r["eval_loss"] for r in evals) if evals else None,
@@ -300,9 +363,18 @@ def collect_run(run: Run) -> dict:
     return {column: row.get(column) for column in RESULT_COLUMNS}
 
 
+def collect_run_or_error(run: Run) -> dict:
+    """`collect_run`, or a row that says why this run's files do not read (the others go on)."""
+    try:
+        return collect_run(run)
+    except ConfigError as error:
+        row = {**run_accounting(run), "status": "unreadable", "error": str(error)}
+        return {column: row.get(column) for column in RESULT_COLUMNS}
+
+
 def collect(sweep: Sweep) -> list[dict]:
     """The results table of a sweep, written as results.csv and results.parquet."""
-    rows = [collect_run(run) for run in sweep.runs]
+    rows = [collect_run_or_error(run) for run in sweep.runs]
     sweep.directory.mkdir(parents=True, exist_ok=True)
     write_table(rows, sweep.directory / "results.csv")
     write_parquet(rows, sweep.directory / "results.parquet")
@@ -323,7 +395,8 @@ def run_sweep(sweep: Sweep, launcher: str = "local", workers: int = 1,
 
     require(launcher in LAUNCHERS, f"--launcher {launcher!r}; choose one of {LAUNCHERS}")
     jobs, skipped = jobs_to_run(sweep, retry_failed)
-    outcome = {"launched": [j.name for j in jobs], "skipped": skipped, "results": []}
+    outcome = {"launched": [j.name for j in jobs], "skipped": skipped, "results": [],
+               "failures": []}
     if not jobs:
         return outcome
     if launcher == "print":
@@ -332,6 +405,6 @@ def run_sweep(sweep: Sweep, launcher: str = "local", workers: int = 1,
         outcome["slurm"] = launch.launch_slurm(jobs, sweep.directory, sbatch_options, wait=wait)
     else:
         results = launch.launch_local(jobs, workers=workers)
-        record_crashes(jobs, results)
+        outcome["failures"] = record_crashes(jobs, results)
         outcome["results"] = results
     return outcome

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,10 +34,12 @@ from bitnet_jax.data.tokenizers import load_tokenizer
 from bitnet_jax.train import metrics
 from bitnet_jax.train import optim
 from bitnet_jax.train import sharding
-from bitnet_jax.train.checkpoint import Checkpointer, restore_params
+from bitnet_jax.train.checkpoint import CheckpointSaveError, Checkpointer, restore_params
 from bitnet_jax import run_files
-from bitnet_jax.config import RunConfig, to_dict
+from bitnet_jax.config import RunConfig, read_yaml, to_dict
 from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.files import (read_json_object, require_writable_dir,
+                              write_text_atomic)
 from bitnet_jax.model.resolve import ResolvedRun, resolve_run
 from bitnet_jax.model.transformer import ModelConfig, Transformer
 from bitnet_jax.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
@@ -101,6 +104,10 @@ def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
                     f"train.integer_forward=true but precision {name!r} has a linear role that "
                     f"is not integer (weights and activations at most 8 bits)")
 
+    if config.init_from:
+        require((Path(config.init_from) / run_files.CHECKPOINT_DIR).is_dir(),
+                f"init_from={config.init_from!r} has no {run_files.CHECKPOINT_DIR}/; pass a run "
+                f"directory written by `bitnet train` or `bitnet import-hf`")
     tokenizer = load_tokenizer(config.data.tokenizer)
     require(tokenizer.vocab_size <= model_config.vocab_size,
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model's "
@@ -152,6 +159,61 @@ def checkpoint_meta(setup: Setup) -> dict:
     return {"tokenizer": setup.tokenizer.name, "vocab_size": setup.tokenizer.vocab_size,
             "model_vocab_size": setup.model_config.vocab_size,
             "seq_len": setup.config.data.seq_len, "precision": setup.config.precision}
+
+
+# What a checkpoint's state is made of: resuming with other values cannot read it back.
+STATE_DEFINING = ("model", "precision", "train.stage1_precision")
+
+
+def _field(tree: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_same_run(run_dir: Path, config: RunConfig) -> None:
+    """A run directory with checkpoints continues only under the config that made them: another
+    model or precision is refused before anything in the directory is touched."""
+    saved_path = run_dir / run_files.CONFIG_FILE
+    if not saved_path.is_file():
+        return
+    saved, current = read_yaml(saved_path), to_dict(config)
+    for dotted in STATE_DEFINING:
+        if _field(saved, dotted) != _field(current, dotted):
+            raise ConfigError(
+                f"{run_dir} holds a run with {dotted}={_field(saved, dotted)!r} but this config "
+                f"has {dotted}={_field(current, dotted)!r}; use the original config to resume, "
+                f"or a new run name (name=...) to start another run")
+
+
+def finished_summary(run_dir: Path, steps: int) -> Optional[dict]:
+    """The summary of a run that already completed `steps` steps (None otherwise)."""
+    path = run_dir / run_files.SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = read_json_object(path, "run summary")
+    except ConfigError:  # a damaged summary: the run resumes and writes a new one
+        return None
+    done = summary.get("status") == "completed" and isinstance(summary.get("step"), int)
+    return summary if done and summary["step"] >= steps else None
+
+
+def check_finished_run(run_dir: Path, current_meta: dict) -> None:
+    """A finished run asked for again under another tokenizer is refused, as a resume is."""
+    directory = run_dir / run_files.CHECKPOINT_DIR
+    if not directory.is_dir():
+        return
+    checkpointer = Checkpointer(directory, keep=1)
+    try:
+        latest = checkpointer.latest_step()
+        saved = checkpointer.restore_meta(latest) if latest is not None else None
+    except Exception:  # noqa: BLE001 - a damaged final checkpoint does not undo a finished run
+        saved = None
+    finally:
+        checkpointer.manager.close()
+    if saved is not None:
+        check_resumable(saved, current_meta, run_dir)
 
 
 def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
@@ -226,9 +288,22 @@ def write_run_files(setup: Setup, meta: dict) -> None:
     if not metrics.is_main_process():
         return
     setup.run_dir.mkdir(parents=True, exist_ok=True)
-    (setup.run_dir / run_files.CONFIG_FILE).write_text(
-        yaml.safe_dump(to_dict(setup.config), sort_keys=False))
-    (setup.run_dir / run_files.META_FILE).write_text(json.dumps(meta, indent=2))
+    write_text_atomic(setup.run_dir / run_files.CONFIG_FILE,
+                      yaml.safe_dump(to_dict(setup.config), sort_keys=False))
+    write_text_atomic(setup.run_dir / run_files.META_FILE, json.dumps(meta, indent=2))
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """summary.json, whole or not at all; a full disk here is reported, not raised over the
+    error that ended the run."""
+    if not metrics.is_main_process():
+        return
+    try:
+        write_text_atomic(run_dir / run_files.SUMMARY_FILE,
+                          json.dumps(summary, indent=2, default=str))
+    except OSError as error:
+        print(f"warning: could not write {run_dir / run_files.SUMMARY_FILE}: "
+              f"{error.strerror or error}", file=sys.stderr, flush=True)
 
 
 def train(config: RunConfig | ResolvedRun, devices=None) -> dict:
@@ -238,22 +313,35 @@ def train(config: RunConfig | ResolvedRun, devices=None) -> dict:
     setup = build(run, devices)
     config = run.config
     tc = config.train
+    # Before anything is written: the output is writable, a finished run is left as it is, and
+    # a run directory of another model is refused.
+    require_writable_dir(config.out_dir, "out_dir")
+    check_same_run(setup.run_dir, config)
+    current_meta = checkpoint_meta(setup)
+    finished = finished_summary(setup.run_dir, tc.steps)
+    if finished is not None:
+        check_finished_run(setup.run_dir, current_meta)
+        print(f"{setup.run_dir} already completed {finished['step']} steps; nothing to do "
+              f"(raise train.steps to continue it, or use a new name=...)", flush=True)
+        return finished
+    if (setup.run_dir / run_files.CHECKPOINT_DIR).exists():
+        require_writable_dir(setup.run_dir / run_files.CHECKPOINT_DIR, "checkpoint directory")
     meta = metrics.run_metadata()
-    write_run_files(setup, meta)
     checkpointer = Checkpointer(setup.run_dir / run_files.CHECKPOINT_DIR, tc.keep_checkpoints)
     iterator = pipeline.make_train_iterator(
         setup.train_split, config.data.seq_len, tc.batch_size // jax.process_count(),
         config.data.seed, jax.process_index(), jax.process_count(), config.data.num_workers)
 
-    start_step = checkpointer.latest_step()
+    start_step, state = checkpointer.restore_latest(
+        setup.abstract_state, iterator,
+        lambda saved: check_resumable(saved, current_meta, setup.run_dir),
+        log=lambda line: print(line, file=sys.stderr, flush=True))
     if start_step is not None:
-        check_resumable(checkpointer.restore_meta(start_step), checkpoint_meta(setup),
-                        setup.run_dir)
-        state = checkpointer.restore(start_step, setup.abstract_state, iterator)
         print(f"resumed {setup.run_dir} at step {start_step}", flush=True)
     else:
         state = init_state(setup)
     start = int(state.step)
+    write_run_files(setup, meta)  # only now: every check above has passed
 
     jsonl = metrics.JsonlWriter(setup.run_dir / run_files.METRICS_FILE,
                                 resume_step=start if start_step is not None else None)
@@ -338,10 +426,14 @@ def train(config: RunConfig | ResolvedRun, devices=None) -> dict:
                     raise TrainingInterrupted(
                         f"stopped by signal {stop.signal} at step {step}; checkpoint saved, "
                         f"run the same command to resume")
-            last_eval = run_eval(step)
+            # A run stopped after its final evaluation was written keeps that one.
+            last_eval = jsonl.eval_at(step) or run_eval(step)
             save(step)
             status = "completed"
     except (TrainingDiverged, TrainingInterrupted):
+        raise
+    except CheckpointSaveError as error:  # stop at once; the message names the last good step
+        status, reason = "failed", str(error)
         raise
     except BaseException as error:  # a crash: recorded for sweeps, then re-raised
         status, reason = "failed", f"{type(error).__name__}: {error}"
@@ -349,7 +441,10 @@ def train(config: RunConfig | ResolvedRun, devices=None) -> dict:
     finally:
         if bar is not None:
             bar.close()
-        checkpointer.close()
+        try:
+            checkpointer.close()
+        except Exception as error:  # noqa: BLE001 - never hide the error that ended the run
+            print(f"warning: closing the checkpoints failed: {error}", file=sys.stderr)
         wandb.finish()
         summary = {
             "run": setup.run_dir.name, "status": status, "reason": reason,
@@ -362,7 +457,5 @@ def train(config: RunConfig | ResolvedRun, devices=None) -> dict:
             "compute": compute.summarize(run.model, run.recipe, config.data.seq_len),
             **{k: v for k, v in last_eval.items() if k not in ("step", "kind")},
         }
-        if metrics.is_main_process():
-            (setup.run_dir / run_files.SUMMARY_FILE).write_text(
-                json.dumps(summary, indent=2, default=str))
+        write_summary(setup.run_dir, summary)
     return summary

@@ -18,6 +18,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from bitnet_jax import files
+from bitnet_jax.files import write_text_atomic
+
 PACKAGES = ("bitnet-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
             "numpy", "tokenizers", "wandb")
 
@@ -82,18 +85,26 @@ def run_metadata() -> dict[str, Any]:
 
 class JsonlWriter:
     """Appends one JSON object per line. On resume, lines past the restored step are dropped,
-    so the file reads as if the run had never stopped."""
+    so the file reads as if the run had never stopped; a last line torn by a kill is dropped
+    too (every line before it is whole)."""
 
     def __init__(self, path: Path, resume_step: Optional[int] = None):
         self.path = Path(path)
+        self.kept: list[dict] = []
         if not is_main_process():
             return
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            self.kept = [r for r in read_jsonl(self.path, torn_tail_ok=True)
+                         if r.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(r, default=float) + "\n"
+                                                 for r in self.kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
+
+    def eval_at(self, step: int) -> Optional[dict]:
+        """The evaluation kept from before a resume at `step`, if there is one."""
+        return next((r for r in self.kept if r.get("kind") == "eval" and r.get("step") == step),
+                    None)
 
     def write(self, record: dict) -> None:
         if is_main_process():
@@ -101,8 +112,10 @@ class JsonlWriter:
                 f.write(json.dumps(record, default=float) + "\n")
 
 
-def read_jsonl(path: Path | str) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_jsonl(path: Path | str, torn_tail_ok: bool = True) -> list[dict]:
+    """The records of a metrics file (an append-only log: a last line torn by a kill is
+    dropped); any other damaged line is one error naming the file and the line."""
+    return files.read_jsonl(path, "metrics file", torn_tail_ok=torn_tail_ok)
 
 
 class WandbLogger:

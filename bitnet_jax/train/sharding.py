@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,20 +25,67 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("batch", "length")
 
 
-def maybe_initialize_distributed() -> bool:
-    """Start JAX's multi-host runtime when the environment describes a multi-process job.
+def _int_env(environ: Mapping[str, str], name: str) -> Optional[int]:
+    if name not in environ:
+        return None
+    try:
+        value = int(environ[name])
+    except ValueError:
+        raise ConfigError(f"{name}={environ[name]!r} is not an integer; set it to a whole "
+                          f"number") from None
+    require(value >= 0, f"{name}={value} must be 0 or more")
+    return value
 
-    `jax.distributed.initialize()` finds the coordinator itself on Cloud TPU pods and under
-    SLURM; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-    `BITNET_DISTRIBUTED=1` forces the call (e.g. TPU pods), `=0` skips it.
+
+def _cluster_launched(environ: Mapping[str, str]) -> bool:
+    """A multi-process job whose scheduler JAX reads itself: SLURM with several tasks, or a
+    Cloud TPU pod slice with several workers."""
+    slurm = environ.get("SLURM_JOB_ID") is not None and int(
+        environ.get("SLURM_NTASKS", environ.get("SLURM_NPROCS", "1")) or 1) > 1
+    tpu_hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    return slurm or len(tpu_hosts) > 1
+
+
+def distributed_arguments(environ: Mapping[str, str]) -> Optional[dict]:
+    """The keyword arguments of `jax.distributed.initialize` that the environment describes,
+    or None for a single-process run.
+
+    - `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and
+      `JAX_PROCESS_ID`: passed as they are. JAX reads only the address itself, and on CPU and
+      plain GPU hosts detects no counts, so they are passed explicitly.
+    - SLURM with several tasks, a Cloud TPU pod slice: no arguments; JAX detects the cluster.
+    - `BITNET_DISTRIBUTED=1` forces the call (other schedulers JAX detects), `=0` skips it.
     """
-    flag = os.environ.get("BITNET_DISTRIBUTED")
-    slurm_multi = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    wanted = flag == "1" or (flag != "0" and ("JAX_COORDINATOR_ADDRESS" in os.environ
-                                               or slurm_multi))
-    if wanted and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-    return wanted
+    flag = environ.get("BITNET_DISTRIBUTED")
+    if flag == "0":
+        return None
+    address = environ.get("JAX_COORDINATOR_ADDRESS")
+    count, index = _int_env(environ, "JAX_NUM_PROCESSES"), _int_env(environ, "JAX_PROCESS_ID")
+    if address is None and count is None and index is None:
+        return {} if flag == "1" or _cluster_launched(environ) else None
+    if not _cluster_launched(environ):
+        missing = [name for name, value in (("JAX_COORDINATOR_ADDRESS", address),
+                                            ("JAX_NUM_PROCESSES", count),
+                                            ("JAX_PROCESS_ID", index)) if value is None]
+        require(not missing, f"a multi-process run needs JAX_COORDINATOR_ADDRESS, "
+                             f"JAX_NUM_PROCESSES and JAX_PROCESS_ID; set {', '.join(missing)} "
+                             f"too (the same address and count on every process)")
+    if count is not None and index is not None:
+        require(index < count, f"JAX_PROCESS_ID={index} must be below "
+                               f"JAX_NUM_PROCESSES={count}")
+    arguments = {"coordinator_address": address, "num_processes": count, "process_id": index}
+    return {k: v for k, v in arguments.items() if v is not None}
+
+
+def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Start JAX's multi-host runtime when the environment describes a multi-process job
+    (`distributed_arguments`); True when it did (or had already)."""
+    arguments = distributed_arguments(os.environ if environ is None else environ)
+    if arguments is None:
+        return False
+    if not jax.distributed.is_initialized():
+        jax.distributed.initialize(**arguments)
+    return True
 
 
 def mesh_shape(config: MeshConfig, n_devices: int) -> tuple[int, int, int]:
