@@ -416,7 +416,17 @@ def test_import_errors_name_the_problem(tmp_path):
          r"ffn_sub_norm.weight: shape \(160,\) does not fit config.json \(expected \(192,\)\)"),
         (variant("packed", edit_config=lambda c: c.update(num_key_value_heads=4)),
          r"k_proj.weight: packed uint8 weight of shape \(8, 64\); a \(64, 64\) linear"),
+        (variant("string", lambda c: c.update(hidden_size="64")),
+         "hidden_size='64' must be an integer"),
+        (variant("eps", lambda c: c.update(rms_norm_eps=[1e-5])), "rms_norm_eps=.* a number"),
     ]
+    truncated = variant("truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    cases.append((truncated, "safetensors file .* cannot be read"))
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / "config.json").write_bytes(b"\x7fELF\x00\x01")
+    cases.append((tmp_path / "garbled", "HF config .*garbled"))
     for path, reason in cases:
         with pytest.raises(ConfigError, match=reason):
             hf.load_hf(path, tokenizer="bytes")

@@ -43,6 +43,7 @@ from safetensors.numpy import load_file, save_file
 from bitnet_jax.core import codec
 from bitnet_jax.core.precision import PRESETS, get_recipe
 from bitnet_jax.data.tokenizers import EOD_TOKENS, ByteTokenizer
+from bitnet_jax import files
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.run_files import TOKENIZER_FILE
 from bitnet_jax.interop.run_dir import (ModelBundle, fresh_directory, save_run,
@@ -336,10 +337,7 @@ def read_hf_config(hf_dir: Path) -> dict:
     require(hf_dir.is_dir(), f"{hf_dir}: no such directory")
     path = hf_dir / CONFIG_FILE
     require(path.is_file(), f"{hf_dir} has no {CONFIG_FILE}; pass a Hugging Face model directory")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    config = files.read_json_object(path, "HF config")
     require(config.get("model_type") == "bitnet",
             f"{path}: model_type={config.get('model_type')!r}; only 'bitnet' "
             f"(BitNetForCausalLM) models can be imported")
@@ -387,12 +385,28 @@ def _rope_theta(hf: dict, where: str) -> float:
     return float(rope.get("rope_theta", hf.get("rope_theta", DEFAULT_ROPE_THETA)))
 
 
+# BitNetConfig's numeric fields: a string or a list there is a damaged config, not a model.
+_INT_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "num_hidden_layers", "intermediate_size", "vocab_size", "max_position_embeddings")
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "initializer_range", "partial_rotary_factor")
+
+
+def _check_field_types(hf: dict, where: str) -> None:
+    for name in _INT_FIELDS + _FLOAT_FIELDS:
+        value = hf.get(name)
+        kind, types = ("an integer", (int,)) if name in _INT_FIELDS else ("a number", (int, float))
+        require(value is None or (isinstance(value, types) and not isinstance(value, bool)),
+                f"{where}: {name}={value!r} must be {kind}; repair the config (BitNetConfig's "
+                f"field types)")
+
+
 def model_config_from_hf(hf: dict, dtype: str | None = None,
                          where: str = CONFIG_FILE) -> ModelConfig:
     """Our ModelConfig for a BitNetConfig dict (BitNetConfig's defaults where keys are missing).
 
     `dtype` is our compute dtype (default: the framework's); parameters are float32.
     """
+    _check_field_types(hf, where)
     activation = hf.get("hidden_act", "relu2")
     require(activation in FROM_HF_ACTIVATION,
             f"{where}: hidden_act={activation!r}; importable: {sorted(FROM_HF_ACTIVATION)}")
@@ -427,17 +441,22 @@ def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
     """All tensors of model.safetensors, or of the shards its index.json names."""
     single, index = hf_dir / WEIGHTS_FILE, hf_dir / INDEX_FILE
     if single.is_file():
-        return load_file(str(single))
+        return _load_safetensors(single)
     require(index.is_file(),
             f"{hf_dir} has neither {WEIGHTS_FILE} nor {INDEX_FILE}; only safetensors "
             f"checkpoints can be imported (re-save others with save_pretrained)")
-    weight_map = json.loads(index.read_text()).get("weight_map", {})
+    weight_map = files.read_json_object(index, "safetensors index").get("weight_map", {})
     tensors: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
         require((hf_dir / shard).is_file(), f"{hf_dir}: shard {shard} named in {INDEX_FILE} "
                                             f"is missing")
-        tensors.update(load_file(str(hf_dir / shard)))
+        tensors.update(_load_safetensors(hf_dir / shard))
     return tensors
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    return files.read_with(path, load_file, "safetensors file",
+                           "download or export the model again (the file is damaged)")
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig, fmt: str,

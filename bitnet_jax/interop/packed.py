@@ -43,6 +43,7 @@ from safetensors.numpy import save_file
 
 from bitnet_jax.core import codec, packing
 from bitnet_jax.core.precision import PrecisionRecipe, WeightQuantizer, get_recipe
+from bitnet_jax import files
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.interop.run_dir import ModelBundle, abstract_params, fresh_directory
 from bitnet_jax.model.linears import decoder_linear
@@ -325,11 +326,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     path = directory / MANIFEST_FILE
     require(path.is_file(), f"{directory} is not a packed checkpoint (no {MANIFEST_FILE}); "
                             f"write one with save_packed from a ternary run")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err})") from None
-    found = manifest.get("format") if isinstance(manifest, dict) else None
+    manifest = files.read_json_object(path, "packed manifest")
+    found = manifest.get("format")
     require(found == FORMAT, f"{path} is not a {FORMAT} manifest (format={found!r})")
     version = manifest.get("format_version")
     require(version == FORMAT_VERSION,
@@ -344,7 +342,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 def _read_tensors(directory: Path, expected: set[str]) -> dict[str, np.ndarray]:
     """All tensors of model.safetensors, checked to be exactly the `expected` names."""
-    with safe_open(str(directory / WEIGHTS_FILE), framework="numpy") as f:
+    opened = files.read_with(directory / WEIGHTS_FILE, lambda p: safe_open(p, framework="numpy"),
+                             "safetensors file", "pack the run again (the file is damaged)")
+    with opened as f:
         names = set(f.keys())
         missing, extra = sorted(expected - names), sorted(names - expected)
         require(not missing, f"{directory / WEIGHTS_FILE} lacks {len(missing)} tensor(s) the "
