@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Mapping, Optional, Sequence
 
 from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.run_files import LAUNCH_LOG
 
 # Thread-count variables of the numeric libraries a run may load (OpenMP, OpenBLAS, MKL, numexpr).
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
@@ -285,7 +286,7 @@ def launch_local(jobs: Sequence[Job], workers: int = 1,
     envs = [worker_env(base_env, len(cpu_sets[w]) if threads_per_worker is None
                        else threads_per_worker, device_sets[w]) for w in range(workers)]
     log_paths = [Path(log_dir) / f"{job.name}.log" if log_dir is not None
-                 else Path(job.run_dir) / "launch.log" for job in jobs]
+                 else Path(job.run_dir) / LAUNCH_LOG for job in jobs]
 
     total = len(jobs)
     results: dict[int, JobResult] = {}
