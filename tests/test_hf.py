@@ -325,6 +325,7 @@ def tiny(**changes) -> ModelConfig:
     (tiny(), "v2-a8", False, "BitNet v2"),
     (tiny(), "bf16", True, "not ternary"),
     (tiny(d_ff=162), "b1.58", True, "multiple of 4"),
+    (tiny(parametrization="mup", mup_base_d_model=32), "b1.58", False, "parametrization=.mup."),
 ])
 def test_unexpressible_models_are_refused(tmp_path, config, precision, packed, reason):
     with pytest.raises(ConfigError, match=reason):

@@ -102,6 +102,10 @@ def check_exportable(config: ModelConfig, precision: str, packed: bool = False) 
             f"n_heads * head_dim = {config.q_dim} differs from d_model = {config.d_model}: "
             f"BitNetForCausalLM derives head_dim = hidden_size // num_attention_heads and its "
             f"attn_sub_norm has hidden_size features")
+    require(config.parametrization == "standard",
+            f"model.parametrization={config.parametrization!r}: BitNetForCausalLM has no output-"
+            f"logit multiplier and scales attention by 1/sqrt(head_dim), so a muP model's logits "
+            f"would change there; export a model trained with parametrization=standard")
     kind = precision_kind(precision)
     require(kind is not None,
             f"precision {precision!r}: BitNetForCausalLM runs 'bf16' (no quantization) or "

@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from bitnet_jax.errors import ConfigError
+from bitnet_jax.run_files import METRICS_FILE
 from bitnet_jax.scaling.bootstrap import DEFAULT_N_BOOT
 from bitnet_jax.scaling.compare import (effective_parameter_multiplier_band, loss_ratio_band,
                                         loss_vs_resource)
@@ -183,7 +184,7 @@ def plot_training_curves(rows: list[dict], run_dirs: dict[str, Path], path: Path
     seen = set()
     for row in rows:
         run_dir = run_dirs.get(row["run"])  # rows of a table alone have no run directories
-        metrics_path = run_dir / "metrics.jsonl" if run_dir is not None else None
+        metrics_path = run_dir / METRICS_FILE if run_dir is not None else None
         if metrics_path is None or not metrics_path.exists():
             continue
         train = [r for r in read_jsonl(metrics_path) if r.get("kind") == "train"]

@@ -110,7 +110,7 @@ def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
     eval_batches = pipeline.make_eval_batches(validation_split, config.data.seq_len,
                                           config.train.batch_size, config.train.eval_batches)
 
-    optimizer = optim.make_optimizer(config.optimizer, config.train.steps)
+    optimizer = optim.make_optimizer(config.optimizer, config.train.steps, model_config)
     model = Transformer(model_config, run.recipe)
     tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
     abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])
