@@ -203,6 +203,7 @@ def test_table_without_bit_columns_is_one_clear_error():
         fit_precision_table(rows)
 
 
+@pytest.mark.slow
 def test_cli_fit_law_reads_any_csv_with_the_bit_columns(tmp_path):
     rows = [{k: r[k] for k in ("precision", "params_non_embedding", "tokens", "final_eval_loss",
                                "weight_bits", "act_bits", "kv_bits", "group_size")}
