@@ -63,7 +63,7 @@ def _split_rows(laws: dict) -> list[str]:
     lines = []
     for recipe, group in laws.items():
         for c in group.choices:
-            if QAT_SPLIT_KEY not in c.keys:
+            if QAT_SPLIT_KEY not in c.keys or len(c.grid(QAT_SPLIT_KEY)) < 2:
                 continue
             i = c.keys.index(QAT_SPLIT_KEY)
             tried = ", ".join(f"{v[i]}: {loss:.4f}" for v, loss in

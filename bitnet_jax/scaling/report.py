@@ -256,7 +256,8 @@ def draw_hyperparameter(ax, choices, key: str, recipe: str) -> None:
 def plot_hyperparameter(laws: dict[str, RecipeFits], key: str, path: Path) -> Optional[Path]:
     """`draw_hyperparameter` for every recipe that swept `key`, side by side."""
     panels = {recipe: group.choices for recipe, group in laws.items()
-              if group.choices and key in group.choices[0].keys}
+              if group.choices and key in group.choices[0].keys
+              and len(group.choices[0].grid(key)) > 1}  # a recipe that swept it (a QAT split)
     if not panels:
         return None
     plt = _pyplot()
