@@ -9,8 +9,10 @@ predicting the largest sizes from the others (`holdout`). `format_fits` prints t
 gives them as data (fits.json). numpy and scipy only, like `laws`.
 
 A law is registered with `register_law(TableLaw(name, kind, label, variables, form, fit,
-requires))` (its formula and parameter names in `laws._LAWS`, its refit in `bootstrap._REFIT`):
-the precision laws add themselves the same way.
+requires))` (its formula and parameter names in `laws._LAWS`, its refit in `bootstrap._REFIT`).
+The precision laws (`precision_laws`) register their formulas and refits the same way but fit
+across recipes, one law for the whole table (`precision_fit`, `bitnet fit --law`), on the rows
+`prepare_table` selects here.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from bitnet_jax.scaling.laws import (_LAWS, EPOCH_GRID, Fit, Grid, fit_chinchill
 from bitnet_jax.scaling.noise import Replicates
 from bitnet_jax.scaling.results import (COMPLETED, LOSS_COLUMNS, PARAM_COLUMNS, RECIPE_COLUMNS,
                                         STATUS, TOKEN_COLUMNS, read_table)
-from bitnet_jax.scaling.select import (Choice, axis_values, default_hyperparameters,
-                                       select_envelope)
+from bitnet_jax.scaling.select import (Choice, Selection, axis_values,
+                                       default_hyperparameters, select_envelope)
 
 __all__ = ["TableLaw", "LAWS", "register_law", "LawFit", "RecipeFits", "PreparedTable",
            "prepare_table", "check_holdout", "fit_table",
@@ -220,7 +222,7 @@ class PreparedTable:
     envelope over the hyperparameters (`selection`), the columns used by role (`used`: N, L, D,
     recipe), each group's name (`recipe_of`) and the notes per group (rows skipped and why)."""
 
-    selection: Any  # select.Selection
+    selection: Selection
     used: dict[str, str]
     recipe_of: Callable[[Mapping[str, Any]], str]
     notes: dict[str, list[str]]
