@@ -10,7 +10,8 @@ Three costs, each a budget to spend:
 
 For every budget and every candidate precision the loss is minimised over N on a fine log grid
 (vectorised; the law is smooth and one-dimensional in log N), and the precision with the lowest
-loss wins. numpy only, plus the energy table of `model.accounting`.
+loss wins. numpy only, plus the energy table of `model.accounting` (imported when an energy is
+asked for, so the fits load without JAX).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.model.accounting import matmul_energy
 from bitnet_jax.scaling.precision_laws import LOG2_3, UNQUANTIZED, _eval_precision
 
 __all__ = ["COSTS", "CANDIDATE_BITS", "Optimum", "mac_energy_pj", "optimal_precision",
@@ -36,6 +36,9 @@ CANDIDATE_BITS = (1.0, LOG2_3, 2.0, 3.0, 4.0, 6.0, 8.0, UNQUANTIZED)
 
 def mac_energy_pj(weight_bits: float, act_bits: float, node: str = "7nm") -> float:
     """Energy of one multiply-accumulate at these bits (a large matmul's energy per MAC)."""
+    # Imported here: model.accounting loads the recipes (and JAX), the fits must load without.
+    from bitnet_jax.model.accounting import matmul_energy
+
     n = 4096
     return matmul_energy(1, n, n, weight_bits, act_bits, node).total_pj / (n * n)
 
