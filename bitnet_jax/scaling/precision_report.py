@@ -156,6 +156,9 @@ def precision_section(rows: list[dict], laws: dict, out: Path, n_boot: int
                   f"energy of one multiply-accumulate (7nm) at D = {tokens:.3g} tokens). "
                   "Extrapolated far beyond the runs, these are the law's predictions, not "
                   "measurements:", ""] + format_optima(optima)
+        if precision["all"].warnings:
+            lines += ["", "**The precision law above carries warnings: these optima inherit "
+                      "them.**"]
         plots["compute-optimal precision"] = _plot_optima(
             params, budgets, tokens, result.points.reps.x[0], out / "optimal_precision.png")
     return precision_json(result), lines + [""], plots
