@@ -243,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a swept key (or column, e.g. lr) to take the best run over per size "
                           "(repeatable; default: every swept key in the `axes` column that is "
                           "not size, tokens, precision or seed)")
+    fit.add_argument("--law", choices=("precision", "qat-gap"), default=None,
+                     help="fit one precision law across recipes instead of the laws per recipe: "
+                          "Kumar et al.'s effective parameters (precision) or Chen et al.'s QAT "
+                          "gap per bit setting (qat-gap); reads the weight_bits, act_bits, "
+                          "kv_bits and group_size columns, and compares the models by held-out "
+                          "error")
     fit.add_argument("--json", action="store_true",
                      help="print the fits as one JSON object (the schema of fits.json)")
     fit.set_defaults(func=cmd_fit)
@@ -472,6 +478,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     # The one fitter, with its own defaults: `bitnet sweep report` prints the same laws.
     given = {"n_boot": args.bootstrap, "holdout": args.holdout}
+    if args.law is not None:
+        from bitnet_jax.scaling.precision_fit import (fit_precision_table, format_precision,
+                                                      precision_json)
+
+        result = fit_precision_table(
+            args.table, law=args.law, params_column=args.params_column,
+            tokens_column=args.tokens_column, loss_column=args.loss_column,
+            recipe_column=args.recipe_column, hyperparameters=args.hyperparameter,
+            **{k: v for k, v in given.items() if v is not None})
+        print(json.dumps({"precision": precision_json(result)}, indent=2) if args.json
+              else format_precision(result))
+        return 0
     fits = fit_table(args.table, params_column=args.params_column,
                      tokens_column=args.tokens_column, loss_column=args.loss_column,
                      recipe_column=args.recipe_column, hyperparameters=args.hyperparameter,

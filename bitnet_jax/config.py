@@ -86,7 +86,18 @@ class TrainConfig:
     peak_flops: Optional[float] = None  # per device, for MFU; None = measure a bf16 matmul
     stage1_precision: Optional[str] = None  # e.g. b1.58 before switching to `precision` (a4.8)
     stage1_fraction: float = 0.95  # fraction of steps trained with stage1_precision
+    # When to quantize: train in bf16 for this fraction of the steps, then switch to `precision`
+    # keeping the optimizer state (ParetoQ's ~90% / 10% split); 0 = quantized from the start.
+    qat_start_fraction: float = 0.0
     progress: bool = True
+
+    def first_stage(self) -> tuple[Optional[str], float]:
+        """(the precision of the first stage, its fraction of the steps): `stage1_precision`
+        (a4.8's b1.58 stage), or bf16 before `qat_start_fraction`; (None, ...) without one.
+        The one rule the trainer and the recipe resolution read."""
+        if self.qat_start_fraction > 0:
+            return "bf16", self.qat_start_fraction  # the unquantized recipe's name
+        return self.stage1_precision, self.stage1_fraction
 
 
 @dataclass
@@ -317,6 +328,11 @@ def validate(config: RunConfig) -> None:
             f"optimizer.stage2_fraction must be in (0, 1), got {config.optimizer.stage2_fraction}")
     require(0.0 < config.train.stage1_fraction < 1.0,
             f"train.stage1_fraction must be in (0, 1), got {config.train.stage1_fraction}")
+    require(0.0 <= config.train.qat_start_fraction < 1.0,
+            f"train.qat_start_fraction must be in [0, 1), got {config.train.qat_start_fraction}")
+    require(not (config.train.qat_start_fraction > 0 and config.train.stage1_precision),
+            "train.qat_start_fraction and train.stage1_precision both set a first stage; "
+            "set one of them")
     require(config.optimizer.lr > 0, f"optimizer.lr must be positive, got {config.optimizer.lr}")
     require(config.optimizer.warmup_steps < config.train.steps,
             f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be below "

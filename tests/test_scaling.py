@@ -491,7 +491,8 @@ def test_fit_table_rows_and_column_choices():
 # Module hygiene.
 
 FITTING_MODULES = ("laws", "bootstrap", "isoflop", "compare", "results", "select", "noise",
-                   "holdout", "fit", "report")
+                   "holdout", "fit", "report", "precision_laws", "precision_fit",
+                   "precision_optimal", "precision_report")
 
 
 def test_scaling_imports_no_jax():

@@ -455,7 +455,9 @@ def summarize(config: "ModelConfig", recipe: "PrecisionRecipe",
             "name": recipe.name,
             "description": recipe.description,
             "roles": {role: {"weight_bits": p.weight_bits, "activation_bits": p.activation_bits,
-                             "arithmetic": matmul_arithmetic(p.weight_bits, p.activation_bits)}
+                             "arithmetic": matmul_arithmetic(p.weight_bits, p.activation_bits),
+                             "weight_granularity": p.weight.granularity if p.weight else None,
+                             "weight_group_size": p.weight.group_size if p.weight else None}
                       for role, p in recipe.roles.items()},
             "kv_cache_bits": recipe.kv_cache.bits if recipe.kv_cache else None,
         },

@@ -24,8 +24,8 @@ from bitnet_jax.model.transformer import ModelConfig, get_model_config, validate
 class ResolvedRun:
     """A checked run config with the objects its names stand for.
 
-    `recipe` is the recipe of `config.precision`; `stage1_recipe` that of
-    `config.train.stage1_precision` (None without a first stage). Treat `config` as read-only:
+    `recipe` is the recipe of `config.precision`; `stage1_recipe` that of the first stage,
+    `config.train.first_stage()` (None without one). Treat `config` as read-only:
     the model config and recipes were resolved from it.
     """
 
@@ -39,7 +39,7 @@ class ResolvedRun:
         """Every recipe the run trains with, by the name the config gives it."""
         named = {}
         if self.stage1_recipe is not None:
-            named[self.config.train.stage1_precision] = self.stage1_recipe
+            named[self.config.train.first_stage()[0]] = self.stage1_recipe
         named[self.config.precision] = self.recipe
         return named
 
@@ -71,13 +71,13 @@ def resolve_run(config: RunConfig | ResolvedRun) -> ResolvedRun:
     validate(config)
     model = resolve_model(config.model)
     recipes = {}
-    for name in (config.precision, config.train.stage1_precision):
+    stage1 = config.train.first_stage()[0]
+    for name in (config.precision, stage1):
         if name is not None and name not in recipes:
             recipes[name] = resolve_recipe(name)
             validate_recipe_for_model(model, recipes[name])
     require(config.data.seq_len <= model.max_seq_len,
             f"data.seq_len={config.data.seq_len} exceeds the model's max_seq_len="
             f"{model.max_seq_len}; lower data.seq_len or set model.max_seq_len")
-    stage1 = config.train.stage1_precision
     return ResolvedRun(config, model, recipes[config.precision],
                        recipes[stage1] if stage1 is not None else None)

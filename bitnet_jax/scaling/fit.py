@@ -9,8 +9,10 @@ predicting the largest sizes from the others (`holdout`). `format_fits` prints t
 gives them as data (fits.json). numpy and scipy only, like `laws`.
 
 A law is registered with `register_law(TableLaw(name, kind, label, variables, form, fit,
-requires))` (its formula and parameter names in `laws._LAWS`, its refit in `bootstrap._REFIT`):
-the precision laws add themselves the same way.
+requires))` (its formula and parameter names in `laws._LAWS`, its refit in `bootstrap._REFIT`).
+The precision laws (`precision_laws`) register their formulas and refits the same way but fit
+across recipes, one law for the whole table (`precision_fit`, `bitnet fit --law`), on the rows
+`prepare_table` selects here.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from bitnet_jax.scaling.laws import (_LAWS, EPOCH_GRID, Fit, Grid, fit_chinchill
 from bitnet_jax.scaling.noise import Replicates
 from bitnet_jax.scaling.results import (COMPLETED, LOSS_COLUMNS, PARAM_COLUMNS, RECIPE_COLUMNS,
                                         STATUS, TOKEN_COLUMNS, read_table)
-from bitnet_jax.scaling.select import (Choice, axis_values, default_hyperparameters,
-                                       select_envelope)
+from bitnet_jax.scaling.select import (Choice, Selection, axis_values,
+                                       default_hyperparameters, select_envelope)
 
-__all__ = ["TableLaw", "LAWS", "register_law", "LawFit", "RecipeFits", "fit_table",
-           "format_fits", "fits_json", "require_a_fit"]
+__all__ = ["TableLaw", "LAWS", "register_law", "LawFit", "RecipeFits", "PreparedTable",
+           "prepare_table", "check_holdout", "fit_table", "format_fits", "fits_json",
+           "require_a_fit"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +187,12 @@ def _number(value: Any) -> float:
         return float("nan")
 
 
+def check_holdout(holdout: Any) -> None:
+    if int(holdout) != holdout or holdout < 0:
+        raise ConfigError(f"holdout must be a non-negative integer (sizes held out), "
+                          f"got {holdout!r}")
+
+
 def _fit_law(law: TableLaw, reps: Replicates, options: Mapping[str, Any],
              boot: Callable[[Fit, Replicates, TableLaw], Fit]) -> Fit:
     x = reps.x[: len(law.variables)]
@@ -207,33 +216,24 @@ def _holdout(law: TableLaw, reps: Replicates, k: int, options: Mapping[str, Any]
     return predict_held_out(fit, rest, reps.subset(held), level=level, seed=seed), []
 
 
-def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
-              params_column: Optional[str] = None, tokens_column: Optional[str] = None,
-              loss_column: Optional[str] = None, recipe_column: Optional[str] = None,
-              hyperparameters: Optional[Sequence[str]] = None,
-              holdout: int = DEFAULT_HOLDOUT,
-              n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level: float = 0.95,
-              chinchilla: bool = True, huber_delta: float = 1e-3,
-              grid: Grid = EPOCH_GRID) -> dict[str, RecipeFits]:
-    """Fit a results table per recipe (what `bitnet fit TABLE.csv` prints).
+@dataclass(frozen=True, eq=False)
+class PreparedTable:
+    """A results table read and selected as every fit of it sees it: the finished, valid rows'
+    envelope over the hyperparameters (`selection`), the columns used by role (`used`: N, L, D,
+    recipe), each group's name (`recipe_of`) and the notes per group (rows skipped and why)."""
 
-    `table` is a CSV path or a list of row dicts. Columns default to the first present of
-    PARAM_COLUMNS (N), TOKEN_COLUMNS (D, optional) and LOSS_COLUMNS (L); rows are grouped by
-    `recipe_column` (default: the first of RECIPE_COLUMNS present; else one group, "all"). Rows
-    whose `status` column is present and not "completed", or with a missing or non-positive
-    value, are skipped (noted). Over `hyperparameters` (default: the swept keys that are not size,
-    tokens, precision or seed, from the `axes` column) the best run per (N, D, seed) is kept;
-    swept keys left out of an explicit list split the recipe instead ("b1.58, key=value").
-    Every law of `LAWS` is fitted to the mean loss per size with `n_boot` bootstrap refits (0:
-    none; from the seed spread where sizes have several seeds) and, with `holdout` = K > 0,
-    refitted without the K largest sizes to predict them. A fit that cannot be made is a note.
-    """
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
-        raise ConfigError(f"bootstrap resamples must be 0 (no bootstrap) or a positive "
-                          f"integer, got {n_boot!r}")
-    if int(holdout) != holdout or holdout < 0:
-        raise ConfigError(f"holdout must be a non-negative integer (sizes held out), "
-                          f"got {holdout!r}")
+    selection: Selection
+    used: dict[str, str]
+    recipe_of: Callable[[Mapping[str, Any]], str]
+    notes: dict[str, list[str]]
+
+
+def prepare_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
+                  params_column: Optional[str] = None, tokens_column: Optional[str] = None,
+                  loss_column: Optional[str] = None, recipe_column: Optional[str] = None,
+                  hyperparameters: Optional[Sequence[str]] = None) -> PreparedTable:
+    """Read, filter and select a results table (see `fit_table` for the rules); the precision
+    laws (`precision_fit`) fit the same rows."""
     rows = read_table(table) if isinstance(table, (str, Path)) else [dict(r) for r in table]
     if not rows:
         raise ConfigError("the results table has no rows")
@@ -278,6 +278,40 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
                                 recipe_of=recipe_of, hyperparameters=hyperparameters)
     used = {"N": n_col, "L": l_col, **({"D": d_col} if d_col else {}),
             **({"recipe": r_col} if r_col else {})}
+    return PreparedTable(selection, used, recipe_of, notes)
+
+
+def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
+              params_column: Optional[str] = None, tokens_column: Optional[str] = None,
+              loss_column: Optional[str] = None, recipe_column: Optional[str] = None,
+              hyperparameters: Optional[Sequence[str]] = None,
+              holdout: int = DEFAULT_HOLDOUT,
+              n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level: float = 0.95,
+              chinchilla: bool = True, huber_delta: float = 1e-3,
+              grid: Grid = EPOCH_GRID) -> dict[str, RecipeFits]:
+    """Fit a results table per recipe (what `bitnet fit TABLE.csv` prints).
+
+    `table` is a CSV path or a list of row dicts. Columns default to the first present of
+    PARAM_COLUMNS (N), TOKEN_COLUMNS (D, optional) and LOSS_COLUMNS (L); rows are grouped by
+    `recipe_column` (default: the first of RECIPE_COLUMNS present; else one group, "all"). Rows
+    whose `status` column is present and not "completed", or with a missing or non-positive
+    value, are skipped (noted). Over `hyperparameters` (default: the swept keys that are not size,
+    tokens, precision or seed, from the `axes` column) the best run per (N, D, seed) is kept;
+    swept keys left out of an explicit list split the recipe instead ("b1.58, key=value").
+    Every law of `LAWS` is fitted to the mean loss per size with `n_boot` bootstrap refits (0:
+    none; from the seed spread where sizes have several seeds) and, with `holdout` = K > 0,
+    refitted without the K largest sizes to predict them. A fit that cannot be made is a note.
+    """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
+        raise ConfigError(f"bootstrap resamples must be 0 (no bootstrap) or a positive "
+                          f"integer, got {n_boot!r}")
+    check_holdout(holdout)
+    prepared = prepare_table(table, params_column=params_column, tokens_column=tokens_column,
+                             loss_column=loss_column, recipe_column=recipe_column,
+                             hyperparameters=hyperparameters)
+    selection, used, recipe_of, notes = (prepared.selection, prepared.used, prepared.recipe_of,
+                                         prepared.notes)
+    n_col, l_col, d_col = used["N"], used["L"], used.get("D")
     options = {"chinchilla": chinchilla, "huber_delta": huber_delta, "grid": grid}
 
     def boot(fit: Fit, reps: Replicates, law: TableLaw) -> Fit:

@@ -6,7 +6,8 @@ E + A N^-alpha and the pure power law, L(N, D) where the token count varies, all
 intervals and predictions of the largest size from the others), writes them as fits.json, shows
 the hyperparameter selection, the seed-to-seed noise and each recipe's gap to bf16 against it,
 adds isoflop curves where budgets repeat, compares every recipe with bf16 (loss ratio, effective
-parameter multiplier, loss against weight memory and against inference energy), and draws the
+parameter multiplier, loss against weight memory and against inference energy), adds the
+precision laws where the table holds several bit settings (`precision_report`), and draws the
 plots. The `draw_*` functions draw on any matplotlib axes, so a notebook draws the same curves
 inline from `results.csv` and `fits.json`.
 """
@@ -29,6 +30,7 @@ from bitnet_jax.scaling.compare import (effective_parameter_multiplier_band, los
 from bitnet_jax.scaling.fit import RecipeFits, fit_table, fits_json
 from bitnet_jax.scaling.holdout import DEFAULT_HOLDOUT
 from bitnet_jax.scaling.isoflop import fit_isoflop
+from bitnet_jax.scaling.precision_report import precision_section
 from bitnet_jax.scaling.results import COMPLETED, LOSS, PARAMS, RECIPE, STATUS
 
 REFERENCE = "bf16"
@@ -254,7 +256,8 @@ def draw_hyperparameter(ax, choices, key: str, recipe: str) -> None:
 def plot_hyperparameter(laws: dict[str, RecipeFits], key: str, path: Path) -> Optional[Path]:
     """`draw_hyperparameter` for every recipe that swept `key`, side by side."""
     panels = {recipe: group.choices for recipe, group in laws.items()
-              if group.choices and key in group.choices[0].keys}
+              if group.choices and key in group.choices[0].keys
+              and len(group.choices[0].grid(key)) > 1}  # a recipe that swept it (a QAT split)
     if not panels:
         return None
     plt = _pyplot()
@@ -431,7 +434,9 @@ def write_report_files(name: str, rows: list[dict], out: Path, run_dirs: dict[st
                        n_boot: int = DEFAULT_N_BOOT) -> Path:
     """Fit a results table, write fits.json, the plots and report.md into `out`."""
     laws = fit_laws(rows, n_boot)
-    (out / "fits.json").write_text(json.dumps(fits_json(laws), indent=2) + "\n")
+    precision, precision_lines, precision_plots = precision_section(rows, laws, out, n_boot)
+    (out / "fits.json").write_text(json.dumps(
+        {**fits_json(laws), **({"precision": precision} if precision else {})}, indent=2) + "\n")
     fits, _ = laws_of_kind(laws, "offset")
     pure, _ = laws_of_kind(laws, "power")
     chinchilla, _ = laws_of_kind(laws, "chinchilla")
@@ -511,6 +516,9 @@ def write_report_files(name: str, rows: list[dict], out: Path, run_dirs: dict[st
                  + _resource_lines(envelope, "energy_per_token_7nm_j", "inference energy"))
     if resources:
         lines += [""] + resources
+    if precision_lines:
+        lines += [""] + precision_lines
+    plots.update(precision_plots)
     lines += ["", "## Plots", ""]
     for title, path in plots.items():
         lines += [f"### {title[0].upper() + title[1:]}", "", f"![{title}]({path.name})", ""]

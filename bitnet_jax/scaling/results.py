@@ -18,7 +18,8 @@ from bitnet_jax.errors import ConfigError
 from bitnet_jax.files import read_text
 
 __all__ = ["RESULT_COLUMNS", "PARAMS", "TOKENS", "LOSS", "RECIPE", "STATUS", "COMPLETED",
-           "SEED", "DATA_SEED", "AXES", "KEY_COLUMNS",
+           "SEED", "DATA_SEED", "AXES", "KEY_COLUMNS", "BIT_COLUMNS", "WEIGHT_BITS", "ACT_BITS",
+           "KV_BITS", "GROUP_SIZE", "WEIGHT_GRANULARITY", "UNQUANTIZED_BITS", "precision_row",
            "PARAM_COLUMNS", "TOKEN_COLUMNS", "LOSS_COLUMNS", "RECIPE_COLUMNS", "accounting_row",
            "read_table", "write_table", "write_parquet"]
 
@@ -27,6 +28,7 @@ RESULT_COLUMNS = (
     "params_embedding", "params_quantized_linear", "tokens", "steps", "flops_kaplan",
     "flops_full", "flops_causal", "energy_per_token_7nm_j", "energy_per_token_45nm_j",
     "weight_memory_bytes", "weight_memory_format", "weight_memory_vs_bf16",
+    "weight_bits", "act_bits", "kv_bits", "group_size", "weight_granularity",
     "final_eval_loss", "best_eval_loss", "eval_ppl", "eval_bpb", "wall_seconds",
     "tokens_per_s", "lr", "batch_size", "seq_len", "seed", "data_seed", "axes",
     "error",  # a failed run's last error line (from its launch.log)
@@ -45,6 +47,14 @@ AXES = "axes"
 # Columns that hold a sweep key's value, for tables written without an `axes` column.
 KEY_COLUMNS = {"optimizer.lr": "lr", "train.batch_size": "batch_size",
                "data.seq_len": "seq_len", "train.seed": SEED, "data.seed": DATA_SEED}
+
+# The precision of a run, from its recipe (`precision_row`): bits of the linear weights, of their
+# inputs and of the KV cache (16 = not quantized; ternary 1.58), the weights' scale granularity
+# and group size. The precision laws (`precision_laws`) read these names in any CSV.
+WEIGHT_BITS, ACT_BITS, KV_BITS = "weight_bits", "act_bits", "kv_bits"
+GROUP_SIZE, WEIGHT_GRANULARITY = "group_size", "weight_granularity"
+BIT_COLUMNS = (WEIGHT_BITS, ACT_BITS, KV_BITS, GROUP_SIZE, WEIGHT_GRANULARITY)
+UNQUANTIZED_BITS = 16
 
 # Names `bitnet fit` accepts for them in a table from elsewhere, the sweep's first.
 PARAM_COLUMNS = (PARAMS, "params", "n_params", "N")
@@ -68,7 +78,37 @@ def accounting_row(summary: Mapping[str, Any], tokens: float) -> dict[str, Any]:
         "weight_memory_bytes": memory["total_bytes"],
         "weight_memory_format": memory["default_format"],
         "weight_memory_vs_bf16": memory["vs_bf16"],
+        **precision_row(summary),
     }
+
+
+def precision_row(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The bit columns of a run, read off `model.accounting.summarize` (its recipe's roles).
+
+    A recipe whose linear roles differ (a4.8: 4-bit inputs to q/k/v and gate/up, 8-bit to the
+    others) gets the mean over roles weighted by their parameters (the share of the matmuls each
+    does); uniform recipes (b1.58, every `w{W}a{A}`) get their bits exactly. `group_size` is the
+    number of input features that share one weight scale: N for `@g{N}`; for per-channel and
+    per-tensor scales the model width d_model (the inputs of q/k/v and gate/up, which hold most
+    weights), Chen et al.'s convention of G = in_features; empty for unquantized weights.
+    """
+    roles = summary["precision"]["roles"]
+    weights = summary["params"]["linear_by_role"]
+    total = sum(weights[r] for r in roles) or 1
+
+    def mean(key: str) -> float:
+        return round(sum(weights[r] * roles[r][key] for r in roles) / total, 4)
+
+    kinds = {roles[r].get("weight_granularity") for r in roles} - {None}
+    granularity = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None)
+    groups = {roles[r].get("weight_group_size") for r in roles} - {None}
+    group = groups.pop() if len(groups) == 1 else None
+    if group is None and granularity in ("channel", "tensor"):
+        group = summary["config"]["d_model"]
+    kv = summary["precision"]["kv_cache_bits"]
+    return {WEIGHT_BITS: mean("weight_bits"), ACT_BITS: mean("activation_bits"),
+            KV_BITS: UNQUANTIZED_BITS if kv is None else kv, GROUP_SIZE: group,
+            WEIGHT_GRANULARITY: granularity}
 
 
 def _parse(value: Optional[str]) -> Any:

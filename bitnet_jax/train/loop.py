@@ -162,7 +162,7 @@ def checkpoint_meta(setup: Setup) -> dict:
 
 
 # What a checkpoint's state is made of: resuming with other values cannot read it back.
-STATE_DEFINING = ("model", "precision", "train.stage1_precision")
+STATE_DEFINING = ("model", "precision", "train.stage1_precision", "train.qat_start_fraction")
 
 
 def _field(tree: dict, dotted: str) -> Any:
@@ -357,8 +357,7 @@ def train(config: RunConfig | ResolvedRun, devices=None) -> dict:
     wall_start, train_seconds, timed_steps = time.time(), 0.0, 0
 
     def precision_at(step: int) -> str:
-        return optim.precision_for_step(config.precision, tc.stage1_precision,
-                                        tc.stage1_fraction, step, tc.steps)
+        return optim.precision_for_step(config.precision, *tc.first_stage(), step, tc.steps)
 
     def steps_for(precision: str):
         if precision not in compiled:

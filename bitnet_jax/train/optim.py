@@ -244,7 +244,8 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int,
 
 
 # ----------------------------------------------------------------------------------------------
-# Two-stage precision (BitNet a4.8): 8-bit activations first, then the hybrid scheme.
+# Two-stage precision: BitNet a4.8's 8-bit activations first, then the hybrid scheme; or bf16
+# first, then the run's recipe (`train.qat_start_fraction`). `TrainConfig.first_stage` says which.
 
 def precision_switch_step(precision: str, stage1_precision: Optional[str],
                           stage1_fraction: float, total_steps: int) -> Optional[int]:
