@@ -13,6 +13,7 @@ token per step with a jitted step that donates the cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import numpy as np
 from bitnet_jax.core import codec
 from bitnet_jax.core.precision import KVCachePrecision, PrecisionRecipe, get_recipe
 from bitnet_jax.errors import require
+from bitnet_jax.infer.packed_decode import packed_products
 from bitnet_jax.infer.sampling import SamplingConfig, sample
 from bitnet_jax.interop import packed, packed_params
 from bitnet_jax.interop.load import load_model
@@ -126,10 +128,10 @@ class Generator:
     _step: Callable = field(init=False, repr=False)
 
     def __post_init__(self):
-        model = self.model
+        model, apply = self.model, self._apply
 
         def step(params, cache, tokens_BxT):
-            logits_BxTxV, cache = model.apply({"params": params}, tokens_BxT, cache=cache)
+            logits_BxTxV, cache = apply(model, params, tokens_BxT, cache=cache)
             return logits_BxTxV[:, -1], cache
 
         self._step = jax.jit(step, donate_argnums=1)
@@ -144,7 +146,12 @@ class Generator:
 
     def full_logits(self, tokens_BxT: jax.Array) -> jax.Array:
         """Logits (B, T, V) of whole sequences, no cache (the reference for decoding)."""
-        return self.model.apply({"params": self.params}, tokens_BxT)
+        return self._apply(self.model, self.params, tokens_BxT)
+
+    def _apply(self, model: Transformer, params: Any, *args, **kwargs):
+        # Packed integer weights: products straight from the 2-bit bytes (infer.packed_decode).
+        with packed_products() if self.weights == "packed" else contextlib.nullcontext():
+            return model.apply({"params": params}, *args, **kwargs)
 
 
 def _generator_settings(config: ModelConfig, recipe: PrecisionRecipe, weights: str,
