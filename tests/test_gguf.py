@@ -155,3 +155,15 @@ def test_cli_export_gguf_writes_a_file_llama_cpp_loads_and_refuses_in_one_line(t
                           str(tmp_path / "r.gguf")], capture_output=True, text=True)
     last = out.stderr.strip().splitlines()[-1]  # earlier lines: library warnings on loading
     assert out.returncode == 2 and last.startswith("error: ") and "SiLU" in last
+
+
+@pytest.mark.parametrize("weights", ["int8", "packed"])
+def test_stored_inference_weights_export_the_same_file_as_float_kernels(tmp_path, weights):
+    config = tiny(dtype="float32")
+    model = bundle(config, "b1.58")
+    stored = inference.inference_params(model.params, model.recipe, weights, jnp.float32)
+    from_float = gguf_export.export_gguf(model, tmp_path / "float.gguf", "tq2_0")
+    from_stored = gguf_export.export_gguf(ModelBundle(config, "b1.58", stored, "bytes"),
+                                          tmp_path / "stored.gguf", "tq2_0")
+    assert (tmp_path / "float.gguf").read_bytes() == (tmp_path / "stored.gguf").read_bytes()
+    assert from_float["bytes"] == from_stored["bytes"]

@@ -13,7 +13,6 @@ token per step with a jitted step that donates the cache.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import numpy as np
 from bitnet_jax.core import codec
 from bitnet_jax.core.precision import KVCachePrecision, PrecisionRecipe, get_recipe
 from bitnet_jax.errors import require
-from bitnet_jax.infer.packed_decode import packed_products
+from bitnet_jax.infer.decode_kernels import decode_products
 from bitnet_jax.infer.sampling import SamplingConfig, sample
 from bitnet_jax.interop import packed, packed_params
 from bitnet_jax.interop.load import load_model
@@ -149,8 +148,8 @@ class Generator:
         return self._apply(self.model, self.params, tokens_BxT)
 
     def _apply(self, model: Transformer, params: Any, *args, **kwargs):
-        # Packed integer weights: products straight from the 2-bit bytes (infer.packed_decode).
-        with packed_products() if self.weights == "packed" else contextlib.nullcontext():
+        # Products that read packed or bf16 weights in place (infer.decode_kernels).
+        with decode_products():
             return model.apply({"params": params}, *args, **kwargs)
 
 

@@ -233,6 +233,9 @@ def export_gguf(bundle: ModelBundle, out_path: str | Path, qtype: str = "tq2_0",
                 head_type: Optional[str] = None, overwrite: bool = False) -> dict[str, Any]:
     """Write `bundle` as a GGUF file llama.cpp loads; returns {path, architecture, bytes, ...}.
 
+    `bundle.params` holds float kernels, or the stored inference weights of
+    `packed_params.load_inference_params` (int8 or 2-bit codes and scales).
+
     `qtype` is the type of the seven decoder linears; `head_type` of the token embedding (and
     the untied head): default float16 for ternary types, else `qtype`.
     """
@@ -292,11 +295,31 @@ def export_gguf(bundle: ModelBundle, out_path: str | Path, qtype: str = "tq2_0",
             "bytes": out_path.stat().st_size}
 
 
+def _stored_weight(node: dict, n_out: int,
+                   separate_scale: bool) -> tuple[np.ndarray, Optional[float]]:
+    """As `_linear_weight`, from inference weights (`codes` int8 or `packed` 2-bit, `scale`
+    `()` or `(out,)`, see `packed_params.load_inference_params`): no float kernels needed."""
+    from bitnet_jax.core import packing
+
+    if "packed" in node:
+        codes = packing.unpack_2bit(np.asarray(node["packed"]), n_out, np.int8, validate=False)
+    else:
+        codes = np.asarray(node["codes"])
+    scale = np.asarray(node["scale"], np.float32)
+    if separate_scale and scale.ndim == 0:
+        return codes.astype(np.float32), float(scale)
+    return codes.astype(np.float32) * scale.reshape(-1, 1), None
+
+
 def _add_linear(writer, params: Any, layer: int, linear: DecoderLinear,
                 recipe: PrecisionRecipe, config: ModelConfig, arch: str, qtype: str) -> None:
-    quantizer = recipe.role(linear.role).weight
-    weight, scale = _linear_weight(_get(params, kernel_path(layer, linear)), quantizer,
-                                   separate_scale=arch == "bitnet")
+    node = params[f"layers_{layer}"][linear.parent][linear.name]
+    if "kernel" in node:
+        weight, scale = _linear_weight(_get(params, kernel_path(layer, linear)),
+                                       recipe.role(linear.role).weight,
+                                       separate_scale=arch == "bitnet")
+    else:
+        weight, scale = _stored_weight(node, linear.shape(config)[1], arch == "bitnet")
     if arch == "llama" and linear.name in ("q_proj", "k_proj"):
         weight = _rope_pairs(weight, config.n_heads if linear.name == "q_proj"
                              else config.n_kv_heads)

@@ -8,7 +8,7 @@
 // [7:6]. One 64-byte load of a packed row thus feeds four output rows; (p >> 2j) & 3 gives
 // u in {0, 1, 2} as unsigned bytes, the unsigned operand of AVX512-VNNI's vpdpbusd, with x as
 // the signed one:  sum_k x * c = sum_k x * u - sum_k x.  int32 wraps like XLA's int32 dot, so
-// the result is bit-identical to the int8 product (tests/test_cpu_ternary.py).
+// the result is bit-identical to the int8 product (tests/test_cpu_decode.py).
 //
 // Memory-bound at decode shapes (M of a few rows): every packed byte is read once per call and
 // every x row stays in L1. Rows of `packed` are split over XLA's intra-op thread pool.

@@ -1,6 +1,7 @@
-"""Exact int8 activations x 2-bit packed ternary weights -> int32 on AVX512-VNNI CPUs.
+"""Decode-time CPU kernels: products that read the weights once, in their stored form.
 
-`kernels/ternary_matmul.cc` reads our 2-bit layout (`packing.pack_2bit`, transformers' own)
+* `ternary_dot`: exact int8 activations x 2-bit packed ternary weights -> int32 (AVX512-VNNI).
+  `kernels/ternary_matmul.cc` reads our 2-bit layout (`packing.pack_2bit`, transformers' own)
 directly and unpacks it in registers, as bitnet.cpp's I2_S kernels do, so decoding streams 2
 bits per weight from memory instead of unpacking to int8 first (XLA materialises the unpacked
 codes before every product). Built with g++ on first use and registered as an XLA FFI target,
@@ -36,9 +37,10 @@ from bitnet_jax.core import cpu_int8, packing
 _log = logging.getLogger(__name__)
 
 TARGET_NAME = "bitnet_ternary_dot"
-_SYMBOL = "BitnetTernaryDot"
+BF16_TARGET_NAME = "bitnet_bf16_dot"
+_SYMBOLS = {TARGET_NAME: "BitnetTernaryDot", BF16_TARGET_NAME: "BitnetBf16Dot"}
 _KERNELS = Path(__file__).with_name("kernels")
-_SOURCE = _KERNELS / "ternary_matmul.cc"
+_SOURCES = (_KERNELS / "ternary_matmul.cc", _KERNELS / "bf16_matvec.cc")
 _HEADERS = (_KERNELS / "ffi_parallel.h",)
 _CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-mavx512f", "-mavx512bw",
               "-mavx512vl", "-mavx512vnni")
@@ -56,20 +58,20 @@ def _build(cxx: str) -> Path:
     key = hashlib.sha256()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              check=False).stdout.splitlines()[:1]
-    for part in (_SOURCE.read_bytes(), *(h.read_bytes() for h in _HEADERS),
+    for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS),
                  repr(_CXX_FLAGS).encode(), cxx.encode(), repr(version).encode(),
                  include.encode(), jax.__version__.encode()):
         key.update(part)
         key.update(b"\0")
     cache = cpu_int8._cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"ternary_matmul-{key.hexdigest()[:20]}.so"
+    target = cache / f"decode_kernels-{key.hexdigest()[:20]}.so"
     if target.exists():
         return target
-    fd, tmp = tempfile.mkstemp(prefix=".ternary_matmul-", suffix=".so", dir=cache)
+    fd, tmp = tempfile.mkstemp(prefix=".decode_kernels-", suffix=".so", dir=cache)
     os.close(fd)
     try:  # private name, then an atomic rename: concurrent builds are harmless
-        cmd = [cxx, *_CXX_FLAGS, f"-I{include}", f"-I{_KERNELS}", str(_SOURCE), "-o", tmp]
+        cmd = [cxx, *_CXX_FLAGS, f"-I{include}", f"-I{_KERNELS}", *map(str, _SOURCES), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
@@ -94,10 +96,11 @@ def _try_init() -> tuple[bool, str]:
     global _lib
     try:
         _lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(getattr(_lib, _SYMBOL)),
-                                    platform="cpu")
+        for target, symbol in _SYMBOLS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(_lib, symbol)),
+                                        platform="cpu")
     except Exception as exc:  # noqa: BLE001 -- any failure means "fall back to XLA"
-        _log.warning("bitnet_jax.core.cpu_ternary: kernel unavailable (%s: %s)",
+        _log.warning("bitnet_jax.core.cpu_decode: kernel unavailable (%s: %s)",
                      type(exc).__name__, exc)
         return False, f"build/load failed: {exc}"
     return True, ""
@@ -127,7 +130,7 @@ def ternary_dot(x: jax.Array, packed: jax.Array, n_out: int) -> jax.Array:
         raise ValueError(f"ternary_dot: x {x.shape}, packed {packed.shape}, n_out={n_out} (want "
                          f"x (..., K), packed (ceil(n_out/4), K))")
     if not available():
-        raise RuntimeError(f"bitnet_jax.core.cpu_ternary kernel unavailable: {_reason}")
+        raise RuntimeError(f"bitnet_jax.core.cpu_decode kernel unavailable: {_reason}")
     lead = x.shape[:-1]
     rows = math.prod(lead)
     out = jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((rows, n_out), jnp.int32))(
@@ -142,3 +145,26 @@ def ternary_dot_or_xla(x: jax.Array, packed: jax.Array, n_out: int) -> jax.Array
         return ternary_dot(x, packed, n_out)
     codes = packing.unpack_2bit(packed, n_out, jnp.int8, validate=False)
     return cpu_int8.int8_dot_or_xla(x, codes)
+
+
+def bf16_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., K) bf16 @ w (K, N) bf16 -> (..., N) float32. Needs `available()`."""
+    if x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
+        raise TypeError(f"bf16_dot wants bf16 operands, got {x.dtype} and {w.dtype}")
+    if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"bf16_dot: x {x.shape} and w {w.shape} (want x (..., K), w (K, N))")
+    if not available():
+        raise RuntimeError(f"bitnet_jax.core.cpu_decode kernels unavailable: {_reason}")
+    lead, n_out = x.shape[:-1], w.shape[1]
+    rows = math.prod(lead)
+    out = jax.ffi.ffi_call(BF16_TARGET_NAME, jax.ShapeDtypeStruct((rows, n_out), jnp.float32))(
+        x.reshape(rows, x.shape[-1]), w)
+    return out.reshape(*lead, n_out)
+
+
+def bf16_dot_or_xla(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`bf16_dot` for up to MAX_ROWS rows where available, else XLA's dot (float32 sums)."""
+    if available() and math.prod(x.shape[:-1]) <= MAX_ROWS:
+        return bf16_dot(x, w)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
