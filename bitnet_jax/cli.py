@@ -3,7 +3,8 @@
 Subcommands: `info` (compute accounting of a preset), `train` (one training run),
 `tokenizer train` (a BPE tokenizer for a corpus), `sweep` and `fit` (scaling laws),
 `generate` (text from a trained, packed or Hugging Face model), `export-hf` / `import-hf`
-(transformers' BitNet format) and `pack` (2-bit / 1.6-bit ternary checkpoints).
+(transformers' BitNet format), `export-gguf` (llama.cpp) and `pack` (2-bit / 1.6-bit ternary
+checkpoints).
 
 Errors meant for people (`ConfigError`, and `ValueError`s from unknown names in `info`) are printed
 as one `error: ...` line on stderr with exit code 2, never as a traceback.
@@ -291,6 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=cmd_export_hf)
 
+    gguf_export = sub.add_parser(
+        "export-gguf", help="write a run, packed or HF directory as a GGUF file for llama.cpp",
+        description="A GGUF file that llama.cpp loads as its `bitnet` (subln) or `llama` (pre) "
+                    "architecture, tokenizer included; other architectures are refused with the "
+                    "reason (see bitnet_jax/interop/gguf.py).")
+    gguf_export.add_argument("model_dir", metavar="RUN")
+    gguf_export.add_argument("out_path", metavar="OUT.gguf")
+    gguf_export.add_argument("--type", dest="qtype", default="tq2_0",
+                             choices=("tq1_0", "tq2_0", "f16", "bf16", "f32"),
+                             help="type of the decoder's linear weights (default tq2_0)")
+    gguf_export.add_argument("--head-type", default=None, choices=("f32", "f16", "bf16", "q8_0"),
+                             help="type of the embedding / output head (default: f16 for tq "
+                                  "types, else --type)")
+    gguf_export.add_argument("--overwrite", action="store_true")
+    gguf_export.set_defaults(func=cmd_export_gguf)
+
     import_ = sub.add_parser(
         "import-hf", help="read a Hugging Face BitNet directory into a run directory",
         description="Import a BitNetForCausalLM checkpoint (float, online-quantized or packed; "
@@ -373,6 +390,17 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
           f"{format_bytes(summary['bytes'])}; linear weights "
           f"{format_bytes(summary['linear_weight_bytes'])} "
           f"(bf16: {format_bytes(summary['linear_weight_bytes_bf16'])})")
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from bitnet_jax.interop.gguf import export_gguf
+    from bitnet_jax.interop.load import load_model
+
+    summary = export_gguf(load_model(args.model_dir), args.out_path, args.qtype, args.head_type,
+                          args.overwrite)
+    print(f"wrote {summary['path']} (llama.cpp {summary['architecture']}, {summary['type']} "
+          f"linears, {summary['head_type']} head): {format_bytes(summary['bytes'])}")
     return 0
 
 

@@ -11,14 +11,25 @@ writes JSON (default `bench_infer.json`).
 
     python scripts/bench_infer.py [--preset bitnet-2b4t] [--batches 1,16] [--prompt-len 32]
                                   [--new-tokens 16] [--modes bf16,ternary-int8,ternary-2bit]
+
+`--compare-llamacpp` instead decodes one prompt (batch 1) with ours and with llama.cpp
+(llama-cpp-python) on GGUF files of the very same random weights (`bitnet export-gguf`'s
+writer: TQ2_0 linears with per-tensor scales and a bf16 head for ternary-2bit, BF16 for bf16),
+at the same thread count, interleaving the engines round by round so that a shared machine's
+noise falls on all of them alike; ratios are per round, then the median.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -59,9 +70,9 @@ def random_params(model: Transformer, rng: np.random.Generator):
                                                 rng)), shapes)
 
 
-def build(preset: str, mode: str) -> Generator:
+def build(preset: str, mode: str, **overrides) -> Generator:
     precision, weights, integer = MODES[mode]
-    config = get_model_config(preset, dtype="bfloat16", param_dtype="bfloat16")
+    config = get_model_config(preset, dtype="bfloat16", param_dtype="bfloat16", **overrides)
     recipe = get_recipe(precision)
     params = random_params(Transformer(config, recipe, integer, weights), np.random.default_rng(0))
     return Generator(config, recipe, params, weights, integer)
@@ -78,6 +89,91 @@ def decode_rate(generator: Generator, batch: int, prompt_len: int, new_tokens: i
             "prefill_s": result.prefill_seconds, "decode_steps": result.decode_steps}
 
 
+# GGUF type of each compared mode's linears (the head is bf16 in both engines).
+LLAMACPP_TYPES = {"bf16": "bf16", "ternary-2bit": "tq2_0"}
+
+
+def _our_step_ms(generator: Generator, prompt: list, new_tokens: int) -> float:
+    result = generate(generator, [prompt], new_tokens)
+    return result.decode_seconds / max(result.decode_steps, 1) * 1e3
+
+
+def _llama_step_ms(llm, prompt: list, new_tokens: int) -> float:
+    llm.reset()
+    llm.eval(prompt)
+    token = prompt[-1]
+    began = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([token])  # the decode step alone: no sampling, as ours times its steps
+    return (time.perf_counter() - began) / new_tokens * 1e3
+
+
+def compare_llamacpp(args, meta: dict) -> int:
+    """Ours vs llama.cpp on the same weights, interleaved; table + JSON."""
+    import llama_cpp
+
+    from bitnet_jax.interop.gguf import export_gguf
+    from bitnet_jax.interop.run_dir import ModelBundle
+
+    threads = args.threads or os.cpu_count()
+    # llama.cpp's bitnet graph (0c1e570) gates the MLP with SiLU and ties the head: both engines
+    # run swiglu, whose cost equals 2B4T's relu2 (one elementwise op on d_ff values).
+    overrides = {"ffn_activation": "swiglu", "tie_embeddings": True}
+    workdir = Path(args.gguf_dir or tempfile.mkdtemp(prefix="bench_gguf-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    modes = [m for m in args.modes.split(",") if m in LLAMACPP_TYPES]
+    engines = {}
+    for mode in modes:
+        generator = build(args.preset, mode, **overrides)
+        path = workdir / f"{args.preset}-{mode}.gguf"
+        if not path.exists():
+            began = time.perf_counter()
+            bundle = ModelBundle(generator.config, generator.recipe.name,
+                                 jax.tree.map(np.asarray, generator.params), "bytes")
+            export_gguf(bundle, path, LLAMACPP_TYPES[mode], head_type="bf16")
+            print(f"# wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in "
+                  f"{time.perf_counter() - began:.0f} s", flush=True)
+        llm = llama_cpp.Llama(str(path), n_ctx=args.prompt_len + args.new_tokens + 8,
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        engines[mode] = (generator, llm)
+    prompt = [int(t) for t in np.arange(1, args.prompt_len + 1)]
+    for generator, llm in engines.values():  # warm-up: compile ours, page in both
+        _our_step_ms(generator, prompt, 2)
+        _llama_step_ms(llm, prompt, 2)
+    rounds = []
+    for round_index in range(args.rounds):
+        row = {}
+        for mode, (generator, llm) in engines.items():
+            row[f"ours {mode}"] = _our_step_ms(generator, prompt, args.new_tokens)
+            row[f"llama.cpp {mode}"] = _llama_step_ms(llm, prompt, args.new_tokens)
+        rounds.append(row)
+        print(f"# round {round_index}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in row.items()),
+              flush=True)
+    summary = []
+    for mode in engines:
+        ratios = [r[f"ours {mode}"] / r[f"llama.cpp {mode}"] for r in rounds]
+        summary.append({
+            "mode": mode, "llama_cpp_type": LLAMACPP_TYPES[mode], "head": "bf16",
+            "ours_ms": statistics.median(r[f"ours {mode}"] for r in rounds),
+            "llama_cpp_ms": statistics.median(r[f"llama.cpp {mode}"] for r in rounds),
+            "ratio_median": statistics.median(ratios), "ratios": ratios,
+            "gguf_bytes": (workdir / f"{args.preset}-{mode}.gguf").stat().st_size,
+            "our_weight_bytes": tree_bytes(engines[mode][0].params)})
+    header = (f"{'weights':>13} {'llama.cpp':>9} {'ours ms/tok':>11} {'llama.cpp ms/tok':>16} "
+              f"{'ours/llama.cpp':>14}")
+    print(header)
+    print("-" * len(header))
+    for s in summary:
+        print(f"{s['mode']:>13} {s['llama_cpp_type']:>9} {s['ours_ms']:11.1f} "
+              f"{s['llama_cpp_ms']:16.1f} {s['ratio_median']:14.2f}")
+    with open(args.out, "w") as f:
+        json.dump({"meta": {**meta, "threads": threads, "rounds": args.rounds,
+                            "llama_cpp_python": llama_cpp.__version__, "overrides": overrides,
+                            "batch": 1}, "results": summary, "rounds": rounds}, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="bitnet-2b4t")
@@ -86,11 +182,20 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", default="bench_infer.json")
+    parser.add_argument("--compare-llamacpp", action="store_true",
+                        help="batch-1 decoding, ours vs llama.cpp on GGUFs of the same weights")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (compare)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="llama.cpp threads (default: all cores, as XLA uses)")
+    parser.add_argument("--gguf-dir", default=None, help="where the GGUF files go (reused)")
     args = parser.parse_args(argv)
 
     meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "machine": platform.machine(), "preset": args.preset,
-            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
+    if args.compare_llamacpp:
+        return compare_llamacpp(args, meta)
     print(f"# {meta['backend']} / {meta['device']} / jax {meta['jax']}; {args.preset}; prompt "
           f"{args.prompt_len} tokens, {args.new_tokens} decoded")
     header = (f"{'mode':>13} {'batch':>5} {'weights GB':>10} {'step ms':>9} {'tokens/s':>9} "

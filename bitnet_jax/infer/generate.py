@@ -26,6 +26,7 @@ import numpy as np
 from bitnet_jax.core import codec
 from bitnet_jax.core.precision import KVCachePrecision, PrecisionRecipe, get_recipe
 from bitnet_jax.errors import require
+from bitnet_jax.infer.decode_kernels import decode_products
 from bitnet_jax.infer.sampling import SamplingConfig, sample
 from bitnet_jax.interop import packed, packed_params
 from bitnet_jax.interop.load import load_model
@@ -126,10 +127,10 @@ class Generator:
     _step: Callable = field(init=False, repr=False)
 
     def __post_init__(self):
-        model = self.model
+        model, apply = self.model, self._apply
 
         def step(params, cache, tokens_BxT):
-            logits_BxTxV, cache = model.apply({"params": params}, tokens_BxT, cache=cache)
+            logits_BxTxV, cache = apply(model, params, tokens_BxT, cache=cache)
             return logits_BxTxV[:, -1], cache
 
         self._step = jax.jit(step, donate_argnums=1)
@@ -144,7 +145,12 @@ class Generator:
 
     def full_logits(self, tokens_BxT: jax.Array) -> jax.Array:
         """Logits (B, T, V) of whole sequences, no cache (the reference for decoding)."""
-        return self.model.apply({"params": self.params}, tokens_BxT)
+        return self._apply(self.model, self.params, tokens_BxT)
+
+    def _apply(self, model: Transformer, params: Any, *args, **kwargs):
+        # Products that read packed or bf16 weights in place (infer.decode_kernels).
+        with decode_products():
+            return model.apply({"params": params}, *args, **kwargs)
 
 
 def _generator_settings(config: ModelConfig, recipe: PrecisionRecipe, weights: str,
