@@ -197,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "--mfu times a bf16 matmul peak measured here)")
     sweep_plan.add_argument("--mfu", type=float, default=0.2,
                             help="assumed MFU for the estimate (default 0.2)")
+    sweep_plan.add_argument("--compile", action="store_true",
+                            help="compile every run's train step ahead of time for the target "
+                                 "and show bytes per device, compiled FLOPs and whether it fits")
+    sweep_plan.add_argument("--topology", default=None, metavar="NAME",
+                            help="with --compile: a TPU slice such as v5e:16x16, v5p:4x4x4 or "
+                                 "v4:2x2x4 (needs libtpu: pip install -e '.[tpu]'); default: "
+                                 "the local devices")
+    sweep_plan.add_argument("--json", action="store_true", help="print the rows as JSON")
     sweep_run = sweep_sub.add_parser(
         "run", help="run every unfinished run, then collect the table and write the report")
     sweep_run.add_argument("file", metavar="SWEEP.yaml")
@@ -398,13 +406,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from bitnet_jax.scaling import sweep as sweeps
 
     sweep = sweeps.load_sweep(args.file, args.overrides)
+    if args.sweep_command == "plan" and args.compile:
+        from bitnet_jax.scaling import compile_plan
+
+        rows = compile_plan.compile_plan(sweep, args.topology)
+        print(compile_plan.to_json(rows) if args.json
+              else compile_plan.format_compile_plan(sweep, rows))
+        return 0
     if args.sweep_command == "plan":
+        if args.topology is not None:
+            raise ConfigError("sweep plan: --topology needs --compile")
         rate = args.flops_per_second
         if rate is None:
             from bitnet_jax.train.metrics import measure_matmul_peak
 
             rate = args.mfu * measure_matmul_peak()
-        print(sweeps.format_plan(sweep, sweeps.plan(sweep, rate)))
+        rows = sweeps.plan(sweep, rate)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(sweeps.format_plan(sweep, rows))
         print(f"(time estimated at {rate / 1e12:.3g} TFLOP/s sustained)")
         return 0
     if args.sweep_command == "run":

@@ -63,17 +63,15 @@ def run_name(config: RunConfig) -> str:
 
 
 @dataclasses.dataclass
-class Setup:
-    """Everything a run needs, built before any training compute."""
+class AbstractSetup:
+    """A run's mesh, shardings, optimizer and abstract state: all that compiling needs, built
+    from the config alone (no data, no device memory), so a step can be compiled ahead of time
+    for devices that are not here (`train.aot`)."""
 
     run: ResolvedRun
     run_dir: Path
     mesh: jax.sharding.Mesh
     rules: tuple
-    tokenizer: Any
-    train_split: Any
-    eval_batches: list
-    data_stats: dict
     optimizer: optax.GradientTransformation
     state_sharding: Any
     abstract_state: Any
@@ -88,8 +86,19 @@ class Setup:
         return self.run.model
 
 
-def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
-    """Check everything that can be checked, load data, plan shardings. No training compute."""
+@dataclasses.dataclass
+class Setup(AbstractSetup):
+    """Everything a run needs, built before any training compute: the abstract set-up + data."""
+
+    tokenizer: Any = None
+    train_split: Any = None
+    eval_batches: list = dataclasses.field(default_factory=list)
+    data_stats: dict = dataclasses.field(default_factory=dict)
+
+
+def abstract_setup(config: RunConfig | ResolvedRun, devices=None) -> AbstractSetup:
+    """Check the config against the mesh and plan the shardings of the train state. Reads no
+    data and allocates nothing; `devices` may be abstract (a libtpu topology's devices)."""
     run = resolve_run(config)
     config, model_config = run.config, run.model
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -100,15 +109,6 @@ def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
             require(recipe.supports_integer_matmul,
                     f"train.integer_forward=true but precision {name!r} has a linear role that "
                     f"is not integer (weights and activations at most 8 bits)")
-
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    require(tokenizer.vocab_size <= model_config.vocab_size,
-            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {model_config.vocab_size}; set model.vocab_size >= "
-            f"{tokenizer.vocab_size}")
-    train_split, validation_split, data_stats = pipeline.prepare_data(config.data, tokenizer)
-    eval_batches = pipeline.make_eval_batches(validation_split, config.data.seq_len,
-                                          config.train.batch_size, config.train.eval_batches)
 
     optimizer = optim.make_optimizer(config.optimizer, config.train.steps)
     model = Transformer(model_config, run.recipe)
@@ -124,9 +124,25 @@ def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
         TrainState(jax.ShapeDtypeStruct((), jnp.int32), nn.unbox(abstract_params), abstract_opt),
         state_sharding)
     run_dir = Path(config.out_dir) / run_name(config)
-    return Setup(run, run_dir, mesh, rules, tokenizer, train_split,
-                 eval_batches, data_stats, optimizer, state_sharding, abstract_state,
-                 sharding.batch_sharding(mesh, rules))
+    return AbstractSetup(run, run_dir, mesh, rules, optimizer, state_sharding, abstract_state,
+                         sharding.batch_sharding(mesh, rules))
+
+
+def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
+    """Check everything that can be checked, load data, plan shardings. No training compute."""
+    plan = abstract_setup(config, devices)
+    config, model_config = plan.config, plan.model_config
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    require(tokenizer.vocab_size <= model_config.vocab_size,
+            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {model_config.vocab_size}; set model.vocab_size >= "
+            f"{tokenizer.vocab_size}")
+    train_split, validation_split, data_stats = pipeline.prepare_data(config.data, tokenizer)
+    eval_batches = pipeline.make_eval_batches(validation_split, config.data.seq_len,
+                                              config.train.batch_size, config.train.eval_batches)
+    fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(AbstractSetup)}
+    return Setup(**fields, tokenizer=tokenizer, train_split=train_split,
+                 eval_batches=eval_batches, data_stats=data_stats)
 
 
 def init_state(setup: Setup) -> TrainState:
@@ -190,7 +206,7 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def compile_steps(setup: Setup, precision: str) -> tuple[Callable, Callable]:
+def compile_steps(setup: AbstractSetup, precision: str) -> tuple[Callable, Callable]:
     config = setup.config
     model = Transformer(setup.model_config, setup.run.recipes[precision],
                         integer=config.train.integer_forward)
