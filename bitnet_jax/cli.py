@@ -229,7 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser("fit", help="fit scaling laws to any results table (CSV)",
                          description="Fit L(N), the pure power law and L(N, D) per recipe to a "
-                                     "results table, e.g. one from another framework.")
+                                     "results table, e.g. one from another framework: the best "
+                                     "run over swept hyperparameters per size, bootstrap "
+                                     "intervals (from the seed spread where sizes have several "
+                                     "seeds) and predictions of the largest sizes from the "
+                                     "others.")
     fit.add_argument("table", metavar="TABLE.csv")
     for flag, names in (("--params-column", results.PARAM_COLUMNS),
                         ("--tokens-column", results.TOKEN_COLUMNS),
@@ -239,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"default: the first present of {', '.join(names)}")
     fit.add_argument("--bootstrap", type=int, default=None,
                      help="bootstrap resamples (default: the fitter's, as in `sweep report`)")
+    fit.add_argument("--holdout", type=int, default=None, metavar="K",
+                     help="fit each law without the K largest sizes (by compute where D varies) "
+                          "and predict them (default: the fitter's, as in `sweep report`)")
+    fit.add_argument("--hyperparameter", action="append", default=None, metavar="KEY",
+                     help="a swept key (or column, e.g. lr) to take the best run over per size "
+                          "(repeatable; default: every swept key in the `axes` column that is "
+                          "not size, tokens, precision or seed)")
+    fit.add_argument("--json", action="store_true",
+                     help="print the fits as one JSON object (the schema of fits.json)")
     fit.set_defaults(func=cmd_fit)
 
     generate = sub.add_parser(
@@ -348,13 +361,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from bitnet_jax.interop.run_dir import load_run, read_run_config
+    from bitnet_jax.interop.run_dir import load_run, read_resolved_run
     from bitnet_jax.interop.hf import check_exportable, export_hf
-    from bitnet_jax.model.transformer import get_model_config
 
-    config = read_run_config(args.run_dir)
-    check_exportable(get_model_config(config.model.preset, **config.model.overrides),
-                     config.precision, args.packed)  # before reading the checkpoint
+    run = read_resolved_run(args.run_dir)
+    check_exportable(run.model, run.config.precision, args.packed)  # before reading weights
     summary = export_hf(load_run(args.run_dir, args.step), args.out_dir, args.packed,
                         args.dtype, args.overwrite)
     print(f"wrote {summary['out_dir']} ({summary['format']}, {args.dtype}): "
@@ -374,11 +385,10 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from bitnet_jax.interop.run_dir import load_run, read_run_config
+    from bitnet_jax.interop.run_dir import load_run, read_resolved_run
     from bitnet_jax.interop.packed import format_size_report, require_ternary, save_packed
-    from bitnet_jax.core.precision import get_recipe
 
-    require_ternary(get_recipe(read_run_config(args.run_dir).precision))  # before loading
+    require_ternary(read_resolved_run(args.run_dir).recipe)  # before loading the weights
     report = save_packed(load_run(args.run_dir, args.step), args.out, args.layout, args.dtype,
                          overwrite=args.overwrite)
     print(format_size_report(report))
@@ -465,14 +475,17 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from bitnet_jax.scaling.fit import fit_table, format_fits
+    import json
+
+    from bitnet_jax.scaling.fit import fit_table, fits_json, format_fits
 
     # The one fitter, with its own defaults: `bitnet sweep report` prints the same laws.
-    n_boot = {} if args.bootstrap is None else {"n_boot": args.bootstrap}
+    given = {"n_boot": args.bootstrap, "holdout": args.holdout}
     fits = fit_table(args.table, params_column=args.params_column,
                      tokens_column=args.tokens_column, loss_column=args.loss_column,
-                     recipe_column=args.recipe_column, **n_boot)
-    print(format_fits(fits))
+                     recipe_column=args.recipe_column, hyperparameters=args.hyperparameter,
+                     **{k: v for k, v in given.items() if v is not None})
+    print(json.dumps(fits_json(fits), indent=2) if args.json else format_fits(fits))
     return 0
 
 

@@ -22,7 +22,18 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
 def test_readme_python_examples_run():
     blocks = code_blocks("python")
     assert blocks
+    namespaces = []
     for block in blocks:
-        namespace = {}
-        exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["y"].shape == (4, 64)
+        namespaces.append({})
+        exec(compile(block, "README.md", "exec"), namespaces[-1])
+    assert namespaces[0]["y"].shape == (4, 64)
+
+
+def test_readme_module_table_matches_the_tree():
+    """Every module of the package has a row, and every path in the table exists."""
+    table = README.split("## What is here", 1)[1].split("\n\n", 2)[1]
+    listed = set(re.findall(r"`(bitnet_jax/[\w/]+\.(?:py|cc))`", table))
+    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "bitnet_jax").rglob("*")
+               if p.suffix in (".py", ".cc") and p.name != "__init__.py"}
+    assert sorted(on_disk - listed) == [], "modules missing from README's table"
+    assert sorted(listed - on_disk) == [], "README's table names files that do not exist"

@@ -69,18 +69,48 @@ def test_table_round_trip(tmp_path):
     assert back[-1]["final_eval_loss"] is None
 
 
-def test_notebook_runs_on_a_results_table(tmp_path, monkeypatch):
-    pytest.importorskip("IPython")
-    write_table(synthetic_rows(), tmp_path / "results.csv")
+NOTEBOOK = ROOT / "experiments" / "notebooks" / "scaling_curves.ipynb"
+
+
+def test_notebook_runs_in_a_jupyter_kernel_on_a_results_table_and_fits_json(tmp_path,
+                                                                             monkeypatch):
+    """The notebook as researchers run it: a real kernel (nbclient + ipykernel), top to bottom,
+    plotting inline from results.csv and fits.json (held-out predictions included)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from bitnet_jax.scaling.fit import fit_table, fits_json
+
+    rows = []  # two learning rates per size: the smaller wins everywhere (not bracketed)
+    for row in synthetic_rows():
+        for lr, worse in ((1e-3, 1.0), (2e-3, 1.01)):
+            loss = row["final_eval_loss"] and row["final_eval_loss"] * worse
+            rows.append({**row, "run": f"{row['run']}-{lr}", "lr": lr, "final_eval_loss": loss,
+                         "axes": json.dumps({"optimizer.lr": lr})})
+    write_table(rows, tmp_path / "results.csv")
+    fits = fits_json(fit_table(rows, n_boot=50))
+    (tmp_path / "fits.json").write_text(json.dumps(fits))
     monkeypatch.setenv("BITNET_RESULTS", str(tmp_path / "results.csv"))
-    monkeypatch.setenv("BITNET_FIGURES", str(tmp_path / "figures"))
-    notebook = json.loads((ROOT / "experiments" / "notebooks" / "scaling_curves.ipynb").read_text())
-    namespace = {}
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=60, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "recipes fitted: ['b1.58', 'bf16']" in text  # the laws of fits.json, both recipes
+    for needle in ("[bf16] L(N): E = ", "[b1.58] L(N)-pure", "predicted"):
+        assert needle in text, needle
+    assert "optimum not bracketed" in text
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 3  # loss against N with the held-out predictions, against the LR,
+    # against memory and energy
+    assert not list(tmp_path.glob("**/*.png"))  # inline only, nothing written
+
+
+def test_the_committed_notebook_has_no_outputs():
+    notebook = json.loads(NOTEBOOK.read_text())
     for cell in notebook["cells"]:
         if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), "scaling_curves.ipynb", "exec"), namespace)
-    assert set(namespace["fits"]) == {"bf16", "b1.58"}
-    assert len(list((tmp_path / "figures").glob("*.png"))) == 6
+            assert cell["outputs"] == [] and cell["execution_count"] is None
 
 
 def test_isoflop_summary_where_budgets_repeat():
@@ -144,6 +174,9 @@ def test_bitnet_fit_and_the_report_give_the_same_laws(tmp_path, monkeypatch, cap
             again = cli_laws[recipe].fits[kind]
             assert fit.params == again.params and fit.intervals == again.intervals, (recipe, kind)
             assert np.array_equal(fit.samples, again.samples)
+        for name, law in group.laws.items():  # the same held-out predictions and warnings
+            assert law.holdout == cli_laws[recipe].laws[name].holdout and law.holdout
+            assert law.warnings == cli_laws[recipe].laws[name].warnings
 
 
 def test_bitnet_fit_and_the_report_share_the_bootstrap_default():

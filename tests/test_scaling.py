@@ -35,8 +35,8 @@ from bitnet_jax.scaling.laws import (
     fit_power_law_with_offset,
 )
 
-EPOCH_CSV = (Path(__file__).resolve().parents[2] / "shared" / "reference"
-             / "chinchilla_epoch_points.csv")
+# Epoch AI's points, shipped with the tests (source: tests/data/README.md).
+EPOCH_CSV = Path(__file__).resolve().parent / "data" / "chinchilla_epoch_points.csv"
 
 # Epoch AI (Besiroglu et al. 2024): grid L-BFGS estimates, final estimates and 95% intervals
 # (4000 bootstraps).
@@ -69,8 +69,6 @@ def chin_loss(n, d, p=TRUE_CHIN):
 
 @pytest.fixture(scope="module")
 def epoch_data():
-    if not EPOCH_CSV.is_file():
-        pytest.skip(f"Epoch AI's Chinchilla points not found at {EPOCH_CSV} (shared/reference)")
     with EPOCH_CSV.open(newline="") as f:
         rows = list(csv.DictReader(f))
     n = np.array([float(r["Model Size"]) for r in rows])
@@ -492,7 +490,8 @@ def test_fit_table_rows_and_column_choices():
 # ----------------------------------------------------------------------------------------------
 # Module hygiene.
 
-FITTING_MODULES = ("laws", "bootstrap", "isoflop", "compare", "results", "fit", "report")
+FITTING_MODULES = ("laws", "bootstrap", "isoflop", "compare", "results", "select", "noise",
+                   "holdout", "fit", "report")
 
 
 def test_scaling_imports_no_jax():

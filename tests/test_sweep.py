@@ -122,7 +122,7 @@ def test_print_launcher_gives_one_command_per_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path):
+def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path, capsys):
     """Five sizes x two recipes, one run diverging; then an interrupted sweep is resumed."""
     axes = [{"model.preset": ["ladder-50k", "ladder-100k", "ladder-200k", "ladder-400k",
                               "ladder-800k"]},
@@ -157,6 +157,14 @@ def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path):
                  "training_curves", "comparison"):
         assert (sweep.directory / f"{name}.png").stat().st_size > 10_000, name
         assert f"({name}.png)" in report
+    # fits.json is what `bitnet fit results.csv --json` prints, held-out predictions included
+    fits = json.loads((sweep.directory / "fits.json").read_text())
+    capsys.readouterr()
+    assert main(["fit", str(sweep.directory / "results.csv"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == fits
+    assert fits["recipes"]["b1.58"]["laws"]["L(N)"]["holdout"][0]["N"] == max(
+        r["params_non_embedding"] for r in rows)  # 5 sizes: the largest predicted from 4
+    assert "## Validation by extrapolation" in report and "## Seeds and noise" in report
 
 
 def _with_lr(sweep, run_id, lr):
@@ -199,3 +207,22 @@ def test_shipped_sweeps_expand(capsys):
     quick = sweeps.load_sweep(ROOT / "experiments" / "quickstart.yaml")
     assert {r.config.precision for r in quick.runs} == {"bf16", "b1.58"}
     assert len({r.config.model.preset for r in quick.runs}) >= 4
+
+
+def test_seed_and_lr_axes_are_recorded_in_the_results_table(tmp_path):
+    """`seed` sets model init and data order; every swept value lands in the table's `axes`, so
+    `bitnet fit results.csv` can select over the LR and average the seeds on its own."""
+    path = write_sweep(tmp_path, [{"optimizer.lr": [1e-3, 2e-3]}, {"seed": [0, 7]}], tokens=2048)
+    sweep = sweeps.load_sweep(path)
+    assert len(sweep.runs) == 4 and len({r.run_id for r in sweep.runs}) == 4
+    for run in sweep.runs:
+        seed = run.overrides["seed"]
+        assert run.config.train.seed == seed and run.config.data.seed == seed
+        row = sweeps.run_accounting(run)
+        assert (row["seed"], row["data_seed"], row["lr"]) == (seed, seed,
+                                                              run.overrides["optimizer.lr"])
+        assert json.loads(row["axes"]) == {"optimizer.lr": run.config.optimizer.lr, "seed": seed}
+    from bitnet_jax.scaling.select import default_hyperparameters
+
+    assert default_hyperparameters([sweeps.run_accounting(r) for r in sweep.runs]) == \
+        ("optimizer.lr",)

@@ -44,7 +44,8 @@ from bitnet_jax.core import codec
 from bitnet_jax.core.precision import PRESETS, get_recipe
 from bitnet_jax.data.tokenizers import EOD_TOKENS, ByteTokenizer
 from bitnet_jax.errors import ConfigError, require
-from bitnet_jax.interop.run_dir import (TOKENIZER_FILE, ModelBundle, fresh_directory, save_run,
+from bitnet_jax.run_files import TOKENIZER_FILE
+from bitnet_jax.interop.run_dir import (ModelBundle, fresh_directory, save_run,
                                         tokenizer_file)
 from bitnet_jax.model.linears import DECODER_LINEARS, kernel_path
 from bitnet_jax.model.transformer import ModelConfig

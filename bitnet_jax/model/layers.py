@@ -180,29 +180,30 @@ ATTENTION_BLOCK = 128
 
 
 def causal_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
-                     block: int = ATTENTION_BLOCK) -> jax.Array:
+                     block: int = ATTENTION_BLOCK, scale: Optional[float] = None) -> jax.Array:
     """Causal (grouped-query) softmax attention with `jax.nn.dot_product_attention`.
 
     With cuDNN (GPUs) the fused kernel skips the masked half itself. Elsewhere XLA computes every
     score, so long sequences go in query blocks that attend only to the keys at or before them:
     the same numbers, a quarter fewer products at 2 blocks (30% less attention time measured on
-    a 2-core CPU at 256 tokens).
+    a 2-core CPU at 256 tokens). `scale` multiplies q.k (None: 1/sqrt(head_dim)).
     """
     implementation = attention_implementation(q_BxTxNxH.dtype, q_BxTxNxH.shape[-1])
     length = q_BxTxNxH.shape[1]
     if implementation is not None or length <= block or length % block:
-        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True,
-                                            implementation=implementation)
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, scale=scale,
+                                            is_causal=True, implementation=implementation)
     outputs = []
     for start in range(0, length, block):
         end = start + block
         q_block = q_BxTxNxH[:, start:end]
         keys, values = k_BxTxKxH[:, :end], v_BxTxKxH[:, :end]
         if start == 0:
-            outputs.append(jax.nn.dot_product_attention(q_block, keys, values, is_causal=True))
+            outputs.append(jax.nn.dot_product_attention(q_block, keys, values, scale=scale,
+                                                        is_causal=True))
             continue
         visible_QxK = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
-        outputs.append(jax.nn.dot_product_attention(q_block, keys, values,
+        outputs.append(jax.nn.dot_product_attention(q_block, keys, values, scale=scale,
                                                     mask=visible_QxK[None, None]))
     return jnp.concatenate(outputs, axis=1)
 
@@ -244,6 +245,7 @@ class CausalSelfAttention(_BlockWithLinears):
     qkv_precision: LinearPrecision = LinearPrecision()
     out_precision: LinearPrecision = LinearPrecision()
     kv_cache: Optional[KVCachePrecision] = None
+    attention_scale: Optional[float] = None  # softmax scale of q.k; None: 1/sqrt(head_dim)
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: Optional[jax.Array] = None,
@@ -266,7 +268,8 @@ class CausalSelfAttention(_BlockWithLinears):
             if self.kv_cache is not None:  # a4.8: the cache holds low-bit keys/values after RoPE
                 k_BxTxKxH = quantize_kv(k_BxTxKxH, positions_BxT, self.kv_cache)
                 v_BxTxKxH = quantize_kv(v_BxTxKxH, positions_BxT, self.kv_cache)
-            out_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+            out_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,
+                                           scale=self.attention_scale)
         else:
             cache = kv_cache.update_layer(cache, k_BxTxKxH, v_BxTxKxH, cache_index,
                                           positions_BxT, self.kv_cache)
@@ -274,7 +277,7 @@ class CausalSelfAttention(_BlockWithLinears):
             visible = kv_cache.attention_mask(cache_start, cache_index, length,
                                               keys_BxSxKxH.shape[1])
             out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH,
-                                                       mask=visible)
+                                                       scale=self.attention_scale, mask=visible)
         out = out_BxTxNxH.reshape(batch, length, self.n_heads * self.head_dim)
         if self.sub_norm:
             out = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, "heads",

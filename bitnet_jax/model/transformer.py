@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.model import mup
 from bitnet_jax.model.kv_cache import KVCache, LayerCache
 from bitnet_jax.model.linears import DECODER_LINEARS
 from bitnet_jax.model.layers import BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, logical_init
@@ -51,6 +52,9 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
+    parametrization: str = "standard"  # standard | mup (see bitnet_jax.model.mup)
+    mup_base_d_model: Optional[int] = None  # muP base width; default: this config's d_model
+    mup_base_head_dim: Optional[int] = None  # muP base head size; default: this head_dim
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -85,6 +89,21 @@ class ModelConfig:
                     f"model.{name}={getattr(self, name)!r}; choose one of {DTYPES}")
         require(self.rope_theta > 0, f"model.rope_theta must be positive, got {self.rope_theta}")
         require(self.init_std > 0, f"model.init_std must be positive, got {self.init_std}")
+        self._resolve_mup()
+
+    def _resolve_mup(self) -> None:
+        """Check the muP fields; the bases default to this config's own sizes, so a preset
+        widened by an override keeps the preset as its base."""
+        require(self.parametrization in mup.PARAMETRIZATIONS,
+                f"model.parametrization={self.parametrization!r}; choose one of "
+                f"{mup.PARAMETRIZATIONS}")
+        for name, own in (("mup_base_d_model", self.d_model), ("mup_base_head_dim", self.head_dim)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, own)
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                    f"model.{name} must be a positive integer (the width the hyperparameters "
+                    f"were tuned at) or null for this model's own, got {value!r}")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -120,17 +139,19 @@ class Transformer(nn.Module):
             raise ConfigError(f"precision {recipe.name!r} has a linear role that is not integer "
                               f"(weights and activations at most 8 bits); set integer=False")
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        init = nn.initializers.normal(stddev=cfg.init_std)
+        embedding_std = cfg.init_std * mup.role_scale(cfg, "embedding").init
         self.embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=logical_init(init, ("vocab", "embed")))
+            embedding_init=logical_init(nn.initializers.normal(stddev=embedding_std),
+                                        ("vocab", "embed")))
         self.layers = [DecoderBlock(cfg, recipe, self.integer, self.weights, name=f"layers_{i}")
                        for i in range(cfg.n_layers)]
         self.norm = RMSNorm(cfg.norm_eps, dtype, param_dtype, "embed")
         if not cfg.tie_embeddings:
             self.lm_head = BitLinear(cfg.vocab_size, LinearPrecision(), ("embed", "vocab"),
                                      dtype=dtype, out_dtype=jnp.float32, param_dtype=param_dtype,
-                                     kernel_init=init)
+                                     kernel_init=nn.initializers.normal(
+                                         stddev=cfg.init_std * mup.role_scale(cfg, "output").init))
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: Optional[jax.Array] = None,
                  cache: Optional[KVCache] = None):
@@ -169,6 +190,8 @@ class Transformer(nn.Module):
                                 preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x_BxTxD)
+        if self.config.parametrization == "mup":  # TP-V's output multiplier (1 at base width)
+            logits = logits * mup.output_multiplier(self.config)
         logits = nn.with_logical_constraint(
             logits, ("activation_batch", "activation_length", "activation_vocab"))
         if cache is None:
@@ -192,7 +215,8 @@ class DecoderBlock(nn.Module):
         common = dict(inner_norm=cfg.norm_placement == "bitlinear",
                       sub_norm=cfg.norm_placement == "subln", norm_eps=cfg.norm_eps,
                       integer=self.integer, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nn.initializers.normal(stddev=cfg.init_std),
+                      kernel_init=nn.initializers.normal(
+                          stddev=cfg.init_std * mup.role_scale(cfg, "hidden").init),
                       weights=self.weights)
 
         h = x_BxTxD
@@ -200,7 +224,8 @@ class DecoderBlock(nn.Module):
             h = RMSNorm(cfg.norm_eps, dtype, param_dtype, "embed", name="input_layernorm")(h)
         attention = CausalSelfAttention(
             cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, recipe.qkv,
-            recipe.attn_out, recipe.kv_cache, name="self_attn", **common)
+            recipe.attn_out, recipe.kv_cache, mup.attention_scale(cfg), name="self_attn",
+            **common)
         if cache is None:
             x_BxTxD = x_BxTxD + attention(h, positions_BxT)
         else:

@@ -66,13 +66,17 @@ _REFIT: dict[str, Callable[[tuple[np.ndarray, ...], Fit], Optional[np.ndarray]]]
 
 
 def bootstrap_fit(point: Fit, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
-                  level: float = 0.95) -> Fit:
+                  level: float = 0.95,
+                  resample: Optional[Callable[[np.random.Generator], tuple[np.ndarray, ...]]]
+                  = None) -> Fit:
     """`point` with bootstrap samples and percentile intervals for every parameter.
 
     Resamples the fitted points (`point.data`) with replacement `n_boot` times (numpy's PCG64 from
-    `seed`: deterministic) and refits each resample starting from the point estimate. Resamples
-    that are degenerate (too few distinct x) or fail to fit are dropped and counted in
-    `n_boot_failed`; more than 5% failures adds a warning.
+    `seed`: deterministic) and refits each resample starting from the point estimate; or, given
+    `resample` (a generator -> data like `point.data`, e.g. `noise.Replicates.resampler()`), refits
+    its draws instead. Resamples that are degenerate (too few distinct x) or fail to fit are
+    dropped and counted in `n_boot_failed`, with a warning (the intervals are unreliable when more
+    than 5% failed).
     """
     if int(n_boot) != n_boot or n_boot < 2:
         raise ConfigError(f"n_boot must be an integer >= 2, got {n_boot!r}")
@@ -83,9 +87,12 @@ def bootstrap_fit(point: Fit, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
     rng = np.random.default_rng(seed)
     rows = []
     with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for idx in rng.integers(0, n, size=(int(n_boot), n)):
+        draws = (tuple(a[idx] for a in point.data)
+                 for idx in rng.integers(0, n, size=(int(n_boot), n))) if resample is None \
+            else (resample(rng) for _ in range(int(n_boot)))
+        for data in draws:
             try:
-                row = refit(tuple(a[idx] for a in point.data), point)
+                row = refit(data, point)
             except (ValueError, ArithmeticError, np.linalg.LinAlgError):  # ConfigError too
                 row = None
             if row is not None and np.all(np.isfinite(row)):
@@ -98,9 +105,9 @@ def bootstrap_fit(point: Fit, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
     lo, hi = _percentile_interval(samples, level)
     intervals = {k: (float(lo[i]), float(hi[i])) for i, k in enumerate(point.param_names)}
     warnings = list(point.warnings)
-    if failed > 0.05 * n_boot:
-        warnings.append(f"{failed} of {n_boot} bootstrap resamples could not be fitted: "
-                        "the intervals are unreliable")
+    if failed:
+        warnings.append(f"{failed} of {n_boot} bootstrap resamples could not be fitted"
+                        + (": the intervals are unreliable" if failed > 0.05 * n_boot else ""))
     info = {**point.info, "bootstrap_seconds": time.perf_counter() - start, "seed": seed}
     return dataclasses.replace(point, intervals=intervals, level=level, samples=samples,
                                n_boot_failed=failed, warnings=tuple(warnings), info=info)

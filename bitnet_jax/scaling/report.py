@@ -1,15 +1,19 @@
-"""Sweep reports: the results table -> scaling-law fits -> report.md with PNG plots.
+"""Sweep reports: the results table -> scaling-law fits -> fits.json and report.md with plots.
 
 `write_report(sweep)` collects the table and fits it with `fit.fit_table`, the function and
-defaults of `bitnet fit` (per recipe L(N) = E + A N^-alpha and the pure power law, L(N, D) where
-the token count varies, all with bootstrap intervals), adds isoflop curves where budgets repeat,
-compares every recipe with bf16 (loss ratio, effective parameter multiplier, loss against weight
-memory and against inference energy), and draws the plots. The plotting functions
-take the plain table rows, so a notebook draws the same curves from `results.csv`.
+defaults of `bitnet fit` (the best run per size over swept hyperparameters; per recipe L(N) =
+E + A N^-alpha and the pure power law, L(N, D) where the token count varies, all with bootstrap
+intervals and predictions of the largest size from the others), writes them as fits.json, shows
+the hyperparameter selection, the seed-to-seed noise and each recipe's gap to bf16 against it,
+adds isoflop curves where budgets repeat, compares every recipe with bf16 (loss ratio, effective
+parameter multiplier, loss against weight memory and against inference energy), and draws the
+plots. The `draw_*` functions draw on any matplotlib axes, so a notebook draws the same curves
+inline from `results.csv` and `fits.json`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -18,10 +22,12 @@ from typing import Optional
 import numpy as np
 
 from bitnet_jax.errors import ConfigError
+from bitnet_jax.run_files import METRICS_FILE
 from bitnet_jax.scaling.bootstrap import DEFAULT_N_BOOT
 from bitnet_jax.scaling.compare import (effective_parameter_multiplier_band, loss_ratio_band,
                                         loss_vs_resource)
-from bitnet_jax.scaling.fit import RecipeFits, fit_table
+from bitnet_jax.scaling.fit import RecipeFits, fit_table, fits_json
+from bitnet_jax.scaling.holdout import DEFAULT_HOLDOUT
 from bitnet_jax.scaling.isoflop import fit_isoflop
 from bitnet_jax.scaling.results import COMPLETED, LOSS, PARAMS, RECIPE, STATUS
 
@@ -124,10 +130,21 @@ def _grid(values: np.ndarray, n: int = 100) -> np.ndarray:
 
 
 def plot_loss_against(rows: list[dict], x: str, path: Path, xlabel: str,
-                      fits: Optional[dict] = None, loss: str = LOSS) -> Path:
-    """Loss against any column (log x), one colour per recipe, with fits and 95% bands."""
+                      fits: Optional[dict] = None, loss: str = LOSS,
+                      holdout: Optional[dict] = None) -> Path:
+    """Loss against any column (log x), one colour per recipe, with fits and 95% bands (see
+    `draw_loss_against`)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    draw_loss_against(ax, rows, x, xlabel, fits, loss, holdout)
+    return _save(plt, fig, path)
+
+
+def draw_loss_against(ax, rows: list[dict], x: str, xlabel: str, fits: Optional[dict] = None,
+                      loss: str = LOSS, holdout: Optional[dict] = None) -> None:
+    """Draw loss against any column on `ax` (a notebook's inline figure or a report's file):
+    the runs, each recipe's fit (a `Fit`, with its bootstrap band) and, from `holdout` (recipe ->
+    fits.json holdout entries), each held-out size's prediction with its 95% band."""
     done = completed(rows, loss)
     if done:  # the runs set the scale; a wide bootstrap band must not flatten them
         observed = _column(done, loss)
@@ -143,8 +160,16 @@ def plot_loss_against(rows: list[dict], x: str, path: Path, xlabel: str,
             if fit.samples is not None:
                 lo, hi = fit.prediction_interval(grid)
                 ax.fill_between(grid, lo, hi, color=color(recipe), alpha=0.15, lw=0)
+    for recipe, held in (holdout or {}).items():
+        for i, h in enumerate(held):
+            low = h["predicted"] if h["low"] is None else h["low"]
+            high = h["predicted"] if h["high"] is None else h["high"]
+            ax.errorbar([h["N"]], [h["predicted"]], fmt="D", mfc="none", ms=7, capsize=4,
+                        yerr=[[max(h["predicted"] - low, 0.0)],
+                              [max(high - h["predicted"], 0.0)]],
+                        color=color(recipe), zorder=4,
+                        label=f"{recipe}: predicted from smaller sizes" if i == 0 else None)
     _style(ax, xlabel, "validation loss (nats / token)")
-    return _save(plt, fig, path)
 
 
 def plot_training_curves(rows: list[dict], run_dirs: dict[str, Path], path: Path) -> Path:
@@ -156,8 +181,9 @@ def plot_training_curves(rows: list[dict], run_dirs: dict[str, Path], path: Path
     sizes = sorted({r[PARAMS] for r in rows})
     seen = set()
     for row in rows:
-        metrics_path = run_dirs[row["run"]] / "metrics.jsonl"
-        if not metrics_path.exists():
+        run_dir = run_dirs.get(row["run"])  # rows of a table alone have no run directories
+        metrics_path = run_dir / METRICS_FILE if run_dir is not None else None
+        if metrics_path is None or not metrics_path.exists():
             continue
         train = [r for r in read_jsonl(metrics_path) if r.get("kind") == "train"]
         if not train:
@@ -193,6 +219,48 @@ def plot_comparison(fits: dict, path: Path) -> Optional[Path]:
     right.axhline(1.0, color="k", lw=0.8)
     for ax, label in ((left, "loss ratio"), (right, f"{REFERENCE} size with the same loss / N")):
         _style(ax, "non-embedding parameters N", label)
+    return _save(plt, fig, path)
+
+
+def draw_hyperparameter(ax, choices, key: str, recipe: str) -> None:
+    """Loss against one swept hyperparameter, a line per size (and seed) of one recipe; the
+    winner of each marked, a winner at the edge of its grid ringed in red."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    sizes = sorted({c.N for c in choices})
+    labelled: set[float] = set()
+    for c in choices:
+        i = c.keys.index(key)
+        others = [j for j in range(len(c.keys)) if j != i]
+        # one line through the winner's setting of the other hyperparameters
+        line = sorted(((v[i], loss) for v, loss in c.tried
+                       if all(v[j] == c.winner[j] for j in others)), key=lambda t: t[0])
+        shade = cmap(sizes.index(c.N) / max(len(sizes) - 1, 1))
+        label = None if c.N in labelled else f"N = {c.N:.3g}"
+        labelled.add(c.N)
+        ax.plot([v for v, _ in line], [loss for _, loss in line], "o-", color=shade, ms=3,
+                lw=1, label=label)
+        ax.plot([c.winner[i]], [c.loss], "*", color=shade, ms=12,
+                mec="red" if key in c.edges else shade, mew=1.5)
+    ax.set_title(recipe)
+    values = [v[c.keys.index(key)] for c in choices for v, _ in c.tried]
+    positive = all(isinstance(v, (int, float)) and v > 0 for v in values)
+    _style(ax, key, "validation loss (nats / token)")
+    if not positive:
+        ax.set_xscale("linear")
+
+
+def plot_hyperparameter(laws: dict[str, RecipeFits], key: str, path: Path) -> Optional[Path]:
+    """`draw_hyperparameter` for every recipe that swept `key`, side by side."""
+    panels = {recipe: group.choices for recipe, group in laws.items()
+              if group.choices and key in group.choices[0].keys}
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (recipe, choices) in zip(axes[0], panels.items()):
+        draw_hyperparameter(ax, choices, key, recipe)
     return _save(plt, fig, path)
 
 
@@ -276,39 +344,128 @@ def _resource_lines(rows: list[dict], column: str, resource: str) -> list[str]:
     return lines
 
 
+def _where(n: float, d: Optional[float], seed=None) -> str:
+    return f"{n:,.0f}" + (f" | {d:.3g}" if d is not None else " | -") \
+        + (f" | {seed}" if seed is not None else " | -")
+
+
+def _selection_lines(laws: dict[str, RecipeFits]) -> list[str]:
+    lines = []
+    for recipe, group in laws.items():
+        if not group.choices:
+            continue
+        keys = group.choices[0].keys
+        lines += ["", f"{recipe}:", "", "| N | D | seed | best " + ", ".join(keys)
+                  + " | loss | tried | optimum bracketed |", "|---|---|---|---|---|---|---|"]
+        for c in sorted(group.choices, key=lambda c: (c.N, c.D or 0, str(c.seed))):
+            won = ", ".join(f"{v}" for v in c.winner)
+            tried = "; ".join(", ".join(f"{v}" for v in values) + f": {loss:.4f}"
+                              for values, loss in sorted(c.tried, key=lambda t: str(t[0])))
+            edge = "no: " + ", ".join(c.edges) + " at the edge of its grid" if c.edges else "yes"
+            lines.append(f"| {_where(c.N, c.D, c.seed)} | {won} | {c.loss:.4f} | {tried} "
+                         f"| {edge} |")
+    return lines
+
+
+def _noise_lines(laws: dict[str, RecipeFits]) -> list[str]:
+    from bitnet_jax.scaling.noise import gap_against_noise
+
+    with_seeds = {recipe: group.replicates for recipe, group in laws.items()
+                  if group.replicates is not None and group.replicates.has_replicates}
+    if not with_seeds:
+        return ["Every size has one seed: the seed-to-seed noise is not measured, so no gap "
+                "below can be told apart from it (add a `seed` axis)."]
+    lines = ["| recipe | N | D | seeds | mean loss | seed-to-seed sd |",
+             "|---|---|---|---|---|---|"]
+    for recipe, reps in with_seeds.items():
+        for i in range(len(reps)):
+            d = reps.x[1][i] if len(reps.x) > 1 else None
+            lines.append(f"| {recipe} | {reps.x[0][i]:,.0f} | {_fmt(d, 3)} | {reps.counts[i]} "
+                         f"| {reps.means[i]:.4f} | {_fmt(reps.spread[i], 2)} |")
+    reference = laws.get(REFERENCE)
+    if reference is None or reference.replicates is None:
+        return lines
+    for recipe, group in laws.items():
+        if recipe == REFERENCE or group.replicates is None:
+            continue
+        gaps = gap_against_noise(group.replicates, reference.replicates)
+        if not gaps:
+            continue
+        lines += ["", f"{recipe} - {REFERENCE} (mean loss gap; 95% interval of the difference "
+                  "from the seeds, Welch):", "",
+                  "| N | D | gap | 95% interval | exceeds the noise |", "|---|---|---|---|---|"]
+        for g in gaps:
+            band = "-" if g.low is None else f"[{g.low:+.4f}, {g.high:+.4f}]"
+            verdict = {None: "not measured (one seed)", True: "yes", False: "no"}[g.exceeds]
+            lines.append(f"| {g.N:,.0f} | {_fmt(g.D, 3)} | {g.gap:+.4f} | {band} | {verdict} |")
+    return lines
+
+
+def _holdout_lines(laws: dict[str, RecipeFits]) -> list[str]:
+    lines = ["| recipe | law | held-out N | D | observed | predicted [95% band] | rel. error "
+             "| inside the band |", "|---|---|---|---|---|---|---|---|"]
+    missing = []
+    for recipe, group in laws.items():
+        for name, law in group.laws.items():
+            for h in law.holdout:
+                band = "" if h.low is None else f" [{h.low:.4f}, {h.high:.4f}]"
+                inside = {None: "-", True: "yes", False: "**no**"}[h.inside]
+                lines.append(f"| {recipe} | {name} | {h.N:,.0f} | {_fmt(h.D, 3)} "
+                             f"| {h.observed:.4f} | {h.predicted:.4f}{band} "
+                             f"| {100 * h.rel_error:+.2f}% | {inside} |")
+            if not law.holdout:
+                missing += [f"- {recipe} {name}: {w}" for w in law.warnings if "holdout" in w]
+    return (lines if len(lines) > 2 else []) + ([""] + missing if missing else [])
+
+
 def write_report(sweep, n_boot: int = DEFAULT_N_BOOT) -> Path:
-    """Collect, fit and plot a sweep; returns the path of report.md."""
+    """Collect, fit and plot a sweep; returns the path of report.md (fits.json beside it)."""
     from bitnet_jax.scaling.sweep import collect
 
     rows = collect(sweep)
-    out = sweep.directory
     run_dirs = {run.run_id: run.run_dir for run in sweep.runs}
+    return write_report_files(sweep.name, rows, sweep.directory, run_dirs, n_boot)
+
+
+def write_report_files(name: str, rows: list[dict], out: Path, run_dirs: dict[str, Path],
+                       n_boot: int = DEFAULT_N_BOOT) -> Path:
+    """Fit a results table, write fits.json, the plots and report.md into `out`."""
     laws = fit_laws(rows, n_boot)
+    (out / "fits.json").write_text(json.dumps(fits_json(laws), indent=2) + "\n")
     fits, _ = laws_of_kind(laws, "offset")
     pure, _ = laws_of_kind(laws, "power")
     chinchilla, _ = laws_of_kind(laws, "chinchilla")
+    envelope = [row for group in laws.values() for row in group.runs]
+    holdout = {recipe: [h.to_json() for h in group.laws["L(N)"].holdout]
+               for recipe, group in laws.items() if "L(N)" in group.laws}
 
     plots = {
         "loss against parameters": plot_loss_against(
-            rows, PARAMS, out / "loss_vs_params.png",
-            "non-embedding parameters N", fits),
+            envelope, PARAMS, out / "loss_vs_params.png",
+            "non-embedding parameters N", fits, holdout=holdout),
         "loss against training compute": plot_loss_against(
-            rows, "flops_causal", out / "loss_vs_flops.png", "training FLOPs (causal convention)"),
+            envelope, "flops_causal", out / "loss_vs_flops.png",
+            "training FLOPs (causal convention)"),
         "loss against weight memory": plot_loss_against(
-            rows, "weight_memory_bytes", out / "loss_vs_memory.png",
+            envelope, "weight_memory_bytes", out / "loss_vs_memory.png",
             "weight memory at the recipe's storage format (bytes)"),
         "loss against inference energy": plot_loss_against(
-            rows, "energy_per_token_7nm_j", out / "loss_vs_energy.png",
+            envelope, "energy_per_token_7nm_j", out / "loss_vs_energy.png",
             "inference energy per token, 7nm model (J)"),
         "training curves": plot_training_curves(rows, run_dirs, out / "training_curves.png"),
     }
     comparison_plot = plot_comparison(fits, out / "comparison.png")
     if comparison_plot is not None:
         plots[f"recipes against {REFERENCE}"] = comparison_plot
+    swept = next((g.choices[0].keys for g in laws.values() if g.choices), ())
+    for key in swept:
+        path = plot_hyperparameter(laws, key, out / f"loss_vs_{key.replace('.', '_')}.png")
+        if path is not None:
+            plots[f"loss against {key} per size"] = path
 
     done = completed(rows)
     failed = [r for r in rows if r["status"] != "completed"]
-    lines = [f"# Sweep report: {sweep.name}", "",
+    lines = [f"# Sweep report: {name}", "",
              f"{len(done)} of {len(rows)} runs completed; results table: `results.csv` "
              f"(also `results.parquet`). Loss is the final validation loss in nats per token.", ""]
     if failed:
@@ -316,9 +473,16 @@ def write_report(sweep, n_boot: int = DEFAULT_N_BOOT) -> Path:
         lines += [f"- `{r['run']}`: {r['status']}" + (f" ({r['reason']})" if r.get("reason") else "")
                   for r in failed]
         lines.append("")
-    lines += ["## Scaling laws", "", "The laws of `bitnet fit results.csv`: L(N) = E + A N^-alpha "
-              f"per recipe, fitted on log-loss residuals, with {n_boot} bootstrap resamples of the "
-              "runs:", ""]
+    if swept:
+        lines += ["## Hyperparameter selection", "",
+                  f"Swept: {', '.join(swept)}. The laws are fitted to the best run per size "
+                  "(and seed) over them; a winner at the edge of its grid was not bracketed, and "
+                  "a wider grid may lower its loss."] + _selection_lines(laws) + [""]
+    lines += ["## Seeds and noise", ""] + _noise_lines(laws) + [""]
+    lines += ["## Scaling laws", "", "The laws of `bitnet fit results.csv` (also in `fits.json`): "
+              "L(N) = E + A N^-alpha per recipe, fitted on log-loss residuals to the mean loss "
+              f"of each size, with {n_boot} bootstrap resamples (of the sizes, or drawn from the "
+              "seed-to-seed spread where sizes have several seeds):", ""]
     lines += _law_table(fits) if fits else ["(no recipe has enough completed runs to fit)"]
     if pure:
         lines += ["", "Pure power laws L(N) = A N^-alpha:", ""] + _law_table(pure)
@@ -328,7 +492,13 @@ def write_report(sweep, n_boot: int = DEFAULT_N_BOOT) -> Path:
     notes = [f"- {recipe}: {note}" for recipe, group in laws.items() for note in group.notes]
     if notes:
         lines += ["", "Notes from the fitter:", ""] + notes
-    isoflop = fit_isoflop_recipes(rows)
+    held = _holdout_lines(laws)
+    if held:
+        lines += ["", "## Validation by extrapolation", "",
+                  f"Each law refitted without the {DEFAULT_HOLDOUT} largest size(s) (by compute "
+                  "where D varies) predicts them; the band covers the bootstrap of that fit "
+                  "and the noise of one observation:", ""] + held
+    isoflop = fit_isoflop_recipes(envelope)
     if isoflop:
         lines += ["", "Isoflop curves (a parabola of loss in log N per compute budget; "
                   "N*(C) = k C^a):", ""]
@@ -337,8 +507,8 @@ def write_report(sweep, n_boot: int = DEFAULT_N_BOOT) -> Path:
     comparison = _comparison_lines(fits)
     if comparison:
         lines += ["", f"## Recipes against {REFERENCE}", ""] + comparison
-    resources = (_resource_lines(rows, "weight_memory_bytes", "weight memory")
-                 + _resource_lines(rows, "energy_per_token_7nm_j", "inference energy"))
+    resources = (_resource_lines(envelope, "weight_memory_bytes", "weight memory")
+                 + _resource_lines(envelope, "energy_per_token_7nm_j", "inference energy"))
     if resources:
         lines += [""] + resources
     lines += ["", "## Plots", ""]

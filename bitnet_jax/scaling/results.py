@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Union
 from bitnet_jax.errors import ConfigError
 
 __all__ = ["RESULT_COLUMNS", "PARAMS", "TOKENS", "LOSS", "RECIPE", "STATUS", "COMPLETED",
+           "SEED", "DATA_SEED", "AXES", "KEY_COLUMNS",
            "PARAM_COLUMNS", "TOKEN_COLUMNS", "LOSS_COLUMNS", "RECIPE_COLUMNS", "accounting_row",
            "read_table", "write_table", "write_parquet"]
 
@@ -25,7 +26,7 @@ RESULT_COLUMNS = (
     "flops_full", "flops_causal", "energy_per_token_7nm_j", "energy_per_token_45nm_j",
     "weight_memory_bytes", "weight_memory_format", "weight_memory_vs_bf16",
     "final_eval_loss", "best_eval_loss", "eval_ppl", "eval_bpb", "wall_seconds",
-    "tokens_per_s", "lr", "batch_size", "seq_len",
+    "tokens_per_s", "lr", "batch_size", "seq_len", "seed", "data_seed", "axes",
 )
 
 # The columns the fits read, by their role.
@@ -34,6 +35,13 @@ TOKENS = "tokens"  # D
 LOSS = "final_eval_loss"  # L, the final validation loss in nats per token
 RECIPE = "precision"  # the recipe of a run
 STATUS, COMPLETED = "status", "completed"  # rows of runs that did not finish are not fitted
+SEED, DATA_SEED = "seed", "data_seed"  # model init (train.seed) and data order (data.seed)
+# The sweep axes' values of a run, as a JSON object ({"optimizer.lr": 0.003, "seed": 1, ...}):
+# the generic record from which `select` finds the hyperparameters of any swept key.
+AXES = "axes"
+# Columns that hold a sweep key's value, for tables written without an `axes` column.
+KEY_COLUMNS = {"optimizer.lr": "lr", "train.batch_size": "batch_size",
+               "data.seq_len": "seq_len", "train.seed": SEED, "data.seed": DATA_SEED}
 
 # Names `bitnet fit` accepts for them in a table from elsewhere, the sweep's first.
 PARAM_COLUMNS = (PARAMS, "params", "n_params", "N")

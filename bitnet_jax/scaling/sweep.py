@@ -11,8 +11,10 @@ A sweep file holds a base run config and a list of axes:
     tokens_per_param: 20             # optional, or `tokens: 2.0e6`, or either as an axis key
 
 `tokens` and `tokens_per_param` (per non-embedding parameter) set `train.steps` from the batch
-and sequence length. Every run gets a stable id from its expanded config, and its directory is
-`out_dir/<sweep name>/<run id>/`. Re-running a sweep skips finished runs, resumes interrupted
+and sequence length. `seed` sets both `train.seed` (model init) and `data.seed` (data order): a
+seed axis gives replicates whose spread the report measures. Any other key (e.g. `optimizer.lr`)
+is a hyperparameter axis: the fits take the best run over it per size (see `select`). Every run
+gets a stable id from its expanded config, and its directory is `out_dir/<sweep name>/<run id>/`. Re-running a sweep skips finished runs, resumes interrupted
 ones, and retries failed ones only when asked.
 """
 
@@ -34,11 +36,12 @@ from bitnet_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml,
                                unknown_key_error)
 from bitnet_jax.errors import require
 from bitnet_jax.scaling.launch import Job, format_duration
-from bitnet_jax.scaling.results import (RESULT_COLUMNS, accounting_row, write_parquet,
-                                        write_table)
+from bitnet_jax.scaling.results import (AXES, DATA_SEED, RESULT_COLUMNS, SEED, accounting_row,
+                                        write_parquet, write_table)
 from bitnet_jax.model.resolve import ResolvedRun, resolve_model, resolve_run
 
 TOKEN_KEYS = ("tokens", "tokens_per_param")
+SEED_KEY = "seed"  # an axis key: the seeds of model init and data order together
 SWEEP_KEYS = ("name", "out_dir", "base", "base_config", "axes") + TOKEN_KEYS
 FINISHED, FAILED = ("completed",), ("failed", "diverged")
 
@@ -131,8 +134,7 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None) -> Sweep
         tree = copy.deepcopy(base)
         tokens = point.get("tokens", spec.get("tokens"))
         per_param = point.get("tokens_per_param", spec.get("tokens_per_param"))
-        apply_overrides(tree, [f"{k}={json.dumps(v)}" for k, v in point.items()
-                               if k not in TOKEN_KEYS])
+        apply_overrides(tree, _point_overrides(point))
         tree["out_dir"] = str(directory)
         config = from_dict(RunConfig, tree)
         _set_steps_from_tokens(tree, config, tokens, per_param)
@@ -145,6 +147,17 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None) -> Sweep
         runs.append(run)
     require(runs, f"sweep {name!r} expands to no runs")
     return Sweep(name, directory, runs)
+
+
+def _point_overrides(point: dict) -> list[str]:
+    """`key=value` overrides of one axis point (token keys set the steps later)."""
+    overrides = []
+    for key, value in point.items():
+        if key == SEED_KEY:
+            overrides += [f"train.seed={json.dumps(value)}", f"data.seed={json.dumps(value)}"]
+        elif key not in TOKEN_KEYS:
+            overrides.append(f"{key}={json.dumps(value)}")
+    return overrides
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -170,7 +183,8 @@ def run_accounting(run: Run) -> dict:
     return {"run": run.run_id, "preset": config.model.preset, "precision": config.precision,
             "tokens": tokens, "steps": config.train.steps, **accounting_row(summary, tokens),
             "lr": config.optimizer.lr, "batch_size": config.train.batch_size,
-            "seq_len": config.data.seq_len}
+            "seq_len": config.data.seq_len, SEED: config.train.seed,
+            DATA_SEED: config.data.seed, AXES: json.dumps(run.overrides, sort_keys=True)}
 
 
 def plan(sweep: Sweep, flops_per_second: Optional[float] = None) -> list[dict]:

@@ -110,7 +110,7 @@ def abstract_setup(config: RunConfig | ResolvedRun, devices=None) -> AbstractSet
                     f"train.integer_forward=true but precision {name!r} has a linear role that "
                     f"is not integer (weights and activations at most 8 bits)")
 
-    optimizer = optim.make_optimizer(config.optimizer, config.train.steps)
+    optimizer = optim.make_optimizer(config.optimizer, config.train.steps, model_config)
     model = Transformer(model_config, run.recipe)
     tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
     abstract_params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens)["params"])

@@ -38,6 +38,8 @@ import optax
 
 from bitnet_jax.config import OptimizerConfig
 from bitnet_jax.errors import require
+from bitnet_jax.model import mup
+from bitnet_jax.model.transformer import ModelConfig
 
 STAGE2_LR_RATIO = 2.0 / 3.0  # b1.58 FAQ Table 2: 1.5e-3 -> 1e-3 and 1.2e-3 -> 8e-4
 
@@ -194,23 +196,48 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda leaf: _ndim(leaf) >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def scale_by_mup_lr(model_config: ModelConfig) -> optax.GradientTransformation:
+    """Multiply each leaf's update by its muP learning-rate multiplier (`mup.mup_multipliers`).
+
+    The multipliers are Python floats fixed by the config and the tree's paths, so they are
+    constants under jit and the state is empty. (optax.multi_transform with one label per role
+    would do the same with a masked inner state per label; this keeps the state as adamw's.)
+    """
+
+    def update(updates, state, params=None):
+        del params
+        scales = mup.mup_multipliers(model_config, updates)
+        return jax.tree.map(lambda u, s: u if s.lr == 1.0 else u * s.lr, updates, scales), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int,
+                   model_config: Optional[ModelConfig] = None) -> optax.GradientTransformation:
     """Global-norm clipping (if `cfg.clip_norm`), then AdamW with scheduled LR and weight decay.
 
     Update convention (decoupled weight decay scaled by the LR, as PyTorch's AdamW):
         g  <- g * min(1, clip_norm / ||g||)                  (global norm over all leaves)
-        p  <- p - lr_t * (m_hat / (sqrt(v_hat) + eps) + wd_t * mask * p)
-    with bias-corrected Adam moments m_hat, v_hat. `optax.adamw` (0.2.8) takes schedules for
-    both the LR and the weight decay, so no `inject_hyperparams` is needed; each keeps its step
-    count in the optimizer state, one per update, so the schedules see the optimizer step count.
-    Gradient accumulation is the trainer's (a scan over micro-batches inside one step), so one
-    update is one optimizer step.
+        p  <- p - lr_t * (r * m_hat / (sqrt(v_hat) + eps) + wd_t * mask * p)
+    with bias-corrected Adam moments m_hat, v_hat and r = 1, or under a muP `model_config` the
+    per-parameter LR multiplier of `bitnet_jax.model.mup` (1/width multiplier for hidden
+    matrices). r scales Adam's direction only, so lr * wd stays the base model's, as MuAdamW.
+    `optax.adamw` (0.2.8) takes schedules for both the LR and the weight decay, so no
+    `inject_hyperparams` is needed; each keeps its step count in the optimizer state, one per
+    update, so the schedules see the optimizer step count. Gradient accumulation is the
+    trainer's (a scan over micro-batches inside one step), so one update is one optimizer step.
     """
-    adamw = optax.adamw(
-        learning_rate=learning_rate_schedule(cfg, total_steps),
-        b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=weight_decay_schedule(cfg, total_steps),
-        mask=weight_decay_mask)
+    learning_rate = learning_rate_schedule(cfg, total_steps)
+    weight_decay = weight_decay_schedule(cfg, total_steps)
+    if model_config is None or model_config.parametrization == "standard":
+        adamw = optax.adamw(learning_rate=learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                            weight_decay=weight_decay, mask=weight_decay_mask)
+    else:  # optax.adamw's own chain with the muP multipliers between Adam and the decay
+        adamw = optax.chain(
+            optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+            scale_by_mup_lr(model_config),
+            optax.add_decayed_weights(weight_decay, weight_decay_mask),
+            optax.scale_by_learning_rate(learning_rate))
     if cfg.clip_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
