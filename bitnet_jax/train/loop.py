@@ -37,6 +37,7 @@ from bitnet_jax.train.checkpoint import Checkpointer, restore_params
 from bitnet_jax import run_files
 from bitnet_jax.config import RunConfig, to_dict
 from bitnet_jax.errors import ConfigError, require
+from bitnet_jax.model import layer_stack
 from bitnet_jax.model.resolve import ResolvedRun, resolve_run
 from bitnet_jax.model.transformer import ModelConfig, Transformer
 from bitnet_jax.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
@@ -147,31 +148,60 @@ def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
 
 def init_state(setup: Setup) -> TrainState:
     """Parameters initialised directly in their shardings (never whole on one device)."""
-    config = setup.config
-    model = Transformer(setup.model_config, setup.run.recipe)
+    config, model_config = setup.config, setup.model_config
+    # Initialised unrolled, then stacked: both layouts start from the same numbers.
+    model = Transformer(model_config.replace(scan_layers=False, remat="none"), setup.run.recipe)
     tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
 
     def init(rng):
-        params = nn.unbox(model.init(rng, tokens)["params"])
+        params = layer_stack.to_layout(nn.unbox(model.init(rng, tokens)["params"]),
+                                       model_config.scan_layers)
         return TrainState(jnp.zeros((), jnp.int32), params, setup.optimizer.init(params))
 
     init = jax.jit(init, out_shardings=setup.state_sharding)
     state = init(jax.random.PRNGKey(config.train.seed))
     if config.init_from:
-        params = restore_params(Path(config.init_from) / run_files.CHECKPOINT_DIR,
-                                setup.abstract_state.params)
-        state = state.replace(params=params)
+        state = state.replace(params=_restore_init_from(setup))
     return state
+
+
+def _restore_init_from(setup: AbstractSetup) -> Any:
+    """The parameters of `init_from`, in this run's layer layout whichever layout they were
+    saved in (the other layout is restored on one device, converted, then sharded)."""
+    directory = Path(setup.config.init_from) / run_files.CHECKPOINT_DIR
+    target, scanned = setup.abstract_state.params, setup.model_config.scan_layers
+    try:
+        return restore_params(directory, target)
+    except Exception as error:  # noqa: BLE001 - orbax: a tree or shape mismatch
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        other = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                             jax.eval_shape(lambda t: layer_stack.to_layout(t, not scanned),
+                                            target))
+        try:
+            params = restore_params(directory, other)
+        except Exception:  # noqa: BLE001 - not a layout question: the first error says why
+            raise error from None
+        return jax.device_put(layer_stack.to_layout(params, scanned), setup.state_sharding.params)
 
 
 def checkpoint_meta(setup: Setup) -> dict:
     return {"tokenizer": setup.tokenizer.name, "vocab_size": setup.tokenizer.vocab_size,
             "model_vocab_size": setup.model_config.vocab_size,
-            "seq_len": setup.config.data.seq_len, "precision": setup.config.precision}
+            "seq_len": setup.config.data.seq_len, "precision": setup.config.precision,
+            "scan_layers": setup.model_config.scan_layers}
 
 
 def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
-    """A checkpoint made with another tokenizer or vocabulary cannot continue this run."""
+    """A checkpoint made with another tokenizer, vocabulary or layer layout cannot continue
+    this run."""
+    saved_scan = bool(saved.get("scan_layers", False))  # older checkpoints: unrolled
+    if saved_scan != current["scan_layers"]:
+        raise ConfigError(
+            f"{run_dir}: the checkpoint holds the {layer_stack.layout_name(saved_scan)} layout "
+            f"but this config asks for the {layer_stack.layout_name(current['scan_layers'])} one; "
+            f"resume with model.scan_layers={str(saved_scan).lower()}, or convert the parameters "
+            f"with bitnet_jax.model.layer_stack.to_layout(params, "
+            f"{current['scan_layers']}) and start a new run from them (init_from)")
     for key in ("tokenizer", "vocab_size", "model_vocab_size"):
         if saved.get(key) != current[key]:
             raise ConfigError(
@@ -255,16 +285,17 @@ def train(config: RunConfig | ResolvedRun, devices=None) -> dict:
     config = run.config
     tc = config.train
     meta = metrics.run_metadata()
-    write_run_files(setup, meta)
     checkpointer = Checkpointer(setup.run_dir / run_files.CHECKPOINT_DIR, tc.keep_checkpoints)
+    start_step = checkpointer.latest_step()
+    if start_step is not None:  # before config.yaml is rewritten: a refused resume changes nothing
+        check_resumable(checkpointer.restore_meta(start_step), checkpoint_meta(setup),
+                        setup.run_dir)
+    write_run_files(setup, meta)
     iterator = pipeline.make_train_iterator(
         setup.train_split, config.data.seq_len, tc.batch_size // jax.process_count(),
         config.data.seed, jax.process_index(), jax.process_count(), config.data.num_workers)
 
-    start_step = checkpointer.latest_step()
     if start_step is not None:
-        check_resumable(checkpointer.restore_meta(start_step), checkpoint_meta(setup),
-                        setup.run_dir)
         state = checkpointer.restore(start_step, setup.abstract_state, iterator)
         print(f"resumed {setup.run_dir} at step {start_step}", flush=True)
     else:
