@@ -19,32 +19,11 @@ from typing import Callable, Optional, Sequence
 
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.units import format_bytes
+from bitnet_jax.units import format_bytes, format_count, format_energy
 from bitnet_jax.files import require_apart
 from bitnet_jax.scaling import results  # column names only (the csv module, no JAX)
 
 EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
-
-
-# ----------------------------------------------------------------------------------------------
-# Human-readable numbers.
-
-def format_count(n: float) -> str:
-    """Parameter counts to three significant digits: 41.0K, 1.69M, 328M, 2.41B."""
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            value = n / scale
-            decimals = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
-            return f"{value:.{decimals}f}{suffix}"
-    return f"{n:g}"
-
-
-def format_energy(pj: float) -> str:
-    """Energies from picojoules: 512.0 pJ, 14.6 uJ, 1.23 mJ."""
-    for scale, unit in ((1e12, "J"), (1e9, "mJ"), (1e6, "uJ"), (1e3, "nJ")):
-        if abs(pj) >= scale:
-            return f"{pj / scale:.4g} {unit}"
-    return f"{pj:.4g} pJ"
 
 
 def _rows(rows: Sequence[tuple[str, ...]], align: str = "lrrr", indent: str = "  ") -> list[str]:
@@ -199,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "--mfu times a bf16 matmul peak measured here)")
     sweep_plan.add_argument("--mfu", type=float, default=0.2,
                             help="assumed MFU for the estimate (default 0.2)")
+    sweep_plan.add_argument("--compile", action="store_true",
+                            help="compile every run's train step ahead of time for the target "
+                                 "and show bytes per device, compiled FLOPs and whether it fits")
+    sweep_plan.add_argument("--topology", default=None, metavar="NAME",
+                            help="with --compile: a TPU slice such as v5e:16x16, v5p:4x4x4 or "
+                                 "v4:2x2x4 (needs libtpu: pip install -e '.[tpu]'); default: "
+                                 "the local devices")
+    sweep_plan.add_argument("--json", action="store_true", help="print the rows as JSON")
     sweep_run = sweep_sub.add_parser(
         "run", help="run every unfinished run, then collect the table and write the report")
     sweep_run.add_argument("file", metavar="SWEEP.yaml")
@@ -449,13 +436,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from bitnet_jax.scaling import sweep as sweeps
 
     sweep = sweeps.load_sweep(args.file, args.overrides)
+    if args.sweep_command == "plan" and args.compile:
+        from bitnet_jax.scaling import compile_plan
+
+        rows = compile_plan.compile_plan(sweep, args.topology)
+        print(compile_plan.to_json(rows) if args.json
+              else compile_plan.format_compile_plan(sweep, rows))
+        return 0
     if args.sweep_command == "plan":
+        if args.topology is not None:
+            raise ConfigError("sweep plan: --topology needs --compile")
         rate = args.flops_per_second
         if rate is None:
             from bitnet_jax.train.metrics import measure_matmul_peak
 
             rate = args.mfu * measure_matmul_peak()
-        print(sweeps.format_plan(sweep, sweeps.plan(sweep, rate)))
+        rows = sweeps.plan(sweep, rate)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(sweeps.format_plan(sweep, rows))
         print(f"(time estimated at {rate / 1e12:.3g} TFLOP/s sustained)")
         return 0
     failures: list[dict] = []

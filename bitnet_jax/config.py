@@ -35,6 +35,8 @@ class ModelSection:
 
     preset: Optional[str] = "ladder-800k"
     overrides: dict = field(default_factory=dict)
+    scan_layers: bool = False  # the blocks as one nn.scan (faster compiles of deep models)
+    remat: str = "none"  # none | minimal | dots | full (jax.checkpoint policy of each block)
 
 
 @dataclass

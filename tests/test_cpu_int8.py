@@ -190,3 +190,46 @@ def test_dequantize_transpose_vmap_and_errors():
         cpu_int8.dequantize_transpose(codes.astype(jnp.int32), scale)
     with pytest.raises(ValueError, match="one scale per row"):
         cpu_int8.dequantize_transpose(codes, scale[:, :1])
+
+
+# ---------------------------------------------------------------------------------------------
+# GSPMD: the kernel runs on local shards of an fsdp x tensor mesh.
+
+
+def _fsdp_tensor_mesh():
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    return jax.sharding.Mesh(np.array(devices[:8]).reshape(4, 2), ("fsdp", "tensor"))
+
+
+@pytest.mark.parametrize("x_spec, w_spec, out_spec", [
+    (("fsdp", None), ("tensor", None), ("fsdp", "tensor")),  # batch x output features
+    (("fsdp", "tensor"), (None, "tensor"), ("fsdp", None)),  # split contraction: psum
+    (("fsdp", None), ("fsdp", None), ("fsdp", None)),  # one axis on both rows: w gathered
+])
+def test_partitioned_under_gspmd_equals_the_whole_product(x_spec, w_spec, out_spec):
+    P = jax.sharding.PartitionSpec
+    mesh = _fsdp_tensor_mesh()
+    rng = np.random.default_rng(11)
+    x, w = _rand(rng, (64, 48)), _rand(rng, (32, 48))
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P(*x_spec)))
+    ws = jax.device_put(w, jax.sharding.NamedSharding(mesh, P(*w_spec)))
+    got = jax.jit(cpu_int8.int8_dot)(xs, ws)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_ref(x, w)))
+    assert got.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P(*out_spec)), 2)
+
+
+def test_tensor_parallel_weight_is_not_gathered():
+    P = jax.sharding.PartitionSpec
+    mesh = _fsdp_tensor_mesh()
+    rng = np.random.default_rng(12)
+    x = jax.device_put(_rand(rng, (8, 16, 48)),
+                       jax.sharding.NamedSharding(mesh, P("fsdp", None, None)))
+    w = jax.device_put(_rand(rng, (32, 48)), jax.sharding.NamedSharding(mesh, P("tensor", None)))
+    partitioned = jax.jit(cpu_int8.int8_dot).lower(x, w).compile().as_text()
+    bare = jax.jit(lambda a, b: cpu_int8._ffi_dot_local(a.reshape(-1, 48), b)).lower(x, w)
+    assert "all-gather" in bare.compile().as_text()  # what the opaque custom call costs
+    assert "all-gather" not in partitioned and "all-reduce" not in partitioned
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_int8.int8_dot)(x, w)),
+                                  np.asarray(_ref(x, w)))

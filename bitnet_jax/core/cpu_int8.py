@@ -17,9 +17,11 @@ succeeded); otherwise fall back to `lax.dot_general` -- `int8_dot_or_xla` does t
 
 Set ``BITNET_JAX_CPU_INT8=0`` to disable the kernel; ``BITNET_JAX_CACHE_DIR`` moves the cache.
 
-Caveat: an FFI custom call is opaque to GSPMD.  Under `jit` with sharded operands XLA gathers
-the operands and runs the full product on every device (correct, but not partitioned); wrap the
-call in `shard_map` to keep the computation sharded.
+Under GSPMD the product is partitioned (`jax.experimental.custom_partitioning`): each device
+runs the kernel on its shards -- rows of `x` as `x` is split, rows of `w` (output features) as
+`w` is split, and a contraction split alike on both operands summed with one `psum` -- so a
+tensor-parallel weight is never gathered.  (A bare FFI call is opaque to GSPMD, which would
+gather both operands and run the whole product on every device.)
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
 
 _log = logging.getLogger(__name__)
 
@@ -158,10 +161,63 @@ def unavailable_reason() -> str:
     return _reason
 
 
-@jax.custom_batching.custom_vmap
-def _ffi_dot_2d(x2, w):
+def _ffi_dot_local(x2, w):
     m, n = x2.shape[0], w.shape[0]
     return jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((m, n), jnp.int32))(x2, w)
+
+
+def _mesh_axes(entry) -> tuple:
+    return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def _dot_specs(x_sharding, w_sharding):
+    """Mesh axes of (rows of x, rows of w, contraction) for the local products.
+
+    Rows keep their operands' splits; an axis on both would need the same device to hold
+    different row blocks of each, so w's rows give way (w is gathered along it). The
+    contraction stays split only when x and w split it the same way (then psum), else it is
+    gathered."""
+    x_spec = tuple(x_sharding.spec) + (None,) * (2 - len(x_sharding.spec))
+    w_spec = tuple(w_sharding.spec) + (None,) * (2 - len(w_sharding.spec))
+    m, n = _mesh_axes(x_spec[0]), _mesh_axes(w_spec[0])
+    k = _mesh_axes(x_spec[1]) if x_spec[1] == w_spec[1] else ()
+    if set(n) & set(m):
+        n = ()
+    if set(k) & (set(m) | set(n)):
+        k = ()
+    spec = lambda axes: axes if len(axes) > 1 else (axes[0] if axes else None)  # noqa: E731
+    return spec(m), spec(n), spec(k)
+
+
+def _partition(mesh, arg_shapes, result_shape):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    m, n, k = _dot_specs(arg_shapes[0].sharding, arg_shapes[1].sharding)
+
+    def lower(x2, w):
+        out = _ffi_dot_local(x2, w)
+        return jax.lax.psum(out, k) if k else out  # int32 sums wrap exactly as one dot does
+
+    return (mesh, lower, NamedSharding(mesh, P(m, n)),
+            (NamedSharding(mesh, P(m, k)), NamedSharding(mesh, P(n, k))))
+
+
+def _infer_result_sharding(mesh, arg_shapes, result_shape):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    m, n, _ = _dot_specs(arg_shapes[0].sharding, arg_shapes[1].sharding)
+    return NamedSharding(mesh, P(m, n))
+
+
+_partitioned_dot = custom_partitioning(_ffi_dot_local)
+_partitioned_dot.def_partition(partition=_partition,
+                               infer_sharding_from_operands=_infer_result_sharding,
+                               sharding_rule="m k, n k -> m n")
+
+
+@jax.custom_batching.custom_vmap
+def _ffi_dot_2d(x2, w):
+    return _partitioned_dot(x2, w)
 
 
 @_ffi_dot_2d.def_vmap

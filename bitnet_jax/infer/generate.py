@@ -31,6 +31,7 @@ from bitnet_jax.infer.sampling import SamplingConfig, sample
 from bitnet_jax.interop import packed, packed_params
 from bitnet_jax.interop.load import load_model
 from bitnet_jax.interop.run_dir import ModelBundle
+from bitnet_jax.model import layer_stack
 from bitnet_jax.model import kv_cache
 from bitnet_jax.model.layers import WEIGHT_FORMATS
 from bitnet_jax.model.linears import PROJECTION_ROLES
@@ -176,6 +177,9 @@ def make_generator(params: Any, config: ModelConfig, recipe: PrecisionRecipe,
     """A Generator from float parameters. "auto" weights: int8 codes where the recipe allows;
     `integer` defaults to the int8 product wherever the recipe supports it; `kv_bits`
     quantizes the KV cache (BitNet a4.8 uses 3); `dtype` overrides the compute dtype."""
+    # The KV-cache decoder runs block by block: the unrolled layout (scan/remat are for training).
+    params = layer_stack.unstack_layers(params)
+    config = config.replace(scan_layers=False, remat="none")
     config, recipe, weights, integer = _generator_settings(config, recipe, weights, integer,
                                                            kv_bits, dtype)
     stored = inference_params(params, recipe, weights, jnp.dtype(config.dtype))

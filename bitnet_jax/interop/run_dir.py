@@ -26,6 +26,7 @@ from bitnet_jax.config import RunConfig, load_config, to_dict
 from bitnet_jax.errors import require
 from bitnet_jax.files import require_apart
 from bitnet_jax.model.resolve import ResolvedRun, resolve_run
+from bitnet_jax.model import layer_stack
 from bitnet_jax.model.transformer import ModelConfig, init_params
 from bitnet_jax.core.precision import PrecisionRecipe, get_recipe
 from bitnet_jax.run_files import CHECKPOINT_DIR, CONFIG_FILE, META_FILE, TOKENIZER_FILE
@@ -36,7 +37,8 @@ class ModelBundle:
     """A model outside training: shape, precision, float parameters, tokenizer.
 
     `params` is the Flax parameter tree of `Transformer(config, recipe)` (plain nested dicts of
-    arrays, no logical boxes). `tokenizer` is "bytes" or the path of a tokenizer.json.
+    arrays, no logical boxes), in the unrolled layout (`layers_0`, ...: what HF export, packing
+    and the KV-cache decoder read); `load_run` unstacks a run trained with scan_layers. `tokenizer` is "bytes" or the path of a tokenizer.json.
     """
 
     config: ModelConfig
@@ -85,7 +87,8 @@ def load_run(run_dir: str | Path, step: Optional[int] = None) -> ModelBundle:
     require(checkpoints.is_dir() and any(checkpoints.iterdir()),
             f"{run_dir} has no checkpoints yet (train it, or check the path)")
     params = restore_params(checkpoints, abstract_params(run.model, run.recipe), step)
-    return ModelBundle(run.model, run.config.precision, params,
+    unrolled = run.model.replace(scan_layers=False, remat="none")
+    return ModelBundle(unrolled, run.config.precision, layer_stack.unstack_layers(params),
                        _resolve_tokenizer(run.config.data.tokenizer, run_dir))
 
 
@@ -137,7 +140,9 @@ def save_run(bundle: ModelBundle, out_dir: str | Path, source: str = "",
     from these parameters in a new run directory.
     """
     out_dir, tokenizer = fresh_directory(out_dir, overwrite, bundle.tokenizer)
-    fields = dataclasses.asdict(bundle.config)
+    # How to compute (scan, remat) is the training config's choice, not the model's shape.
+    fields = {k: v for k, v in dataclasses.asdict(bundle.config).items()
+              if k not in ("scan_layers", "remat")}
     run_config = RunConfig(name=None, out_dir="runs", precision=bundle.precision,
                            init_from=str(out_dir))
     run_config.model.preset = None

@@ -50,7 +50,8 @@ def resolve_model(section: ModelSection) -> ModelConfig:
     for key in section.overrides:
         if key not in valid:
             raise unknown_key_error(str(key), valid, "model.overrides.")
-    return get_model_config(section.preset, **section.overrides)
+    return get_model_config(section.preset, **{"scan_layers": section.scan_layers,
+                                                "remat": section.remat, **section.overrides})
 
 
 def resolve_recipe(name: str) -> PrecisionRecipe:

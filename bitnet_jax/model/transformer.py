@@ -21,13 +21,22 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.errors import ConfigError, require
-from bitnet_jax.model import mup
+from bitnet_jax.model import layer_stack, mup
 from bitnet_jax.model.kv_cache import KVCache, LayerCache
 from bitnet_jax.model.linears import DECODER_LINEARS
 from bitnet_jax.model.layers import BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, logical_init
 from bitnet_jax.core.precision import LinearPrecision, PrecisionRecipe, get_recipe
 
 NORM_PLACEMENTS = ("pre", "subln", "bitlinear")
+# jax.checkpoint policies under MaxText's names: what a block saves for the backward pass
+# (everything else is recomputed). "minimal" keeps the weight matmuls' outputs (dots without a
+# batch dimension), "dots" every matmul including attention's, "full" only the block's input.
+REMAT_POLICIES = {
+    "none": None,
+    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 FFN_ACTIVATIONS = ("swiglu", "relu2")
 DTYPES = ("bfloat16", "float32", "float16")
 
@@ -55,6 +64,9 @@ class ModelConfig:
     parametrization: str = "standard"  # standard | mup (see bitnet_jax.model.mup)
     mup_base_d_model: Optional[int] = None  # muP base width; default: this config's d_model
     mup_base_head_dim: Optional[int] = None  # muP base head size; default: this head_dim
+    # How the blocks are computed (not their shape; the parameter layout: model.layer_stack).
+    scan_layers: bool = False  # one nn.scan over blocks stacked on a `layers` axis
+    remat: str = "none"  # none | minimal | dots | full: what a block keeps for the backward
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -89,6 +101,10 @@ class ModelConfig:
                     f"model.{name}={getattr(self, name)!r}; choose one of {DTYPES}")
         require(self.rope_theta > 0, f"model.rope_theta must be positive, got {self.rope_theta}")
         require(self.init_std > 0, f"model.init_std must be positive, got {self.init_std}")
+        require(isinstance(self.scan_layers, bool),
+                f"model.scan_layers must be true or false, got {self.scan_layers!r}")
+        require(self.remat in REMAT_POLICIES,
+                f"model.remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}")
         self._resolve_mup()
 
     def _resolve_mup(self) -> None:
@@ -144,8 +160,19 @@ class Transformer(nn.Module):
             cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
             embedding_init=logical_init(nn.initializers.normal(stddev=embedding_std),
                                         ("vocab", "embed")))
-        self.layers = [DecoderBlock(cfg, recipe, self.integer, self.weights, name=f"layers_{i}")
-                       for i in range(cfg.n_layers)]
+        block = DecoderBlock
+        if cfg.remat != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers)  # scan already prevents CSE
+        if cfg.scan_layers:
+            self.layers = nn.scan(block, variable_axes={"params": 0},
+                                  split_rngs={"params": True}, in_axes=(nn.broadcast,),
+                                  length=cfg.n_layers,
+                                  metadata_params={nn.PARTITION_NAME: layer_stack.SCANNED})(
+                cfg, recipe, self.integer, self.weights, scanned=True, name=layer_stack.SCANNED)
+        else:
+            self.layers = [block(cfg, recipe, self.integer, self.weights, name=f"layers_{i}")
+                           for i in range(cfg.n_layers)]
         self.norm = RMSNorm(cfg.norm_eps, dtype, param_dtype, "embed")
         if not cfg.tie_embeddings:
             self.lm_head = BitLinear(cfg.vocab_size, LinearPrecision(), ("embed", "vocab"),
@@ -172,8 +199,14 @@ class Transformer(nn.Module):
         # Constraints on the residual stream and logits (no-ops without sharding rules in scope).
         # Activations have names of their own: FSDP shards a parameter's `embed` axis, while the
         # residual stream is split over the batch and kept whole along its features.
-        residual_axes = ("activation_batch", "activation_length", "activation_embed")
+        residual_axes = RESIDUAL_AXES
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, residual_axes)
+        if self.config.scan_layers:
+            if cache is not None:
+                raise ConfigError("decoding with a KV cache wants the unrolled layout: convert "
+                                  "with model.layer_stack.unstack_layers(params) and "
+                                  "config.replace(scan_layers=False)")
+            return self._head(self.layers(x_BxTxD, positions_BxT)[0])
         new_layer_caches = []
         for i, layer in enumerate(self.layers):
             if cache is None:
@@ -183,6 +216,12 @@ class Transformer(nn.Module):
                                              cache.index, cache.start)
                 new_layer_caches.append(layer_cache)
             x_BxTxD = nn.with_logical_constraint(x_BxTxD, residual_axes)
+        logits = self._head(x_BxTxD)
+        if cache is None:
+            return logits
+        return logits, cache.advance(tuple(new_layer_caches), length)
+
+    def _head(self, x_BxTxD: jax.Array) -> jax.Array:
         x_BxTxD = self.norm(x_BxTxD)
         if self.config.tie_embeddings:
             table_VxD = self.embed_tokens.embedding.astype(x_BxTxD.dtype)
@@ -192,11 +231,11 @@ class Transformer(nn.Module):
             logits = self.lm_head(x_BxTxD)
         if self.config.parametrization == "mup":  # TP-V's output multiplier (1 at base width)
             logits = logits * mup.output_multiplier(self.config)
-        logits = nn.with_logical_constraint(
+        return nn.with_logical_constraint(
             logits, ("activation_batch", "activation_length", "activation_vocab"))
-        if cache is None:
-            return logits
-        return logits, cache.advance(tuple(new_layer_caches), length)
+
+
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 class DecoderBlock(nn.Module):
@@ -204,6 +243,7 @@ class DecoderBlock(nn.Module):
     recipe: PrecisionRecipe
     integer: bool = False
     weights: str = "float"
+    scanned: bool = False  # the body of nn.scan: returns (residual, None), the scan's carry
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, positions_BxT: Optional[jax.Array] = None,
@@ -238,6 +278,8 @@ class DecoderBlock(nn.Module):
                         name="post_attention_layernorm")(h)
         x_BxTxD = x_BxTxD + GatedMLP(cfg.d_ff, cfg.ffn_activation, recipe.gate_up, recipe.down,
                                      name="mlp", **common)(h)
+        if self.scanned:
+            return nn.with_logical_constraint(x_BxTxD, RESIDUAL_AXES), None
         return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 

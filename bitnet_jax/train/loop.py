@@ -40,6 +40,7 @@ from bitnet_jax.config import RunConfig, read_yaml, to_dict
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.files import (read_json_object, require_writable_dir,
                               write_text_atomic)
+from bitnet_jax.model import layer_stack
 from bitnet_jax.model.resolve import ResolvedRun, resolve_run
 from bitnet_jax.model.transformer import ModelConfig, Transformer
 from bitnet_jax.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
@@ -66,17 +67,15 @@ def run_name(config: RunConfig) -> str:
 
 
 @dataclasses.dataclass
-class Setup:
-    """Everything a run needs, built before any training compute."""
+class AbstractSetup:
+    """A run's mesh, shardings, optimizer and abstract state: all that compiling needs, built
+    from the config alone (no data, no device memory), so a step can be compiled ahead of time
+    for devices that are not here (`train.aot`)."""
 
     run: ResolvedRun
     run_dir: Path
     mesh: jax.sharding.Mesh
     rules: tuple
-    tokenizer: Any
-    train_split: Any
-    eval_batches: list
-    data_stats: dict
     optimizer: optax.GradientTransformation
     state_sharding: Any
     abstract_state: Any
@@ -91,8 +90,19 @@ class Setup:
         return self.run.model
 
 
-def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
-    """Check everything that can be checked, load data, plan shardings. No training compute."""
+@dataclasses.dataclass
+class Setup(AbstractSetup):
+    """Everything a run needs, built before any training compute: the abstract set-up + data."""
+
+    tokenizer: Any = None
+    train_split: Any = None
+    eval_batches: list = dataclasses.field(default_factory=list)
+    data_stats: dict = dataclasses.field(default_factory=dict)
+
+
+def abstract_setup(config: RunConfig | ResolvedRun, devices=None) -> AbstractSetup:
+    """Check the config against the mesh and plan the shardings of the train state. Reads no
+    data and allocates nothing; `devices` may be abstract (a libtpu topology's devices)."""
     run = resolve_run(config)
     config, model_config = run.config, run.model
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -103,19 +113,6 @@ def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
             require(recipe.supports_integer_matmul,
                     f"train.integer_forward=true but precision {name!r} has a linear role that "
                     f"is not integer (weights and activations at most 8 bits)")
-
-    if config.init_from:
-        require((Path(config.init_from) / run_files.CHECKPOINT_DIR).is_dir(),
-                f"init_from={config.init_from!r} has no {run_files.CHECKPOINT_DIR}/; pass a run "
-                f"directory written by `bitnet train` or `bitnet import-hf`")
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    require(tokenizer.vocab_size <= model_config.vocab_size,
-            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {model_config.vocab_size}; set model.vocab_size >= "
-            f"{tokenizer.vocab_size}")
-    train_split, validation_split, data_stats = pipeline.prepare_data(config.data, tokenizer)
-    eval_batches = pipeline.make_eval_batches(validation_split, config.data.seq_len,
-                                          config.train.batch_size, config.train.eval_batches)
 
     optimizer = optim.make_optimizer(config.optimizer, config.train.steps, model_config)
     model = Transformer(model_config, run.recipe)
@@ -131,34 +128,74 @@ def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
         TrainState(jax.ShapeDtypeStruct((), jnp.int32), nn.unbox(abstract_params), abstract_opt),
         state_sharding)
     run_dir = Path(config.out_dir) / run_name(config)
-    return Setup(run, run_dir, mesh, rules, tokenizer, train_split,
-                 eval_batches, data_stats, optimizer, state_sharding, abstract_state,
-                 sharding.batch_sharding(mesh, rules))
+    return AbstractSetup(run, run_dir, mesh, rules, optimizer, state_sharding, abstract_state,
+                         sharding.batch_sharding(mesh, rules))
+
+
+def build(config: RunConfig | ResolvedRun, devices=None) -> Setup:
+    """Check everything that can be checked, load data, plan shardings. No training compute."""
+    plan = abstract_setup(config, devices)
+    config, model_config = plan.config, plan.model_config
+    if config.init_from:
+        require((Path(config.init_from) / run_files.CHECKPOINT_DIR).is_dir(),
+                f"init_from={config.init_from!r} has no {run_files.CHECKPOINT_DIR}/; pass a run "
+                f"directory written by `bitnet train` or `bitnet import-hf`")
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    require(tokenizer.vocab_size <= model_config.vocab_size,
+            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {model_config.vocab_size}; set model.vocab_size >= "
+            f"{tokenizer.vocab_size}")
+    train_split, validation_split, data_stats = pipeline.prepare_data(config.data, tokenizer)
+    eval_batches = pipeline.make_eval_batches(validation_split, config.data.seq_len,
+                                              config.train.batch_size, config.train.eval_batches)
+    fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(AbstractSetup)}
+    return Setup(**fields, tokenizer=tokenizer, train_split=train_split,
+                 eval_batches=eval_batches, data_stats=data_stats)
 
 
 def init_state(setup: Setup) -> TrainState:
     """Parameters initialised directly in their shardings (never whole on one device)."""
-    config = setup.config
-    model = Transformer(setup.model_config, setup.run.recipe)
+    config, model_config = setup.config, setup.model_config
+    # Initialised unrolled, then stacked: both layouts start from the same numbers.
+    model = Transformer(model_config.replace(scan_layers=False, remat="none"), setup.run.recipe)
     tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
 
     def init(rng):
-        params = nn.unbox(model.init(rng, tokens)["params"])
+        params = layer_stack.to_layout(nn.unbox(model.init(rng, tokens)["params"]),
+                                       model_config.scan_layers)
         return TrainState(jnp.zeros((), jnp.int32), params, setup.optimizer.init(params))
 
     init = jax.jit(init, out_shardings=setup.state_sharding)
     state = init(jax.random.PRNGKey(config.train.seed))
     if config.init_from:
-        params = restore_params(Path(config.init_from) / run_files.CHECKPOINT_DIR,
-                                setup.abstract_state.params)
-        state = state.replace(params=params)
+        state = state.replace(params=_restore_init_from(setup))
     return state
+
+
+def _restore_init_from(setup: AbstractSetup) -> Any:
+    """The parameters of `init_from`, in this run's layer layout whichever layout they were
+    saved in (the other layout is restored on one device, converted, then sharded)."""
+    directory = Path(setup.config.init_from) / run_files.CHECKPOINT_DIR
+    target, scanned = setup.abstract_state.params, setup.model_config.scan_layers
+    try:
+        return restore_params(directory, target)
+    except Exception as error:  # noqa: BLE001 - orbax: a tree or shape mismatch
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        other = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                             jax.eval_shape(lambda t: layer_stack.to_layout(t, not scanned),
+                                            target))
+        try:
+            params = restore_params(directory, other)
+        except Exception:  # noqa: BLE001 - not a layout question: the first error says why
+            raise error from None
+        return jax.device_put(layer_stack.to_layout(params, scanned), setup.state_sharding.params)
 
 
 def checkpoint_meta(setup: Setup) -> dict:
     return {"tokenizer": setup.tokenizer.name, "vocab_size": setup.tokenizer.vocab_size,
             "model_vocab_size": setup.model_config.vocab_size,
-            "seq_len": setup.config.data.seq_len, "precision": setup.config.precision}
+            "seq_len": setup.config.data.seq_len, "precision": setup.config.precision,
+            "scan_layers": setup.model_config.scan_layers}
 
 
 # What a checkpoint's state is made of: resuming with other values cannot read it back.
@@ -217,7 +254,16 @@ def check_finished_run(run_dir: Path, current_meta: dict) -> None:
 
 
 def check_resumable(saved: dict, current: dict, run_dir: Path) -> None:
-    """A checkpoint made with another tokenizer or vocabulary cannot continue this run."""
+    """A checkpoint made with another tokenizer, vocabulary or layer layout cannot continue
+    this run."""
+    saved_scan = bool(saved.get("scan_layers", False))  # older checkpoints: unrolled
+    if saved_scan != current["scan_layers"]:
+        raise ConfigError(
+            f"{run_dir}: the checkpoint holds the {layer_stack.layout_name(saved_scan)} layout "
+            f"but this config asks for the {layer_stack.layout_name(current['scan_layers'])} one; "
+            f"resume with model.scan_layers={str(saved_scan).lower()}, or convert the parameters "
+            f"with bitnet_jax.model.layer_stack.to_layout(params, "
+            f"{current['scan_layers']}) and start a new run from them (init_from)")
     for key in ("tokenizer", "vocab_size", "model_vocab_size"):
         if saved.get(key) != current[key]:
             raise ConfigError(
@@ -252,7 +298,7 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def compile_steps(setup: Setup, precision: str) -> tuple[Callable, Callable]:
+def compile_steps(setup: AbstractSetup, precision: str) -> tuple[Callable, Callable]:
     config = setup.config
     model = Transformer(setup.model_config, setup.run.recipes[precision],
                         integer=config.train.integer_forward)

@@ -1,0 +1,69 @@
+"""Start one training run as N JAX processes on localhost (CPU collectives), for tests.
+
+Each process is `python -c DRIVER` with its share of simulated CPU devices; the driver calls
+`jax.distributed.initialize` with the coordinator, process count and id passed explicitly, then
+`bitnet_jax.train.loop.train`, so the global mesh spans every process's devices.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+DRIVER = """
+import sys, jax
+from bitnet_jax.config import load_config
+from bitnet_jax.train.loop import train
+address, count, index, config_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+jax.distributed.initialize(address, num_processes=count, process_id=index)
+train(load_config(config_path))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def process_env(devices_per_process: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    for key in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "BITNET_DISTRIBUTED"):
+        env.pop(key, None)  # the driver passes everything explicitly
+    return env
+
+
+def start(config_path: Path, processes: int, devices_per_process: int,
+          log_dir: Path) -> list[subprocess.Popen]:
+    """Start the processes of one job; their output goes to log_dir/process<i>.log."""
+    address = f"localhost:{free_port()}"
+    env = process_env(devices_per_process)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    popens = []
+    for index in range(processes):
+        log = open(log_dir / f"process{index}.log", "a")
+        popens.append(subprocess.Popen(
+            [sys.executable, "-c", DRIVER, address, str(processes), str(index), str(config_path)],
+            env=env, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    return popens
+
+
+def single(config_path: Path, devices: int, log_dir: Path) -> subprocess.CompletedProcess:
+    """The same run as one process holding every device (the reference)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "single.log", "w") as log:
+        return subprocess.run([sys.executable, "-m", "bitnet_jax.cli", "train", "--config",
+                               str(config_path)], env=process_env(devices), stdout=log,
+                              stderr=subprocess.STDOUT, timeout=300)
+
+
+def logs(log_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(log_dir.glob("*.log")))
