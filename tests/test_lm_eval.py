@@ -20,7 +20,8 @@ pytest.importorskip("lm_eval")
 
 from bitnet_jax import cli
 from bitnet_jax.config import load_config
-from bitnet_jax.data import pipeline as data
+from bitnet_jax.data.corpus import load_corpus
+from bitnet_jax.data.tokenizers import BPE_SPECIAL_TOKEN, train_bpe
 from bitnet_jax.interop import hf
 from bitnet_jax.interop import lm_eval_adapter as adapter
 from bitnet_jax.interop.packed import save_packed
@@ -81,8 +82,8 @@ def model_dirs(tmp_path_factory) -> dict:
                  "optimizer.warmup_steps=1", "optimizer.lr=1e-2", "train.eval_every=0",
                  "train.eval_batches=1", "train.checkpoint_every=0", "train.progress=false",
                  "train.peak_flops=1e11", "logging.wandb=disabled"]
-    tokenizer = data.train_bpe(data.load_corpus(load_config(base=base, overrides=overrides).data),
-                               300, out / "bpe.json")
+    tokenizer = train_bpe(load_corpus(load_config(base=base, overrides=overrides).data), 300,
+                          out / "bpe.json")
     config = load_config(base=base, overrides=overrides + [f"data.tokenizer={tokenizer}"])
     assert train(config, devices=jax.devices()[:1])["status"] == "completed"
     bundle = load_run(out / "run")
@@ -105,7 +106,7 @@ def hf_results(hf_dir: Path, limit) -> dict:
 
     model = BitNetForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"),
-                                        eos_token=data.BPE_SPECIAL_TOKEN)
+                                        eos_token=BPE_SPECIAL_TOKEN)
     # transformers compiles BitNet's quantizers with torch.compile: ~20 s here for the same
     # arithmetic; run them eagerly.
     with torch._dynamo.config.patch(disable=True):
