@@ -39,6 +39,9 @@ class ModelSection:
     remat: str = "none"  # none | minimal | dots | full (jax.checkpoint policy of each block)
 
 
+MODEL_SECTION_FIELDS = ("preset", "overrides", "scan_layers", "remat")
+
+
 @dataclass
 class DataConfig:
     source: str = "builtin"  # builtin | files | hf | tokens
@@ -237,10 +240,12 @@ _Loader.add_implicit_resolver(
 def _yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
+
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict. `model.<field>` other than preset goes to model.overrides."""
+    """Set `a.b.c` in a nested dict. `model.<field>` that is not a ModelSection field goes to
+    model.overrides."""
     keys = dotted.split(".")
-    if keys[0] == "model" and len(keys) == 2 and keys[1] not in ("preset", "overrides"):
+    if keys[0] == "model" and len(keys) == 2 and keys[1] not in MODEL_SECTION_FIELDS:
         keys = ["model", "overrides", keys[1]]
     node = tree
     for key in keys[:-1]:

@@ -198,8 +198,10 @@ def checkpoint_meta(setup: Setup) -> dict:
             "scan_layers": setup.model_config.scan_layers}
 
 
-# What a checkpoint's state is made of: resuming with other values cannot read it back.
-STATE_DEFINING = ("model", "precision", "train.stage1_precision", "train.qat_start_fraction")
+# What a checkpoint's state is made of: resuming with other values cannot read it back. (The
+# layer layout, model.scan_layers, is checked against the checkpoint itself, with the way out.)
+STATE_DEFINING = ("model.preset", "model.overrides", "precision", "train.stage1_precision",
+                  "train.qat_start_fraction")
 
 
 def _field(tree: dict, dotted: str) -> Any:
