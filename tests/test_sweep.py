@@ -157,11 +157,14 @@ def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path, capsys):
                  "training_curves", "comparison"):
         assert (sweep.directory / f"{name}.png").stat().st_size > 10_000, name
         assert f"({name}.png)" in report
-    # fits.json is what `bitnet fit results.csv --json` prints, held-out predictions included
+    # fits.json is what `bitnet fit results.csv --json` prints, held-out predictions included,
+    # beside the "precision" entry that `--law precision --json` prints (two bit settings here)
     fits = json.loads((sweep.directory / "fits.json").read_text())
     capsys.readouterr()
     assert main(["fit", str(sweep.directory / "results.csv"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == fits
+    per_recipe = json.loads(capsys.readouterr().out)
+    assert main(["fit", str(sweep.directory / "results.csv"), "--law", "precision", "--json"]) == 0
+    assert {**per_recipe, **json.loads(capsys.readouterr().out)} == fits
     assert fits["recipes"]["b1.58"]["laws"]["L(N)"]["holdout"][0]["N"] == max(
         r["params_non_embedding"] for r in rows)  # 5 sizes: the largest predicted from 4
     assert "## Validation by extrapolation" in report and "## Seeds and noise" in report
