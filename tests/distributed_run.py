@@ -12,12 +12,24 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 DRIVER = """
-import sys, jax
+import os, signal, sys, jax
 from bitnet_jax.config import load_config
+from bitnet_jax.train import checkpoint
 from bitnet_jax.train.loop import train
 address, count, index, config_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+kill_after_save = int(sys.argv[5]) if len(sys.argv) > 5 else None
+if kill_after_save is not None and index == count - 1:
+    # The last process dies without a word right after its part of that checkpoint: a kill at
+    # a known step, however fast the machine trains.
+    save = checkpoint.Checkpointer.save
+    def save_then_die(self, step, *args):
+        save(self, step, *args)
+        if step == kill_after_save:
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.Checkpointer.save = save_then_die
 jax.distributed.initialize(address, num_processes=count, process_id=index)
 train(load_config(config_path))
 """
@@ -40,9 +52,11 @@ def process_env(devices_per_process: int) -> dict:
     return env
 
 
-def start(config_path: Path, processes: int, devices_per_process: int,
-          log_dir: Path) -> list[subprocess.Popen]:
-    """Start the processes of one job; their output goes to log_dir/process<i>.log."""
+def start(config_path: Path, processes: int, devices_per_process: int, log_dir: Path,
+          kill_after_save: Optional[int] = None) -> list[subprocess.Popen]:
+    """Start the processes of one job; their output goes to log_dir/process<i>.log. With
+    `kill_after_save`, the last process SIGKILLs itself once the checkpoint of that step is
+    saved."""
     address = f"localhost:{free_port()}"
     env = process_env(devices_per_process)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +64,8 @@ def start(config_path: Path, processes: int, devices_per_process: int,
     for index in range(processes):
         log = open(log_dir / f"process{index}.log", "a")
         popens.append(subprocess.Popen(
-            [sys.executable, "-c", DRIVER, address, str(processes), str(index), str(config_path)],
+            [sys.executable, "-c", DRIVER, address, str(processes), str(index), str(config_path),
+             *([] if kill_after_save is None else [str(kill_after_save)])],
             env=env, stdout=log, stderr=subprocess.STDOUT))
         log.close()
     return popens

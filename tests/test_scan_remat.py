@@ -113,3 +113,22 @@ def test_training_scanned_matches_unrolled_and_checkpoints_say_how_to_convert(tm
     want = make_generator(bundle.params, bundle.config, bundle.recipe, weights="float",
                           dtype="float32")
     np.testing.assert_array_equal(generator.full_logits(TOKENS), want.full_logits(TOKENS))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_train_step_constrains_activations_on_the_mesh(tmp_path, scan):
+    """The model's `nn.with_logical_constraint`s reach the compiled step: the residual stream
+    and logits are split over the batch axes (flax drops them without rules and mesh in scope)."""
+    from bitnet_jax.train import loop
+
+    config = load_config(overrides=[f"out_dir={tmp_path}", "model.preset=ladder-100k",
+                                    f"model.scan_layers={str(scan).lower()}", "data.seq_len=32",
+                                    "train.batch_size=8", "mesh.data=2", "mesh.fsdp=4"])
+    setup = loop.abstract_setup(config, jax.devices()[:8])
+    train_step, _ = loop.compile_steps(setup, config.precision)
+    batch = {key: jax.ShapeDtypeStruct((8, 32), jnp.int32, sharding=setup.batch_sharding)
+             for key in ("inputs", "targets")}
+    text = train_step.lower(setup.abstract_state, batch).as_text()
+    constraints = [line for line in text.splitlines() if "sharding_constraint" in line]
+    assert len(constraints) >= 4, "no activation sharding constraints in the train step"
+    assert all("data" in line and "fsdp" in line for line in constraints), constraints[:2]

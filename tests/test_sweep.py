@@ -147,7 +147,8 @@ def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path, capsys):
     assert outcome["skipped"][bad.run_id] == "diverged"
     assert "resumed" in (resumed.run_dir / "launch.log").read_text()
 
-    assert main(["sweep", "report", str(path)]) == 0
+    # 200 resamples instead of 1000: the same code, a fifth of the fitting time
+    assert main(["sweep", "report", str(path), "--bootstrap", "200"]) == 0
     rows = read_table(sweep.directory / "results.csv")
     assert len(rows) == 10 and sum(r["status"] == "completed" for r in rows) == 9
     assert (sweep.directory / "results.parquet").exists()
@@ -161,9 +162,10 @@ def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path, capsys):
     # beside the "precision" entry that `--law precision --json` prints (two bit settings here)
     fits = json.loads((sweep.directory / "fits.json").read_text())
     capsys.readouterr()
-    assert main(["fit", str(sweep.directory / "results.csv"), "--json"]) == 0
+    table = str(sweep.directory / "results.csv")
+    assert main(["fit", table, "--json", "--bootstrap", "200"]) == 0
     per_recipe = json.loads(capsys.readouterr().out)
-    assert main(["fit", str(sweep.directory / "results.csv"), "--law", "precision", "--json"]) == 0
+    assert main(["fit", table, "--law", "precision", "--json", "--bootstrap", "200"]) == 0
     assert {**per_recipe, **json.loads(capsys.readouterr().out)} == fits
     assert fits["recipes"]["b1.58"]["laws"]["L(N)"]["holdout"][0]["N"] == max(
         r["params_non_embedding"] for r in rows)  # 5 sizes: the largest predicted from 4

@@ -304,11 +304,15 @@ def compile_steps(setup: AbstractSetup, precision: str) -> tuple[Callable, Calla
     config = setup.config
     model = Transformer(setup.model_config, setup.run.recipes[precision],
                         integer=config.train.integer_forward)
-    train_step = jax.jit(make_train_step(model, setup.optimizer, config.train.grad_accum),
+    def constrained(step: Callable) -> Callable:
+        return sharding.with_activation_shardings(step, setup.mesh, setup.rules)
+
+    train_step = jax.jit(constrained(make_train_step(model, setup.optimizer,
+                                                     config.train.grad_accum)),
                          in_shardings=(setup.state_sharding, setup.batch_sharding),
                          out_shardings=(setup.state_sharding, sharding.replicated(setup.mesh)),
                          donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model),
+    eval_step = jax.jit(constrained(make_eval_step(model)),
                         in_shardings=(setup.state_sharding.params, setup.batch_sharding),
                         out_shardings=sharding.replicated(setup.mesh))
     return train_step, eval_step

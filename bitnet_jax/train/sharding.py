@@ -7,9 +7,10 @@ them into `NamedSharding`s and `jax.jit` (GSPMD) partitions the program accordin
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -155,6 +156,16 @@ def optimizer_state_shardings(optimizer: optax.GradientTransformation, abstract_
     return optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_opt_state,
                                  params_sharding,
                                  transform_non_params=lambda _: replicated(mesh))
+
+
+def with_activation_shardings(fn: Callable, mesh: Mesh, rules) -> Callable:
+    """`fn` traced with the logical-axis rules and the mesh in scope, so the model's
+    `nn.with_logical_constraint`s become sharding constraints (without both, flax drops them)."""
+    @functools.wraps(fn)
+    def constrained(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return fn(*args, **kwargs)
+    return constrained
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
