@@ -41,10 +41,12 @@ _log = logging.getLogger(__name__)
 
 TARGET_NAME = "bitnet_int8_dot"
 DEQUANTIZE_TRANSPOSE_TARGET = "bitnet_dequantize_transpose"
+_KERNELS = Path(__file__).with_name("kernels")
 _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
 _LIBRARY = KernelLibrary(
     "int8_matmul",
-    sources=(Path(__file__).with_name("kernels") / "int8_matmul.cc",),
+    sources=(_KERNELS / "int8_matmul.cc",),
+    headers=(_KERNELS / "ffi_parallel.h",),
     cxx_flags=("-O3", "-std=c++17", "-shared", "-fPIC", "-w") + _ISA_FLAGS,
     required_cpu_flags=("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
     symbols={TARGET_NAME: "BitnetInt8Dot",
