@@ -4,8 +4,8 @@
   `kernels/ternary_matmul.cc` reads our 2-bit layout (`packing.pack_2bit`, transformers' own)
 directly and unpacks it in registers, as bitnet.cpp's I2_S kernels do, so decoding streams 2
 bits per weight from memory instead of unpacking to int8 first (XLA materialises the unpacked
-codes before every product). Built with g++ on first use and registered as an XLA FFI target,
-like `cpu_int8`'s kernel (whose cache directory, compiler and CPU checks it shares)::
+codes before every product). Built with g++ on first use and registered as an XLA FFI target
+by `ffi_library.KernelLibrary`, as `cpu_int8`'s kernel is::
 
     available() -> bool
     ternary_dot(x, packed, n_out) -> int32   # x (..., K) int8, packed (ceil(n_out/4), K) uint8
@@ -19,106 +19,42 @@ with more than `MAX_ROWS` rows `ternary_dot_or_xla` unpacks once and takes the i
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import logging
 import math
-import os
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from bitnet_jax.core import cpu_int8, packing
+from bitnet_jax.core.ffi_library import KernelLibrary
 
 _log = logging.getLogger(__name__)
 
 TARGET_NAME = "bitnet_ternary_dot"
 BF16_TARGET_NAME = "bitnet_bf16_dot"
-_SYMBOLS = {TARGET_NAME: "BitnetTernaryDot", BF16_TARGET_NAME: "BitnetBf16Dot"}
 _KERNELS = Path(__file__).with_name("kernels")
-_SOURCES = (_KERNELS / "ternary_matmul.cc", _KERNELS / "bf16_matvec.cc")
-_HEADERS = (_KERNELS / "ffi_parallel.h",)
-_CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-mavx512f", "-mavx512bw",
-              "-mavx512vl", "-mavx512vnni")
+_LIBRARY = KernelLibrary(
+    "decode_kernels",
+    sources=(_KERNELS / "ternary_matmul.cc", _KERNELS / "bf16_matvec.cc"),
+    headers=(_KERNELS / "ffi_parallel.h",),
+    cxx_flags=("-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-mavx512f", "-mavx512bw",
+               "-mavx512vl", "-mavx512vnni"),
+    required_cpu_flags=("avx512f", "avx512bw", "avx512_vnni"),
+    symbols={TARGET_NAME: "BitnetTernaryDot", BF16_TARGET_NAME: "BitnetBf16Dot"},
+    logger=_log,
+    failure_message="bitnet_jax.core.cpu_decode: kernel unavailable")
 MAX_ROWS = 16  # rows of x (tokens x batch) up to which the packed kernel is used
-
-_lock = threading.Lock()
-_status: bool | None = None
-_reason = ""
-_lib = None
-
-
-def _build(cxx: str) -> Path:
-    """Compile once per source/compiler/flags (cached) and return the .so path."""
-    include = jax.ffi.include_dir()
-    key = hashlib.sha256()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
-                             check=False).stdout.splitlines()[:1]
-    for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS),
-                 repr(_CXX_FLAGS).encode(), cxx.encode(), repr(version).encode(),
-                 include.encode(), jax.__version__.encode()):
-        key.update(part)
-        key.update(b"\0")
-    cache = cpu_int8._cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"decode_kernels-{key.hexdigest()[:20]}.so"
-    if target.exists():
-        return target
-    fd, tmp = tempfile.mkstemp(prefix=".decode_kernels-", suffix=".so", dir=cache)
-    os.close(fd)
-    try:  # private name, then an atomic rename: concurrent builds are harmless
-        cmd = [cxx, *_CXX_FLAGS, f"-I{include}", f"-I{_KERNELS}", *map(str, _SOURCES), "-o", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _try_init() -> tuple[bool, str]:
-    if os.environ.get("BITNET_JAX_CPU_INT8", "1").lower() in ("0", "false", "no", "off"):
-        return False, "disabled by BITNET_JAX_CPU_INT8"
-    if jax.default_backend() != "cpu":
-        return False, f"default backend is {jax.default_backend()!r}, not cpu"
-    missing = [f for f in ("avx512f", "avx512bw", "avx512_vnni") if f not in cpu_int8._cpu_flags()]
-    if missing:
-        return False, f"CPU lacks {', '.join(missing)}"
-    cxx = cpu_int8._compiler()
-    if cxx is None:
-        return False, "no C++ compiler (g++) found"
-    global _lib
-    try:
-        _lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        for target, symbol in _SYMBOLS.items():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(_lib, symbol)),
-                                        platform="cpu")
-    except Exception as exc:  # noqa: BLE001 -- any failure means "fall back to XLA"
-        _log.warning("bitnet_jax.core.cpu_decode: kernel unavailable (%s: %s)",
-                     type(exc).__name__, exc)
-        return False, f"build/load failed: {exc}"
-    return True, ""
 
 
 def available() -> bool:
     """Whether `ternary_dot` can run here (builds and registers the kernel on first call)."""
-    global _status, _reason
-    if _status is None:
-        with _lock:
-            if _status is None:
-                _status, _reason = _try_init()
-    return _status
+    return _LIBRARY.available()
 
 
 def unavailable_reason() -> str:
-    available()
-    return _reason
+    """Why `available()` is False ("" when it is True)."""
+    return _LIBRARY.unavailable_reason()
 
 
 def ternary_dot(x: jax.Array, packed: jax.Array, n_out: int) -> jax.Array:
@@ -130,7 +66,7 @@ def ternary_dot(x: jax.Array, packed: jax.Array, n_out: int) -> jax.Array:
         raise ValueError(f"ternary_dot: x {x.shape}, packed {packed.shape}, n_out={n_out} (want "
                          f"x (..., K), packed (ceil(n_out/4), K))")
     if not available():
-        raise RuntimeError(f"bitnet_jax.core.cpu_decode kernel unavailable: {_reason}")
+        raise RuntimeError(f"bitnet_jax.core.cpu_decode kernel unavailable: {unavailable_reason()}")
     lead = x.shape[:-1]
     rows = math.prod(lead)
     out = jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((rows, n_out), jnp.int32))(
@@ -154,7 +90,8 @@ def bf16_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise ValueError(f"bf16_dot: x {x.shape} and w {w.shape} (want x (..., K), w (K, N))")
     if not available():
-        raise RuntimeError(f"bitnet_jax.core.cpu_decode kernels unavailable: {_reason}")
+        raise RuntimeError("bitnet_jax.core.cpu_decode kernels unavailable: "
+                           f"{unavailable_reason()}")
     lead, n_out = x.shape[:-1], w.shape[1]
     rows = math.prod(lead)
     out = jax.ffi.ffi_call(BF16_TARGET_NAME, jax.ShapeDtypeStruct((rows, n_out), jnp.float32))(

@@ -3,8 +3,9 @@ and the dequantize-and-transpose that the integer path's weight gradient needs.
 
 XLA:CPU lowers an int8 `dot_general` with int32 accumulation to a kernel that is slower than
 its bf16 dot.  `kernels/int8_matmul.cc` is a small VNNI (`vpdpbusd`) kernel; this module
-compiles it with g++ on first use (cached under ``~/.cache/bitnet_jax/``, keyed by a hash of
-the source, the compiler and its flags), registers it with XLA and exposes::
+compiles it with g++ on first use (`ffi_library.KernelLibrary`: cached under
+``~/.cache/bitnet_jax/``, keyed by a hash of the source, the compiler and its flags), registers
+it with XLA and exposes::
 
     available() -> bool
     int8_dot(x, w) -> int32      # x (..., K) int8, w (N, K) int8 ("out x in"), -> (..., N)
@@ -26,139 +27,42 @@ gather both operands and run the whole product on every device.)
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import logging
 import math
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 
+from bitnet_jax.core.ffi_library import KernelLibrary
+
 _log = logging.getLogger(__name__)
 
 TARGET_NAME = "bitnet_int8_dot"
-_SYMBOL = "BitnetInt8Dot"
 DEQUANTIZE_TRANSPOSE_TARGET = "bitnet_dequantize_transpose"
-_DEQUANTIZE_TRANSPOSE_SYMBOL = "BitnetDequantizeTranspose"
-_SOURCE = Path(__file__).with_name("kernels") / "int8_matmul.cc"
+_KERNELS = Path(__file__).with_name("kernels")
 _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
-_CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w") + _ISA_FLAGS
-_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
-
-_lock = threading.Lock()
-_status: bool | None = None  # None: not tried yet; then whether the kernel is registered
-_reason = ""
-_lib = None  # keeps the shared library loaded
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cache_dir() -> Path:
-    env = os.environ.get("BITNET_JAX_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "bitnet_jax"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-
-
-def _build(cxx: str) -> Path:
-    """Compiles the kernel (once per source/compiler/flags) and returns the .so path."""
-    include = jax.ffi.include_dir()
-    source = _SOURCE.read_bytes()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
-                             check=False).stdout.splitlines()[:1]
-    key = hashlib.sha256()
-    for part in (source, repr(_CXX_FLAGS).encode(), cxx.encode(), repr(version).encode(),
-                 include.encode(), jax.__version__.encode()):
-        key.update(part)
-        key.update(b"\0")
-    cache = _cache_dir()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        if not os.access(cache, os.W_OK):
-            raise OSError(f"{cache} is not writable")
-    except OSError:
-        cache = Path(tempfile.gettempdir()) / f"bitnet_jax-{os.getuid()}"
-        cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"int8_matmul-{key.hexdigest()[:20]}.so"
-    if target.exists():
-        return target
-    # Build into a private temporary name, then rename atomically: concurrent processes
-    # (pytest-xdist, several launches) each build and the last rename wins harmlessly.
-    fd, tmp = tempfile.mkstemp(prefix=".int8_matmul-", suffix=".so", dir=cache)
-    os.close(fd)
-    try:
-        cmd = [cxx, *_CXX_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _try_init() -> tuple[bool, str]:
-    if os.environ.get("BITNET_JAX_CPU_INT8", "1").lower() in ("0", "false", "no", "off"):
-        return False, "disabled by BITNET_JAX_CPU_INT8"
-    if jax.default_backend() != "cpu":
-        return False, f"default backend is {jax.default_backend()!r}, not cpu"
-    missing = [f for f in _REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return False, f"CPU lacks {', '.join(missing)}"
-    cxx = _compiler()
-    if cxx is None:
-        return False, "no C++ compiler (g++) found"
-    global _lib
-    try:
-        path = _build(cxx)
-        _lib = ctypes.cdll.LoadLibrary(str(path))
-        for target, symbol in ((TARGET_NAME, _SYMBOL),
-                               (DEQUANTIZE_TRANSPOSE_TARGET, _DEQUANTIZE_TRANSPOSE_SYMBOL)):
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(_lib, symbol)),
-                                        platform="cpu")
-    except Exception as exc:  # noqa: BLE001 -- any failure means "fall back to XLA"
-        _log.warning("bitnet_jax.core.cpu_int8: VNNI kernel unavailable, using XLA's int8 dot "
-                     "(%s: %s)", type(exc).__name__, exc)
-        return False, f"build/load failed: {exc}"
-    return True, ""
+_LIBRARY = KernelLibrary(
+    "int8_matmul",
+    sources=(_KERNELS / "int8_matmul.cc",),
+    headers=(_KERNELS / "ffi_parallel.h",),
+    cxx_flags=("-O3", "-std=c++17", "-shared", "-fPIC", "-w") + _ISA_FLAGS,
+    required_cpu_flags=("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+    symbols={TARGET_NAME: "BitnetInt8Dot",
+             DEQUANTIZE_TRANSPOSE_TARGET: "BitnetDequantizeTranspose"},
+    logger=_log,
+    failure_message="bitnet_jax.core.cpu_int8: VNNI kernel unavailable, using XLA's int8 dot")
 
 
 def available() -> bool:
     """Whether `int8_dot` can be used here (builds and registers the kernel on first call)."""
-    global _status, _reason
-    if _status is None:
-        with _lock:
-            if _status is None:
-                _status, _reason = _try_init()
-    return _status
+    return _LIBRARY.available()
 
 
 def unavailable_reason() -> str:
     """Why `available()` is False ("" when it is True)."""
-    available()
-    return _reason
+    return _LIBRARY.unavailable_reason()
 
 
 def _ffi_dot_local(x2, w):
@@ -242,7 +146,7 @@ def int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"int8_dot: x {x.shape} and w {w.shape} (want x (..., K), w (N, K))")
     if not available():
-        raise RuntimeError(f"bitnet_jax.core.cpu_int8 kernel unavailable: {_reason}")
+        raise RuntimeError(f"bitnet_jax.core.cpu_int8 kernel unavailable: {unavailable_reason()}")
     lead = x.shape[:-1]
     out = _ffi_dot_2d(x.reshape(-1, x.shape[-1]), w)
     return out.reshape(*lead, w.shape[0])
@@ -297,6 +201,6 @@ def dequantize_transpose(codes: jax.Array, scale: jax.Array) -> jax.Array:
         raise TypeError(f"dequantize_transpose wants int8 codes and float32 scales, got "
                         f"{codes.dtype} and {scale.dtype}")
     if not available():
-        raise RuntimeError(f"bitnet_jax.core.cpu_int8 kernel unavailable: {_reason}")
+        raise RuntimeError(f"bitnet_jax.core.cpu_int8 kernel unavailable: {unavailable_reason()}")
     return _ffi_dequantize_transpose(*_rows_and_scales(codes, scale))
 

@@ -1,7 +1,6 @@
 // A parallel loop on XLA's FFI intra-op thread pool, for the CPU kernels in this directory.
 // The calling thread takes part and never waits on a task that has not started, so it cannot
-// deadlock when the pool is busy or runs tasks inline. (int8_matmul.cc holds the same loop in
-// its own anonymous namespace; it predates this header.)
+// deadlock when the pool is busy or runs tasks inline.
 #pragma once
 
 #include <algorithm>

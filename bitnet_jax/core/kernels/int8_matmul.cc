@@ -22,23 +22,19 @@
 // int32 arithmetic wraps (vpdpbusd is the non-saturating form), so the result is exact modulo
 // 2^32 whatever the intermediate values, i.e. bit-identical to XLA's int32-accumulating dot.
 //
-// Work is spread over XLA's intra-op thread pool (xla::ffi::ThreadPool); the calling thread
-// takes part and never waits on a task that has not started, so it cannot deadlock when the
-// pool is busy or runs tasks inline.
+// Work is spread over XLA's intra-op thread pool (xla::ffi::ThreadPool) by ffi_parallel.h's
+// ParallelFor, the loop every kernel in this directory shares.
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "ffi_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -60,49 +56,7 @@ __attribute__((always_inline)) inline __m512i Dpbusd(__m512i acc, __m512i a, __m
   return acc;
 }
 
-// ----------------------------------------------------------------------------------------
-// Parallel loop on the FFI thread pool.
-// ----------------------------------------------------------------------------------------
-
-struct ParState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t n = 0;
-  const std::function<void(int64_t)>* fn = nullptr;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-void RunWorker(const std::shared_ptr<ParState>& st) {
-  for (;;) {
-    int64_t i = st->next.fetch_add(1, std::memory_order_relaxed);
-    if (i >= st->n) return;  // late starters touch nothing but the shared state
-    (*st->fn)(i);
-    if (st->done.fetch_add(1, std::memory_order_acq_rel) + 1 == st->n) {
-      std::lock_guard<std::mutex> lock(st->mu);
-      st->cv.notify_all();
-    }
-  }
-}
-
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
-  if (n <= 0) return;
-  int64_t threads = pool.num_threads();
-  if (threads <= 1 || n == 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  auto st = std::make_shared<ParState>();
-  st->n = n;
-  st->fn = &fn;
-  int64_t helpers = std::min<int64_t>(threads, n) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([st]() { RunWorker(st); });
-  }
-  RunWorker(st);
-  std::unique_lock<std::mutex> lock(st->mu);
-  st->cv.wait(lock, [&] { return st->done.load(std::memory_order_acquire) == n; });
-}
+using bitnet_ffi::ParallelFor;  // the loop on XLA's intra-op pool (ffi_parallel.h)
 
 // Per-thread scratch, grown on demand (64-byte aligned).
 struct Scratch {
