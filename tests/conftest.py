@@ -4,11 +4,25 @@ XLA reads the flag when the CPU backend starts, so it must be set before JAX is 
 """
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     flag for flag in [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
     if flag
 )
+
+# The tests run on the CPU wherever they run. Where libtpu is installed (the `tpu` extra, for the
+# AOT plans), this also keeps it from starting, and printing its warnings, in every JAX process;
+# TPU topologies for AOT compiles are still available (tests/test_aot.py).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The tests compile the same small programs many times, in pytest-xdist workers and in CLI
+# subprocesses: JAX's persistent cache (keyed by program, flags and versions) compiles each once.
+# Set through the environment so that subprocesses share it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "bitnet-jax-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 

@@ -14,7 +14,7 @@ def code_blocks(language):
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
     commands = [block.strip() for block in code_blocks("bash")[:2]]
     assert commands[0].startswith("pip install -e . && bitnet ")
-    assert commands[1] == 'pip install -e ".[test]" && python -m pytest -q'
+    assert commands[1] == 'pip install -e ".[test]" && python -m pytest -q -n 2'
     ci_lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci_lines[-1] == commands[1]
 

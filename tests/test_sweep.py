@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY_BASE = {
     "data": {"source": "builtin", "seq_len": 32, "max_documents": 30},
-    "train": {"batch_size": 8, "eval_every": 0, "eval_batches": 2, "checkpoint_every": 5,
+    "train": {"batch_size": 8, "eval_every": 0, "eval_batches": 2, "checkpoint_every": 10,
               "log_every": 1, "progress": False, "peak_flops": 1e11},
     "optimizer": {"warmup_steps": 2},
     "logging": {"wandb": "disabled"},
