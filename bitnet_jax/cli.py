@@ -21,6 +21,7 @@ from bitnet_jax.model import accounting as compute
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.units import format_bytes, format_count, format_energy
 from bitnet_jax.files import require_apart
+from bitnet_jax.platforms import skip_absent_tpu
 from bitnet_jax.scaling import results  # column names only (the csv module, no JAX)
 
 EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
@@ -489,8 +490,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     from bitnet_jax.scaling import report
 
-    path = report.write_report(sweep, **({} if args.bootstrap is None
-                                         else {"n_boot": args.bootstrap}))
+    path = report.write_report(sweep, args.bootstrap)
     print(f"wrote {path}")
     for failure in failures:  # the report is written; the command still says it went wrong
         print(f"error: run {failure['run']} {failure['status']}: {failure['error']}",
@@ -575,6 +575,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_:  # argparse already printed usage and its error line
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
+    skip_absent_tpu()
     try:
         return func(args)
     except ConfigError as error:

@@ -247,3 +247,15 @@ def test_optimal_precision_follows_the_law():
     assert memory.N * memory.weight_bits / 8 == pytest.approx(1e6)
     with pytest.raises(ConfigError, match="needs the training tokens"):
         optimal_precision(KUMAR, [1e6], "memory")
+
+
+def test_precision_law_refuses_settings_that_cannot_separate_the_gammas():
+    """bf16 against b1.58 alone moves weight and activation bits together: one N_eff ratio for
+    two gammas, refused in one line (the report then says why it has no precision law)."""
+    n = np.repeat([1e5, 3e5, 1e6, 3e6], 2)
+    d, w, a = 20 * n, np.tile([16.0, 1.58], 4), np.tile([16.0, 8.0], 4)
+    loss = _eval_precision(KUMAR, n, d, effective_bits(w), a, 16.0)
+    with pytest.raises(ConfigError, match="2 bit setting.*cannot separate 2 gammas"):
+        fit_precision_law(n, d, w, a, np.full(8, 16.0), loss)
+    one = fit_precision_law(n, d, w, a, np.full(8, 16.0), loss, quantities=("w",))
+    assert set(one.params) == {"A", "B", "E", "alpha", "beta", "gamma_w"}

@@ -307,6 +307,8 @@ def _spectra(d_model, n_layers, d_ff) -> ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     # CPU ladder, named by approximate non-embedding parameters (roughly doubling).
+    "ladder-12k": _ladder(32, 1, 32, 96),
+    "ladder-25k": _ladder(48, 1, 24, 128),
     "ladder-50k": _ladder(64, 1, 32, 160),
     "ladder-100k": _ladder(64, 2, 32, 160),
     "ladder-200k": _ladder(96, 2, 32, 256),

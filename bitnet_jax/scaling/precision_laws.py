@@ -318,6 +318,19 @@ def present_quantities(pw: Any, pa: Any, pkv: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _require_separable(quantities: Sequence[str], bits: tuple[np.ndarray, ...]) -> None:
+    """Each bit setting (the tuple of bits over `quantities`) gives the law one N_eff ratio, so
+    k gammas need k + 1 settings: bf16 against b1.58 alone moves weights and activations
+    together and cannot tell gamma_w from gamma_a."""
+    columns = [np.minimum(bits[QUANTITIES.index(q)], UNQUANTIZED) for q in quantities]
+    settings = len({tuple(row) for row in np.stack(columns, axis=1)}) if columns else 1
+    if len(quantities) > settings - 1:
+        raise ConfigError(
+            f"precision law: {settings} bit setting(s) of ({', '.join(quantities)}) cannot "
+            f"separate {len(quantities)} gammas (each needs a setting of its own); add recipes "
+            "that vary one quantity alone (e.g. w2a16 beside w4a8) or fit fewer quantities")
+
+
 def fit_precision_law(N: Any, D: Any, weight_bits: Any, act_bits: Any, kv_bits: Any, L: Any, *,
                       quantities: Optional[Sequence[str]] = None) -> Fit:
     """Fit Kumar et al.'s L = A N_eff^-alpha + B D^-beta + E across recipes (module docstring).
@@ -332,6 +345,7 @@ def fit_precision_law(N: Any, D: Any, weight_bits: Any, act_bits: Any, kv_bits: 
     unknown = set(quantities) - set(QUANTITIES)
     if unknown:
         raise ConfigError(f"unknown quantities {sorted(unknown)}; choose from {QUANTITIES}")
+    _require_separable(quantities, x[2:])
     names = tuple(f"gamma_{q}" for q in quantities)
     factors = " ".join(f"(1 - exp(-P_{q}/gamma_{q}))" for q in quantities) or "(no quantity)"
     return _effective_fit("kumar", _precision_key(quantities), x, loss, names,

@@ -109,7 +109,7 @@ def _plot_optima(law: dict, budgets: np.ndarray, tokens: float, n: np.ndarray,
     return path
 
 
-def precision_section(rows: list[dict], laws: dict, out: Path, n_boot: int
+def precision_section(rows: list[dict], laws: dict, out: Path, n_boot: Optional[int] = None
                       ) -> tuple[Optional[dict[str, Any]], list[str], dict[str, Path]]:
     """(fits.json's "precision" entry, the report lines, the plots) of a table, or (None, [],
     {}) when it has one bit setting only."""
@@ -117,7 +117,8 @@ def precision_section(rows: list[dict], laws: dict, out: Path, n_boot: int
         return None, [], {}
     lines = ["## Precision as a scaling axis", ""]
     try:
-        result = fit_precision_table(rows, law="precision", n_boot=n_boot)
+        result = fit_precision_table(rows, law="precision",
+                                     **({} if n_boot is None else {"n_boot": n_boot}))
     except ConfigError as error:
         return None, lines + [f"Not fitted: {error}", ""], {}
     precision = result.laws.get("precision", {})

@@ -421,7 +421,7 @@ def _holdout_lines(laws: dict[str, RecipeFits]) -> list[str]:
     return (lines if len(lines) > 2 else []) + ([""] + missing if missing else [])
 
 
-def write_report(sweep, n_boot: int = DEFAULT_N_BOOT) -> Path:
+def write_report(sweep, n_boot: Optional[int] = None) -> Path:
     """Collect, fit and plot a sweep; returns the path of report.md (fits.json beside it)."""
     from bitnet_jax.scaling.sweep import collect
 
@@ -431,9 +431,10 @@ def write_report(sweep, n_boot: int = DEFAULT_N_BOOT) -> Path:
 
 
 def write_report_files(name: str, rows: list[dict], out: Path, run_dirs: dict[str, Path],
-                       n_boot: int = DEFAULT_N_BOOT) -> Path:
-    """Fit a results table, write fits.json, the plots and report.md into `out`."""
-    laws = fit_laws(rows, n_boot)
+                       n_boot: Optional[int] = None) -> Path:
+    """Fit a results table, write fits.json, the plots and report.md into `out`. `n_boot`:
+    bootstrap resamples of every law (default: each fitter's own, as `bitnet fit` uses)."""
+    laws = fit_laws(rows, DEFAULT_N_BOOT if n_boot is None else n_boot)
     precision, precision_lines, precision_plots = precision_section(rows, laws, out, n_boot)
     (out / "fits.json").write_text(json.dumps(
         {**fits_json(laws), **({"precision": precision} if precision else {})}, indent=2) + "\n")
