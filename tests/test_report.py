@@ -189,7 +189,13 @@ def test_bitnet_fit_and_the_report_share_the_bootstrap_default():
     def default(fn):
         return inspect.signature(fn).parameters["n_boot"].default
 
-    assert default(fit_table) == default(report.fit_laws) == default(report.write_report) \
-        == DEFAULT_N_BOOT == 1000
-    # `bitnet fit` without --bootstrap leaves the count to fit_table's default
-    assert build_parser().parse_args(["fit", "results.csv"]).bootstrap is None
+    from bitnet_jax.scaling.precision_fit import PRECISION_N_BOOT, fit_precision_table
+    from bitnet_jax.scaling.precision_report import precision_section
+
+    assert default(fit_table) == default(report.fit_laws) == DEFAULT_N_BOOT == 1000
+    assert default(fit_precision_table) == PRECISION_N_BOOT == 200
+    # Neither `bitnet fit` nor the report names a count unless asked: each fitter's own default
+    assert default(report.write_report) is default(report.write_report_files) is None
+    assert default(precision_section) is None
+    for command in (["fit", "results.csv"], ["sweep", "report", "s.yaml"]):
+        assert build_parser().parse_args(command).bootstrap is None

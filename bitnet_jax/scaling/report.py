@@ -434,7 +434,8 @@ def write_report_files(name: str, rows: list[dict], out: Path, run_dirs: dict[st
                        n_boot: Optional[int] = None) -> Path:
     """Fit a results table, write fits.json, the plots and report.md into `out`. `n_boot`:
     bootstrap resamples of every law (default: each fitter's own, as `bitnet fit` uses)."""
-    laws = fit_laws(rows, DEFAULT_N_BOOT if n_boot is None else n_boot)
+    laws_n_boot = DEFAULT_N_BOOT if n_boot is None else n_boot
+    laws = fit_laws(rows, laws_n_boot)
     precision, precision_lines, precision_plots = precision_section(rows, laws, out, n_boot)
     (out / "fits.json").write_text(json.dumps(
         {**fits_json(laws), **({"precision": precision} if precision else {})}, indent=2) + "\n")
@@ -487,7 +488,7 @@ def write_report_files(name: str, rows: list[dict], out: Path, run_dirs: dict[st
     lines += ["## Seeds and noise", ""] + _noise_lines(laws) + [""]
     lines += ["## Scaling laws", "", "The laws of `bitnet fit results.csv` (also in `fits.json`): "
               "L(N) = E + A N^-alpha per recipe, fitted on log-loss residuals to the mean loss "
-              f"of each size, with {n_boot} bootstrap resamples (of the sizes, or drawn from the "
+              f"of each size, with {laws_n_boot} bootstrap resamples (of the sizes, or drawn from the "
               "seed-to-seed spread where sizes have several seeds):", ""]
     lines += _law_table(fits) if fits else ["(no recipe has enough completed runs to fit)"]
     if pure:
