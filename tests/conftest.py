@@ -15,6 +15,9 @@ os.environ["XLA_FLAGS"] = " ".join(
 # AOT plans), this also keeps it from starting, and printing its warnings, in every JAX process;
 # TPU topologies for AOT compiles are still available (tests/test_aot.py).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes a machine-wide lock file when it loads; two xdist workers compiling for a TPU
+# topology at once would otherwise fail on it (no chips are used, so sharing is safe).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 # The tests compile the same small programs many times, in pytest-xdist workers and in CLI
 # subprocesses: JAX's persistent cache (keyed by program, flags and versions) compiles each once.
