@@ -9,6 +9,7 @@ devices.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Optional
 
 from bitnet_jax.model import accounting
@@ -22,9 +23,11 @@ def compile_plan(sweep: Sweep, topology: Optional[str] = None) -> list[dict]:
     """One row per run (the keys of `bitnet sweep plan --compile --json`)."""
     devices = aot.topology_devices(topology)
     rows = []
-    for run in sweep.runs:
+    for index, run in enumerate(sweep.runs, 1):
         config, model = run.config, run.resolved.model
         step = aot.compile_train_step(run.resolved, devices)
+        print(f"[{index}/{len(sweep.runs)}] compiled {run.run_id} in {step.compile_seconds:.0f}s",
+              file=sys.stderr, flush=True)  # minutes per run for pod-sized models
         tokens = config.train.batch_size * config.data.seq_len
         compiled = None if step.flops_per_device is None else step.flops_per_device * step.devices
         rows.append({
