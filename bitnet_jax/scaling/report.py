@@ -488,8 +488,8 @@ def write_report_files(name: str, rows: list[dict], out: Path, run_dirs: dict[st
     lines += ["## Seeds and noise", ""] + _noise_lines(laws) + [""]
     lines += ["## Scaling laws", "", "The laws of `bitnet fit results.csv` (also in `fits.json`): "
               "L(N) = E + A N^-alpha per recipe, fitted on log-loss residuals to the mean loss "
-              f"of each size, with {laws_n_boot} bootstrap resamples (of the sizes, or drawn from the "
-              "seed-to-seed spread where sizes have several seeds):", ""]
+              f"of each size, with {laws_n_boot} bootstrap resamples (of the sizes, or drawn from "
+              "the seed-to-seed spread where sizes have several seeds):", ""]
     lines += _law_table(fits) if fits else ["(no recipe has enough completed runs to fit)"]
     if pure:
         lines += ["", "Pure power laws L(N) = A N^-alpha:", ""] + _law_table(pure)

@@ -304,6 +304,7 @@ def compile_steps(setup: AbstractSetup, precision: str) -> tuple[Callable, Calla
     config = setup.config
     model = Transformer(setup.model_config, setup.run.recipes[precision],
                         integer=config.train.integer_forward)
+
     def constrained(step: Callable) -> Callable:
         return sharding.with_activation_shardings(step, setup.mesh, setup.rules)
 
