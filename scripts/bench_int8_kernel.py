@@ -104,4 +104,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from bitnet_jax.platforms import skip_absent_tpu
+
+    skip_absent_tpu()  # as the CLI: an installed libtpu stays quiet on TPU-less machines
     main()
