@@ -86,6 +86,16 @@ def test_sweep_plan_table_marks_runs_that_do_not_fit(tmp_path, capsys, monkeypat
     assert main(["sweep", "plan", str(path), "--compile"]) == 0
     out = capsys.readouterr().out
     assert " NO " in out and "2 of 2 runs do NOT fit" in out
+    assert "try model.scan_layers=true, model.remat=full, a larger train.grad_accum" in out
+
+
+def test_plan_suggests_only_what_the_runs_do_not_already_use():
+    from bitnet_jax.scaling.compile_plan import _remedies
+
+    both = [{"scan_layers": True, "remat": "full"}]
+    assert _remedies(both) == "a larger train.grad_accum, more devices"
+    assert _remedies(both + [{"scan_layers": True, "remat": "none"}]).startswith(
+        "model.remat=full, a larger")
 
 
 def test_topology_without_compile_or_libtpu_is_one_clear_error(tmp_path):

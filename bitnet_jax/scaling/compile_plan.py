@@ -63,11 +63,19 @@ def format_compile_plan(sweep: Sweep, rows: list[dict]) -> str:
             f"{row['device_bytes'] / GIB:>6.1f} {'yes' if row['fits'] else 'NO':>4} "
             f"{flops:>11} {row['flops_analytic']:>9.3e} {row['compile_s']:>6.1f}s "
             f"{'yes' if row['scan_layers'] else 'no':>4} {row['remat']:>7}")
-    misfits = [row["run"] for row in rows if not row["fits"]]
-    lines.append(f"{len(misfits)} of {len(rows)} runs do NOT fit: {', '.join(misfits)}; try "
-                 f"model.scan_layers=true, model.remat=full, a larger train.grad_accum or more "
-                 f"devices" if misfits else f"all {len(rows)} runs fit")
+    misfits = [row for row in rows if not row["fits"]]
+    lines.append(f"{len(misfits)} of {len(rows)} runs do NOT fit: "
+                 f"{', '.join(row['run'] for row in misfits)}; try {_remedies(misfits)}"
+                 if misfits else f"all {len(rows)} runs fit")
     return "\n".join(lines)
+
+
+def _remedies(misfits: list[dict]) -> str:
+    """What to try, leaving out the settings every run that does not fit already has."""
+    untried = [setting for setting, tried in (
+        ("model.scan_layers=true", all(row["scan_layers"] for row in misfits)),
+        ("model.remat=full", all(row["remat"] == "full" for row in misfits))) if not tried]
+    return ", ".join(untried + ["a larger train.grad_accum", "more devices"])
 
 
 def to_json(rows: list[dict]) -> str:
