@@ -270,7 +270,9 @@ def test_full_disk_for_real_stops_and_exits(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
     done = subprocess.run(["unshare", "-rm", "sh", "-c", command], env=env, capture_output=True,
                           text=True, timeout=300)
-    errors = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+    # orbax's abandoned save threads print tracebacks while the process exits, and under load a
+    # fragment of theirs can land before our line on the same line of stderr: find ours anywhere.
+    errors = [l[l.index("error: "):] for l in done.stderr.splitlines() if "error: " in l]
     assert done.returncode == 1, done.stderr[-2000:]
     assert len(errors) == 1, done.stderr[-3000:]
     assert "step 2" in errors[0] and "last good checkpoint: none" in errors[0], errors
