@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from bitnet_jax.model import accounting as compute
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one run from a YAML config; key=value arguments override fields, "
                     "e.g. train.steps=200 precision=bf16 model.d_model=128.")
     train.add_argument("--config", metavar="FILE.yaml", help="run config (default: all defaults)")
+    train.add_argument("--lm-eval", metavar="SPEC.json", default=None,
+                       help="then score the finished run on lm-eval tasks into its lm_eval.json "
+                            "(a sweep's `eval:` block, as `bitnet sweep run` writes it)")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.set_defaults(func=cmd_train)
 
@@ -422,13 +426,17 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _import_lm_eval_adapter():
     try:
         from bitnet_jax.interop import lm_eval_adapter
     except ModuleNotFoundError as missing:
-        raise ConfigError(f"bitnet eval needs lm-evaluation-harness ({missing}); install it with "
-                          f"`pip install 'bitnet-jax[eval]'`") from None
+        raise ConfigError(f"scoring on lm-eval tasks needs lm-evaluation-harness ({missing}); "
+                          f"install it with `pip install 'bitnet-jax[eval]'`") from None
+    return lm_eval_adapter
 
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    lm_eval_adapter = _import_lm_eval_adapter()
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     results = lm_eval_adapter.evaluate(
         args.model_dir, [t.strip() for t in args.tasks.split(",") if t.strip()],
@@ -466,6 +474,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     failures: list[dict] = []
     if args.sweep_command == "run":
+        if sweep.eval is not None and args.launcher != "print":  # a misspelt task fails now,
+            # not after every run has trained
+            _import_lm_eval_adapter().task_manager_for(sweep.eval.tasks, sweep.eval.include_path)
         options = dict(_key_value(item, "--sbatch") for item in args.sbatch)
         outcome = sweeps.run_sweep(sweep, args.launcher, args.workers, args.retry_failed,
                                    options, args.wait)
@@ -553,6 +564,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     print(json.dumps({k: summary.get(k) for k in ("run", "status", "step", "eval_loss",
                                                    "eval_ppl", "eval_bpb", "tokens_per_s")}))
+    if args.lm_eval is not None and summary.get("status") == "completed":
+        return _score_run(Path(config.out_dir) / summary["run"], args.lm_eval)
+    return 0
+
+
+def _score_run(run_dir: Path, spec_path: str) -> int:
+    """Score a finished run on a sweep's lm-eval tasks (its lm_eval.json); 1 if lm-eval fails."""
+    from bitnet_jax.files import read_json_object
+    from bitnet_jax.scaling.downstream import EvalSpec
+
+    spec = EvalSpec.from_json(read_json_object(spec_path, "lm-eval spec"))
+    lm_eval_adapter = _import_lm_eval_adapter()
+    print(f"scoring {run_dir.name} on lm-eval tasks {', '.join(spec.tasks)}", flush=True)
+    try:
+        path = lm_eval_adapter.score_run(run_dir, spec)
+    except ConfigError:
+        raise
+    except Exception as error:  # lm-eval and its datasets raise anything; say it in one line
+        print(f"error: lm-eval scoring of {run_dir.name} failed: {type(error).__name__}: "
+              f"{error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
     return 0
 
 

@@ -14,3 +14,4 @@ SUMMARY_FILE = "summary.json"  # written at the end: status, final eval, through
 CHECKPOINT_DIR = "checkpoints"  # orbax steps: train state, data position, checkpoint meta
 TOKENIZER_FILE = "tokenizer.json"  # an HF tokenizer copied into a model directory
 LAUNCH_LOG = "launch.log"  # stdout and stderr of a run started by a sweep launcher
+LM_EVAL_FILE = "lm_eval.json"  # a sweep's lm-eval scores of the run, with the spec that made them

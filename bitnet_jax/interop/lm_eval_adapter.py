@@ -32,8 +32,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from bitnet_jax import run_files
 from bitnet_jax.data.tokenizers import load_tokenizer
 from bitnet_jax.errors import require
+from bitnet_jax.files import write_text_atomic
 from bitnet_jax.infer.generate import Generator, generate, load_generator  # loads any model dir
 from bitnet_jax.infer.sampling import SamplingConfig
 
@@ -231,6 +233,17 @@ def evaluate(model_dir: str | Path, tasks: Sequence[str], include_path: Optional
     return simple_evaluate(model=model, tasks=list(tasks), num_fewshot=num_fewshot,
                            limit=limit, task_manager=task_manager, log_samples=log_samples,
                            bootstrap_iters=0)
+
+
+def score_run(run_dir: str | Path, spec) -> Path:
+    """Score a run on a sweep's tasks (a `scaling.downstream.EvalSpec`) and write its
+    lm_eval.json: the spec, then what `results_json` holds. Returns the file's path."""
+    results = evaluate(run_dir, spec.tasks, spec.include_path, spec.limit, spec.batch_size,
+                       spec.num_fewshot)
+    path = Path(run_dir) / run_files.LM_EVAL_FILE
+    write_text_atomic(path, json.dumps({"spec": spec.to_json(),
+                                        **json.loads(results_json(results))}, indent=2))
+    return path
 
 
 def task_manager_for(tasks: Sequence[str], include_path: Optional[str] = None):

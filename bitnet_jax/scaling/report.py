@@ -7,8 +7,8 @@ intervals and predictions of the largest size from the others), writes them as f
 the hyperparameter selection, the seed-to-seed noise and each recipe's gap to bf16 against it,
 adds isoflop curves where budgets repeat, compares every recipe with bf16 (loss ratio, effective
 parameter multiplier, loss against weight memory and against inference energy), adds the
-precision laws where the table holds several bit settings (`precision_report`), and draws the
-plots. The `draw_*` functions draw on any matplotlib axes, so a notebook draws the same curves
+precision laws where the table holds several bit settings (`precision_report`) and the lm-eval
+scores against loss and N where the sweep scored its runs (`downstream`), and draws the plots. The `draw_*` functions draw on any matplotlib axes, so a notebook draws the same curves
 inline from `results.csv` and `fits.json`.
 """
 
@@ -27,6 +27,7 @@ from bitnet_jax.run_files import METRICS_FILE
 from bitnet_jax.scaling.bootstrap import DEFAULT_N_BOOT
 from bitnet_jax.scaling.compare import (effective_parameter_multiplier_band, loss_ratio_band,
                                         loss_vs_resource)
+from bitnet_jax.scaling.downstream import DOWNSTREAM_N_BOOT, downstream_fits
 from bitnet_jax.scaling.fit import RecipeFits, fit_table, fits_json
 from bitnet_jax.scaling.holdout import DEFAULT_HOLDOUT
 from bitnet_jax.scaling.isoflop import fit_isoflop
@@ -224,6 +225,35 @@ def plot_comparison(fits: dict, path: Path) -> Optional[Path]:
     return _save(plt, fig, path)
 
 
+def draw_downstream(loss_ax, size_ax, column: str, fits: dict) -> None:
+    """One lm-eval score (a fits.json "downstream" entry) against loss, with each recipe's
+    fitted line, and against N."""
+    for recipe, fit in fits.items():
+        points = fit["points"]
+        loss = np.array([p["loss"] for p in points])
+        score = np.array([p["score"] for p in points])
+        loss_ax.scatter(loss, score, color=color(recipe), label=recipe, zorder=3)
+        size_ax.scatter([p["N"] for p in points], score, color=color(recipe), label=recipe,
+                        zorder=3)
+        line = fit["against_loss"]
+        if line is not None:
+            grid = np.linspace(loss.min(), loss.max(), 20)
+            loss_ax.plot(grid, line["intercept"] + line["slope"] * grid, color=color(recipe))
+    _style(loss_ax, "validation loss (nats / token)", column)
+    loss_ax.set_xscale("linear")
+    _style(size_ax, "non-embedding parameters N", column)
+
+
+def plot_downstream(downstream: dict, path: Path) -> Path:
+    """Every score against loss (left) and against N (right), one row per score."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(downstream), 2, figsize=(10, 3.6 * len(downstream)),
+                             squeeze=False)
+    for (loss_ax, size_ax), (column, fits) in zip(axes, downstream.items()):
+        draw_downstream(loss_ax, size_ax, column, fits)
+    return _save(plt, fig, path)
+
+
 def draw_hyperparameter(ax, choices, key: str, recipe: str) -> None:
     """Loss against one swept hyperparameter, a line per size (and seed) of one recipe; the
     winner of each marked, a winner at the edge of its grid ringed in red."""
@@ -302,6 +332,20 @@ def _runs_table(rows: list[dict]) -> list[str]:
             f"| {_fmt(r.get(LOSS))} | {_fmt(r.get('eval_bpb'))} "
             f"| {_fmt(memory / 1e6 if memory else None)} MB | {_fmt(energy * 1e9 if energy else None)} nJ "
             f"| {_fmt(r.get('wall_seconds'), 3)} s |")
+    return lines
+
+
+def _downstream_lines(downstream: dict) -> list[str]:
+    lines = ["| score | recipe | runs | range | slope in loss (95% bootstrap interval) "
+             "| Spearman with N |", "|---|---|---|---|---|---|"]
+    for column, fits in downstream.items():
+        for recipe, fit in fits.items():
+            scores = [p["score"] for p in fit["points"]]
+            line = fit["against_loss"]
+            slope = "-" if line is None else (f"{line['slope']:.3g} [{line['slope_interval'][0]:.3g}"
+                                              f", {line['slope_interval'][1]:.3g}]")
+            lines.append(f"| `{column}` | {recipe} | {len(scores)} | {min(scores):.4g} to "
+                         f"{max(scores):.4g} | {slope} | {_fmt(fit['spearman_with_N'], 3)} |")
     return lines
 
 
@@ -437,8 +481,10 @@ def write_report_files(name: str, rows: list[dict], out: Path, run_dirs: dict[st
     laws_n_boot = DEFAULT_N_BOOT if n_boot is None else n_boot
     laws = fit_laws(rows, laws_n_boot)
     precision, precision_lines, precision_plots = precision_section(rows, laws, out, n_boot)
+    downstream = downstream_fits(rows)
     (out / "fits.json").write_text(json.dumps(
-        {**fits_json(laws), **({"precision": precision} if precision else {})}, indent=2) + "\n")
+        {**fits_json(laws), **({"precision": precision} if precision else {}),
+         **({"downstream": downstream} if downstream else {})}, indent=2) + "\n")
     fits, _ = laws_of_kind(laws, "offset")
     pure, _ = laws_of_kind(laws, "power")
     chinchilla, _ = laws_of_kind(laws, "chinchilla")
@@ -521,6 +567,16 @@ def write_report_files(name: str, rows: list[dict], out: Path, run_dirs: dict[st
     if precision_lines:
         lines += [""] + precision_lines
     plots.update(precision_plots)
+    if downstream:
+        lines += ["", "## Downstream scores", "", "lm-evaluation-harness scores of every "
+                  "completed run (the sweep's `eval:` tasks; `eval/<task>/<metric>` columns of "
+                  "`results.csv`, `downstream` in `fits.json`): a least-squares line of score "
+                  f"in loss per recipe, its slope's interval from {DOWNSTREAM_N_BOOT} bootstrap "
+                  "resamples of the runs, and the rank correlation of score with N. Scores "
+                  "near a task's chance level say little about a model:", ""]
+        lines += _downstream_lines(downstream)
+        plots["downstream scores against loss and parameters"] = plot_downstream(
+            downstream, out / "downstream.png")
     lines += ["", "## Plots", ""]
     for title, path in plots.items():
         lines += [f"### {title[0].upper() + title[1:]}", "", f"![{title}]({path.name})", ""]

@@ -20,8 +20,8 @@ from bitnet_jax.files import read_text
 __all__ = ["RESULT_COLUMNS", "PARAMS", "TOKENS", "LOSS", "RECIPE", "STATUS", "COMPLETED",
            "SEED", "DATA_SEED", "AXES", "KEY_COLUMNS", "BIT_COLUMNS", "WEIGHT_BITS", "ACT_BITS",
            "KV_BITS", "GROUP_SIZE", "WEIGHT_GRANULARITY", "UNQUANTIZED_BITS", "precision_row",
-           "PARAM_COLUMNS", "TOKEN_COLUMNS", "LOSS_COLUMNS", "RECIPE_COLUMNS", "accounting_row",
-           "read_table", "write_table", "write_parquet"]
+           "PARAM_COLUMNS", "TOKEN_COLUMNS", "LOSS_COLUMNS", "RECIPE_COLUMNS", "SCORE_PREFIX",
+           "accounting_row", "read_table", "table_columns", "write_table", "write_parquet"]
 
 RESULT_COLUMNS = (
     "run", "status", "reason", "preset", "precision", "params_total", "params_non_embedding",
@@ -33,6 +33,9 @@ RESULT_COLUMNS = (
     "tokens_per_s", "lr", "batch_size", "seq_len", "seed", "data_seed", "axes",
     "error",  # a failed run's last error line (from its launch.log)
 )
+
+# Downstream scores: one column per lm-eval task and metric a sweep scored (`scaling.downstream`).
+SCORE_PREFIX = "eval/"
 
 # The columns the fits read, by their role.
 PARAMS = "params_non_embedding"  # N
@@ -144,18 +147,25 @@ def read_table(path: Union[str, Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def table_columns(rows: list[dict]) -> list[str]:
+    """RESULT_COLUMNS, then the downstream score columns any row has (`eval/<task>/<metric>`,
+    one per lm-eval metric a sweep scored), sorted."""
+    scores = sorted({key for row in rows for key in row if key.startswith(SCORE_PREFIX)})
+    return list(RESULT_COLUMNS) + scores
+
+
 def write_table(rows: list[dict], path: Path) -> None:
-    """`rows` as a CSV with the RESULT_COLUMNS header (missing values as empty cells)."""
+    """`rows` as a CSV with the `table_columns` header (missing values as empty cells)."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(RESULT_COLUMNS))
+        writer = csv.DictWriter(f, fieldnames=table_columns(rows))
         writer.writeheader()
         writer.writerows(rows)
 
 
 def write_parquet(rows: list[dict], path: Path) -> None:
-    """`rows` as a parquet file with the RESULT_COLUMNS (pyarrow infers the column types)."""
+    """`rows` as a parquet file with the `table_columns` (pyarrow infers the column types)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = {c: [r.get(c) for r in rows] for c in RESULT_COLUMNS}
+    columns = {c: [r.get(c) for r in rows] for c in table_columns(rows)}
     pq.write_table(pa.table(columns), path)

@@ -9,6 +9,7 @@ A sweep file holds a base run config and a list of axes:
       - precision: [bf16, b1.58]     # ... while keys inside one axis are zipped
         optimizer.lr: [2.0e-3, 4.0e-3]
     tokens_per_param: 20             # optional, or `tokens: 2.0e6`, or either as an axis key
+    eval: {tasks: [arc_easy]}        # optional: lm-eval tasks each run is scored on (`downstream`)
 
 `tokens` and `tokens_per_param` (per non-embedding parameter) set `train.steps` from the batch
 and sequence length. `seed` sets both `train.seed` (model init) and `data.seed` (data order): a
@@ -37,6 +38,7 @@ from bitnet_jax.config import (RunConfig, apply_overrides, from_dict, read_yaml,
                                unknown_key_error)
 from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.files import read_json_object, write_text_atomic
+from bitnet_jax.scaling.downstream import EvalSpec, read_run_scores, score_columns, scored_with
 from bitnet_jax.scaling.launch import Job, format_duration
 from bitnet_jax.scaling.results import (AXES, DATA_SEED, RESULT_COLUMNS, SEED, accounting_row,
                                         write_parquet, write_table)
@@ -44,7 +46,7 @@ from bitnet_jax.model.resolve import ResolvedRun, resolve_model, resolve_run
 
 TOKEN_KEYS = ("tokens", "tokens_per_param")
 SEED_KEY = "seed"  # an axis key: the seeds of model init and data order together
-SWEEP_KEYS = ("name", "out_dir", "base", "base_config", "axes") + TOKEN_KEYS
+SWEEP_KEYS = ("name", "out_dir", "base", "base_config", "axes", "eval") + TOKEN_KEYS
 FINISHED, FAILED = ("completed",), ("failed", "diverged")
 
 
@@ -71,6 +73,7 @@ class Sweep:
     name: str
     directory: Path
     runs: list[Run]
+    eval: Optional[EvalSpec] = None  # lm-eval tasks each run is scored on after training
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +155,8 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None) -> Sweep
         seen.add(run_id)
         runs.append(run)
     require(runs, f"sweep {name!r} expands to no runs")
-    return Sweep(name, directory, runs)
+    spec = EvalSpec.from_sweep(spec["eval"], Path(path).parent) if "eval" in spec else None
+    return Sweep(name, directory, runs, spec)
 
 
 def _point_overrides(point: dict) -> list[str]:
@@ -280,18 +284,29 @@ def write_run_config(run: Run) -> Path:
     return path
 
 
+def write_eval_spec(sweep: Sweep) -> Path:
+    path = sweep.directory / "_configs" / "lm_eval_spec.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(sweep.eval.to_json(), indent=2))
+    return path
+
+
 def jobs_to_run(sweep: Sweep, retry_failed: bool = False) -> tuple[list[Job], dict[str, str]]:
-    """Jobs for every run not finished (failed ones only if `retry_failed`); skipped ones' status."""
+    """Jobs for every run not finished (failed ones only if `retry_failed`), and for finished
+    ones not yet scored on the sweep's lm-eval tasks; skipped ones' status."""
     jobs, skipped = [], {}
+    scoring = ["--lm-eval", str(write_eval_spec(sweep).resolve())] if sweep.eval else []
     for run in sweep.runs:
         status = run_status(run.run_dir)["status"]
-        if status in FINISHED or (status in FAILED and not retry_failed):
+        unscored = sweep.eval is not None and not scored_with(run.run_dir, sweep.eval)
+        if (status in FINISHED and not unscored) or (status in FAILED and not retry_failed):
             skipped[run.run_id] = status
             continue
         if status in FAILED:  # retried from scratch: its checkpoints may hold the bad state
             _archive_failed(run.run_dir)
+        # `train` on a finished run only scores it (with --lm-eval).
         argv = [sys.executable, "-m", "bitnet_jax.cli", "train", "--config",
-                str(write_run_config(run).resolve())]
+                str(write_run_config(run).resolve())] + scoring
         jobs.append(Job(run.run_id, argv, run.run_dir.resolve()))
     return jobs, skipped
 
@@ -360,7 +375,12 @@ def collect_run(run: Run) -> dict:
     })
     if status["status"] != "completed":  # report measured tokens only for finished runs
         row["tokens"] = summary.get("tokens", row["tokens"]) if summary else row["tokens"]
-    return {column: row.get(column) for column in RESULT_COLUMNS}
+    try:
+        scores = read_run_scores(run.run_dir)
+    except ConfigError as error:  # damaged scores cost the scores, not the run's row
+        scores, row["error"] = None, str(error)
+    return {**{column: row.get(column) for column in RESULT_COLUMNS},
+            **(score_columns(scores) if scores else {})}
 
 
 def collect_run_or_error(run: Run) -> dict:
