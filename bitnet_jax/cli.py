@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--weights", choices=("auto", "float", "int8", "packed"),
                           default="auto", help="how quantized weights are held (default: int8 "
                                                "codes for ternary and other <= 8-bit recipes)")
+    generate.add_argument("--head", choices=("float", "int8"), default="float",
+                          help="int8: the output head as int8 rows with int8 x int8 products "
+                               "(half a bf16 head's bytes; logits move by ~1%%)")
     generate.add_argument("--kv-bits", type=int, default=None,
                           help="quantize the KV cache to this many bits (a4.8 uses 3)")
     generate.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
@@ -358,10 +361,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     bundle, generator = inference.load_generator(args.model_dir, args.weights,
-                                                 kv_bits=args.kv_bits, dtype=args.dtype)
+                                                 kv_bits=args.kv_bits, dtype=args.dtype,
+                                                 head=args.head)
     tokenizer = load_tokenizer(bundle.tokenizer)
     print(f"# {bundle.precision} model, {generator.weights} weights"
           f"{', integer products' if generator.integer else ''}"
+          f"{', int8 head' if generator.head == 'int8' else ''}"
           f"{f', {args.kv_bits}-bit KV cache' if args.kv_bits else ''}", file=sys.stderr)
     prompts = [tokenizer.encode(text) for text in args.prompt]
     result = inference.generate(generator, prompts, args.max_new_tokens, sampling, args.seed,

@@ -14,7 +14,8 @@ writes JSON (default `bench_infer.json`).
 
 `--compare-llamacpp` instead decodes one prompt (batch 1) with ours and with llama.cpp
 (llama-cpp-python) on GGUF files of the very same random weights (`bitnet export-gguf`'s
-writer: TQ2_0 linears with per-tensor scales and a bf16 head for ternary-2bit, BF16 for bf16),
+writer: TQ2_0 linears with per-tensor scales for ternary-2bit, BF16 for bf16; the tied head bf16,
+or with `--head int8` ours as int8 rows and llama.cpp's as Q8_0),
 at the same thread count, interleaving the engines round by round so that a shared machine's
 noise falls on all of them alike; ratios are per round, then the median.
 """
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.core import packing
-from bitnet_jax.infer.generate import Generator, generate, tree_bytes
+from bitnet_jax.infer.generate import Generator, generate, int8_head_params, tree_bytes
 from bitnet_jax.model.transformer import Transformer, get_model_config
 from bitnet_jax.core.precision import get_recipe
 
@@ -70,12 +71,21 @@ def random_params(model: Transformer, rng: np.random.Generator):
                                                 rng)), shapes)
 
 
-def build(preset: str, mode: str, **overrides) -> Generator:
+def build(preset: str, mode: str, head: str = "float", **overrides) -> Generator:
     precision, weights, integer = MODES[mode]
     config = get_model_config(preset, dtype="bfloat16", param_dtype="bfloat16", **overrides)
     recipe = get_recipe(precision)
     params = random_params(Transformer(config, recipe, integer, weights), np.random.default_rng(0))
-    return Generator(config, recipe, params, weights, integer)
+    generator = Generator(config, recipe, params, weights, integer)
+    return with_head(generator, head)
+
+
+def with_head(generator: Generator, head: str) -> Generator:
+    """The generator with its bf16 output head held as `head` ("int8": int8 rows)."""
+    if head == "float":
+        return generator
+    return Generator(generator.config, generator.recipe, int8_head_params(generator.params),
+                     generator.weights, generator.integer, head)
 
 
 def decode_rate(generator: Generator, batch: int, prompt_len: int, new_tokens: int) -> dict:
@@ -89,8 +99,9 @@ def decode_rate(generator: Generator, batch: int, prompt_len: int, new_tokens: i
             "prefill_s": result.prefill_seconds, "decode_steps": result.decode_steps}
 
 
-# GGUF type of each compared mode's linears (the head is bf16 in both engines).
+# GGUF type of each compared mode's linears, and of the tied head for each of our heads.
 LLAMACPP_TYPES = {"bf16": "bf16", "ternary-2bit": "tq2_0"}
+LLAMACPP_HEAD_TYPES = {"float": "bf16", "int8": "q8_0"}
 
 
 def _our_step_ms(generator: Generator, prompt: list, new_tokens: int) -> float:
@@ -123,19 +134,21 @@ def compare_llamacpp(args, meta: dict) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     modes = [m for m in args.modes.split(",") if m in LLAMACPP_TYPES]
     engines = {}
+    head_type = LLAMACPP_HEAD_TYPES[args.head]
+    paths = {}
     for mode in modes:
         generator = build(args.preset, mode, **overrides)
-        path = workdir / f"{args.preset}-{mode}.gguf"
+        paths[mode] = path = workdir / f"{args.preset}-{mode}-{head_type}.gguf"
         if not path.exists():
             began = time.perf_counter()
             bundle = ModelBundle(generator.config, generator.recipe.name,
                                  jax.tree.map(np.asarray, generator.params), "bytes")
-            export_gguf(bundle, path, LLAMACPP_TYPES[mode], head_type="bf16")
+            export_gguf(bundle, path, LLAMACPP_TYPES[mode], head_type=head_type)
             print(f"# wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in "
                   f"{time.perf_counter() - began:.0f} s", flush=True)
         llm = llama_cpp.Llama(str(path), n_ctx=args.prompt_len + args.new_tokens + 8,
                               n_threads=threads, n_threads_batch=threads, verbose=False)
-        engines[mode] = (generator, llm)
+        engines[mode] = (with_head(generator, args.head), llm)
     prompt = [int(t) for t in np.arange(1, args.prompt_len + 1)]
     for generator, llm in engines.values():  # warm-up: compile ours, page in both
         _our_step_ms(generator, prompt, 2)
@@ -153,11 +166,12 @@ def compare_llamacpp(args, meta: dict) -> int:
     for mode in engines:
         ratios = [r[f"ours {mode}"] / r[f"llama.cpp {mode}"] for r in rounds]
         summary.append({
-            "mode": mode, "llama_cpp_type": LLAMACPP_TYPES[mode], "head": "bf16",
+            "mode": mode, "llama_cpp_type": LLAMACPP_TYPES[mode], "head": args.head,
+            "llama_cpp_head_type": head_type,
             "ours_ms": statistics.median(r[f"ours {mode}"] for r in rounds),
             "llama_cpp_ms": statistics.median(r[f"llama.cpp {mode}"] for r in rounds),
             "ratio_median": statistics.median(ratios), "ratios": ratios,
-            "gguf_bytes": (workdir / f"{args.preset}-{mode}.gguf").stat().st_size,
+            "gguf_bytes": paths[mode].stat().st_size,
             "our_weight_bytes": tree_bytes(engines[mode][0].params)})
     header = (f"{'weights':>13} {'llama.cpp':>9} {'ours ms/tok':>11} {'llama.cpp ms/tok':>16} "
               f"{'ours/llama.cpp':>14}")
@@ -185,12 +199,16 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-llamacpp", action="store_true",
                         help="batch-1 decoding, ours vs llama.cpp on GGUFs of the same weights")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (compare)")
+    parser.add_argument("--head", choices=("float", "int8"), default="float",
+                        help="our output head: bf16, or int8 rows (llama.cpp then gets a Q8_0 "
+                             "head in --compare-llamacpp)")
     parser.add_argument("--threads", type=int, default=None,
                         help="llama.cpp threads (default: all cores, as XLA uses)")
     parser.add_argument("--gguf-dir", default=None, help="where the GGUF files go (reused)")
     args = parser.parse_args(argv)
 
     meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "head": args.head,
             "jax": jax.__version__, "machine": platform.machine(), "preset": args.preset,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
@@ -205,7 +223,7 @@ def main(argv=None) -> int:
     rows = []
     for mode in args.modes.split(","):
         began = time.perf_counter()
-        generator = build(args.preset, mode)
+        generator = build(args.preset, mode, args.head)
         setup_s = time.perf_counter() - began
         for batch in map(int, args.batches.split(",")):
             rate = decode_rate(generator, batch, args.prompt_len, args.new_tokens)

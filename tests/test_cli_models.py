@@ -61,6 +61,12 @@ def test_every_way_out_and_back_generates_the_same_text(run_dir, tmp_path, capsy
                      layout]) == 0
         assert "linear" in capsys.readouterr().out
         assert generated(capsys, tmp_path / layout) == text
+    # The int8 head on packed weights read straight from the file (a lossy head: text may differ)
+    assert main(["generate", str(tmp_path / "2bit"), *GENERATE, "--weights", "packed",
+                 "--head", "int8"]) == 0
+    out, err = capsys.readouterr()
+    assert "packed weights, integer products, int8 head" in err
+    assert [line[:6] for line in out.splitlines()] == ["def ma", "import"]
 
 
 @pytest.mark.slow

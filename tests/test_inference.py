@@ -124,3 +124,57 @@ def test_errors_name_the_problem():
         inference.generate(generator, [[1] * 40], 10)
     with pytest.raises(ConfigError, match="at least one token"):
         inference.generate(generator, [[]], 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# The int8 output head (inference only).
+
+def test_int8_embedding_is_the_int8_product_of_its_rows():
+    """Lookup = codes x scale; attend = round(x / s_x) . codes^T x s_x x s_row, as numpy
+    computes it in float64 from the same codes (integer sums are exact)."""
+    from bitnet_jax.model.layers import Int8Embedding
+
+    rng = np.random.default_rng(1)
+    codes = rng.integers(-127, 128, (50, 32)).astype(np.int8)
+    scale = rng.uniform(0.001, 0.01, 50).astype(np.float32)
+    x = rng.normal(size=(2, 5, 32)).astype(np.float32)
+    variables = {"params": {"codes": jnp.asarray(codes), "scale": jnp.asarray(scale)}}
+    module = Int8Embedding(50, 32, jnp.float32)
+    rows = module.apply(variables, jnp.asarray([[3, 7]]))
+    np.testing.assert_allclose(rows[0], codes[[3, 7]] * scale[[3, 7], None], rtol=1e-6)
+    logits = module.apply(variables, jnp.asarray(x), method="attend")
+    absmax = np.abs(x).max(-1, keepdims=True)
+    x_codes = np.clip(np.round(x * (np.float32(1) / absmax * 127)), -128, 127)
+    expected = (x_codes.astype(np.float64) @ codes.T.astype(np.float64)) * (absmax / 127) * scale
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision,tied", [("b1.58", True), ("b1.58", False), ("bf16", True)])
+def test_int8_head_moves_logits_by_about_one_percent(precision, tied):
+    """Against the float head: every logit within 2% of the largest logit, the same argmax at
+    nearly every position, and cached generation still equal to the full-sequence reference."""
+    config = CONFIG.replace(tie_embeddings=tied)
+    params = float_params(precision, config)
+    recipe = get_recipe(precision)
+    float_head = inference.make_generator(params, config, recipe)
+    int8_head = inference.make_generator(params, config, recipe, head="int8")
+    head_leaves = int8_head.params["embed_tokens" if tied else "lm_head"]
+    assert head_leaves["codes"].dtype == jnp.int8 and head_leaves["codes"].shape == (64, 64)
+    reference = np.asarray(float_head.full_logits(tokens()))
+    logits = np.asarray(int8_head.full_logits(tokens()))
+    assert np.abs(logits - reference).max() <= 0.02 * np.abs(reference).max()
+    assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
+    generated = inference.generate(int8_head, PROMPTS[:1], 8).tokens[0]
+    np.testing.assert_array_equal(
+        generated, inference.generate_without_cache(int8_head, PROMPTS[0], 8))
+
+
+def test_int8_head_halves_a_bf16_heads_bytes():
+    config = CONFIG.replace(dtype="bfloat16", tie_embeddings=True)
+    params = float_params("b1.58", config)
+    size = {head: inference.tree_bytes(inference.make_generator(
+        params, config, get_recipe("b1.58"), head=head).params) for head in ("float", "int8")}
+    vocab, width = config.vocab_size, config.d_model
+    assert size["float"] - size["int8"] == vocab * width * (2 - 1) - vocab * 4
+    with pytest.raises(ConfigError, match="head must be one of"):
+        inference.make_generator(params, config, get_recipe("b1.58"), head="int4")

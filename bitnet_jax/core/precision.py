@@ -130,6 +130,10 @@ TERNARY = WeightQuantizer("ternary", 1.58)
 BINARY = WeightQuantizer("binary", 1)
 A8 = ActivationQuantizer("absmax", 8)
 A4_ABSMEAN = ActivationQuantizer("absmean", 4)
+# The output head for inference with head="int8" (never trained this way): 8-bit absmax codes with
+# one scale per vocabulary row and 8-bit inputs per token, so the logits are int8 x int8 -> int32
+# products. llama.cpp's Q8_0 head is the same bits with a scale per 32 values.
+HEAD_INT8 = LinearPrecision(WeightQuantizer("absmax", 8, "channel"), A8)
 
 
 def _a48() -> PrecisionRecipe:

@@ -14,7 +14,8 @@ or the bf16 weights in place:
 
 Layers it does not cover (an inner RMSNorm, Hadamard rotations, other dtypes) run unchanged,
 and nothing changes where the kernels are unavailable (non-x86, BITNET_JAX_CPU_INT8=0).
-The tied head (an einsum inside `Transformer`) is not a BitLinear and stays XLA's.
+The tied head (an einsum inside `Transformer`) is not a BitLinear and stays XLA's; with
+`head="int8"` it is an int8 product through `quant.codes_dot` (`layers.Int8Embedding`).
 """
 
 from __future__ import annotations

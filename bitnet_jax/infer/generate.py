@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.core import codec
-from bitnet_jax.core.precision import KVCachePrecision, PrecisionRecipe, get_recipe
+from bitnet_jax.core.precision import HEAD_INT8, KVCachePrecision, PrecisionRecipe, get_recipe
 from bitnet_jax.errors import require
 from bitnet_jax.infer.decode_kernels import decode_products
 from bitnet_jax.infer.sampling import SamplingConfig, sample
@@ -33,7 +33,7 @@ from bitnet_jax.interop.load import load_model
 from bitnet_jax.interop.run_dir import ModelBundle
 from bitnet_jax.model import layer_stack
 from bitnet_jax.model import kv_cache
-from bitnet_jax.model.layers import WEIGHT_FORMATS
+from bitnet_jax.model.layers import HEAD_FORMATS, WEIGHT_FORMATS
 from bitnet_jax.model.linears import PROJECTION_ROLES
 from bitnet_jax.model.transformer import ModelConfig, Transformer
 
@@ -109,6 +109,21 @@ def inference_params(params: Any, recipe: PrecisionRecipe, weights: str, dtype) 
     return _cast_unstored(convert(dict(params), ""), dtype)
 
 
+def int8_head_params(params: Any) -> Any:
+    """Inference parameters with the output head held as `core.precision.HEAD_INT8` int8 rows
+    (for `Transformer(..., head="int8")`): the tied table becomes `embed_tokens/{codes, scale}`
+    (looked up as codes x scale, so the inputs change slightly too), an untied `lm_head` its
+    stored-linear `{codes, scale}`. Halves a bf16 head's bytes; the logits move by about 1% of
+    their range (tests/test_inference.py)."""
+    params = dict(params)
+    if "lm_head" in params:
+        params["lm_head"] = _stored_linear(params["lm_head"], HEAD_INT8.weight, "int8")
+    else:  # the table (vocab, d) is the head's kernel transposed: one scale per vocabulary row
+        table_VxD = jnp.asarray(params["embed_tokens"]["embedding"], jnp.float32)
+        params["embed_tokens"] = _stored_linear({"kernel": table_VxD.T}, HEAD_INT8.weight, "int8")
+    return params
+
+
 def tree_bytes(tree: Any) -> int:
     return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)))
 
@@ -125,6 +140,7 @@ class Generator:
     params: Any
     weights: str = "float"
     integer: bool = False
+    head: str = "float"  # "int8": the output head as int8 rows (`int8_head_params`)
     _step: Callable = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -138,7 +154,7 @@ class Generator:
 
     @property
     def model(self) -> Transformer:
-        return Transformer(self.config, self.recipe, self.integer, self.weights)
+        return Transformer(self.config, self.recipe, self.integer, self.weights, self.head)
 
     def step(self, cache: kv_cache.KVCache, tokens_BxT: jax.Array):
         """Logits of the last new token (B, V) and the cache with the new tokens in it."""
@@ -173,22 +189,27 @@ def _generator_settings(config: ModelConfig, recipe: PrecisionRecipe, weights: s
 
 def make_generator(params: Any, config: ModelConfig, recipe: PrecisionRecipe,
                    weights: str = "auto", integer: Optional[bool] = None,
-                   kv_bits: Optional[int] = None, dtype: Optional[str] = None) -> Generator:
+                   kv_bits: Optional[int] = None, dtype: Optional[str] = None,
+                   head: str = "float") -> Generator:
     """A Generator from float parameters. "auto" weights: int8 codes where the recipe allows;
     `integer` defaults to the int8 product wherever the recipe supports it; `kv_bits`
-    quantizes the KV cache (BitNet a4.8 uses 3); `dtype` overrides the compute dtype."""
+    quantizes the KV cache (BitNet a4.8 uses 3); `dtype` overrides the compute dtype;
+    `head="int8"` holds the output head as int8 rows (`int8_head_params`)."""
+    require(head in HEAD_FORMATS, f"head must be one of {HEAD_FORMATS}, got {head!r}")
     # The KV-cache decoder runs block by block: the unrolled layout (scan/remat are for training).
     params = layer_stack.unstack_layers(params)
     config = config.replace(scan_layers=False, remat="none")
     config, recipe, weights, integer = _generator_settings(config, recipe, weights, integer,
                                                            kv_bits, dtype)
     stored = inference_params(params, recipe, weights, jnp.dtype(config.dtype))
-    return Generator(config, recipe, stored, weights, integer)
+    if head == "int8":
+        stored = int8_head_params(stored)
+    return Generator(config, recipe, stored, weights, integer, head)
 
 
 def load_generator(directory: str | Path, weights: str = "auto", integer: Optional[bool] = None,
-                   kv_bits: Optional[int] = None,
-                   dtype: Optional[str] = None) -> tuple[ModelBundle, Generator]:
+                   kv_bits: Optional[int] = None, dtype: Optional[str] = None,
+                   head: str = "float") -> tuple[ModelBundle, Generator]:
     """The model in `directory` (see `interop.load.load_model`) and a Generator for it, with the
     options of `make_generator`.
 
@@ -205,10 +226,12 @@ def load_generator(directory: str | Path, weights: str = "auto", integer: Option
             config, recipe, stored_format, integer = _generator_settings(
                 bundle.config, bundle.recipe, stored_format, integer, kv_bits, dtype)
             stored = _cast_unstored(stored, jnp.dtype(config.dtype))
-            return bundle, Generator(config, recipe, stored, stored_format, integer)
+            if head == "int8":
+                stored = int8_head_params(stored)
+            return bundle, Generator(config, recipe, stored, stored_format, integer, head)
     bundle = load_model(path)
     return bundle, make_generator(bundle.params, bundle.config, bundle.recipe, weights,
-                                  integer, kv_bits, dtype)
+                                  integer, kv_bits, dtype, head)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 from bitnet_jax.model import kv_cache
 from bitnet_jax.core import packing
 from bitnet_jax.core import quant
-from bitnet_jax.core.precision import KVCachePrecision, LinearPrecision
+from bitnet_jax.core.precision import HEAD_INT8, KVCachePrecision, LinearPrecision
 
 Dtype = Any
 
@@ -27,6 +27,8 @@ Dtype = Any
 # or, for inference, "int8" codes (out, in) or "packed" 2-bit codes (HF layout, unpacked on the
 # fly), each with a float32 scale. Unquantized layers always hold float kernels.
 WEIGHT_FORMATS = ("float", "int8", "packed")
+# How the output head is held for inference: "float" (as trained) or "int8" (`HEAD_INT8`).
+HEAD_FORMATS = ("float", "int8")
 
 
 def logical_init(init, axes: tuple[str, ...]):
@@ -112,6 +114,31 @@ class BitLinear(nn.Module):
         packed = self.param("packed", nn.initializers.zeros, (-(-self.features // 4), n_in),
                             jnp.uint8)
         return packing.unpack_2bit(packed, self.features, jnp.int8, validate=False), scale
+
+
+class Int8Embedding(nn.Module):
+    """A tied embedding table held for inference as int8 codes (vocab, features) with one
+    float32 scale per row (`HEAD_INT8`, from `infer.generate.int8_head_params`): looked up as
+    codes x scale, and used as the output head through the integer product."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.bfloat16
+
+    def setup(self):
+        self.codes = self.param("codes", nn.initializers.zeros,
+                                (self.num_embeddings, self.features), jnp.int8)
+        self.scale = self.param("scale", nn.initializers.ones, (self.num_embeddings,),
+                                jnp.float32)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        rows = self.codes[tokens].astype(jnp.float32) * self.scale[tokens][..., None]
+        return rows.astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits in float32: int8 inputs per token x int8 rows -> int32, then both scales."""
+        return quant.codes_dot(x, self.codes, self.scale, HEAD_INT8.activation, jnp.float32,
+                               integer=True)
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):

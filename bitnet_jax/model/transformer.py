@@ -24,8 +24,9 @@ from bitnet_jax.errors import ConfigError, require
 from bitnet_jax.model import layer_stack, mup
 from bitnet_jax.model.kv_cache import KVCache, LayerCache
 from bitnet_jax.model.linears import DECODER_LINEARS
-from bitnet_jax.model.layers import BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, logical_init
-from bitnet_jax.core.precision import LinearPrecision, PrecisionRecipe, get_recipe
+from bitnet_jax.model.layers import (HEAD_FORMATS, BitLinear, CausalSelfAttention, GatedMLP,
+                                     Int8Embedding, RMSNorm, logical_init)
+from bitnet_jax.core.precision import HEAD_INT8, LinearPrecision, PrecisionRecipe, get_recipe
 
 NORM_PLACEMENTS = ("pre", "subln", "bitlinear")
 # jax.checkpoint policies under MaxText's names: what a block saves for the backward pass
@@ -140,6 +141,8 @@ class Transformer(nn.Module):
     `integer=True` runs quantized matmuls on the int8 path (needs a recipe that supports it).
     `weights` is how quantized linear layers hold their weights: "float" (training) or, for
     inference, "int8" / "packed" codes (see `bitnet_jax.infer.generate.inference_params`).
+    `head="int8"` holds the output head (the tied table, or lm_head) as int8 rows for
+    inference (`core.precision.HEAD_INT8`; a lossy choice, off by default).
 
     Called with a `kv_cache.KVCache`, the model decodes: it returns (logits, updated cache).
     """
@@ -148,18 +151,24 @@ class Transformer(nn.Module):
     recipe: PrecisionRecipe = get_recipe("bf16")
     integer: bool = False
     weights: str = "float"
+    head: str = "float"
 
     def setup(self):
         cfg, recipe = self.config, self.recipe
+        require(self.head in HEAD_FORMATS, f"head must be one of {HEAD_FORMATS}, got {self.head!r}")
+        int8_head = self.head == "int8"
         if self.integer and not recipe.supports_integer_matmul:
             raise ConfigError(f"precision {recipe.name!r} has a linear role that is not integer "
                               f"(weights and activations at most 8 bits); set integer=False")
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embedding_std = cfg.init_std * mup.role_scale(cfg, "embedding").init
-        self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=logical_init(nn.initializers.normal(stddev=embedding_std),
-                                        ("vocab", "embed")))
+        if int8_head and cfg.tie_embeddings:
+            self.embed_tokens = Int8Embedding(cfg.vocab_size, cfg.d_model, dtype)
+        else:
+            self.embed_tokens = nn.Embed(
+                cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                embedding_init=logical_init(nn.initializers.normal(stddev=embedding_std),
+                                            ("vocab", "embed")))
         block = DecoderBlock
         if cfg.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat],
@@ -175,10 +184,12 @@ class Transformer(nn.Module):
                            for i in range(cfg.n_layers)]
         self.norm = RMSNorm(cfg.norm_eps, dtype, param_dtype, "embed")
         if not cfg.tie_embeddings:
-            self.lm_head = BitLinear(cfg.vocab_size, LinearPrecision(), ("embed", "vocab"),
+            self.lm_head = BitLinear(cfg.vocab_size, HEAD_INT8 if int8_head else LinearPrecision(),
+                                     ("embed", "vocab"), integer=int8_head,
                                      dtype=dtype, out_dtype=jnp.float32, param_dtype=param_dtype,
                                      kernel_init=nn.initializers.normal(
-                                         stddev=cfg.init_std * mup.role_scale(cfg, "output").init))
+                                         stddev=cfg.init_std * mup.role_scale(cfg, "output").init),
+                                     weights="int8" if int8_head else "float")
 
     def __call__(self, tokens_BxT: jax.Array, positions_BxT: Optional[jax.Array] = None,
                  cache: Optional[KVCache] = None):
@@ -223,7 +234,9 @@ class Transformer(nn.Module):
 
     def _head(self, x_BxTxD: jax.Array) -> jax.Array:
         x_BxTxD = self.norm(x_BxTxD)
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.head == "int8":
+            logits = self.embed_tokens.attend(x_BxTxD)
+        elif self.config.tie_embeddings:
             table_VxD = self.embed_tokens.embedding.astype(x_BxTxD.dtype)
             logits = jnp.einsum("btd,vd->btv", x_BxTxD, table_VxD,
                                 preferred_element_type=jnp.float32)
