@@ -14,23 +14,42 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-DRIVER = """
-import os, signal, sys, jax
-from bitnet_jax.config import load_config
-from bitnet_jax.train import checkpoint
-from bitnet_jax.train.loop import train
-address, count, index, config_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-kill_after_save = int(sys.argv[5]) if len(sys.argv) > 5 else None
-if kill_after_save is not None and index == count - 1:
-    # The last process dies without a word right after its part of that checkpoint: a kill at
-    # a known step, however fast the machine trains.
+# The last process dies without a word right after its part of checkpoint `kill_after_save`: a
+# kill at a known step, however fast the machine trains.
+_KILL_AFTER_SAVE = """
+def die_after_save(kill_after_save):
     save = checkpoint.Checkpointer.save
     def save_then_die(self, step, *args):
         save(self, step, *args)
         if step == kill_after_save:
             os.kill(os.getpid(), signal.SIGKILL)
     checkpoint.Checkpointer.save = save_then_die
+"""
+
+DRIVER = """
+import os, signal, sys, jax
+from bitnet_jax.config import load_config
+from bitnet_jax.train import checkpoint
+from bitnet_jax.train.loop import train
+""" + _KILL_AFTER_SAVE + """
+address, count, index, config_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if len(sys.argv) > 5 and index == count - 1:
+    die_after_save(int(sys.argv[5]))
 jax.distributed.initialize(address, num_processes=count, process_id=index)
+train(load_config(config_path))
+"""
+
+# One task of a SLURM job step (`srun`): the trainer itself finds the processes from SLURM's
+# variables (bitnet_jax.train.sharding); only the optional kill is added here.
+SLURM_DRIVER = """
+import os, signal, sys
+from bitnet_jax.config import load_config
+from bitnet_jax.train import checkpoint
+from bitnet_jax.train.loop import train
+""" + _KILL_AFTER_SAVE + """
+config_path = sys.argv[1]
+if len(sys.argv) > 2 and int(os.environ["SLURM_PROCID"]) == int(os.environ["SLURM_NTASKS"]) - 1:
+    die_after_save(int(sys.argv[2]))
 train(load_config(config_path))
 """
 

@@ -4,6 +4,7 @@ killed with SIGKILL and restarted, against the same run as one process on the sa
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,9 +27,10 @@ CONFIG = {
 }
 
 
-def write_config(tmp_path: Path, out_dir: Path) -> Path:
+def write_config(tmp_path: Path, out_dir: Path, steps: int = STEPS) -> Path:
     path = tmp_path / f"{out_dir.name}.yaml"
-    path.write_text(yaml.safe_dump({**CONFIG, "out_dir": str(out_dir)}))
+    path.write_text(yaml.safe_dump({**CONFIG, "out_dir": str(out_dir),
+                                    "train": {**CONFIG["train"], "steps": steps}}))
     return path
 
 
@@ -91,3 +93,51 @@ def test_two_processes_killed_and_restarted_match_one_process(tmp_path):
                  for d in (tmp_path / "whole", tmp_path / "multi")]
     assert summaries[1]["status"] == "completed"
     assert summaries[1]["eval_loss"] == summaries[0]["eval_loss"]
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    from slurm_cluster import slurm_cluster
+
+    with slurm_cluster(tmp_path / "slurm") as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+def test_slurm_runs_one_run_as_two_processes_killed_and_resumed(slurm, tmp_path, monkeypatch):
+    """The SLURM launcher with --ntasks=2: srun starts two JAX processes that find each other
+    from SLURM's variables. One is SIGKILLed after a checkpoint, srun stops its peer and the
+    job fails; the same job submitted again resumes it, and the run matches one process on the
+    same global mesh as the hand-started processes above do."""
+    from bitnet_jax.scaling import launch
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # per task
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                "BITNET_DISTRIBUTED"):
+        monkeypatch.delenv(key, raising=False)
+    logs, steps = tmp_path / "logs", 8
+    single = distributed_run.single(write_config(tmp_path, tmp_path / "single", steps), 8, logs)
+    assert single.returncode == 0, distributed_run.logs(logs)
+    config = write_config(tmp_path, tmp_path / "slurm_runs", steps)
+    run_dir = tmp_path / "slurm_runs" / "mp"
+    options = {"ntasks": 2, "cpus-per-task": 1, "time": "10:00"}
+
+    killed = launch.Job("mp", [sys.executable, "-c", distributed_run.SLURM_DRIVER, str(config),
+                               "4"], run_dir)
+    submission = launch.launch_slurm([killed], tmp_path / "sweep", options, wait=True)
+    output = submission.output_path(0).read_text()
+    assert submission.returncode != 0, output
+    assert not (run_dir / "summary.json").exists(), output
+    assert 2 <= checkpoint_steps(run_dir)[-1] <= 4
+
+    again = launch.Job("mp", [sys.executable, "-m", "bitnet_jax.cli", "train", "--config",
+                              str(config)], run_dir)
+    submission = launch.launch_slurm([again], tmp_path / "sweep", options, wait=True)
+    output = submission.output_path(0).read_text()
+    assert submission.returncode == 0, output
+    assert f"resumed {run_dir} at step" in output
+    assert json.loads((run_dir / "meta.json").read_text())["process_count"] == 2
+    got = [r["loss"] for r in train_records(run_dir)]
+    single_losses = [r["loss"] for r in train_records(tmp_path / "single" / "mp")]
+    assert len(got) == steps and got[:2] == single_losses[:2]
+    np.testing.assert_allclose(got, single_losses, rtol=1e-3)

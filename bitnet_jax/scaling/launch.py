@@ -464,7 +464,15 @@ def array_script(n_tasks: int, commands_path: Path, output_dir: Path, job_name: 
         "fi",
         'echo "[$(date "+%F %T")] task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID on '
         '$(hostname): $CMD" >&2',
-        'eval "$CMD"',
+        'if [ "${SLURM_NTASKS:-1}" -gt 1 ]; then',
+        "  # One run as SLURM_NTASKS JAX processes (e.g. --ntasks=2, or --nodes=4 "
+        "--ntasks-per-node=1):",
+        "  # srun starts them, JAX reads the layout from SLURM's variables, and one task that",
+        "  # dies stops the others instead of leaving them waiting in a collective.",
+        '  srun --kill-on-bad-exit=1 bash -c "$CMD"',
+        "else",
+        '  eval "$CMD"',
+        "fi",
         "",
     ])
 
