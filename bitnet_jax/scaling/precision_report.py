@@ -17,7 +17,8 @@ from typing import Any, Optional
 import numpy as np
 
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.scaling.precision_fit import PrecisionFits, fit_precision_table, precision_json
+from bitnet_jax.scaling.precision_fit import (PRECISION_N_BOOT, PrecisionFits,
+                                              fit_precision_table, precision_json)
 from bitnet_jax.scaling.precision_laws import LOG2_3
 from bitnet_jax.scaling.precision_optimal import (draw_optima, format_optima, mac_energy_pj,
                                                   optimal_precision)
@@ -117,8 +118,8 @@ def precision_section(rows: list[dict], laws: dict, out: Path, n_boot: Optional[
         return None, [], {}
     lines = ["## Precision as a scaling axis", ""]
     try:
-        result = fit_precision_table(rows, law="precision",
-                                     **({} if n_boot is None else {"n_boot": n_boot}))
+        result = fit_precision_table(
+            rows, law="precision", n_boot=PRECISION_N_BOOT if n_boot is None else n_boot)
     except ConfigError as error:
         return None, lines + [f"Not fitted: {error}", ""], {}
     precision = result.laws.get("precision", {})
