@@ -78,6 +78,7 @@ def test_notebook_runs_in_a_jupyter_kernel_on_a_results_table_and_fits_json(tmp_
     plotting inline from results.csv and fits.json (held-out predictions included)."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
+    from bitnet_jax.scaling.downstream import downstream_fits
     from bitnet_jax.scaling.fit import fit_table, fits_json
 
     rows = []  # two learning rates per size: the smaller wins everywhere (not bracketed)
@@ -86,8 +87,10 @@ def test_notebook_runs_in_a_jupyter_kernel_on_a_results_table_and_fits_json(tmp_
             loss = row["final_eval_loss"] and row["final_eval_loss"] * worse
             rows.append({**row, "run": f"{row['run']}-{lr}", "lr": lr, "final_eval_loss": loss,
                          "axes": json.dumps({"optimizer.lr": lr})})
+    for row in rows:  # an lm-eval score that rises as the loss falls
+        row["eval/tiny/acc"] = row["final_eval_loss"] and 2.5 - row["final_eval_loss"]
     write_table(rows, tmp_path / "results.csv")
-    fits = fits_json(fit_table(rows, n_boot=50))
+    fits = {**fits_json(fit_table(rows, n_boot=50)), "downstream": downstream_fits(rows, 50)}
     (tmp_path / "fits.json").write_text(json.dumps(fits))
     monkeypatch.setenv("BITNET_RESULTS", str(tmp_path / "results.csv"))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
@@ -101,8 +104,8 @@ def test_notebook_runs_in_a_jupyter_kernel_on_a_results_table_and_fits_json(tmp_
         assert needle in text, needle
     assert "optimum not bracketed" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 3  # loss against N with the held-out predictions, against the LR,
-    # against memory and energy
+    assert len(images) == 4  # loss against N with the held-out predictions, against the LR,
+    # against memory and energy; the downstream score against loss and N
     assert not list(tmp_path.glob("**/*.png"))  # inline only, nothing written
 
 
