@@ -150,8 +150,9 @@ def compare_llamacpp(args, meta: dict) -> int:
                               n_threads=threads, n_threads_batch=threads, verbose=False)
         engines[mode] = (with_head(generator, args.head), llm)
     prompt = [int(t) for t in np.arange(1, args.prompt_len + 1)]
-    for generator, llm in engines.values():  # warm-up: compile ours, page in both
-        _our_step_ms(generator, prompt, 2)
+    for generator, llm in engines.values():  # warm-up: compile ours (the cache length of the
+        # timed rounds: another length compiles again), page in both
+        _our_step_ms(generator, prompt, args.new_tokens)
         _llama_step_ms(llm, prompt, 2)
     rounds = []
     for round_index in range(args.rounds):
