@@ -155,8 +155,8 @@ def load_sweep(path: str | Path, overrides: Optional[list[str]] = None) -> Sweep
         seen.add(run_id)
         runs.append(run)
     require(runs, f"sweep {name!r} expands to no runs")
-    spec = EvalSpec.from_sweep(spec["eval"], Path(path).parent) if "eval" in spec else None
-    return Sweep(name, directory, runs, spec)
+    scoring = EvalSpec.from_sweep(spec["eval"], Path(path).parent) if "eval" in spec else None
+    return Sweep(name, directory, runs, scoring)
 
 
 def _point_overrides(point: dict) -> list[str]:
