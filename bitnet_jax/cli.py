@@ -1,4 +1,4 @@
-"""The `bitnet` command.
+"""The `bitnet` command (the tables of `bitnet info` are `model/info_text.py`).
 
 Subcommands: `info` (compute accounting of a preset), `train` (one training run),
 `tokenizer train` (a BPE tokenizer for a corpus), `sweep` and `fit` (scaling laws),
@@ -20,7 +20,8 @@ from typing import Callable, Optional, Sequence
 
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.units import format_bytes, format_count, format_energy
+from bitnet_jax.model.info_text import format_summary, list_presets
+from bitnet_jax.units import format_bytes
 from bitnet_jax.files import require_apart
 from bitnet_jax.platforms import skip_absent_tpu
 from bitnet_jax.scaling import results  # column names only (the csv module, no JAX)
@@ -28,90 +29,12 @@ from bitnet_jax.scaling import results  # column names only (the csv module, no 
 EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
 
 
-def _rows(rows: Sequence[tuple[str, ...]], align: str = "lrrr", indent: str = "  ") -> list[str]:
-    """Aligned columns: `align[i]` is "l" or "r" for column i (labels left, numbers right)."""
-    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
-    lines = []
-    for row in rows:
-        cells = [c.ljust(widths[i]) if align[i] == "l" else c.rjust(widths[i])
-                 for i, c in enumerate(row)]
-        lines.append((indent + "  ".join(cells)).rstrip())
-    return lines
-
-
-def format_summary(name: str, summary: dict) -> str:
-    """The `bitnet info` table for the dict of `compute.summarize` (plus the preset's name)."""
-    cfg, prec, params = summary["config"], summary["precision"], summary["params"]
-    lines = [f"model {name}  precision {prec['name']}  seq_len {summary['seq_len']}"]
-    if prec["description"]:
-        lines.append(f"  {prec['description']}")
-
-    lines.append("\nshape")
-    lines += _rows([
-        ("vocab / d_model / layers", f"{cfg['vocab_size']} / {cfg['d_model']} / {cfg['n_layers']}"),
-        ("heads / kv heads / head_dim", f"{cfg['n_heads']} / {cfg['n_kv_heads']} / {cfg['head_dim']}"),
-        ("d_ff / activation", f"{cfg['d_ff']} / {cfg['ffn_activation']}"),
-        ("norms / tied embeddings", f"{cfg['norm_placement']} / {cfg['tie_embeddings']}"),
-    ], align="ll")
-
-    lines.append("\nparameters")
-    lines += _rows([(label, format_count(params[key]), f"{params[key]:,}") for label, key in (
-        ("embedding (+ untied head)", "embedding"), ("non-embedding", "non_embedding"),
-        ("  linear", "linear"), ("  norm", "norm"), ("quantized linear", "quantized_linear"),
-        ("total", "total"))])
-
-    lines.append("\ntraining FLOPs per token")
-    lines += _rows([(conv, f"{flops:.4e}", summary["flop_conventions"][conv])
-                    for conv, flops in summary["flops_per_token"].items()], align="lrl")
-
-    energy = summary["energy_per_token"]
-    nodes = list(energy)
-    lines.append(f"\ninference energy per token (context {energy[nodes[0]]['context_len']})")
-    parts = [(f"linear {role} ({r['arithmetic']})", lambda e, role=role: e["linear"][role])
-             for role, r in prec["roles"].items()]
-    parts += [("head (fp16)", lambda e: e["head"]), ("attention (fp16)", lambda e: e["attention"]),
-              ("total", lambda e: e["total"])]
-    lines += _rows([("", *nodes)] + [
-        (label, *(format_energy(get(energy[n])["total_pj"]) for n in nodes))
-        for label, get in parts])
-    lines.append("  matmul energy ratio FP16 MAC / INT8 add: " + ", ".join(
-        f"{r:.1f}x at {n}" for n, r in summary["matmul_energy_ratio"].items()))
-
-    mem = summary["memory"]
-    lines.append("\nweight memory (inference)")
-    rows = [(f"linear at {fmt}", format_bytes(b), f"{b / mem['linear_bf16_bytes']:.3f}x bf16")
-            for fmt, b in mem["linear_bytes"].items()]
-    rows += [("embedding + head (16-bit)", format_bytes(mem["embedding_bytes"])),
-             ("norms (16-bit)", format_bytes(mem["norm_bytes"])),
-             ("scales (float32)", format_bytes(mem["scale_bytes"])),
-             (f"total at {mem['default_format']}", format_bytes(mem["total_bytes"]),
-              f"{mem['vs_bf16']:.3f}x bf16"),
-             ("bf16 model", format_bytes(mem["bf16_bytes"]))]
-    lines += _rows(rows)
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------
 # Subcommands.
 
-def _list_presets() -> str:
-    from bitnet_jax.model.transformer import PRESETS
-    from bitnet_jax.core.precision import PRESETS as RECIPES
-    from bitnet_jax.core.precision import recipe_names
-
-    rows = [(name, format_count(compute.param_counts(cfg).total),
-             f"d={cfg.d_model} L={cfg.n_layers} H={cfg.n_heads} {cfg.norm_placement}")
-            for name, cfg in PRESETS.items()]
-    lines = ["model presets (total parameters)"] + _rows(rows, align="lrl")
-    lines.append("\nprecision recipes")
-    lines += _rows([(name, r.description) for name, r in RECIPES.items()], align="ll")
-    lines += ["  also: " + ", ".join(recipe_names()[len(RECIPES):])]
-    return "\n".join(lines)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     if args.list:
-        print(_list_presets())
+        print(list_presets())
         return 0
     if args.model is None:
         raise ConfigError("info needs --model PRESET (see `bitnet info --list` for the names)")
@@ -431,17 +354,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_lm_eval_adapter():
-    try:
-        from bitnet_jax.interop import lm_eval_adapter
-    except ModuleNotFoundError as missing:
-        raise ConfigError(f"scoring on lm-eval tasks needs lm-evaluation-harness ({missing}); "
-                          f"install it with `pip install 'bitnet-jax[eval]'`") from None
-    return lm_eval_adapter
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    lm_eval_adapter = _import_lm_eval_adapter()
+    from bitnet_jax.interop.lm_eval_scoring import adapter
+
+    lm_eval_adapter = adapter()
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     results = lm_eval_adapter.evaluate(
         args.model_dir, [t.strip() for t in args.tasks.split(",") if t.strip()],
@@ -481,7 +397,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.sweep_command == "run":
         if sweep.eval is not None and args.launcher != "print":  # a misspelt task fails now,
             # not after every run has trained
-            _import_lm_eval_adapter().task_manager_for(sweep.eval.tasks, sweep.eval.include_path)
+            from bitnet_jax.interop.lm_eval_scoring import adapter
+
+            adapter().task_manager_for(sweep.eval.tasks, sweep.eval.include_path)
         options = dict(_key_value(item, "--sbatch") for item in args.sbatch)
         outcome = sweeps.run_sweep(sweep, args.launcher, args.workers, args.retry_failed,
                                    options, args.wait)
@@ -570,27 +488,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({k: summary.get(k) for k in ("run", "status", "step", "eval_loss",
                                                    "eval_ppl", "eval_bpb", "tokens_per_s")}))
     if args.lm_eval is not None and summary.get("status") == "completed":
-        return _score_run(Path(config.out_dir) / summary["run"], args.lm_eval)
-    return 0
+        from bitnet_jax.interop.lm_eval_scoring import score_finished_run
 
-
-def _score_run(run_dir: Path, spec_path: str) -> int:
-    """Score a finished run on a sweep's lm-eval tasks (its lm_eval.json); 1 if lm-eval fails."""
-    from bitnet_jax.files import read_json_object
-    from bitnet_jax.scaling.downstream import EvalSpec
-
-    spec = EvalSpec.from_json(read_json_object(spec_path, "lm-eval spec"))
-    lm_eval_adapter = _import_lm_eval_adapter()
-    print(f"scoring {run_dir.name} on lm-eval tasks {', '.join(spec.tasks)}", flush=True)
-    try:
-        path = lm_eval_adapter.score_run(run_dir, spec)
-    except ConfigError:
-        raise
-    except Exception as error:  # lm-eval and its datasets raise anything; say it in one line
-        print(f"error: lm-eval scoring of {run_dir.name} failed: {type(error).__name__}: "
-              f"{error}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
+        return score_finished_run(Path(config.out_dir) / summary["run"], args.lm_eval)
     return 0
 
 

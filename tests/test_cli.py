@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bitnet_jax.cli import format_bytes, format_count, format_energy, main
+from bitnet_jax.cli import main
+from bitnet_jax.units import format_bytes, format_count, format_energy
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,13 +1,13 @@
 """Launchers: run a sweep's jobs as local processes, as a SLURM job array, or print their commands.
 
 A job is a command line and the directory it writes to; a launcher only starts commands and
-reports how they ended. Nothing here schedules beyond "at most `workers` processes at once":
-queues, retries and priorities belong to SLURM (or to whatever runs the printed commands).
+reports how they ended (queues, retries and priorities belong to SLURM, or to whatever runs the
+printed commands; here only "at most `workers` processes at once").
 
-- `launch_local`: one subprocess per job, `workers` at a time, each worker pinned to its own share
-  of the CPU cores (and, if asked, GPUs), so a crash in one run never stops the others.
-- `launch_slurm`: writes `<sweep>/slurm/array.sh` (an `sbatch --array` script) and
-  `<sweep>/slurm/commands.txt` (one shell command per task) and submits them with `sbatch`.
+- `launch_local`: one subprocess per job, `workers` at a time, each pinned to its own share of
+  the CPU cores (and GPUs), so a crash in one run never stops the others.
+- `launch_slurm`: `<sweep>/slurm/array.sh` (an `sbatch --array` script; an array task with several
+  SLURM tasks starts its run through `srun`) and `commands.txt`, submitted with `sbatch`.
 - `launch_print`: one shell command per job, for TPU pods and other schedulers.
 """
 
@@ -464,15 +464,10 @@ def array_script(n_tasks: int, commands_path: Path, output_dir: Path, job_name: 
         "fi",
         'echo "[$(date "+%F %T")] task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID on '
         '$(hostname): $CMD" >&2',
-        'if [ "${SLURM_NTASKS:-1}" -gt 1 ]; then',
-        "  # One run as SLURM_NTASKS JAX processes (e.g. --ntasks=2, or --nodes=4 "
-        "--ntasks-per-node=1):",
-        "  # srun starts them, JAX reads the layout from SLURM's variables, and one task that",
-        "  # dies stops the others instead of leaving them waiting in a collective.",
-        '  srun --kill-on-bad-exit=1 bash -c "$CMD"',
-        "else",
-        '  eval "$CMD"',
-        "fi",
+        "# Several SLURM tasks: one run as that many JAX processes (JAX reads SLURM's layout);",
+        "# a task that dies stops the others instead of leaving them in a collective.",
+        'if [ "${SLURM_NTASKS:-1}" -gt 1 ]; then srun --kill-on-bad-exit=1 bash -c "$CMD"; '
+        'else eval "$CMD"; fi',
         "",
     ])
 
