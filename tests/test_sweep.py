@@ -98,6 +98,8 @@ def test_results_accounting_is_the_flat_view_of_summarize(tmp_path):
         memory = accounting.weight_memory(model, recipe)
         seq_len = run.config.data.seq_len
         assert row["tokens"] == 4096 and row["steps"] == 16
+        assert (row["d_model"], row["n_layers"], row["parametrization"]) == (
+            model.d_model, model.n_layers, "standard")
         assert (row["params_total"], row["params_non_embedding"], row["params_embedding"],
                 row["params_quantized_linear"]) == (counts.total, counts.non_embedding,
                                                     counts.embedding,

@@ -24,7 +24,9 @@ __all__ = ["RESULT_COLUMNS", "PARAMS", "TOKENS", "LOSS", "RECIPE", "STATUS", "CO
            "accounting_row", "read_table", "table_columns", "write_table", "write_parquet"]
 
 RESULT_COLUMNS = (
-    "run", "status", "reason", "preset", "precision", "params_total", "params_non_embedding",
+    "run", "status", "reason", "preset", "precision",
+    "d_model", "n_layers", "parametrization",  # the shape and parametrization (muP) of the model
+    "params_total", "params_non_embedding",
     "params_embedding", "params_quantized_linear", "tokens", "steps", "flops_kaplan",
     "flops_full", "flops_causal", "energy_per_token_7nm_j", "energy_per_token_45nm_j",
     "weight_memory_bytes", "weight_memory_format", "weight_memory_vs_bf16",

@@ -187,11 +187,13 @@ def run_accounting(run: Run) -> dict:
     """Parameters, tokens, training FLOPs, energy and weight memory of a run, from its config
     alone: the flat results columns of `model.accounting.summarize` (what `bitnet info` and the
     run's summary.json show), plus the run's own settings."""
-    config = run.config
-    summary = compute.summarize(run.resolved.model, run.resolved.recipe, config.data.seq_len)
+    config, model = run.config, run.resolved.model
+    summary = compute.summarize(model, run.resolved.recipe, config.data.seq_len)
     tokens = config.train.steps * config.train.batch_size * config.data.seq_len
     return {"run": run.run_id, "preset": config.model.preset, "precision": config.precision,
-            "tokens": tokens, "steps": config.train.steps, **accounting_row(summary, tokens),
+            "d_model": model.d_model, "n_layers": model.n_layers,
+            "parametrization": model.parametrization, "tokens": tokens,
+            "steps": config.train.steps, **accounting_row(summary, tokens),
             "lr": config.optimizer.lr, "batch_size": config.train.batch_size,
             "seq_len": config.data.seq_len, SEED: config.train.seed,
             DATA_SEED: config.data.seed, AXES: json.dumps(run.overrides, sort_keys=True)}
