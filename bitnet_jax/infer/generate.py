@@ -109,6 +109,12 @@ def inference_params(params: Any, recipe: PrecisionRecipe, weights: str, dtype) 
     return _cast_unstored(convert(dict(params), ""), dtype)
 
 
+def _with_head(params: Any, head: str) -> Any:
+    """Inference parameters with the output head held as `head` (see HEAD_FORMATS)."""
+    require(head in HEAD_FORMATS, f"head must be one of {HEAD_FORMATS}, got {head!r}")
+    return int8_head_params(params) if head == "int8" else params
+
+
 def int8_head_params(params: Any) -> Any:
     """Inference parameters with the output head held as `core.precision.HEAD_INT8` int8 rows
     (for `Transformer(..., head="int8")`): the tied table becomes `embed_tokens/{codes, scale}`
@@ -195,15 +201,12 @@ def make_generator(params: Any, config: ModelConfig, recipe: PrecisionRecipe,
     `integer` defaults to the int8 product wherever the recipe supports it; `kv_bits`
     quantizes the KV cache (BitNet a4.8 uses 3); `dtype` overrides the compute dtype;
     `head="int8"` holds the output head as int8 rows (`int8_head_params`)."""
-    require(head in HEAD_FORMATS, f"head must be one of {HEAD_FORMATS}, got {head!r}")
     # The KV-cache decoder runs block by block: the unrolled layout (scan/remat are for training).
     params = layer_stack.unstack_layers(params)
     config = config.replace(scan_layers=False, remat="none")
     config, recipe, weights, integer = _generator_settings(config, recipe, weights, integer,
                                                            kv_bits, dtype)
-    stored = inference_params(params, recipe, weights, jnp.dtype(config.dtype))
-    if head == "int8":
-        stored = int8_head_params(stored)
+    stored = _with_head(inference_params(params, recipe, weights, jnp.dtype(config.dtype)), head)
     return Generator(config, recipe, stored, weights, integer, head)
 
 
@@ -225,9 +228,7 @@ def load_generator(directory: str | Path, weights: str = "auto", integer: Option
             bundle, stored = packed_params.load_inference_params(path, stored_format)
             config, recipe, stored_format, integer = _generator_settings(
                 bundle.config, bundle.recipe, stored_format, integer, kv_bits, dtype)
-            stored = _cast_unstored(stored, jnp.dtype(config.dtype))
-            if head == "int8":
-                stored = int8_head_params(stored)
+            stored = _with_head(_cast_unstored(stored, jnp.dtype(config.dtype)), head)
             return bundle, Generator(config, recipe, stored, stored_format, integer, head)
     bundle = load_model(path)
     return bundle, make_generator(bundle.params, bundle.config, bundle.recipe, weights,
