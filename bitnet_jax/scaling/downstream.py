@@ -36,7 +36,6 @@ from bitnet_jax.scaling.results import (COMPLETED, LOSS, PARAMS, RECIPE, SCORE_P
 __all__ = ["EvalSpec", "SCORE_PREFIX", "score_columns", "read_run_scores", "scored_with",
            "score_columns_of", "fit_score_against_loss", "downstream_fits"]
 
-SPEC_KEYS = ("tasks", "include_path", "limit", "num_fewshot", "batch_size")
 DOWNSTREAM_N_BOOT = 1000
 
 
@@ -55,8 +54,9 @@ class EvalSpec:
         """The sweep file's `eval:` block, checked; include_path is read relative to the file."""
         require(isinstance(value, dict), f"sweep eval: expected a mapping with tasks: [...], "
                                          f"got {value!r}")
-        unknown = sorted(set(value) - set(SPEC_KEYS))
-        require(not unknown, f"sweep eval: unknown key(s) {unknown}; known: {list(SPEC_KEYS)}")
+        keys = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(keys))
+        require(not unknown, f"sweep eval: unknown key(s) {unknown}; known: {keys}")
         tasks = value.get("tasks")
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",")]

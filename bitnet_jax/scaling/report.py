@@ -8,8 +8,9 @@ the hyperparameter selection, the seed-to-seed noise and each recipe's gap to bf
 adds isoflop curves where budgets repeat, compares every recipe with bf16 (loss ratio, effective
 parameter multiplier, loss against weight memory and against inference energy), adds the
 precision laws where the table holds several bit settings (`precision_report`) and the lm-eval
-scores against loss and N where the sweep scored its runs (`downstream`), and draws the plots. The `draw_*` functions draw on any matplotlib axes, so a notebook draws the same curves
-inline from `results.csv` and `fits.json`.
+scores against loss and N where the sweep scored its runs (`downstream`), and draws the plots.
+The `draw_*` functions draw on any matplotlib axes, so a notebook draws the same curves inline
+from `results.csv` and `fits.json`.
 """
 
 from __future__ import annotations
@@ -342,8 +343,8 @@ def _downstream_lines(downstream: dict) -> list[str]:
         for recipe, fit in fits.items():
             scores = [p["score"] for p in fit["points"]]
             line = fit["against_loss"]
-            slope = "-" if line is None else (f"{line['slope']:.3g} [{line['slope_interval'][0]:.3g}"
-                                              f", {line['slope_interval'][1]:.3g}]")
+            slope = "-" if line is None else ("{:.3g} [{:.3g}, {:.3g}]".format(
+                line["slope"], *line["slope_interval"]))
             lines.append(f"| `{column}` | {recipe} | {len(scores)} | {min(scores):.4g} to "
                          f"{max(scores):.4g} | {slope} | {_fmt(fit['spearman_with_N'], 3)} |")
     return lines
