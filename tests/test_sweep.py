@@ -233,3 +233,15 @@ def test_seed_and_lr_axes_are_recorded_in_the_results_table(tmp_path):
 
     assert default_hyperparameters([sweeps.run_accounting(r) for r in sweep.runs]) == \
         ("optimizer.lr",)
+
+
+def test_shape_axes_are_sizes_not_hyperparameters():
+    """A width ladder swept as `model.d_model` (or `model.overrides.*`) sets N; only the LR is
+    selected over."""
+    from bitnet_jax.scaling.select import default_hyperparameters
+
+    rows = [{"axes": json.dumps({"model.d_model": d, "model.n_heads": d // 16, "model.d_ff": 3 * d,
+                                 "model.overrides.n_layers": 2, "optimizer.lr": lr,
+                                 "precision": "bf16", "seed": 0})}
+            for d in (32, 64) for lr in (1e-3, 2e-3)]
+    assert default_hyperparameters(rows) == ("optimizer.lr",)

@@ -22,7 +22,10 @@ __all__ = ["ROLE_KEYS", "Choice", "Selection", "axis_values", "default_hyperpara
            "hyperparameter_value", "select_envelope"]
 
 # Sweep keys that say which point a run measures, not how it was tuned: never selected over.
-SIZE_KEYS = ("model.preset",)  # and every `model.overrides.*` key (they set the shape)
+# The model's shape, set as `model.d_model` (or any `model.overrides.*` key): size, not tuning.
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "head_dim",
+                "tie_embeddings")
+SIZE_KEYS = ("model.preset",) + tuple(f"model.{field}" for field in SHAPE_FIELDS)
 TOKEN_KEYS = ("tokens", "tokens_per_param", "train.steps")
 RECIPE_KEYS = ("precision",)
 SEED_KEYS = ("seed", "train.seed", "data.seed")
