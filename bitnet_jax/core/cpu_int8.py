@@ -152,6 +152,12 @@ def available() -> bool:
     return _status
 
 
+def shared_library():
+    """The loaded kernel library (ctypes), for modules that register more of its entry points;
+    None unless `available()`."""
+    return _lib if available() else None
+
+
 def unavailable_reason() -> str:
     """Why `available()` is False ("" when it is True)."""
     available()

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax.core import cpu_int8
+from bitnet_jax.core import cpu_int8, cpu_int8_fused
 
 EPS = 1e-5
 F32 = jnp.float32
@@ -179,11 +179,21 @@ def absmean_per_token(x: jax.Array, bits: int = 4) -> Quantized:
 
     beta = mean|x| per token. For other bit widths sqrt(7) generalises to sqrt(2^(k-1) - 1).
     """
-    root = math.sqrt(2 ** (bits - 1) - 1)
     x32 = x.astype(F32)
+    multiplier, scale = _absmean_row_parameters(x32, bits)
+    codes = round_clip(x32 * multiplier, *absmean_code_range(bits))
+    return Quantized(codes, scale)
+
+
+def absmean_code_range(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _absmean_row_parameters(x32: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    """(multiplier taking x to codes, scale taking codes back), each (..., 1), for absmean."""
+    root = math.sqrt(2 ** (bits - 1) - 1)
     beta = jnp.mean(jnp.abs(x32), axis=-1, keepdims=True)
-    codes = round_clip(x32 * (root / (beta + EPS)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    return Quantized(codes, beta / root)
+    return root / (beta + EPS), beta / root
 
 
 def topk_count(n: int, keep_ratio: float) -> int:
@@ -298,12 +308,65 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer):
     return y.astype(dtype), xq, wq
 
 
+def _fused_activation(quantize_x, quantize_w, x_dtype, dtype, integer):
+    """(kind, bits) when the integer path can quantize x inside the CPU kernel, else None.
+
+    The kernel covers bf16 per-token absmax/absmean activations (`precision.ActivationQuantizer`,
+    TopK applied before it) times weights with one scale per tensor or per output feature.
+    """
+    kind = getattr(quantize_x, "kind", None)
+    if not (integer and x_dtype == jnp.bfloat16 and dtype == jnp.bfloat16
+            and kind in ("absmax", "absmean") and quantize_x.bits <= 8
+            and getattr(quantize_w, "granularity", "group") != "group"
+            and cpu_int8_fused.available()):
+        return None
+    return kind, quantize_x.bits
+
+
+def _fused_forward(x, w, quantize_x, quantize_w, kind, bits):
+    """The integer path with x quantized inside the kernel: y and the backward's residuals
+    (x itself, its per-row multiplier and scale, the weight codes (in, out) and scale)."""
+    if quantize_x.keep_ratio < 1.0:
+        x = topk_per_token(x, quantize_x.keep_ratio)
+    wq = quantize_w(w)
+    w_codes = wq.codes.astype(jnp.int8)
+    w_scale = jnp.broadcast_to(wq.scale.reshape(-1), (w.shape[-1],)).astype(F32)
+    if kind == "absmax":
+        y, multiplier, scale = cpu_int8_fused.absmax_quant_dot(x, w_codes.T, w_scale, bits)
+    else:  # the mean's rounding depends on the reduction order: XLA computes it, as unfused
+        multiplier, scale = _absmean_row_parameters(x.astype(F32), bits)
+        y = cpu_int8_fused.scaled_quant_dot(x, w_codes.T, w_scale, multiplier, scale,
+                                            *_code_range(kind, bits))
+    return y, _FusedResiduals(x, multiplier, scale, w_codes, wq.scale, jnp.zeros((), w.dtype))
+
+
+class _FusedResiduals(NamedTuple):
+    x: jax.Array  # after TopK, as the kernel quantized it
+    multiplier: jax.Array
+    scale: jax.Array
+    w_codes: jax.Array
+    w_scale: jax.Array
+    w_like: jax.Array
+
+
+def _code_range(kind: str, bits: int) -> tuple[int, int]:
+    if kind == "absmean":
+        return absmean_code_range(bits)
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer):
+    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer)
+    if fused:
+        return _fused_forward(x, w, quantize_x, quantize_w, *fused)[0]
     return _forward(x, w, quantize_x, quantize_w, dtype, integer)[0]
 
 
 def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer):
+    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer)
+    if fused:
+        return _fused_forward(x, w, quantize_x, quantize_w, *fused)
     y, xq, wq = _forward(x, w, quantize_x, quantize_w, dtype, integer)
     # Keep codes as int8 where they fit: the backward needs only the dequantized operands.
     residuals = (
@@ -315,6 +378,8 @@ def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer):
 
 
 def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, residuals, g):
+    if isinstance(residuals, _FusedResiduals):
+        return _fused_bwd(quantize_x, quantize_w, residuals, g)
     x_codes, x_scale, w_codes, w_scale, x_like, w_like = residuals
     w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, dtype)
     g = g.astype(dtype)
@@ -334,6 +399,21 @@ def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, residuals, g):
         dw = jax.lax.dot_general(x_deq, g, ((batch_axes, batch_axes), ((), ())),
                                  preferred_element_type=F32)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+def _fused_bwd(quantize_x, quantize_w, residuals, g):
+    """Backward of the fused integer path, bit-identical to the unfused one: dx = g W_q^T, and
+    X_q^T for dW = X_q^T g written in one pass over x by the kernel that quantized it."""
+    x, multiplier, scale, w_codes, w_scale, w_like = residuals
+    g = g.astype(jnp.bfloat16)
+    w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, jnp.bfloat16)
+    dx = jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),
+                             preferred_element_type=F32)
+    x_deq_T = cpu_int8_fused.quantize_transpose(x, multiplier, scale, 
+                                                  *_code_range(quantize_x.kind, quantize_x.bits))
+    dw = jax.lax.dot_general(x_deq_T, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())),
+                             preferred_element_type=F32)
+    return dx.astype(x.dtype), dw.astype(w_like.dtype)
 
 
 def _per_row_int8(codes, scale) -> bool:
