@@ -368,3 +368,34 @@ def test_ternary_latent_quantizes_back_to_its_codes_and_scale(granularity, group
                                   granularity, group_size)
     np.testing.assert_array_equal(again.codes, codes)
     np.testing.assert_allclose(again.scale, gamma, rtol=1e-5)  # float32 summation order
+
+
+@pytest.mark.parametrize("name", ["b1.58", "ternary-channel", "a4-ternary", "ternary-group"])
+def test_int8_backward_rounds_only_the_input_gradient(name):
+    qx, qw = PAIRS[name]
+    x, w = _operands(seed=23)
+    x = x.astype(jnp.bfloat16)
+    cotangent = make_input((2, 5, 48), jnp.float32, seed=24)
+
+    def grads(int8_backward):
+        loss = lambda xv, wv: jnp.sum(  # noqa: E731
+            quant.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, True, int8_backward)
+            .astype(jnp.float32) * cotangent)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+    (dx, dw), (dx_exact, dw_exact) = grads(True), grads(False)
+    np.testing.assert_array_equal(np.asarray(dw), np.asarray(dw_exact))
+    dx, dx_exact = np.asarray(dx, np.float32), np.asarray(dx_exact, np.float32)
+    if name == "ternary-group":  # per-group weight scales: no int8 product, exact
+        np.testing.assert_array_equal(dx, dx_exact)
+        return
+    assert not np.array_equal(dx, dx_exact)  # it did take the 8-bit route
+    # 8-bit rows of g: error about 1/254 of a row's largest entry per term.
+    err = np.linalg.norm(dx - dx_exact) / np.linalg.norm(dx_exact)
+    assert err < 0.02, err
+
+
+def test_int8_backward_needs_the_integer_path():
+    x, w = _operands()
+    with pytest.raises(ValueError, match="int8_backward"):
+        quant.quantized_dot(x, w, A8, TERNARY, jnp.float32, integer=False, int8_backward=True)

@@ -355,15 +355,15 @@ def _code_range(kind: str, bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward):
     fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)[0]
     return _forward(x, w, quantize_x, quantize_w, dtype, integer)[0]
 
 
-def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer):
+def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backward):
     fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)
@@ -377,15 +377,13 @@ def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer):
     return y, residuals
 
 
-def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, residuals, g):
+def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, residuals, g):
     if isinstance(residuals, _FusedResiduals):
-        return _fused_bwd(quantize_x, quantize_w, residuals, g)
+        return _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g)
     x_codes, x_scale, w_codes, w_scale, x_like, w_like = residuals
-    w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, dtype)
     g = g.astype(dtype)
     # STE: the quantizers count as identity, so d/dx = g W_q^T and d/dW = X_q^T g.
-    dx = jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),
-                             preferred_element_type=F32)
+    dx = _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward)
     if integer and _per_row_int8(x_codes, x_scale) and dtype == jnp.bfloat16 \
             and cpu_int8.available():
         # Our kernel writes X_q^T directly from the int8 codes: XLA instead re-derives the
@@ -401,19 +399,32 @@ def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, residuals, g):
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
-def _fused_bwd(quantize_x, quantize_w, residuals, g):
+def _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g):
     """Backward of the fused integer path, bit-identical to the unfused one: dx = g W_q^T, and
     X_q^T for dW = X_q^T g written in one pass over x by the kernel that quantized it."""
     x, multiplier, scale, w_codes, w_scale, w_like = residuals
     g = g.astype(jnp.bfloat16)
-    w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, jnp.bfloat16)
-    dx = jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),
-                             preferred_element_type=F32)
+    dx = _input_gradient(g, quantize_w, w_codes, w_scale, jnp.bfloat16, int8_backward)
     x_deq_T = cpu_int8_fused.quantize_transpose(x, multiplier, scale, 
                                                   *_code_range(quantize_x.kind, quantize_x.bits))
     dw = jax.lax.dot_general(x_deq_T, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())),
                              preferred_element_type=F32)
     return dx.astype(x.dtype), dw.astype(w_like.dtype)
+
+
+def _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward):
+    """dx = g W_q^T (float32): exact in `dtype` with float32 accumulation, or, with
+    `int8_backward` (weights int8 codes with one scale per tensor or output feature), an int8
+    product: rows of g * w_scale quantized to 8 bits (absmax, nearest rounding) times the
+    weight codes. Not exact: it rounds g to 8 bits per row."""
+    if int8_backward and w_codes.dtype == jnp.int8 and w_scale.ndim <= w_codes.ndim:
+        g_scaled = g.astype(F32) * jnp.reshape(w_scale, w_scale.shape[-1:] if w_scale.ndim else ())
+        gq = absmax_per_token(g_scaled, 8)
+        acc = cpu_int8.int8_dot_or_xla(gq.codes.astype(jnp.int8), w_codes)
+        return acc.astype(F32) * gq.scale
+    w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, dtype)
+    return jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=F32)
 
 
 def _per_row_int8(codes, scale) -> bool:
@@ -436,6 +447,7 @@ def quantized_dot(
     quantize_w: Optional[Quantizer] = None,
     dtype=jnp.bfloat16,
     integer: bool = False,
+    int8_backward: bool = False,
 ) -> jax.Array:
     """`q(x) @ q(w)` for x (..., in) and w (in, out), returned in `dtype`, STE gradients.
 
@@ -447,7 +459,10 @@ def quantized_dot(
     A `None` quantizer leaves that operand in full precision (then `integer` is not possible);
     with both `None` this is a plain `dtype` matmul with float32 accumulation.
     The backward pass uses the dequantized operands in `dtype` (straight-through estimator),
-    with float32 accumulation.
+    with float32 accumulation. On CPU with bf16 per-token activations the integer path
+    quantizes x inside the int8 kernel (`cpu_int8_fused`), with the same results.
+    `int8_backward=True` (integer path only) computes dx = g W_q^T as an int8 product with g
+    rounded to 8 bits per row: faster, NOT exact (see `_input_gradient`); dW stays exact.
     """
     dtype = jnp.dtype(dtype)
     if integer and (
@@ -460,7 +475,9 @@ def quantized_dot(
         )
     # Full precision goes through the same custom VJP: it also keeps the backward products in
     # `dtype` (autodiff of a dot with float32 accumulation would run them in float32).
-    return _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer)
+    if int8_backward and not integer:
+        raise ValueError("int8_backward needs the integer path (integer=True)")
+    return _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -255,7 +255,8 @@ class _StopFlag:
 def compile_steps(setup: Setup, precision: str) -> tuple[Callable, Callable]:
     config = setup.config
     model = Transformer(setup.model_config, setup.run.recipes[precision],
-                        integer=config.train.integer_forward)
+                        integer=config.train.integer_forward,
+                        int8_backward=config.train.int8_backward)
     train_step = jax.jit(make_train_step(model, setup.optimizer, config.train.grad_accum),
                          in_shardings=(setup.state_sharding, setup.batch_sharding),
                          out_shardings=(setup.state_sharding, sharding.replicated(setup.mesh)),
