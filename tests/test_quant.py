@@ -395,6 +395,22 @@ def test_int8_backward_rounds_only_the_input_gradient(name):
     assert err < 0.02, err
 
 
+def test_int8_backward_keeps_tiny_gradients():
+    # Gradients are far below the activations' 1e-5 absmax floor; they must not be flushed.
+    qx, qw = PAIRS["b1.58"]
+    x, w = _operands(seed=25)
+    g = make_input((2, 5, 48), jnp.float32, seed=26) * 1e-9
+
+    def dx(int8_backward):
+        loss = lambda xv: jnp.sum(  # noqa: E731
+            quant.quantized_dot(xv, w, qx, qw, jnp.bfloat16, True, int8_backward)
+            .astype(jnp.float32) * g)
+        return np.asarray(jax.jit(jax.grad(loss))(x.astype(jnp.bfloat16)), np.float32)
+
+    got, want = dx(True), dx(False)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+
+
 def test_int8_backward_needs_the_integer_path():
     x, w = _operands()
     with pytest.raises(ValueError, match="int8_backward"):

@@ -164,13 +164,13 @@ def absmax_per_token(x: jax.Array, bits: int = 8) -> Quantized:
 
     s = Q / max(max|x|, eps) with Q = 2^(k-1) - 1; codes = clip(round(x * s), -Q - 1, Q).
     """
-    q_max = 2 ** (bits - 1) - 1
+    lo, q_max = _code_range(bits)
     x32 = x.astype(F32)
     absmax = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), EPS)
     # q_max * (1 / absmax), not q_max / absmax: the reference code (and transformers) writes
     # `127 / t` in torch, which evaluates `t.reciprocal() * 127`; dividing differs by an ulp for
     # a quarter of tokens and moves a code by one where x * scale sits on a .5 tie.
-    codes = round_clip(x32 * (jnp.reciprocal(absmax) * q_max), -q_max - 1, q_max)
+    codes = round_clip(x32 * (jnp.reciprocal(absmax) * q_max), lo, q_max)
     return Quantized(codes, absmax / q_max)
 
 
@@ -181,11 +181,12 @@ def absmean_per_token(x: jax.Array, bits: int = 4) -> Quantized:
     """
     x32 = x.astype(F32)
     multiplier, scale = _absmean_row_parameters(x32, bits)
-    codes = round_clip(x32 * multiplier, *absmean_code_range(bits))
+    codes = round_clip(x32 * multiplier, *_code_range(bits))
     return Quantized(codes, scale)
 
 
-def absmean_code_range(bits: int) -> tuple[int, int]:
+def _code_range(bits: int) -> tuple[int, int]:
+    """Codes of k-bit per-token activations (absmax and absmean alike): [-2^(k-1), 2^(k-1) - 1]."""
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
@@ -336,7 +337,7 @@ def _fused_forward(x, w, quantize_x, quantize_w, kind, bits):
     else:  # the mean's rounding depends on the reduction order: XLA computes it, as unfused
         multiplier, scale = _absmean_row_parameters(x.astype(F32), bits)
         y = cpu_int8_fused.scaled_quant_dot(x, w_codes.T, w_scale, multiplier, scale,
-                                            *_code_range(kind, bits))
+                                            *_code_range(bits))
     return y, _FusedResiduals(x, multiplier, scale, w_codes, wq.scale, jnp.zeros((), w.dtype))
 
 
@@ -347,12 +348,6 @@ class _FusedResiduals(NamedTuple):
     w_codes: jax.Array
     w_scale: jax.Array
     w_like: jax.Array
-
-
-def _code_range(kind: str, bits: int) -> tuple[int, int]:
-    if kind == "absmean":
-        return absmean_code_range(bits)
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
@@ -405,8 +400,8 @@ def _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g):
     x, multiplier, scale, w_codes, w_scale, w_like = residuals
     g = g.astype(jnp.bfloat16)
     dx = _input_gradient(g, quantize_w, w_codes, w_scale, jnp.bfloat16, int8_backward)
-    x_deq_T = cpu_int8_fused.quantize_transpose(x, multiplier, scale, 
-                                                  *_code_range(quantize_x.kind, quantize_x.bits))
+    x_deq_T = cpu_int8_fused.quantize_transpose(x, multiplier, scale,
+                                                *_code_range(quantize_x.bits))
     dw = jax.lax.dot_general(x_deq_T, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())),
                              preferred_element_type=F32)
     return dx.astype(x.dtype), dw.astype(w_like.dtype)
@@ -415,13 +410,17 @@ def _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g):
 def _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward):
     """dx = g W_q^T (float32): exact in `dtype` with float32 accumulation, or, with
     `int8_backward` (weights int8 codes with one scale per tensor or output feature), an int8
-    product: rows of g * w_scale quantized to 8 bits (absmax, nearest rounding) times the
+    product: rows of g * w_scale quantized to 8 bits (absmax, nearest rounding, symmetric
+    [-127, 127]) times the
     weight codes. Not exact: it rounds g to 8 bits per row."""
     if int8_backward and w_codes.dtype == jnp.int8 and w_scale.ndim <= w_codes.ndim:
         g_scaled = g.astype(F32) * jnp.reshape(w_scale, w_scale.shape[-1:] if w_scale.ndim else ())
-        gq = absmax_per_token(g_scaled, 8)
-        acc = cpu_int8.int8_dot_or_xla(gq.codes.astype(jnp.int8), w_codes)
-        return acc.astype(F32) * gq.scale
+        # Not absmax_per_token: its 1e-5 floor on the absmax would flush small gradients.
+        absmax = jnp.max(jnp.abs(g_scaled), axis=-1, keepdims=True)
+        absmax = jnp.where(absmax > 0, absmax, 1.0)  # an all-zero row has zero codes anyway
+        codes = round_clip(g_scaled * (127.0 / absmax), -127, 127).astype(jnp.int8)
+        acc = cpu_int8.int8_dot_or_xla(codes, w_codes)
+        return acc.astype(F32) * (absmax / 127.0)
     w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, dtype)
     return jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=F32)
