@@ -1,5 +1,7 @@
 // Exact int8 x int8 -> int32 matmul for XLA:CPU, as an XLA FFI custom call; below it, the
-// dequantize-and-transpose of int8 activations for the weight gradient.
+// dequantize-and-transpose of int8 activations for the weight gradient, and the same product
+// with per-token activation quantization fused in (bf16 in, bf16 out) plus its backward helper
+// (see "Activation quantization fused into the product").
 //
 //   out[m, n] = sum_k x[m, k] * w[n, k]      x: (M, K) int8, w: (N, K) int8 ("out x in")
 //
