@@ -88,6 +88,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # 0 = only at the end
     keep_checkpoints: int = 3
     integer_forward: bool = False  # int8 x int8 -> int32 forward products (quantized recipes)
+    int8_backward: bool = False  # with integer_forward: dx = G W^T as an int8 product (NOT exact)
     peak_flops: Optional[float] = None  # per device, for MFU; None = measure a bf16 matmul
     stage1_precision: Optional[str] = None  # e.g. b1.58 before switching to `precision` (a4.8)
     stage1_fraction: float = 0.95  # fraction of steps trained with stage1_precision
@@ -326,6 +327,9 @@ def validate(config: RunConfig) -> None:
         section, key = dotted.split(".")
         value = getattr(getattr(config, section), key)
         require(value >= 0, f"{dotted} must be 0 (only at the end) or positive, got {value}")
+    require(config.train.integer_forward or not config.train.int8_backward,
+            "train.int8_backward=true needs train.integer_forward=true (it changes the integer "
+            "path's backward)")
     require(config.train.batch_size % config.train.grad_accum == 0,
             f"train.batch_size={config.train.batch_size} is not divisible by "
             f"train.grad_accum={config.train.grad_accum}")

@@ -3,26 +3,33 @@
 Measures the achieved bf16 matmul peak (f32 accumulation), then for each preset the time of a
 full train step (forward, backward, AdamW update; the trainer's own jitted step) and its MFU
 against that peak for: bf16; b1.58 with fake quantization; b1.58 on the integer path (int8 x
-int8 -> int32 forward products; on CPU the int8 codes also feed the weight gradient). Ratios
+int8 -> int32 forward products; on CPU the activations are quantized inside the int8 kernel,
+which also writes X_q^T for the weight gradient). `--modes` adds: b1.58-int8-unfused (the
+integer path with a separate XLA quantization pass and int8 codes, as before the fused kernel)
+and b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, not exact). Ratios
 are taken within the run, with the modes' steps interleaved, since the machines are shared and
 noisy. Prints a table and writes JSON (default `bench_train.json`).
 
     python scripts/bench_train.py [--presets ladder-1.6m,ladder-6.4m,ladder-20m]
-                                  [--batch 16] [--seq-len 256] [--steps 10] [--out FILE]
+                                  [--modes bf16,b1.58,b1.58-int8] [--batch 16] [--seq-len 256]
+                                  [--steps 10] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import time
+from unittest import mock
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bitnet_jax.core import cpu_int8_fused
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
@@ -31,13 +38,26 @@ from bitnet_jax.model.transformer import Transformer, get_model_config
 from bitnet_jax.core.precision import get_recipe
 from bitnet_jax.train.steps import TrainState, make_train_step
 
-MODES = {"bf16": ("bf16", False), "b1.58": ("b1.58", False), "b1.58-int8": ("b1.58", True)}
+# mode -> (precision, integer, int8_backward, fused activation quantization)
+MODES = {"bf16": ("bf16", False, False, True), "b1.58": ("b1.58", False, False, True),
+         "b1.58-int8": ("b1.58", True, False, True),
+         "b1.58-int8-unfused": ("b1.58", True, False, False),
+         "b1.58-int8-bwd": ("b1.58", True, True, True)}
+DEFAULT_MODES = "bf16,b1.58,b1.58-int8"
 
 
-def compiled_step(preset: str, precision: str, integer: bool, batch: int, seq_len: int):
+def compiled_step(preset: str, precision: str, integer: bool, int8_backward: bool, fused: bool,
+                  batch: int, seq_len: int):
     """The trainer's jitted train step for one preset and mode, compiled and run once."""
+    with (contextlib.nullcontext() if fused
+          else mock.patch.object(cpu_int8_fused, "available", lambda: False)):
+        return _compiled_step(preset, precision, integer, int8_backward, batch, seq_len)
+
+
+def _compiled_step(preset, precision, integer, int8_backward, batch, seq_len):
     config = get_model_config(preset)
-    model = Transformer(config, get_recipe(precision), integer=integer)
+    model = Transformer(config, get_recipe(precision), integer=integer,
+                        int8_backward=int8_backward)
     optimizer = optim.make_optimizer(OptimizerConfig(warmup_steps=1), total_steps=1000)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0,
                                 config.vocab_size)
@@ -71,6 +91,8 @@ def interleaved_step_times(steps: dict, rounds: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="ladder-1.6m,ladder-6.4m,ladder-20m")
+    parser.add_argument("--modes", default=DEFAULT_MODES,
+                        help=f"comma-separated, bf16 first; from {', '.join(MODES)}")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10,
@@ -79,31 +101,35 @@ def main(argv=None) -> int:
                         help="matmul size for the measured bf16 peak")
     parser.add_argument("--out", default="bench_train.json")
     args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    if modes[0] != "bf16" or not set(modes) <= set(MODES):
+        parser.error(f"--modes must start with bf16 and name modes from {', '.join(MODES)}")
 
-    meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "machine": platform.machine(),
             "batch": args.batch, "seq_len": args.seq_len}
     peak = measure_matmul_peak(args.peak_size, repeats=10)
     print(f"# {meta['backend']} / {meta['device']} / jax {meta['jax']}; batch {args.batch} x "
           f"{args.seq_len} tokens; measured bf16 matmul peak {peak / 1e12:.3f} TFLOP/s")
-    header = f"{'preset':>12} {'mode':>11} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'vs bf16':>8}"
+    header = f"{'preset':>12} {'mode':>18} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'vs bf16':>8}"
     print(header)
     print("-" * len(header), flush=True)
     rows = []
     for preset in args.presets.split(","):
         config = get_model_config(preset)
         flops = compute.flops_per_token(config, "causal", args.seq_len) * args.batch * args.seq_len
-        steps = {mode: compiled_step(preset, precision, integer, args.batch, args.seq_len)
-                 for mode, (precision, integer) in MODES.items()}
+        steps = {mode: compiled_step(preset, *MODES[mode], args.batch, args.seq_len)
+                 for mode in modes}
         seconds = interleaved_step_times(steps, args.steps)
         del steps
-        for mode in MODES:
+        for mode in modes:
             row = {"preset": preset, "mode": mode, "step_s": seconds[mode],
                    "tokens_per_s": args.batch * args.seq_len / seconds[mode],
                    "mfu_vs_measured_peak": flops / seconds[mode] / peak,
                    "vs_bf16": seconds[mode] / seconds["bf16"]}
             rows.append(row)
-            print(f"{preset:>12} {mode:>11} {seconds[mode] * 1e3:9.1f} "
+            print(f"{preset:>12} {mode:>18} {seconds[mode] * 1e3:9.1f} "
                   f"{row['tokens_per_s']:10.0f} {row['mfu_vs_measured_peak']:6.1%} "
                   f"{row['vs_bf16']:8.2f}", flush=True)
         with open(args.out, "w") as f:  # after every preset: a cut-off run keeps what it measured

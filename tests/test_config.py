@@ -52,6 +52,7 @@ def test_overrides_and_types():
     ("model.d_modle=64", "did you mean 'd_model'"),
     ("train.steps=ten", "train.steps: expected an integer, got 'ten'"),
     ("train.integer_forward=maybe", "expected true or false"),
+    ("train.int8_backward=true", "train.int8_backward=true needs train.integer_forward=true"),
     ("optimizer.lr=fast", "optimizer.lr: expected a number"),
     ("precision=b1.59", "unknown precision recipe 'b1.59'"),
     ("model.preset=ladder-9m", "unknown model preset 'ladder-9m'"),

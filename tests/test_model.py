@@ -99,6 +99,32 @@ def test_integer_model_equals_fake_quant_model():
         Transformer(config, get_recipe("bf16"), integer=True).init(RNG, tokens())
 
 
+def test_int8_backward_changes_only_input_gradients_in_the_model():
+    config = small_config()
+    recipe = get_recipe("b1.58")
+    params = init_params(config, recipe, RNG)
+    toks = tokens()
+
+    def loss_and_grads(**flags):
+        model = Transformer(config, recipe, integer=True, **flags)
+        loss = lambda p: jnp.mean(model.apply({"params": p}, toks).astype(jnp.float32) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (loss, grads), (loss_exact, grads_exact) = (loss_and_grads(int8_backward=True),
+                                                loss_and_grads())
+    assert loss == loss_exact
+    flat, flat_exact = (traverse_util.flatten_dict(nn.unbox(g)) for g in (grads, grads_exact))
+    # The last layer's MLP down-projection sees the loss gradient before any int8 product.
+    down = next(k for k in flat if "layers_1" in k and "down_proj" in k)
+    np.testing.assert_array_equal(flat[down], flat_exact[down])
+    assert any(not np.array_equal(flat[k], flat_exact[k]) for k in flat)
+    for k in flat:
+        np.testing.assert_allclose(flat[k], flat_exact[k], rtol=0.1,
+                                   atol=0.05 * float(np.abs(flat_exact[k]).max()) + 1e-8)
+    with pytest.raises(ConfigError, match="int8_backward"):
+        Transformer(config, recipe, int8_backward=True).init(RNG, tokens())
+
+
 def test_training_gradients_reach_every_parameter():
     config = small_config()
     recipe = get_recipe("b1.58")

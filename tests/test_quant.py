@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from bitnet_jax.core import cpu_int8
+from bitnet_jax.core import cpu_int8, cpu_int8_fused
 from bitnet_jax.core import quant
 from bitnet_jax.core.precision import ActivationQuantizer, WeightQuantizer
 
@@ -251,6 +251,7 @@ PAIRS = {
     "ternary-channel": (A8, WeightQuantizer("ternary", 1.58, "channel")),
     "ternary-group": (A8, WeightQuantizer("ternary", 1.58, "group", 16)),
     "topk": (ActivationQuantizer("absmax", 8, keep_ratio=0.5), TERNARY),
+    "a4.8-topk": (ActivationQuantizer("absmean", 4, keep_ratio=0.55), TERNARY),
 }
 
 
@@ -297,7 +298,11 @@ def test_integer_path_gradients_equal_float_path(name, dtype):
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
         hlo = grad.lower(x.astype(dtype), w).as_text()
         uses_kernel = cpu_int8.DEQUANTIZE_TRANSPOSE_TARGET in hlo
-        assert uses_kernel == (integer and dtype == jnp.bfloat16 and cpu_int8.available())
+        uses_fused = cpu_int8_fused.QUANTIZE_TRANSPOSE_TARGET in hlo
+        on_kernels = integer and dtype == jnp.bfloat16 and cpu_int8.available()
+        # Per-group weight scales are not fused: their activations go through int8 codes.
+        assert uses_fused == (on_kernels and name != "ternary-group")
+        assert uses_kernel == (on_kernels and name == "ternary-group")
         return grad(x.astype(dtype), w)
 
     for got, want in zip(grads(True), grads(False)):
@@ -363,3 +368,50 @@ def test_ternary_latent_quantizes_back_to_its_codes_and_scale(granularity, group
                                   granularity, group_size)
     np.testing.assert_array_equal(again.codes, codes)
     np.testing.assert_allclose(again.scale, gamma, rtol=1e-5)  # float32 summation order
+
+
+@pytest.mark.parametrize("name", ["b1.58", "ternary-channel", "a4-ternary", "ternary-group"])
+def test_int8_backward_rounds_only_the_input_gradient(name):
+    qx, qw = PAIRS[name]
+    x, w = _operands(seed=23)
+    x = x.astype(jnp.bfloat16)
+    cotangent = make_input((2, 5, 48), jnp.float32, seed=24)
+
+    def grads(int8_backward):
+        loss = lambda xv, wv: jnp.sum(  # noqa: E731
+            quant.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, True, int8_backward)
+            .astype(jnp.float32) * cotangent)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+    (dx, dw), (dx_exact, dw_exact) = grads(True), grads(False)
+    np.testing.assert_array_equal(np.asarray(dw), np.asarray(dw_exact))
+    dx, dx_exact = np.asarray(dx, np.float32), np.asarray(dx_exact, np.float32)
+    if name == "ternary-group":  # per-group weight scales: no int8 product, exact
+        np.testing.assert_array_equal(dx, dx_exact)
+        return
+    assert not np.array_equal(dx, dx_exact)  # it did take the 8-bit route
+    # 8-bit rows of g: error about 1/254 of a row's largest entry per term.
+    err = np.linalg.norm(dx - dx_exact) / np.linalg.norm(dx_exact)
+    assert err < 0.02, err
+
+
+def test_int8_backward_keeps_tiny_gradients():
+    # Gradients are far below the activations' 1e-5 absmax floor; they must not be flushed.
+    qx, qw = PAIRS["b1.58"]
+    x, w = _operands(seed=25)
+    g = make_input((2, 5, 48), jnp.float32, seed=26) * 1e-9
+
+    def dx(int8_backward):
+        loss = lambda xv: jnp.sum(  # noqa: E731
+            quant.quantized_dot(xv, w, qx, qw, jnp.bfloat16, True, int8_backward)
+            .astype(jnp.float32) * g)
+        return np.asarray(jax.jit(jax.grad(loss))(x.astype(jnp.bfloat16)), np.float32)
+
+    got, want = dx(True), dx(False)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+
+
+def test_int8_backward_needs_the_integer_path():
+    x, w = _operands()
+    with pytest.raises(ValueError, match="int8_backward"):
+        quant.quantized_dot(x, w, A8, TERNARY, jnp.float32, integer=False, int8_backward=True)

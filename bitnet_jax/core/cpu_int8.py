@@ -41,6 +41,11 @@ _log = logging.getLogger(__name__)
 
 TARGET_NAME = "bitnet_int8_dot"
 DEQUANTIZE_TRANSPOSE_TARGET = "bitnet_dequantize_transpose"
+# The fused entry points of the same source, wrapped by `cpu_int8_fused`: registered here so
+# that one build, one load and one registration serve both modules.
+ABSMAX_QUANT_DOT_TARGET = "bitnet_absmax_quant_dot"
+SCALED_QUANT_DOT_TARGET = "bitnet_scaled_quant_dot"
+QUANTIZE_TRANSPOSE_TARGET = "bitnet_quantize_transpose"
 _KERNELS = Path(__file__).with_name("kernels")
 _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
 _LIBRARY = KernelLibrary(
@@ -50,7 +55,10 @@ _LIBRARY = KernelLibrary(
     cxx_flags=("-O3", "-std=c++17", "-shared", "-fPIC", "-w") + _ISA_FLAGS,
     required_cpu_flags=("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
     symbols={TARGET_NAME: "BitnetInt8Dot",
-             DEQUANTIZE_TRANSPOSE_TARGET: "BitnetDequantizeTranspose"},
+             DEQUANTIZE_TRANSPOSE_TARGET: "BitnetDequantizeTranspose",
+             ABSMAX_QUANT_DOT_TARGET: "BitnetAbsmaxQuantDot",
+             SCALED_QUANT_DOT_TARGET: "BitnetScaledQuantDot",
+             QUANTIZE_TRANSPOSE_TARGET: "BitnetQuantizeTranspose"},
     logger=_log,
     failure_message="bitnet_jax.core.cpu_int8: VNNI kernel unavailable, using XLA's int8 dot")
 
@@ -74,13 +82,13 @@ def _mesh_axes(entry) -> tuple:
     return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
-def _dot_specs(x_sharding, w_sharding):
+def dot_specs(x_sharding, w_sharding):
     """Mesh axes of (rows of x, rows of w, contraction) for the local products.
 
     Rows keep their operands' splits; an axis on both would need the same device to hold
     different row blocks of each, so w's rows give way (w is gathered along it). The
     contraction stays split only when x and w split it the same way (then psum), else it is
-    gathered."""
+    gathered. (`cpu_int8_fused` splits the rows of its fused products the same way.)"""
     x_spec = tuple(x_sharding.spec) + (None,) * (2 - len(x_sharding.spec))
     w_spec = tuple(w_sharding.spec) + (None,) * (2 - len(w_sharding.spec))
     m, n = _mesh_axes(x_spec[0]), _mesh_axes(w_spec[0])
@@ -96,7 +104,7 @@ def _dot_specs(x_sharding, w_sharding):
 def _partition(mesh, arg_shapes, result_shape):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    m, n, k = _dot_specs(arg_shapes[0].sharding, arg_shapes[1].sharding)
+    m, n, k = dot_specs(arg_shapes[0].sharding, arg_shapes[1].sharding)
 
     def lower(x2, w):
         out = _ffi_dot_local(x2, w)
@@ -109,7 +117,7 @@ def _partition(mesh, arg_shapes, result_shape):
 def _infer_result_sharding(mesh, arg_shapes, result_shape):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    m, n, _ = _dot_specs(arg_shapes[0].sharding, arg_shapes[1].sharding)
+    m, n, _ = dot_specs(arg_shapes[0].sharding, arg_shapes[1].sharding)
     return NamedSharding(mesh, P(m, n))
 
 

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax.core import cpu_int8
+from bitnet_jax.core import cpu_int8, cpu_int8_fused
 
 EPS = 1e-5
 F32 = jnp.float32
@@ -164,13 +164,13 @@ def absmax_per_token(x: jax.Array, bits: int = 8) -> Quantized:
 
     s = Q / max(max|x|, eps) with Q = 2^(k-1) - 1; codes = clip(round(x * s), -Q - 1, Q).
     """
-    q_max = 2 ** (bits - 1) - 1
+    lo, q_max = _code_range(bits)
     x32 = x.astype(F32)
     absmax = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), EPS)
     # q_max * (1 / absmax), not q_max / absmax: the reference code (and transformers) writes
     # `127 / t` in torch, which evaluates `t.reciprocal() * 127`; dividing differs by an ulp for
     # a quarter of tokens and moves a code by one where x * scale sits on a .5 tie.
-    codes = round_clip(x32 * (jnp.reciprocal(absmax) * q_max), -q_max - 1, q_max)
+    codes = round_clip(x32 * (jnp.reciprocal(absmax) * q_max), lo, q_max)
     return Quantized(codes, absmax / q_max)
 
 
@@ -179,11 +179,22 @@ def absmean_per_token(x: jax.Array, bits: int = 4) -> Quantized:
 
     beta = mean|x| per token. For other bit widths sqrt(7) generalises to sqrt(2^(k-1) - 1).
     """
-    root = math.sqrt(2 ** (bits - 1) - 1)
     x32 = x.astype(F32)
+    multiplier, scale = _absmean_row_parameters(x32, bits)
+    codes = round_clip(x32 * multiplier, *_code_range(bits))
+    return Quantized(codes, scale)
+
+
+def _code_range(bits: int) -> tuple[int, int]:
+    """Codes of k-bit per-token activations (absmax and absmean alike): [-2^(k-1), 2^(k-1) - 1]."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _absmean_row_parameters(x32: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    """(multiplier taking x to codes, scale taking codes back), each (..., 1), for absmean."""
+    root = math.sqrt(2 ** (bits - 1) - 1)
     beta = jnp.mean(jnp.abs(x32), axis=-1, keepdims=True)
-    codes = round_clip(x32 * (root / (beta + EPS)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    return Quantized(codes, beta / root)
+    return root / (beta + EPS), beta / root
 
 
 def topk_count(n: int, keep_ratio: float) -> int:
@@ -298,12 +309,59 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer):
     return y.astype(dtype), xq, wq
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer):
+def _fused_activation(quantize_x, quantize_w, x_dtype, dtype, integer):
+    """(kind, bits) when the integer path can quantize x inside the CPU kernel, else None.
+
+    The kernel covers bf16 per-token absmax/absmean activations (`precision.ActivationQuantizer`,
+    TopK applied before it) times weights with one scale per tensor or per output feature.
+    """
+    kind = getattr(quantize_x, "kind", None)
+    if not (integer and x_dtype == jnp.bfloat16 and dtype == jnp.bfloat16
+            and kind in ("absmax", "absmean") and quantize_x.bits <= 8
+            and getattr(quantize_w, "granularity", "group") != "group"
+            and cpu_int8_fused.available()):
+        return None
+    return kind, quantize_x.bits
+
+
+def _fused_forward(x, w, quantize_x, quantize_w, kind, bits):
+    """The integer path with x quantized inside the kernel: y and the backward's residuals
+    (x itself, its per-row multiplier and scale, the weight codes (in, out) and scale)."""
+    if quantize_x.keep_ratio < 1.0:
+        x = topk_per_token(x, quantize_x.keep_ratio)
+    wq = quantize_w(w)
+    w_codes = wq.codes.astype(jnp.int8)
+    w_scale = jnp.broadcast_to(wq.scale.reshape(-1), (w.shape[-1],)).astype(F32)
+    if kind == "absmax":
+        y, multiplier, scale = cpu_int8_fused.absmax_quant_dot(x, w_codes.T, w_scale, bits)
+    else:  # the mean's rounding depends on the reduction order: XLA computes it, as unfused
+        multiplier, scale = _absmean_row_parameters(x.astype(F32), bits)
+        y = cpu_int8_fused.scaled_quant_dot(x, w_codes.T, w_scale, multiplier, scale,
+                                            *_code_range(bits))
+    return y, _FusedResiduals(x, multiplier, scale, w_codes, wq.scale, jnp.zeros((), w.dtype))
+
+
+class _FusedResiduals(NamedTuple):
+    x: jax.Array  # after TopK, as the kernel quantized it
+    multiplier: jax.Array
+    scale: jax.Array
+    w_codes: jax.Array
+    w_scale: jax.Array
+    w_like: jax.Array
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward):
+    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer)
+    if fused:
+        return _fused_forward(x, w, quantize_x, quantize_w, *fused)[0]
     return _forward(x, w, quantize_x, quantize_w, dtype, integer)[0]
 
 
-def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer):
+def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backward):
+    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer)
+    if fused:
+        return _fused_forward(x, w, quantize_x, quantize_w, *fused)
     y, xq, wq = _forward(x, w, quantize_x, quantize_w, dtype, integer)
     # Keep codes as int8 where they fit: the backward needs only the dequantized operands.
     residuals = (
@@ -314,13 +372,13 @@ def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer):
     return y, residuals
 
 
-def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, residuals, g):
+def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, residuals, g):
+    if isinstance(residuals, _FusedResiduals):
+        return _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g)
     x_codes, x_scale, w_codes, w_scale, x_like, w_like = residuals
-    w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, dtype)
     g = g.astype(dtype)
     # STE: the quantizers count as identity, so d/dx = g W_q^T and d/dW = X_q^T g.
-    dx = jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),
-                             preferred_element_type=F32)
+    dx = _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward)
     if integer and _per_row_int8(x_codes, x_scale) and dtype == jnp.bfloat16 \
             and cpu_int8.available():
         # Our kernel writes X_q^T directly from the int8 codes: XLA instead re-derives the
@@ -334,6 +392,38 @@ def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, residuals, g):
         dw = jax.lax.dot_general(x_deq, g, ((batch_axes, batch_axes), ((), ())),
                                  preferred_element_type=F32)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+def _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g):
+    """Backward of the fused integer path, bit-identical to the unfused one: dx = g W_q^T, and
+    X_q^T for dW = X_q^T g written in one pass over x by the kernel that quantized it."""
+    x, multiplier, scale, w_codes, w_scale, w_like = residuals
+    g = g.astype(jnp.bfloat16)
+    dx = _input_gradient(g, quantize_w, w_codes, w_scale, jnp.bfloat16, int8_backward)
+    x_deq_T = cpu_int8_fused.quantize_transpose(x, multiplier, scale,
+                                                *_code_range(quantize_x.bits))
+    dw = jax.lax.dot_general(x_deq_T, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())),
+                             preferred_element_type=F32)
+    return dx.astype(x.dtype), dw.astype(w_like.dtype)
+
+
+def _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward):
+    """dx = g W_q^T (float32): exact in `dtype` with float32 accumulation, or, with
+    `int8_backward` (weights int8 codes with one scale per tensor or output feature), an int8
+    product: rows of g * w_scale quantized to 8 bits (absmax, nearest rounding, symmetric
+    [-127, 127]) times the
+    weight codes. Not exact: it rounds g to 8 bits per row."""
+    if int8_backward and w_codes.dtype == jnp.int8 and w_scale.ndim <= w_codes.ndim:
+        g_scaled = g.astype(F32) * jnp.reshape(w_scale, w_scale.shape[-1:] if w_scale.ndim else ())
+        # Not absmax_per_token: its 1e-5 floor on the absmax would flush small gradients.
+        absmax = jnp.max(jnp.abs(g_scaled), axis=-1, keepdims=True)
+        absmax = jnp.where(absmax > 0, absmax, 1.0)  # an all-zero row has zero codes anyway
+        codes = round_clip(g_scaled * (127.0 / absmax), -127, 127).astype(jnp.int8)
+        acc = cpu_int8.int8_dot_or_xla(codes, w_codes)
+        return acc.astype(F32) * (absmax / 127.0)
+    w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, dtype)
+    return jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=F32)
 
 
 def _per_row_int8(codes, scale) -> bool:
@@ -356,6 +446,7 @@ def quantized_dot(
     quantize_w: Optional[Quantizer] = None,
     dtype=jnp.bfloat16,
     integer: bool = False,
+    int8_backward: bool = False,
 ) -> jax.Array:
     """`q(x) @ q(w)` for x (..., in) and w (in, out), returned in `dtype`, STE gradients.
 
@@ -367,7 +458,10 @@ def quantized_dot(
     A `None` quantizer leaves that operand in full precision (then `integer` is not possible);
     with both `None` this is a plain `dtype` matmul with float32 accumulation.
     The backward pass uses the dequantized operands in `dtype` (straight-through estimator),
-    with float32 accumulation.
+    with float32 accumulation. On CPU with bf16 per-token activations the integer path
+    quantizes x inside the int8 kernel (`cpu_int8_fused`), with the same results.
+    `int8_backward=True` (integer path only) computes dx = g W_q^T as an int8 product with g
+    rounded to 8 bits per row: faster, NOT exact (see `_input_gradient`); dW stays exact.
     """
     dtype = jnp.dtype(dtype)
     if integer and (
@@ -380,7 +474,9 @@ def quantized_dot(
         )
     # Full precision goes through the same custom VJP: it also keeps the backward products in
     # `dtype` (autodiff of a dot with float32 accumulation would run them in float32).
-    return _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer)
+    if int8_backward and not integer:
+        raise ValueError("int8_backward needs the integer path (integer=True)")
+    return _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,8 +61,9 @@ class BitLinear(nn.Module):
     (BitNet v2) -> activation quantizer (STE) -> matmul with the quantized weight -> rescale.
 
     `integer=True` runs the forward product as int8 x int8 -> int32 (same result, see
-    `quant.quantized_dot`). `out_dtype` defaults to `dtype`. `weights` picks how quantized
-    weights are held (see WEIGHT_FORMATS; `bitnet_jax.infer.generate.inference_params` converts).
+    `quant.quantized_dot`); `int8_backward=True` also takes dx as an int8 product (not exact).
+    `out_dtype` defaults to `dtype`. `weights` picks how quantized weights are held (see
+    WEIGHT_FORMATS; `bitnet_jax.infer.generate.inference_params` converts).
     """
 
     features: int
@@ -76,6 +77,7 @@ class BitLinear(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.normal(stddev=0.02)
     weights: str = "float"
+    int8_backward: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -95,7 +97,7 @@ class BitLinear(nn.Module):
                                 self.integer)
         else:
             y = quant.quantized_dot(x, kernel, self.precision.activation, self.precision.weight,
-                                    self.dtype, self.integer)
+                                    self.dtype, self.integer, self.int8_backward)
         return y.astype(self.out_dtype or self.dtype)
 
     def _stored_weights(self, n_in: int) -> tuple[jax.Array, jax.Array]:
@@ -250,11 +252,12 @@ class _BlockWithLinears(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.normal(stddev=0.02)
     weights: str = "float"
+    int8_backward: bool = False
 
     def _linear(self, features, precision, axes, name):
         return BitLinear(features, precision, axes, self.inner_norm, self.norm_eps, self.integer,
                          self.dtype, None, self.param_dtype, self.kernel_init, self.weights,
-                         name=name)
+                         self.int8_backward, name=name)
 
 
 class CausalSelfAttention(_BlockWithLinears):

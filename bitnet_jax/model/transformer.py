@@ -138,7 +138,9 @@ class Transformer(nn.Module):
     """Decoder-only LM: embeddings -> blocks -> final RMSNorm -> logits (float32).
 
     `recipe` says how each linear role is quantized; embeddings and the head stay full precision.
-    `integer=True` runs quantized matmuls on the int8 path (needs a recipe that supports it).
+    `integer=True` runs quantized matmuls on the int8 path (needs a recipe that supports it);
+    `int8_backward=True` also takes their input gradients as int8 products (not exact; see
+    `quant.quantized_dot`).
     `weights` is how quantized linear layers hold their weights: "float" (training) or, for
     inference, "int8" / "packed" codes (see `bitnet_jax.infer.generate.inference_params`).
     `head="int8"` holds the output head (the tied table, or lm_head) as int8 rows for
@@ -152,6 +154,7 @@ class Transformer(nn.Module):
     integer: bool = False
     weights: str = "float"
     head: str = "float"
+    int8_backward: bool = False
 
     def setup(self):
         cfg, recipe = self.config, self.recipe
@@ -160,6 +163,8 @@ class Transformer(nn.Module):
         if self.integer and not recipe.supports_integer_matmul:
             raise ConfigError(f"precision {recipe.name!r} has a linear role that is not integer "
                               f"(weights and activations at most 8 bits); set integer=False")
+        if self.int8_backward and not self.integer:
+            raise ConfigError("int8_backward=True needs the integer path (integer=True)")
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         embedding_std = cfg.init_std * mup.role_scale(cfg, "embedding").init
         if int8_head and cfg.tie_embeddings:
@@ -178,9 +183,11 @@ class Transformer(nn.Module):
                                   split_rngs={"params": True}, in_axes=(nn.broadcast,),
                                   length=cfg.n_layers,
                                   metadata_params={nn.PARTITION_NAME: layer_stack.SCANNED})(
-                cfg, recipe, self.integer, self.weights, scanned=True, name=layer_stack.SCANNED)
+                cfg, recipe, self.integer, self.weights, self.int8_backward, scanned=True,
+                name=layer_stack.SCANNED)
         else:
-            self.layers = [block(cfg, recipe, self.integer, self.weights, name=f"layers_{i}")
+            self.layers = [block(cfg, recipe, self.integer, self.weights, self.int8_backward,
+                                 name=f"layers_{i}")
                            for i in range(cfg.n_layers)]
         self.norm = RMSNorm(cfg.norm_eps, dtype, param_dtype, "embed")
         if not cfg.tie_embeddings:
@@ -256,6 +263,7 @@ class DecoderBlock(nn.Module):
     recipe: PrecisionRecipe
     integer: bool = False
     weights: str = "float"
+    int8_backward: bool = False
     scanned: bool = False  # the body of nn.scan: returns (residual, None), the scan's carry
 
     @nn.compact
@@ -270,7 +278,7 @@ class DecoderBlock(nn.Module):
                       integer=self.integer, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=nn.initializers.normal(
                           stddev=cfg.init_std * mup.role_scale(cfg, "hidden").init),
-                      weights=self.weights)
+                      weights=self.weights, int8_backward=self.int8_backward)
 
         h = x_BxTxD
         if block_norms:

@@ -303,7 +303,8 @@ class _StopFlag:
 def compile_steps(setup: AbstractSetup, precision: str) -> tuple[Callable, Callable]:
     config = setup.config
     model = Transformer(setup.model_config, setup.run.recipes[precision],
-                        integer=config.train.integer_forward)
+                        integer=config.train.integer_forward,
+                        int8_backward=config.train.int8_backward)
 
     def constrained(step: Callable) -> Callable:
         return sharding.with_activation_shardings(step, setup.mesh, setup.rules)

@@ -1,5 +1,7 @@
 // Exact int8 x int8 -> int32 matmul for XLA:CPU, as an XLA FFI custom call; below it, the
-// dequantize-and-transpose of int8 activations for the weight gradient.
+// dequantize-and-transpose of int8 activations for the weight gradient, and the same product
+// with per-token activation quantization fused in (bf16 in, bf16 out) plus its backward helper
+// (see "Activation quantization fused into the product").
 //
 //   out[m, n] = sum_k x[m, k] * w[n, k]      x: (M, K) int8, w: (N, K) int8 ("out x in")
 //
@@ -28,10 +30,13 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "ffi_parallel.h"
@@ -44,6 +49,7 @@ namespace {
 constexpr int NRV = 4;             // zmm registers of output columns per micro-tile
 constexpr int NR = 16 * NRV;       // output columns per packed panel
 constexpr int MR = 6;              // rows of x per micro-tile (MR * NRV accumulators)
+constexpr int64_t kMaxRowBlock = 40 * MR;  // rows of x per packed-path task
 #ifndef BITNET_INT8_DIRECT_MAX_M
 #define BITNET_INT8_DIRECT_MAX_M 16
 #endif
@@ -57,6 +63,27 @@ __attribute__((always_inline)) inline __m512i Dpbusd(__m512i acc, __m512i a, __m
 }
 
 using bitnet_ffi::ParallelFor;  // the loop on XLA's intra-op pool (ffi_parallel.h)
+
+// float32 -> bfloat16 bits, round to nearest even (XLA's convert); NaN stays a quiet NaN.
+inline uint16_t ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// 16 float32 lanes -> 16 bfloat16 bit patterns, rounded as in ToBf16.
+__attribute__((always_inline)) inline __m256i ToBf16x16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  r = _mm512_mask_mov_epi32(r, nan, quiet_nan);
+  return _mm512_cvtepi32_epi16(r);
+}
 
 // Per-thread scratch, grown on demand (64-byte aligned).
 struct Scratch {
@@ -152,10 +179,13 @@ void PackPanel(const int8_t* w, int64_t N, int64_t K, int64_t p, uint8_t* dst) {
 }
 
 // rows x NR micro-tile: out[rows, ncols] for a packed panel.
-template <int ROWS>
+// OutT int32_t: the raw products.  OutT uint16_t (bfloat16 bits): the fused epilogue
+// bf16((float(acc) * rs[i]) * cs[n]), rounded as XLA rounds `(acc * x_scale) * w_scale`.
+template <int ROWS, typename OutT>
 __attribute__((always_inline)) inline void MicroKernel(
     const int8_t* __restrict x, int64_t K, const uint8_t* __restrict wp,
-    const int32_t* __restrict corr, int32_t* __restrict out, int64_t ldo, int ncols) {
+    const int32_t* __restrict corr, OutT* __restrict out, int64_t ldo, int ncols,
+    const float* __restrict rs, const float* __restrict cs) {
   __m512i acc[ROWS][NRV];
 #pragma GCC unroll 16
   for (int i = 0; i < ROWS; ++i) {
@@ -195,7 +225,25 @@ __attribute__((always_inline)) inline void MicroKernel(
       for (int j = 0; j < NRV; ++j) acc[i][j] = Dpbusd(acc[i][j], wv[j], xb);
     }
   }
-  if (ncols == NR) {
+  if constexpr (std::is_same_v<OutT, uint16_t>) {
+    __m512 col[NRV];
+    __mmask16 cm[NRV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NRV; ++j) {
+      int rem = ncols - j * 16;
+      cm[j] = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1u);
+      col[j] = _mm512_maskz_loadu_ps(cm[j], cs + j * 16);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < ROWS; ++i) {
+      const __m512 r = _mm512_set1_ps(rs[i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NRV; ++j) {
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][j]), r), col[j]);
+        _mm256_mask_storeu_epi16(out + i * ldo + j * 16, cm[j], ToBf16x16(v));
+      }
+    }
+  } else if (ncols == NR) {
 #pragma GCC unroll 16
     for (int i = 0; i < ROWS; ++i) {
 #pragma GCC unroll 4
@@ -231,9 +279,13 @@ void RowCorrections(const int8_t* x, int64_t K, int64_t rows, int32_t* corr) {
   }
 }
 
-template <typename PF>
-void PackedMatmul(PF&& parallel_for, int64_t num_threads, const int8_t* x, const int8_t* w,
-                  int32_t* out, int64_t M, int64_t N, int64_t K) {
+// Rows of the matmul's left operand for one task: `rows(m0, m1, first, corr, rs)` returns
+// int8 rows m0..m1 (stride K), fills corr[] with -128 * rowsum and, for the bf16 epilogue,
+// rs[] with the row scales.  `first` is true for exactly one task per row block (the one that
+// may write per-row outputs).
+template <typename OutT, typename PF, typename Rows>
+void PackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int8_t* w,
+                  OutT* out, const float* cs, int64_t M, int64_t N, int64_t K) {
   const int64_t kgs = (K + 3) / 4;
   const int64_t panels = (N + NR - 1) / NR;
   const int64_t panel_bytes = kgs * NR * 4;
@@ -251,7 +303,7 @@ void PackedMatmul(PF&& parallel_for, int64_t num_threads, const int8_t* x, const
   // Phase 2: tasks = (block of rows) x (group of panels).  A block of rows (~256 KB of x)
   // stays in L2 while the panels stream through it.
   int64_t mc = std::max<int64_t>(MR, (256 * 1024 / std::max<int64_t>(K, 1)) / MR * MR);
-  mc = std::min<int64_t>(mc, 40 * MR);
+  mc = std::min<int64_t>(mc, kMaxRowBlock);
   const int64_t mblocks = (M + mc - 1) / mc;
   const int64_t threads = std::max<int64_t>(1, num_threads);
   // Split N if there are too few row blocks to keep every thread busy.
@@ -264,22 +316,28 @@ void PackedMatmul(PF&& parallel_for, int64_t num_threads, const int8_t* x, const
     const int64_t mb = t / ngroups, ng = t % ngroups;
     const int64_t m0 = mb * mc, m1 = std::min(M, m0 + mc);
     const int64_t p0 = ng * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
-    int32_t corr[40 * MR];
-    RowCorrections(x + m0 * K, K, m1 - m0, corr);
+    int32_t corr[kMaxRowBlock];
+    float rs[kMaxRowBlock];
+    const int8_t* x = rows(m0, m1, ng == 0, corr, rs);
     for (int64_t p = p0; p < p1; ++p) {
       const uint8_t* panel = wp + p * panel_bytes;
       const int ncols = static_cast<int>(std::min<int64_t>(NR, N - p * NR));
-      int32_t* o = out + p * NR;
+      OutT* o = out + p * NR;
+      const float* c = cs ? cs + p * NR : nullptr;
       int64_t m = m0;
       for (; m + MR <= m1; m += MR) {
-        MicroKernel<MR>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols);
+        MicroKernel<MR>(x + (m - m0) * K, K, panel, corr + (m - m0), o + m * N, N, ncols,
+                        rs + (m - m0), c);
       }
+      const int8_t* xm = x + (m - m0) * K;
+      const int32_t* cm = corr + (m - m0);
+      const float* rm = rs + (m - m0);
       switch (m1 - m) {
-        case 5: MicroKernel<5>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols); break;
-        case 4: MicroKernel<4>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols); break;
-        case 3: MicroKernel<3>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols); break;
-        case 2: MicroKernel<2>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols); break;
-        case 1: MicroKernel<1>(x + m * K, K, panel, corr + (m - m0), o + m * N, N, ncols); break;
+        case 5: MicroKernel<5>(xm, K, panel, cm, o + m * N, N, ncols, rm, c); break;
+        case 4: MicroKernel<4>(xm, K, panel, cm, o + m * N, N, ncols, rm, c); break;
+        case 3: MicroKernel<3>(xm, K, panel, cm, o + m * N, N, ncols, rm, c); break;
+        case 2: MicroKernel<2>(xm, K, panel, cm, o + m * N, N, ncols, rm, c); break;
+        case 1: MicroKernel<1>(xm, K, panel, cm, o + m * N, N, ncols, rm, c); break;
         default: break;
       }
     }
@@ -409,7 +467,12 @@ ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   if (M <= kDirectMaxM || (M <= 4 * kDirectMaxM && N * K >= (int64_t{4} << 20))) {
     DirectMatmul(parallel_for, xp, wp, o, M, N, K);
   } else {
-    PackedMatmul(parallel_for, pool.num_threads(), xp, wp, o, M, N, K);
+    auto rows = [&](int64_t m0, int64_t m1, bool, int32_t* corr, float*) {
+      RowCorrections(xp + m0 * K, K, m1 - m0, corr);
+      return xp + m0 * K;
+    };
+    PackedMatmul<int32_t>(parallel_for, pool.num_threads(), rows, wp, o,
+                          static_cast<const float*>(nullptr), M, N, K);
   }
   return ffi::Error::Success();
 }
@@ -419,27 +482,6 @@ ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
 // activations that the weight gradient X^T G multiplies. XLA fuses this into a transposing
 // loop that re-derives the codes from x and runs about 4x slower than this gather version.
 // ----------------------------------------------------------------------------------------
-
-// float32 -> bfloat16 bits, round to nearest even (XLA's convert); NaN stays a quiet NaN.
-inline uint16_t ToBf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// 16 float32 lanes -> 16 bfloat16 bit patterns, rounded as in ToBf16.
-__attribute__((always_inline)) inline __m256i ToBf16x16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  r = _mm512_mask_mov_epi32(r, nan, quiet_nan);
-  return _mm512_cvtepi32_epi16(r);
-}
 
 // Rows m0..m0+rows (rows <= 16) of the output's columns: one gather fetches 4 consecutive
 // codes of 16 rows; each byte becomes one 16-row run of an output row k.
@@ -497,6 +539,266 @@ ffi::Error DequantizeTransposeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> co
   return ffi::Error::Success();
 }
 
+
+// ----------------------------------------------------------------------------------------
+// Activation quantization fused into the product: bf16 rows are quantized per token into a
+// task-local int8 block (in L2) just before the micro-kernels read them, so no int8 copy of
+// the activations goes through memory, and the output is written in bfloat16 with both
+// scales applied.  Codes are clip(round_half_even(x * mult), lo, hi) as in quant.py; for
+// absmax rows mult = (1 / max(max|x|, 1e-5)) * q and scale = max(max|x|, 1e-5) * (1 / q), computed
+// here (a max does not depend on the reduction order, so this equals XLA's); other
+// quantizers (absmean: a mean, whose rounding does depend on the order) pass mult and scale
+// in.  Activations are assumed finite.
+// ----------------------------------------------------------------------------------------
+
+inline __mmask16 TailMask16(int64_t rem) {
+  return rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1u);
+}
+
+inline __m512 Bf16ToF32x16(const uint16_t* p, __mmask16 m) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+
+inline float Bf16ToF32(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// clip(round_half_even(f * mult), lo, hi) as int32 lanes.
+__attribute__((always_inline)) inline __m512i Codes16(__m512 f, __m512 mult, __m512 lo,
+                                                      __m512 hi) {
+  __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(f, mult),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(c, lo), hi));
+}
+
+inline float Code(float f, float mult, float lo, float hi) {
+  // Through int32 so that -0.0 becomes 0, as the int8 codes of the unfused path do.
+  return static_cast<float>(
+      static_cast<int32_t>(std::min(std::max(std::nearbyint(f * mult), lo), hi)));
+}
+
+float RowAbsmax(const uint16_t* x, int64_t K) {
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    m = _mm512_max_ps(m, _mm512_abs_ps(Bf16ToF32x16(x + k, TailMask16(K - k))));
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+// Writes the int8 codes of one row to dst and returns their sum.
+int32_t QuantizeRow(const uint16_t* x, int64_t K, float mult, float lo, float hi, int8_t* dst) {
+  const __m512 vm = _mm512_set1_ps(mult), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = TailMask16(K - k);
+    const __m512i c = Codes16(Bf16ToF32x16(x + k, m), vm, vlo, vhi);
+    sum = _mm512_mask_add_epi32(sum, m, sum, c);
+    _mm512_mask_cvtepi32_storeu_epi8(dst + k, m, c);
+  }
+  return _mm512_reduce_add_epi32(sum);
+}
+
+struct RowQuantizer {
+  const uint16_t* x;
+  int64_t K;
+  float lo, hi;
+  int32_t q_max;          // > 0: absmax rows, mult and scale computed here and written out
+  const float* mult_in;   // otherwise: given per row
+  const float* scale_in;
+  float* mult_out;
+  float* scale_out;
+
+  void Params(int64_t m, float* mult, float* scale) const {
+    if (q_max > 0) {
+      const float a = std::max(RowAbsmax(x + m * K, K), 1e-5f);
+      *mult = (1.0f / a) * static_cast<float>(q_max);
+      // XLA's simplifier turns quant.py's `absmax / q` into `absmax * (1 / q)`.
+      *scale = a * (1.0f / static_cast<float>(q_max));
+    } else {
+      *mult = mult_in[m];
+      *scale = scale_in[m];
+    }
+  }
+
+  // Codes of rows m0..m1 into dst, -128 * rowsum into corr, scales into rs.
+  void Rows(int64_t m0, int64_t m1, bool write_params, int8_t* dst, int32_t* corr,
+            float* rs) const {
+    for (int64_t m = m0; m < m1; ++m) {
+      float mult, scale;
+      Params(m, &mult, &scale);
+      const int32_t sum = QuantizeRow(x + m * K, K, mult, lo, hi, dst + (m - m0) * K);
+      corr[m - m0] = static_cast<int32_t>(-128u * static_cast<uint32_t>(sum));
+      rs[m - m0] = scale;
+      if (write_params && q_max > 0) {
+        mult_out[m] = mult;
+        scale_out[m] = scale;
+      }
+    }
+  }
+};
+
+void QuantDot(ffi::ThreadPool& pool, const RowQuantizer& rq, const int8_t* w, const float* cs,
+              uint16_t* y, int64_t M, int64_t N, int64_t K) {
+  if (M == 0) return;
+  auto parallel_for = [&pool](int64_t n, const std::function<void(int64_t)>& fn) {
+    ParallelFor(pool, n, fn);
+  };
+  const bool direct =
+      N == 0 || K == 0 || M <= kDirectMaxM || (M <= 4 * kDirectMaxM && N * K >= (int64_t{4} << 20));
+  if (!direct) {
+    auto rows = [&](int64_t m0, int64_t m1, bool first, int32_t* corr, float* rs) {
+      static thread_local Scratch block;
+      int8_t* d = static_cast<int8_t*>(block.get((m1 - m0) * K + 64));
+      rq.Rows(m0, m1, first, d, corr, rs);
+      return static_cast<const int8_t*>(d);
+    };
+    PackedMatmul<uint16_t>(parallel_for, pool.num_threads(), rows, w, y, cs, M, N, K);
+    return;
+  }
+  // Few rows (decode): quantize them all, the direct int32 product, then the epilogue.
+  static thread_local Scratch codes_buf, acc_buf;
+  int8_t* q = static_cast<int8_t*>(codes_buf.get(M * K + 64));
+  int32_t* acc = static_cast<int32_t*>(acc_buf.get(M * N * sizeof(int32_t) + 64));
+  std::vector<int32_t> corr(M);
+  std::vector<float> rs(M);
+  rq.Rows(0, M, true, q, corr.data(), rs.data());
+  if (N == 0) return;
+  if (K == 0) {
+    std::memset(acc, 0, sizeof(int32_t) * M * N);
+  } else {
+    DirectMatmul(parallel_for, q, w, acc, M, N, K);
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512 r = _mm512_set1_ps(rs[m]);
+    for (int64_t n = 0; n < N; n += 16) {
+      const __mmask16 mk = TailMask16(N - n);
+      const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, acc + m * N + n));
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(a, r), _mm512_maskz_loadu_ps(mk, cs + n));
+      _mm256_mask_storeu_epi16(y + m * N + n, mk, ToBf16x16(v));
+    }
+  }
+}
+
+ffi::Error CheckQuantDot(const char* name, ffi::Buffer<ffi::BF16>& x, ffi::Buffer<ffi::S8>& w,
+                         ffi::Buffer<ffi::F32>& ws, ffi::ResultBuffer<ffi::BF16>& y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto sd = ws.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 1 || yd.size() != 2 || wd[1] != xd[1] ||
+      sd[0] != wd[0] || yd[0] != xd[0] || yd[1] != wd[0]) {
+    return ffi::Error::InvalidArgument(std::string(name) +
+        ": expects x (M, K) bf16, w (N, K) int8, w_scale (N,), out (M, N) bf16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AbsmaxQuantDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                              ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> ws, int32_t q_max,
+                              ffi::ResultBuffer<ffi::BF16> y, ffi::ResultBuffer<ffi::F32> mult,
+                              ffi::ResultBuffer<ffi::F32> scale) {
+  ffi::Error err = CheckQuantDot("bitnet_absmax_quant_dot", x, w, ws, y);
+  if (err.failure()) return err;
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0];
+  if (mult->dimensions().size() != 1 || mult->dimensions()[0] != M ||
+      scale->dimensions().size() != 1 || scale->dimensions()[0] != M || q_max <= 0) {
+    return ffi::Error::InvalidArgument(
+        "bitnet_absmax_quant_dot: expects mult (M,), scale (M,) and q_max > 0");
+  }
+  RowQuantizer rq{reinterpret_cast<const uint16_t*>(x.typed_data()), K,
+                  static_cast<float>(-q_max - 1), static_cast<float>(q_max), q_max,
+                  nullptr, nullptr, mult->typed_data(), scale->typed_data()};
+  QuantDot(pool, rq, w.typed_data(), ws.typed_data(),
+           reinterpret_cast<uint16_t*>(y->typed_data()), M, N, K);
+  return ffi::Error::Success();
+}
+
+ffi::Error ScaledQuantDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                              ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> ws,
+                              ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> scale,
+                              int32_t lo, int32_t hi, ffi::ResultBuffer<ffi::BF16> y) {
+  ffi::Error err = CheckQuantDot("bitnet_scaled_quant_dot", x, w, ws, y);
+  if (err.failure()) return err;
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0];
+  if (mult.dimensions().size() != 1 || mult.dimensions()[0] != M ||
+      scale.dimensions().size() != 1 || scale.dimensions()[0] != M || lo < -128 || hi > 127 ||
+      lo > 0 || hi < 0) {
+    return ffi::Error::InvalidArgument(
+        "bitnet_scaled_quant_dot: expects mult (M,), scale (M,) and -128 <= lo <= 0 <= hi <= 127");
+  }
+  RowQuantizer rq{reinterpret_cast<const uint16_t*>(x.typed_data()), K, static_cast<float>(lo),
+                  static_cast<float>(hi), 0, mult.typed_data(), scale.typed_data(), nullptr,
+                  nullptr};
+  QuantDot(pool, rq, w.typed_data(), ws.typed_data(),
+           reinterpret_cast<uint16_t*>(y->typed_data()), M, N, K);
+  return ffi::Error::Success();
+}
+
+// Backward of the fused product: out[k, m] = bf16(code(x[m, k]) * scale[m]), X_q^T for the
+// weight gradient, re-derived from the bf16 activations in one pass (one gather fetches 2
+// values from each of 16 rows).
+void QuantizeTransposeRows(const uint16_t* x, const float* mult, const float* scale, float lo,
+                           float hi, uint16_t* out, int64_t M, int64_t K, int64_t m0,
+                           int64_t rows) {
+  const __mmask16 mask = TailMask16(rows);
+  const __m512i index = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(2 * K)));
+  const __m512 s = _mm512_maskz_loadu_ps(mask, scale + m0);
+  const __m512 mu = _mm512_maskz_loadu_ps(mask, mult + m0);
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  const uint16_t* base = x + m0 * K;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    const __m512i pair = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, index,
+                                                     base + k, 1);
+    const __m512 f0 = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+    const __m512 f1 = _mm512_castsi512_ps(_mm512_and_si512(pair, high));
+    const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(Codes16(f0, mu, vlo, vhi)), s);
+    const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(Codes16(f1, mu, vlo, vhi)), s);
+    _mm256_mask_storeu_epi16(out + k * M + m0, mask, ToBf16x16(v0));
+    _mm256_mask_storeu_epi16(out + (k + 1) * M + m0, mask, ToBf16x16(v1));
+  }
+  for (; k < K; ++k) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const float c = Code(Bf16ToF32(base[i * K + k]), mult[m0 + i], lo, hi);
+      out[k * M + m0 + i] = ToBf16(c * scale[m0 + i]);
+    }
+  }
+}
+
+ffi::Error QuantizeTransposeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                                 ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> scale,
+                                 int32_t lo, int32_t hi, ffi::ResultBuffer<ffi::BF16> out) {
+  auto xd = x.dimensions();
+  auto od = out->dimensions();
+  if (xd.size() != 2 || od.size() != 2 || od[0] != xd[1] || od[1] != xd[0] ||
+      mult.dimensions().size() != 1 || mult.dimensions()[0] != xd[0] ||
+      scale.dimensions().size() != 1 || scale.dimensions()[0] != xd[0]) {
+    return ffi::Error::InvalidArgument(
+        "bitnet_quantize_transpose: expects x (M, K), mult (M,), scale (M,), out (K, M)");
+  }
+  const int64_t M = xd[0], K = xd[1];
+  if (M == 0 || K == 0) return ffi::Error::Success();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
+  uint16_t* o = reinterpret_cast<uint16_t*>(out->typed_data());
+  constexpr int64_t kRowsPerTask = 64;
+  const std::function<void(int64_t)> fn = [&](int64_t t) {
+    const int64_t end = std::min(M, (t + 1) * kRowsPerTask);
+    for (int64_t m0 = t * kRowsPerTask; m0 < end; m0 += 16) {
+      QuantizeTransposeRows(xp, mult.typed_data(), scale.typed_data(), static_cast<float>(lo),
+                            static_cast<float>(hi), o, M, K, m0, std::min<int64_t>(16, end - m0));
+    }
+  };
+  ParallelFor(pool, (M + kRowsPerTask - 1) / kRowsPerTask, fn);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetDequantizeTranspose, DequantizeTransposeImpl,
@@ -512,3 +814,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Dot, Int8DotImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetAbsmaxQuantDot, AbsmaxQuantDotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("q_max")
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetScaledQuantDot, ScaledQuantDotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("lo")
+                                  .Attr<int32_t>("hi")
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetQuantizeTranspose, QuantizeTransposeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("lo")
+                                  .Attr<int32_t>("hi")
+                                  .Ret<ffi::Buffer<ffi::BF16>>());

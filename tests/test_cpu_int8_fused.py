@@ -1,0 +1,155 @@
+"""The fused quantize-and-multiply kernels (bitnet_jax.core.cpu_int8_fused) equal the unfused
+integer path and the fake-quant path bit for bit, forward and backward, on odd shapes, under
+vmap and on a sharded mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax.core import cpu_int8, cpu_int8_fused, quant
+from bitnet_jax.core.precision import ActivationQuantizer, WeightQuantizer
+
+pytestmark = pytest.mark.skipif(not cpu_int8_fused.available(),
+                                reason=f"int8 kernels unavailable: "
+                                       f"{cpu_int8.unavailable_reason()}")
+
+TERNARY = WeightQuantizer("ternary", 1.58)
+CHANNEL = WeightQuantizer("ternary", 1.58, "channel")
+A8 = ActivationQuantizer("absmax", 8)
+A4 = ActivationQuantizer("absmean", 4)
+
+
+def _bits(a):
+    return np.asarray(a).view(np.uint16 if a.dtype == jnp.bfloat16 else np.uint32)
+
+
+def _operands(m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    # Heavy-tailed rows with exact ties (multiples of the absmax) exercise rounding.
+    x = rng.standard_t(3, (m, k)).astype(np.float32)
+    x[:, : min(k, 3)] = np.round(x[:, : min(k, 3)] * 4) / 4
+    w = rng.normal(0, 0.02, (k, n)).astype(np.float32)
+    return jnp.asarray(x, jnp.bfloat16), jnp.asarray(w)
+
+
+# Direct path (<= 16 rows), packed path with row tails (not a multiple of 6, past one 240-row
+# block), K tails (not a multiple of 4 or 16), N tails (not a multiple of 16 or 64).
+SHAPES = [(1, 1, 1), (3, 5, 7), (16, 64, 48), (17, 100, 33), (70, 130, 70), (301, 257, 129)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("qx,qw", [(A8, TERNARY), (A4, CHANNEL)], ids=["a8", "a4-channel"])
+def test_fused_path_is_exact(m, k, n, qx, qw, monkeypatch):
+    """Output and all gradients equal the unfused integer path (int8 codes, `int8_dot`,
+    `dequantize_transpose`) bit for bit; output and dx also equal fake quantization. The weight
+    gradient's operand X_q^T is exact too, but XLA may accumulate X^T G in a different order
+    than the fake-quant path's dot (its layout differs), so dw is compared within float32
+    accumulation rounding there."""
+    x, w = _operands(m, k, n, seed=m * 1000 + k * 10 + n)
+    g = jnp.asarray(np.random.default_rng(n).normal(size=(m, n)), jnp.bfloat16)
+
+    def run(integer, fused):
+        if not fused:
+            monkeypatch.setattr(cpu_int8_fused, "available", lambda: False)
+
+        def loss(xv, wv):
+            y = quant.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, integer)
+            return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), y
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+        hlo = fn.lower(x, w).as_text()
+        fused_target = (cpu_int8_fused.ABSMAX_QUANT_DOT_TARGET if qx.kind == "absmax"
+                        else cpu_int8_fused.SCALED_QUANT_DOT_TARGET)
+        assert (fused_target in hlo) == fused
+        assert (cpu_int8_fused.QUANTIZE_TRANSPOSE_TARGET in hlo) == fused
+        (dx, dw), y = fn(x, w)
+        monkeypatch.undo()
+        return y, dx, dw
+
+    y, dx, dw = run(integer=True, fused=True)
+    for got, want in zip((y, dx, dw), run(integer=True, fused=False)):
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+    y_fake, dx_fake, dw_fake = run(integer=False, fused=False)
+    np.testing.assert_array_equal(_bits(y), _bits(y_fake))
+    np.testing.assert_array_equal(_bits(dx), _bits(dx_fake))
+    np.testing.assert_allclose(dw, dw_fake, rtol=0, atol=1e-6 * m * float(np.abs(dw_fake).max()))
+
+
+@pytest.mark.parametrize("m,k", [(1, 1), (5, 3), (33, 17), (300, 130)])
+def test_quantize_transpose_equals_xla(m, k):
+    x, _ = _operands(m, k, 1, seed=m + k)
+    xq = jax.jit(lambda v: quant.absmax_per_token(v, 8))(x)
+    _, multiplier, scale = cpu_int8_fused.absmax_quant_dot(
+        x, jnp.zeros((1, k), jnp.int8), jnp.ones((1,), jnp.float32))
+    np.testing.assert_array_equal(_bits(scale), _bits(xq.scale[:, 0]))
+    got = cpu_int8_fused.quantize_transpose(x, multiplier, scale, -128, 127)
+    want = (xq.codes.astype(jnp.int8).astype(jnp.float32) * xq.scale).astype(jnp.bfloat16).T
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def test_zero_rows_and_lead_dims():
+    x = jnp.zeros((2, 3, 40), jnp.bfloat16)
+    y, multiplier, scale = cpu_int8_fused.absmax_quant_dot(
+        x, jnp.ones((24, 40), jnp.int8), jnp.ones((24,), jnp.float32))
+    assert y.shape == (2, 3, 24) and multiplier.shape == scale.shape == (2, 3)
+    assert not np.any(np.asarray(y, np.float32))
+    np.testing.assert_array_equal(np.asarray(scale), np.float32(1e-5) * np.float32(1 / 127))
+
+
+def test_wrong_operands_are_refused():
+    x = jnp.zeros((4, 8), jnp.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        cpu_int8_fused.absmax_quant_dot(x.astype(jnp.float32), jnp.zeros((3, 8), jnp.int8),
+                                        jnp.ones((3,), jnp.float32))
+    with pytest.raises(ValueError, match="w_codes"):
+        cpu_int8_fused.absmax_quant_dot(x, jnp.zeros((3, 7), jnp.int8),
+                                        jnp.ones((3,), jnp.float32))
+    with pytest.raises(ValueError, match="w_scale"):
+        cpu_int8_fused.absmax_quant_dot(x, jnp.zeros((3, 8), jnp.int8),
+                                        jnp.ones((), jnp.float32))
+
+
+def test_vmap_runs_each_batch_element():
+    x, w = _operands(12, 40, 24, seed=5)
+    xb = x.reshape(3, 4, 40)
+    w_codes = jnp.asarray(np.random.default_rng(6).integers(-1, 2, (24, 40)), jnp.int8)
+    w_scale = jnp.full((24,), 0.5, jnp.float32)
+    want = cpu_int8_fused.absmax_quant_dot(xb, w_codes, w_scale)
+    got = jax.jit(jax.vmap(cpu_int8_fused.absmax_quant_dot, in_axes=(0, None, None)))(
+        xb, w_codes, w_scale)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+    _, mult, scale = want
+    got_t = jax.vmap(cpu_int8_fused.quantize_transpose, in_axes=(0, 0, 0, None, None))(
+        xb, mult, scale, -128, 127)
+    want_t = cpu_int8_fused.quantize_transpose(xb, mult, scale, -128, 127)  # (K, 3 * 4)
+    np.testing.assert_array_equal(_bits(got_t), _bits(want_t.reshape(40, 3, 4).transpose(1, 0, 2)))
+
+
+@pytest.mark.parametrize("qx,qw", [(A8, TERNARY), (A4, CHANNEL)], ids=["a8", "a4-channel"])
+def test_partitioned_under_gspmd(qx, qw):
+    """On an fsdp x tensor mesh the fused calls run on local shards (no all-gather of the
+    activations or of a tensor-parallel weight) and give the single-device result: y and dx bit
+    for bit, dw up to float32 rounding (its sum over rows is split across devices)."""
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    mesh = jax.sharding.Mesh(np.array(devices[:8]).reshape(4, 2), ("fsdp", "tensor"))
+    P = jax.sharding.PartitionSpec
+    x, w = _operands(8 * 6, 64, 32, seed=9)
+    x = x.reshape(8, 6, 64)
+
+    def loss(xv, wv):
+        y = quant.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, True)
+        return jnp.sum(y.astype(jnp.float32) ** 2), y
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("fsdp", None, None)))
+    ws = jax.device_put(w, jax.sharding.NamedSharding(mesh, P(None, "tensor")))
+    hlo = fn.lower(xs, ws).compile().as_text()
+    assert "all-gather" not in hlo
+    (dx, dw), y = fn(xs, ws)
+    (dx_want, dw_want), y_want = fn(x, w)
+    np.testing.assert_array_equal(_bits(y), _bits(y_want))
+    np.testing.assert_array_equal(_bits(dx), _bits(dx_want))
+    np.testing.assert_allclose(dw, dw_want, rtol=1e-6, atol=1e-6 * float(np.abs(dw_want).max()))
