@@ -131,6 +131,9 @@ def test_isoflop_summary_where_budgets_repeat():
     summaries = report.fit_isoflop_recipes(rows)
     assert summaries["bf16"].startswith("N*(C) = k * C^a") and "(3 budgets)" in summaries["bf16"]
     assert not report.fit_isoflop_recipes(synthetic_rows())  # one budget per size: skipped
+    # Three seeds of one size share a budget but make no parabola: skipped, not "not fitted".
+    seeds = [dict(row, run=f"{row['run']}-{seed}") for row in synthetic_rows() for seed in range(3)]
+    assert not report.fit_isoflop_recipes(seeds)
 
 
 def law_table_rows(seed=3):

@@ -99,7 +99,8 @@ def fit_isoflop_recipes(rows: list[dict], loss: str = LOSS) -> dict[str, str]:
     out = {}
     for recipe, group in by_recipe(completed(rows, loss)).items():
         budgets = np.round(np.log10(_column(group, "flops_causal")) / 0.1)
-        if sum(np.count_nonzero(budgets == b) >= 3 for b in set(budgets)) < 2:
+        sizes = _column(group, PARAMS)  # distinct sizes: seeds of one size make no parabola
+        if sum(len(set(sizes[budgets == b])) >= 3 for b in set(budgets)) < 2:
             continue
         try:
             out[recipe] = fit_isoflop(_column(group, PARAMS), _column(group, "flops_causal"),
