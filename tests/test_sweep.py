@@ -208,7 +208,7 @@ def test_collect_marks_a_crashed_process_failed(tmp_path):
 
 
 def test_shipped_sweeps_expand(capsys):
-    for name in ("quickstart", "cpu_scaling", "b1.58_ladder", "spectra_ladder"):
+    for name in ("quickstart", "cpu_scaling", "cpu_scaling_mup", "b1.58_ladder", "spectra_ladder"):
         sweep = sweeps.load_sweep(ROOT / "experiments" / f"{name}.yaml")
         assert len(sweep.runs) >= 8, name
     quick = sweeps.load_sweep(ROOT / "experiments" / "quickstart.yaml")
