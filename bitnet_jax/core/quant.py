@@ -411,8 +411,7 @@ def _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward):
     """dx = g W_q^T (float32): exact in `dtype` with float32 accumulation, or, with
     `int8_backward` (weights int8 codes with one scale per tensor or output feature), an int8
     product: rows of g * w_scale quantized to 8 bits (absmax, nearest rounding, symmetric
-    [-127, 127]) times the
-    weight codes. Not exact: it rounds g to 8 bits per row."""
+    [-127, 127]) times the weight codes. Not exact: it rounds g to 8 bits per row."""
     if int8_backward and w_codes.dtype == jnp.int8 and w_scale.ndim <= w_codes.ndim:
         g_scaled = g.astype(F32) * jnp.reshape(w_scale, w_scale.shape[-1:] if w_scale.ndim else ())
         # Not absmax_per_token: its 1e-5 floor on the absmax would flush small gradients.

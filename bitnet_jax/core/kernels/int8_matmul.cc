@@ -55,6 +55,12 @@ constexpr int64_t kMaxRowBlock = 40 * MR;  // rows of x per packed-path task
 #endif
 constexpr int64_t kDirectMaxM = BITNET_INT8_DIRECT_MAX_M;
 
+// The direct (unpacked) product for few rows; up to 4x as many when the weights are big
+// (packing them would cost as much memory traffic as the product).
+inline bool UseDirectPath(int64_t M, int64_t N, int64_t K) {
+  return M <= kDirectMaxM || (M <= 4 * kDirectMaxM && N * K >= (int64_t{4} << 20));
+}
+
 // acc += dot4(a as u8, b as s8) per 32-bit lane.  Inline asm ties the accumulator to the
 // destination register; with the intrinsic GCC 12 copies and spills every accumulator.
 __attribute__((always_inline)) inline __m512i Dpbusd(__m512i acc, __m512i a, __m512i b) {
@@ -83,6 +89,11 @@ __attribute__((always_inline)) inline __m256i ToBf16x16(__m512 v) {
   const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
   r = _mm512_mask_mov_epi32(r, nan, quiet_nan);
   return _mm512_cvtepi32_epi16(r);
+}
+
+// Lanes of a 16-lane vector that hold the first `rem` of what is left (none when rem <= 0).
+inline __mmask16 TailMask16(int64_t rem) {
+  return rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1u);
 }
 
 // Per-thread scratch, grown on demand (64-byte aligned).
@@ -230,8 +241,7 @@ __attribute__((always_inline)) inline void MicroKernel(
     __mmask16 cm[NRV];
 #pragma GCC unroll 4
     for (int j = 0; j < NRV; ++j) {
-      int rem = ncols - j * 16;
-      cm[j] = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1u);
+      cm[j] = TailMask16(ncols - j * 16);
       col[j] = _mm512_maskz_loadu_ps(cm[j], cs + j * 16);
     }
 #pragma GCC unroll 16
@@ -462,9 +472,7 @@ ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   auto parallel_for = [&pool](int64_t n, const std::function<void(int64_t)>& fn) {
     ParallelFor(pool, n, fn);
   };
-  // Direct path for few rows; up to 64 rows when the weights are big (packing them would
-  // cost as much memory traffic as the product).
-  if (M <= kDirectMaxM || (M <= 4 * kDirectMaxM && N * K >= (int64_t{4} << 20))) {
+  if (UseDirectPath(M, N, K)) {
     DirectMatmul(parallel_for, xp, wp, o, M, N, K);
   } else {
     auto rows = [&](int64_t m0, int64_t m1, bool, int32_t* corr, float*) {
@@ -550,10 +558,6 @@ ffi::Error DequantizeTransposeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> co
 // quantizers (absmean: a mean, whose rounding does depend on the order) pass mult and scale
 // in.  Activations are assumed finite.
 // ----------------------------------------------------------------------------------------
-
-inline __mmask16 TailMask16(int64_t rem) {
-  return rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1u);
-}
 
 inline __m512 Bf16ToF32x16(const uint16_t* p, __mmask16 m) {
   const __m512i u = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
@@ -647,9 +651,7 @@ void QuantDot(ffi::ThreadPool& pool, const RowQuantizer& rq, const int8_t* w, co
   auto parallel_for = [&pool](int64_t n, const std::function<void(int64_t)>& fn) {
     ParallelFor(pool, n, fn);
   };
-  const bool direct =
-      N == 0 || K == 0 || M <= kDirectMaxM || (M <= 4 * kDirectMaxM && N * K >= (int64_t{4} << 20));
-  if (!direct) {
+  if (N != 0 && K != 0 && !UseDirectPath(M, N, K)) {
     auto rows = [&](int64_t m0, int64_t m1, bool first, int32_t* corr, float* rs) {
       static thread_local Scratch block;
       int8_t* d = static_cast<int8_t*>(block.get((m1 - m0) * K + 64));
