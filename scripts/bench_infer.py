@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.core import packing
-from bitnet_jax.infer.generate import Generator, generate, int8_head_params, tree_bytes
+from bitnet_jax.infer.generate import Generator, generate, tree_bytes, with_head
 from bitnet_jax.model.transformer import Transformer, get_model_config
 from bitnet_jax.core.precision import get_recipe
 
@@ -77,15 +77,14 @@ def build(preset: str, mode: str, head: str = "float", **overrides) -> Generator
     recipe = get_recipe(precision)
     params = random_params(Transformer(config, recipe, integer, weights), np.random.default_rng(0))
     generator = Generator(config, recipe, params, weights, integer)
-    return with_head(generator, head)
+    return with_output_head(generator, head)
 
 
-def with_head(generator: Generator, head: str) -> Generator:
+def with_output_head(generator: Generator, head: str) -> Generator:
     """The generator with its bf16 output head held as `head` ("int8": int8 rows)."""
-    if head == "float":
-        return generator
-    return Generator(generator.config, generator.recipe, int8_head_params(generator.params),
-                     generator.weights, generator.integer, head)
+    return Generator(generator.config, generator.recipe,
+                     with_head(generator.params, head), generator.weights,
+                     generator.integer, head)
 
 
 def decode_rate(generator: Generator, batch: int, prompt_len: int, new_tokens: int) -> dict:
@@ -148,7 +147,7 @@ def compare_llamacpp(args, meta: dict) -> int:
                   f"{time.perf_counter() - began:.0f} s", flush=True)
         llm = llama_cpp.Llama(str(path), n_ctx=args.prompt_len + args.new_tokens + 8,
                               n_threads=threads, n_threads_batch=threads, verbose=False)
-        engines[mode] = (with_head(generator, args.head), llm)
+        engines[mode] = (with_output_head(generator, args.head), llm)
     prompt = [int(t) for t in np.arange(1, args.prompt_len + 1)]
     for generator, llm in engines.values():  # warm-up: compile ours (the cache length of the
         # timed rounds: another length compiles again), page in both

@@ -109,7 +109,7 @@ def inference_params(params: Any, recipe: PrecisionRecipe, weights: str, dtype) 
     return _cast_unstored(convert(dict(params), ""), dtype)
 
 
-def _with_head(params: Any, head: str) -> Any:
+def with_head(params: Any, head: str) -> Any:
     """Inference parameters with the output head held as `head` (see HEAD_FORMATS)."""
     require(head in HEAD_FORMATS, f"head must be one of {HEAD_FORMATS}, got {head!r}")
     return int8_head_params(params) if head == "int8" else params
@@ -206,7 +206,7 @@ def make_generator(params: Any, config: ModelConfig, recipe: PrecisionRecipe,
     config = config.replace(scan_layers=False, remat="none")
     config, recipe, weights, integer = _generator_settings(config, recipe, weights, integer,
                                                            kv_bits, dtype)
-    stored = _with_head(inference_params(params, recipe, weights, jnp.dtype(config.dtype)), head)
+    stored = with_head(inference_params(params, recipe, weights, jnp.dtype(config.dtype)), head)
     return Generator(config, recipe, stored, weights, integer, head)
 
 
@@ -228,7 +228,7 @@ def load_generator(directory: str | Path, weights: str = "auto", integer: Option
             bundle, stored = packed_params.load_inference_params(path, stored_format)
             config, recipe, stored_format, integer = _generator_settings(
                 bundle.config, bundle.recipe, stored_format, integer, kv_bits, dtype)
-            stored = _with_head(_cast_unstored(stored, jnp.dtype(config.dtype)), head)
+            stored = with_head(_cast_unstored(stored, jnp.dtype(config.dtype)), head)
             return bundle, Generator(config, recipe, stored, stored_format, integer, head)
     bundle = load_model(path)
     return bundle, make_generator(bundle.params, bundle.config, bundle.recipe, weights,
