@@ -98,13 +98,14 @@ def fit_isoflop_recipes(rows: list[dict], loss: str = LOSS) -> dict[str, str]:
     (budgets grouped in bins of 0.1 decade); the printable summary, or why it was skipped."""
     out = {}
     for recipe, group in by_recipe(completed(rows, loss)).items():
-        budgets = np.round(np.log10(_column(group, "flops_causal")) / 0.1)
-        sizes = _column(group, PARAMS)  # distinct sizes: seeds of one size make no parabola
+        sizes, flops = _column(group, PARAMS), _column(group, "flops_causal")
+        budgets = np.round(np.log10(flops) / 0.1)
+        # Distinct sizes per budget: seeds of one size share a budget but make no parabola.
         if sum(len(set(sizes[budgets == b])) >= 3 for b in set(budgets)) < 2:
             continue
         try:
-            out[recipe] = fit_isoflop(_column(group, PARAMS), _column(group, "flops_causal"),
-                                      _column(group, loss), log_bin_width=0.1).summary()
+            out[recipe] = fit_isoflop(sizes, flops, _column(group, loss),
+                                      log_bin_width=0.1).summary()
         except ConfigError as error:
             out[recipe] = f"not fitted: {error}"
     return out
