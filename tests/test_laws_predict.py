@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from bitnet_jax.scaling.holdout import predict_held_out, split_largest
 from bitnet_jax.scaling.laws import fit_power_law
 from bitnet_jax.scaling.noise import Replicates, gap_against_noise
 from bitnet_jax.scaling.results import RESULT_COLUMNS, read_table, write_table
+from bitnet_jax.scaling.trust import CHECKS, law_checks
 
 SIZES = np.geomspace(5e4, 5e6, 6)
 E, A, ALPHA = 1.8, 40.0, 0.35
@@ -206,7 +208,7 @@ def test_fit_table_holds_out_the_largest_sizes_where_enough_remain():
 # fits.json.
 
 HOLDOUT_KEYS = {"N", "D", "observed", "predicted", "low", "high", "rel_error"}
-LAW_KEYS = {"params", "interval", "r2", "points", "warnings", "holdout"}
+LAW_KEYS = {"params", "interval", "r2", "points", "warnings", "holdout", "checks"}
 
 
 def check_fits_schema(data):
@@ -220,6 +222,9 @@ def check_fits_schema(data):
                 assert key in law_entry["params"] and len(band) == 2 and band[0] <= band[1]
             assert isinstance(law_entry["points"], int)
             assert all(isinstance(w, str) for w in law_entry["warnings"])
+            assert set(law_entry["checks"]) == set(CHECKS)
+            for check in law_entry["checks"].values():
+                assert check["passed"] in (True, False, None) and isinstance(check["detail"], str)
             for h in law_entry["holdout"]:
                 assert set(h) == HOLDOUT_KEYS
                 assert h["rel_error"] == pytest.approx((h["predicted"] - h["observed"])
@@ -254,6 +259,86 @@ def test_the_report_writes_fits_json_and_its_sections(tmp_path):
     text = path.read_text()
     for needle in ("## Hyperparameter selection", "## Seeds and noise", "exceeds the noise",
                    "## Validation by extrapolation", "optimum bracketed",
+                   "## Can these laws be used?", "held out within 1.5%",
                    "(loss_vs_optimizer_lr.png)"):
         assert needle in text, needle
     assert (tmp_path / "loss_vs_optimizer_lr.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------------
+# Can a law be used? (`trust`): each check passes on a law its data determine and fails, for
+# its own reason, on data that do not.
+
+def steepening(n):
+    """A loss that falls faster than a power law (no floor can describe it)."""
+    return A * n ** -0.1 * np.exp(-0.01 * np.log(n / 5e4) ** 2)
+
+
+def seeded_rows(loss_of_n, sizes, seeds=3, noise=0.003, rng_seed=0):
+    rng = np.random.default_rng(rng_seed)
+    return [{"params": float(n), "seed": s, "recipe": "bf16",
+             "loss": float(loss_of_n(n) * np.exp(rng.normal(0, noise)))}
+            for n in sizes for s in range(seeds)]
+
+
+def checks_of(rows, law_name="L(N)", n_boot=200, **kwargs):
+    law_fit = fit_table(rows, n_boot=n_boot, **kwargs)["bf16"].laws[law_name]
+    return law_fit, {c.name: c for c in law_fit.checks}
+
+
+def test_a_law_its_data_determine_passes_every_check():
+    # E + A N^-alpha over 250x in N, 3 seeds at 0.3% noise: E, alpha placed, the largest size
+    # predicted within its band.
+    law_fit, checks = checks_of(seeded_rows(law, np.geomspace(5e4, 1.25e7, 8)))
+    assert law_fit.trusted, {k: (c.passed, c.detail) for k, c in checks.items()}
+    assert checks["falls"].detail == "falls at all 7 steps"
+    assert checks["resamples"].detail == "0 of 200 failed"
+
+
+def test_each_check_fails_for_its_own_class_of_data():
+    # Loss falling faster than any power law: E would be negative, so sits at its bound 0.
+    _, checks = checks_of(seeded_rows(steepening, np.geomspace(5e4, 5e6, 6)))
+    assert checks["bounds"].passed is False and "E" in checks["bounds"].detail
+    # Noise as large as the steps between sizes over a narrow range: the exponent is not placed.
+    _, checks = checks_of(seeded_rows(law, np.geomspace(5e4, 2e5, 5), noise=0.02))
+    assert checks["exponents"].passed is False and "alpha" in checks["exponents"].detail
+    # The wrong law (no floor on data with one): the held-out size is missed.
+    _, checks = checks_of(seeded_rows(law, np.geomspace(5e4, 5e6, 6)), law_name="L(N)-pure")
+    assert checks["holdout"].passed is False and "outside" in checks["holdout"].detail
+    # A size whose loss rises: named, with the step.
+    sizes = np.geomspace(5e4, 5e6, 6)
+    _, checks = checks_of(seeded_rows(lambda n: law(n) * (1.1 if n == sizes[3] else 1.0), sizes,
+                                      noise=0.0))
+    assert checks["falls"].passed is False
+    assert checks["falls"].detail.startswith(f"rises at N = {sizes[2]:.4g} to {sizes[3]:.4g}: +")
+
+
+def test_checks_that_cannot_be_made_are_neither_passed_nor_failed():
+    rows = seeded_rows(law, np.geomspace(5e4, 5e6, 6), seeds=1)
+    law_fit, checks = checks_of(rows, n_boot=0, holdout=0)
+    assert checks["resamples"].passed is None and checks["exponents"].passed is None
+    assert checks["holdout"].passed is None and not law_fit.trusted
+    # Failed resamples are counted: a fit whose bootstrap lost some draws fails the check.
+    fitted = fit_table(rows, n_boot=50)["bf16"]
+    law_fit = fitted.laws["L(N)"]
+    lossy = dataclasses.replace(law_fit.fit, n_boot_failed=3)
+    (check,) = [c for c in law_checks(lossy, law_fit.holdout, fitted.replicates)
+                if c.name == "resamples"]
+    assert check.passed is False and check.detail == "3 of 53 failed"
+
+
+def test_bitnet_fit_names_the_checks_a_law_does_not_pass(tmp_path, capsys):
+    from bitnet_jax.cli import main
+
+    def fit_printed(loss_of_n, sizes):
+        path = tmp_path / "results.csv"
+        write_table([{**{c: None for c in RESULT_COLUMNS}, "run": f"r{i}", "status": "completed",
+                      "precision": r["recipe"], "params_non_embedding": int(r["params"]),
+                      "tokens": 10 ** 6, "final_eval_loss": r["loss"], "seed": r["seed"]}
+                     for i, r in enumerate(seeded_rows(loss_of_n, sizes))], path)
+        assert main(["fit", str(path), "--bootstrap", "100"]) == 0
+        return capsys.readouterr().out
+
+    out = fit_printed(steepening, np.geomspace(5e4, 5e6, 6))
+    assert "checks not passed: no parameter at a bound: no (at a bound: E)" in out
+    assert "checks: all passed" in fit_printed(law, np.geomspace(5e4, 1.25e7, 8))

@@ -35,6 +35,7 @@ from bitnet_jax.scaling.results import (COMPLETED, LOSS_COLUMNS, PARAM_COLUMNS, 
                                         STATUS, TOKEN_COLUMNS, read_table)
 from bitnet_jax.scaling.select import (Choice, Selection, axis_values,
                                        default_hyperparameters, select_envelope)
+from bitnet_jax.scaling.trust import CHECKS, Check, law_checks, trusted
 
 __all__ = ["TableLaw", "LAWS", "register_law", "LawFit", "RecipeFits", "PreparedTable",
            "prepare_table", "check_holdout", "fit_table", "format_fits", "fits_json",
@@ -100,20 +101,26 @@ register_law(TableLaw("L(N,D)", "chinchilla", "L(N, D)", ("N", "D"), "chinchilla
 @dataclass(frozen=True, eq=False)
 class LawFit:
     """One law of one recipe: the bootstrapped `fit` on every size, the predictions of the
-    held-out sizes by the law fitted without them, and every warning (the fit's own, unbracketed
-    hyperparameter optima, a holdout that could not be made)."""
+    held-out sizes by the law fitted without them, every warning (the fit's own, unbracketed
+    hyperparameter optima, a holdout that could not be made) and the `trust` checks."""
 
     name: str
     fit: Fit
     holdout: tuple[HeldOut, ...] = ()
     warnings: tuple[str, ...] = ()
+    checks: tuple[Check, ...] = ()
+
+    @property
+    def trusted(self) -> bool:
+        return bool(self.checks) and trusted(self.checks)
 
     def to_json(self) -> dict[str, Any]:
         return _finite({
             "params": dict(self.fit.params),
             "interval": {k: list(v) for k, v in self.fit.intervals.items()},
             "r2": self.fit.r2, "points": self.fit.n_points, "warnings": list(self.warnings),
-            "holdout": [h.to_json() for h in self.holdout]})
+            "holdout": [h.to_json() for h in self.holdout],
+            "checks": {c.name: c.to_json() for c in self.checks}})
 
 
 @dataclass(frozen=True, eq=False)
@@ -347,7 +354,8 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
                 continue
             held, holdout_warnings = _holdout(law, reps, int(holdout), options, boot, level, seed)
             laws[law.name] = LawFit(law.name, fit, held, tuple(
-                list(fit.warnings) + selection_warnings + holdout_warnings))
+                list(fit.warnings) + selection_warnings + holdout_warnings),
+                law_checks(fit, held, reps))
         results[recipe] = RecipeFits(recipe, len(loss), used, laws, reps, chosen,
                                      tuple(recipe_notes), tuple(members))
     return results
@@ -366,6 +374,11 @@ def _law_lines(law: LawFit) -> list[str]:
                                                else " OUTSIDE its band")
         lines.append(f"  held out {where}: predicted {h.predicted:.4g}{band} from the other "
                      f"sizes, observed {h.observed:.4g} ({100 * h.rel_error:+.2f}%){verdict}")
+    if law.checks:
+        failed = [f"{CHECKS[c.name]}: {'no' if c.passed is False else 'not checked'} "
+                  f"({c.detail})" for c in law.checks if c.passed is not True]
+        lines.append("  checks: all passed" if not failed else
+                     "  checks not passed: " + "; ".join(failed))
     return lines
 
 
@@ -432,7 +445,8 @@ def format_fits(fits: Mapping[str, RecipeFits], *, reference: str = "bf16") -> s
 def fits_json(fits: Mapping[str, RecipeFits]) -> dict[str, Any]:
     """The fits as one JSON object (fits.json, `bitnet fit --json`): recipes -> recipe -> laws ->
     law name -> params, interval (name -> [low, high]), r2, points, warnings, holdout (N, D,
-    observed, predicted, low, high, rel_error); NaN becomes null."""
+    observed, predicted, low, high, rel_error), checks (name -> passed, detail); NaN becomes
+    null."""
     return {"recipes": {recipe: {"laws": {name: law.to_json()
                                           for name, law in group.laws.items()}}
                         for recipe, group in fits.items()}}

@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 ALPHA_MAX = 5.0  # bound of the L(N) exponent: a loss falling faster than N^-5 is not a fit
+AT_BOUND = "at_bound"  # Fit.info key: the parameters a fitter left at a bound (`trust` reads it)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,10 +272,11 @@ def fit_power_law(N: Any, L: Any, *, x_name: str = "N") -> Fit:
     x, loss = _check_inputs((x_name, "L"), (N, L), 2, "L = A N^-alpha", {x_name: 2})
     params = _power_law_params(x, loss)
     log_resid = np.log(loss) - np.log(_eval_power_law(params, x))
-    warnings = [] if params["alpha"] > 0 else \
-        [f"alpha = {params['alpha']:.4g} <= 0: the loss does not fall with {x_name}"]
+    bounds = [] if params["alpha"] > 0 else \
+        [("alpha", f"alpha = {params['alpha']:.4g} <= 0: the loss does not fall with {x_name}")]
     return _make_fit("power_law", (x_name,), params, (x, loss), float(np.sum(log_resid ** 2)), {},
-                     warnings, {"seconds": time.perf_counter() - start})
+                     [w for _, w in bounds], {"seconds": time.perf_counter() - start,
+                                              AT_BOUND: [name for name, _ in bounds]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,19 +329,23 @@ def _offset_solve(x: np.ndarray, loss: np.ndarray, starts: Sequence[tuple[float,
     return params, float(best.cost), bool(best.success), best.x
 
 
-def _offset_warnings(params: Mapping[str, float], loss: np.ndarray, x_name: str) -> list[str]:
-    warnings = []
+def _offset_bounds(params: Mapping[str, float], loss: np.ndarray,
+                   x_name: str) -> list[tuple[str, str]]:
+    """(parameter, warning) for each parameter of E + A x^-alpha at one of its bounds."""
+    bounds = []
     e_max = float(loss.min())
     if params["E"] <= 1e-9 * e_max:
-        warnings.append(f"E is at its lower bound 0: the data show no loss floor; "
-                        f"the pure power law L = A {x_name}^-alpha may describe them better")
+        bounds.append(("E", f"E is at its lower bound 0: the data show no loss floor; "
+                            f"the pure power law L = A {x_name}^-alpha may describe them better"))
     if params["E"] >= e_max * (1 - 1e-6):
-        warnings.append(f"E = {params['E']:.4g} reached the lowest observed loss (its upper bound)")
+        bounds.append(("E", f"E = {params['E']:.4g} reached the lowest observed loss "
+                            "(its upper bound)"))
     if params["alpha"] <= 1e-9:
-        warnings.append(f"alpha is at its lower bound 0: the loss does not fall with {x_name}")
+        bounds.append(("alpha", f"alpha is at its lower bound 0: the loss does not fall with "
+                                f"{x_name}"))
     if params["alpha"] >= ALPHA_MAX * (1 - 1e-6):
-        warnings.append(f"alpha is at its upper bound {ALPHA_MAX}")
-    return warnings
+        bounds.append(("alpha", f"alpha is at its upper bound {ALPHA_MAX}"))
+    return bounds
 
 
 def fit_power_law_with_offset(N: Any, L: Any, *, robust: Optional[float] = None,
@@ -359,12 +365,14 @@ def fit_power_law_with_offset(N: Any, L: Any, *, robust: Optional[float] = None,
                                     [0.1, 0.3, 0.6, 1.0]))
     with _one_blas_thread():
         params, cost, converged, _ = _offset_solve(x, loss, starts, robust)
-    warnings = _offset_warnings(params, loss, x_name)
+    bounds = _offset_bounds(params, loss, x_name)
+    warnings = [w for _, w in bounds]
     if not converged:
         warnings.append("the least-squares solver did not report convergence")
     return _make_fit("power_law_offset", (x_name,), params, (x, loss), 2 * cost,
                      {"robust": robust}, warnings,
-                     {"seconds": time.perf_counter() - start, "n_starts": len(starts)})
+                     {"seconds": time.perf_counter() - start, "n_starts": len(starts),
+                      AT_BOUND: [name for name, _ in bounds]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,22 +454,25 @@ def _lbfgs(theta0: np.ndarray, args: tuple, tight: bool = False) -> optimize.Opt
 
 
 def _chinchilla_warnings(params: Mapping[str, float], loss: np.ndarray, grid: Grid,
-                         converged: bool) -> list[str]:
-    warnings = []
+                         converged: bool) -> list[tuple[Optional[str], str]]:
+    """(parameter at the edge of what the law allows, or None; warning) pairs."""
+    warnings: list[tuple[Optional[str], str]] = []
     for name in ("alpha", "beta"):
         top = max(getattr(grid, name))
         if params[name] <= 0:
-            warnings.append(f"{name} = {params[name]:.4g} <= 0: that term does not fall")
+            warnings.append((name, f"{name} = {params[name]:.4g} <= 0: that term does not fall"))
         elif params[name] > top:
-            warnings.append(f"{name} = {params[name]:.4g} is beyond the grid's largest start {top}")
+            warnings.append((None, f"{name} = {params[name]:.4g} is beyond the grid's largest "
+                                   f"start {top}"))
     for name in ("A", "B"):
         if params[name] > 1e12:
-            warnings.append(f"{name} = {params[name]:.3g} is huge: that term is poorly determined")
+            warnings.append((None, f"{name} = {params[name]:.3g} is huge: that term is poorly "
+                                   "determined"))
     if params["E"] >= loss.min():
-        warnings.append(f"E = {params['E']:.4g} is not below the lowest observed loss "
-                        f"{loss.min():.4g}")
+        warnings.append(("E", f"E = {params['E']:.4g} is not below the lowest observed loss "
+                              f"{loss.min():.4g}"))
     if not converged:
-        warnings.append("no L-BFGS start reported convergence; the best one is returned")
+        warnings.append((None, "no L-BFGS start reported convergence; the best one is returned"))
     return warnings
 
 
@@ -521,9 +532,10 @@ def fit_chinchilla(N: Any, D: Any, L: Any, *, huber_delta: float = 1e-3,
     at_best = int(np.sum(values <= values[best] * (1 + 1e-6) + 1e-15))
     info = {"seconds": time.perf_counter() - start, "n_starts": len(starts),
             "n_converged": int(succeeded.sum()), "n_at_optimum": at_best,
-            "n_dropped": int(drop_highest_loss)}
+            "n_dropped": int(drop_highest_loss),
+            AT_BOUND: [name for name, _ in warnings if name is not None]}
     return _make_fit("chinchilla", x_names, params, (n, d, loss), best_value,
-                     {"huber_delta": float(huber_delta)}, warnings, info)
+                     {"huber_delta": float(huber_delta)}, [w for _, w in warnings], info)
 
 
 def chinchilla_compute_optimal(fit: Fit, C: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ from bitnet_jax.scaling.holdout import DEFAULT_HOLDOUT
 from bitnet_jax.scaling.isoflop import fit_isoflop
 from bitnet_jax.scaling.precision_report import precision_section
 from bitnet_jax.scaling.results import COMPLETED, LOSS, PARAMS, RECIPE, STATUS
+from bitnet_jax.scaling.trust import checks_table
 
 REFERENCE = "bf16"
 COLORS = {"bf16": "#1f77b4", "b1.58": "#d62728", "b1": "#9467bd", "a4.8": "#2ca02c",
@@ -554,6 +555,11 @@ def write_report_files(name: str, rows: list[dict], out: Path, run_dirs: dict[st
                   f"Each law refitted without the {DEFAULT_HOLDOUT} largest size(s) (by compute "
                   "where D varies) predicts them; the band covers the bootstrap of that fit "
                   "and the noise of one observation:", ""] + held
+    checks = {recipe: {n: law.checks for n, law in group.laws.items()}
+              for recipe, group in laws.items() if group.laws}
+    if checks:
+        lines += ["", "## Can these laws be used?", "", "Usable: every check made and passed "
+                  "(`scaling/trust.py`; `checks` in `fits.json`):", ""] + checks_table(checks)
     isoflop = fit_isoflop_recipes(envelope)
     if isoflop:
         lines += ["", "Isoflop curves (a parabola of loss in log N per compute budget; "
