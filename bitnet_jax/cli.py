@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a swept key (or column, e.g. lr) to take the best run over per size "
                           "(repeatable; default: every swept key in the `axes` column that is "
                           "not size, tokens, precision or seed)")
+    fit.add_argument("--select-by", choices=("seed", "mean"), default="seed",
+                     help="where sizes have seeds: the best setting per seed (default), or the "
+                          "best mean over the seeds, every seed kept at it")
     fit.add_argument("--law", choices=("precision", "qat-gap"), default=None,
                      help="fit one precision law across recipes instead of the laws per recipe: "
                           "Kumar et al.'s effective parameters (precision) or Chen et al.'s QAT "
@@ -461,7 +464,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     fits = fit_table(args.table, params_column=args.params_column,
                      tokens_column=args.tokens_column, loss_column=args.loss_column,
                      recipe_column=args.recipe_column, hyperparameters=args.hyperparameter,
-                     **{k: v for k, v in given.items() if v is not None})
+                     select_by=args.select_by, **{k: v for k, v in given.items() if v is not None})
     require_a_fit(fits, args.table)
     print(json.dumps(fits_json(fits), indent=2) if args.json else format_fits(fits))
     return 0

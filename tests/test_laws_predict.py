@@ -128,6 +128,35 @@ def test_seed_replicates_give_the_spread_the_intervals_and_the_gap_against_noise
     assert one_seed[0].exceeds is None and one_seed[0].gap == pytest.approx(0.075)
 
 
+def test_selecting_by_the_mean_over_seeds_keeps_every_seed_at_one_winner(tmp_path, capsys):
+    from bitnet_jax.cli import main
+
+    # Noise as large as the LR penalty: each seed's own winner wanders, the mean's does not.
+    rows = lr_rows(seeds=(0, 1, 2), noise=0.02, rng_seed=3)
+    per_seed = fit_table(rows, n_boot=0, holdout=0)["bf16"]
+    by_mean = fit_table(rows, n_boot=0, holdout=0, select_by="mean")["bf16"]
+    assert len(per_seed.choices) == 3 * len(SIZES) and len(by_mean.choices) == len(SIZES)
+    for choice in by_mean.choices:
+        assert choice.seed is None
+        kept = [r for r in by_mean.runs if r["params_non_embedding"] == choice.N]
+        assert sorted(r["seed"] for r in kept) == [0, 1, 2]
+        assert {r["lr"] for r in kept} == {choice.winner[0]}
+        means = {lr: np.mean([r["final_eval_loss"] for r in rows if r["lr"] == lr
+                              and r["params_non_embedding"] == choice.N]) for lr in LRS}
+        assert choice.winner[0] == min(means, key=means.get)
+        assert choice.loss == pytest.approx(min(means.values()))
+    assert list(by_mean.replicates.counts) == [3] * len(SIZES)
+    # the per-seed minimum is never above the mean's winner (it picks the luckiest run)
+    assert np.all(per_seed.replicates.means <= by_mean.replicates.means + 1e-12)
+    with pytest.raises(ConfigError, match="select_by"):
+        fit_table(rows, select_by="best")
+    path = tmp_path / "results.csv"
+    write_table(rows, path)
+    assert main(["fit", str(path), "--bootstrap", "0", "--select-by", "mean", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(fits_json(
+        fit_table(rows, n_boot=0, select_by="mean"))))
+
+
 def test_a_gap_far_above_the_noise_is_called_so():
     rng = np.random.default_rng(0)
     x = (np.array([1e5, 1e6]),)

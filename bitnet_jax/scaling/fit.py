@@ -238,7 +238,8 @@ class PreparedTable:
 def prepare_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
                   params_column: Optional[str] = None, tokens_column: Optional[str] = None,
                   loss_column: Optional[str] = None, recipe_column: Optional[str] = None,
-                  hyperparameters: Optional[Sequence[str]] = None) -> PreparedTable:
+                  hyperparameters: Optional[Sequence[str]] = None,
+                  select_by: str = "seed") -> PreparedTable:
     """Read, filter and select a results table (see `fit_table` for the rules); the precision
     laws (`precision_fit`) fit the same rows."""
     rows = read_table(table) if isinstance(table, (str, Path)) else [dict(r) for r in table]
@@ -282,7 +283,8 @@ def prepare_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
         notes[recipe].append(f"{count} row(s) skipped: missing, non-numeric or non-positive "
                              f"{', '.join(names)}")
     selection = select_envelope(valid, n_column=n_col, loss_column=l_col, d_column=d_col,
-                                recipe_of=recipe_of, hyperparameters=hyperparameters)
+                                recipe_of=recipe_of, hyperparameters=hyperparameters,
+                                select_by=select_by)
     used = {"N": n_col, "L": l_col, **({"D": d_col} if d_col else {}),
             **({"recipe": r_col} if r_col else {})}
     return PreparedTable(selection, used, recipe_of, notes)
@@ -291,7 +293,7 @@ def prepare_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
 def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
               params_column: Optional[str] = None, tokens_column: Optional[str] = None,
               loss_column: Optional[str] = None, recipe_column: Optional[str] = None,
-              hyperparameters: Optional[Sequence[str]] = None,
+              hyperparameters: Optional[Sequence[str]] = None, select_by: str = "seed",
               holdout: int = DEFAULT_HOLDOUT,
               n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level: float = 0.95,
               chinchilla: bool = True, huber_delta: float = 1e-3,
@@ -303,7 +305,8 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
     `recipe_column` (default: the first of RECIPE_COLUMNS present; else one group, "all"). Rows
     whose `status` column is present and not "completed", or with a missing or non-positive
     value, are skipped (noted). Over `hyperparameters` (default: the swept keys that are not size,
-    tokens, precision or seed, from the `axes` column) the best run per (N, D, seed) is kept;
+    tokens, precision or seed, from the `axes` column) the best run per (N, D, seed) is kept (per
+    (N, D) by the mean over the seeds with `select_by="mean"`, every seed at the winner);
     swept keys left out of an explicit list split the recipe instead ("b1.58, key=value").
     Every law of `LAWS` is fitted to the mean loss per size with `n_boot` bootstrap refits (0:
     none; from the seed spread where sizes have several seeds) and, with `holdout` = K > 0,
@@ -315,7 +318,7 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
     check_holdout(holdout)
     prepared = prepare_table(table, params_column=params_column, tokens_column=tokens_column,
                              loss_column=loss_column, recipe_column=recipe_column,
-                             hyperparameters=hyperparameters)
+                             hyperparameters=hyperparameters, select_by=select_by)
     selection, used, recipe_of, notes = (prepared.selection, prepared.used, prepared.recipe_of,
                                          prepared.notes)
     n_col, l_col, d_col = used["N"], used["L"], used.get("D")

@@ -16,10 +16,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from bitnet_jax.errors import ConfigError
 from bitnet_jax.scaling.results import AXES, DATA_SEED, KEY_COLUMNS, SEED
 
-__all__ = ["ROLE_KEYS", "Choice", "Selection", "axis_values", "default_hyperparameters",
-           "hyperparameter_value", "select_envelope"]
+__all__ = ["ROLE_KEYS", "SELECT_BY", "Choice", "Selection", "axis_values",
+           "default_hyperparameters", "hyperparameter_value", "select_envelope"]
+
+# How the envelope picks a setting where sizes have seeds: the best per seed (each seed's own
+# winner), or the best mean over the seeds (one winner per size, every seed kept at it: the
+# winner is not the luckiest of a few noisy runs, so the kept losses keep their seed noise).
+SELECT_BY = ("seed", "mean")
 
 # Sweep keys that say which point a run measures, not how it was tuned: never selected over.
 # The model's shape, set as `model.d_model` (or any `model.overrides.*` key): size, not tuning.
@@ -151,8 +157,10 @@ def _edges(keys: Sequence[str], tried: Sequence[tuple[tuple[Any, ...], float]],
 def select_envelope(rows: Sequence[Mapping[str, Any]], *, n_column: str, loss_column: str,
                     recipe_of: Callable[[Mapping[str, Any]], str],
                     d_column: Optional[str] = None,
-                    hyperparameters: Optional[Sequence[str]] = None) -> Selection:
-    """Keep the best setting of the hyperparameters per (recipe, N, D, seed).
+                    hyperparameters: Optional[Sequence[str]] = None,
+                    select_by: str = "seed") -> Selection:
+    """Keep the best setting of the hyperparameters per (recipe, N, D, seed), or with
+    `select_by="mean"` per (recipe, N, D) by the mean loss over the seeds (see `SELECT_BY`).
 
     `rows` are finished runs with valid N, D and loss. `hyperparameters` default to the swept
     keys that are not size, tokens, precision or seed (`default_hyperparameters`). Runs with the
@@ -160,11 +168,14 @@ def select_envelope(rows: Sequence[Mapping[str, Any]], *, n_column: str, loss_co
     loss ranks the setting. Keys with one value at every point are not selected over; where
     nothing was, every run is kept as it is.
     """
+    if select_by not in SELECT_BY:
+        raise ConfigError(f"select_by={select_by!r}; choose one of {SELECT_BY}")
     keys = tuple(default_hyperparameters(rows) if hyperparameters is None else hyperparameters)
     by_point: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for row in rows:
         d = float(row[d_column]) if d_column else None
-        by_point[(recipe_of(row), float(row[n_column]), d, replicate_of(row))].append(row)
+        replicate = replicate_of(row) if select_by == "seed" else (None, None)
+        by_point[(recipe_of(row), float(row[n_column]), d, replicate)].append(row)
     # A key swept only across points (e.g. an LR zipped with the precision) selects nothing.
     keys = tuple(k for k in keys if any(
         len({json.dumps(hyperparameter_value(r, k), sort_keys=True) for r in group}) > 1
