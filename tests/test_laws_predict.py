@@ -157,6 +157,23 @@ def test_selecting_by_the_mean_over_seeds_keeps_every_seed_at_one_winner(tmp_pat
         fit_table(rows, n_boot=0, select_by="mean"))))
 
 
+def test_recipes_bootstrap_from_independent_streams_so_ratio_bands_carry_both_noises():
+    from bitnet_jax.scaling.compare import loss_ratio_band
+
+    # Two recipes with the very same losses: their ratio is 1, and its band must still carry
+    # the seed noise of both (one shared stream made every pair move together: a band of 0).
+    rows = lr_rows(recipes=(("bf16", 1.0),), seeds=(0, 1, 2), noise=0.01, rng_seed=2)
+    twin = [{**r, "precision": "b1.58", "run": "twin-" + r["run"],
+             "axes": r["axes"].replace('"bf16"', '"b1.58"')} for r in rows]
+    fits = fit_table(rows + twin, n_boot=200, holdout=0)
+    band = loss_ratio_band(fits["b1.58"].offset, fits["bf16"].offset, SIZES[-1])
+    assert band.value == pytest.approx(1.0)
+    assert band.lo < 0.995 and band.hi > 1.005
+    # and the streams are still reproducible: the same table gives the same intervals
+    again = fit_table(rows + twin, n_boot=200, holdout=0)
+    assert again["b1.58"].offset.intervals == fits["b1.58"].offset.intervals
+
+
 def test_a_gap_far_above_the_noise_is_called_so():
     rng = np.random.default_rng(0)
     x = (np.array([1e5, 1e6]),)

@@ -71,7 +71,8 @@ def effective_parameter_multiplier(fit_q: Fit, fit_ref: Fit, N: Any, D: Any = No
 
 
 def _paired_samples(fit_q: Fit, fit_ref: Fit) -> tuple[dict, dict]:
-    """Bootstrap parameter samples of both fits, paired by index (they are independent draws)."""
+    """Bootstrap parameter samples of both fits, paired by index (independent draws: `fit_table`
+    bootstraps each recipe from its own stream)."""
     q, ref = fit_q.sample_params(), fit_ref.sample_params()
     m = min(len(fit_q.samples), len(fit_ref.samples))
     return {k: v[:m] for k, v in q.items()}, {k: v[:m] for k, v in ref.items()}

@@ -324,14 +324,20 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
     n_col, l_col, d_col = used["N"], used["L"], used.get("D")
     options = {"chinchilla": chinchilla, "huber_delta": huber_delta, "grid": grid}
 
-    def boot(fit: Fit, reps: Replicates, law: TableLaw) -> Fit:
-        if not n_boot:
-            return fit
-        resample = reps.resampler(len(law.variables)) if reps.has_replicates else None
-        return bootstrap_fit(fit, n_boot=n_boot, seed=seed, level=level, resample=resample)
+    def boot_from(stream: int) -> Callable[[Fit, Replicates, TableLaw], Fit]:
+        def boot(fit: Fit, reps: Replicates, law: TableLaw) -> Fit:
+            if not n_boot:
+                return fit
+            resample = reps.resampler(len(law.variables)) if reps.has_replicates else None
+            return bootstrap_fit(fit, n_boot=n_boot, seed=stream, level=level, resample=resample)
+        return boot
 
     results = {}
-    for recipe in notes:
+    # Each recipe draws its bootstrap from its own stream (seed + its index): the recipes' seed
+    # noise is independent, and `compare` pairs their samples by index for loss ratios. With one
+    # stream for all, every recipe's k-th draw moved the same way and the ratio bands collapsed.
+    for index, recipe in enumerate(notes):
+        boot, stream = boot_from(seed + index), seed + index
         members = [r for r in selection.rows if recipe_of(r) == recipe]
         recipe_notes = list(notes[recipe])
         x = [np.array([r[c] for r in members], dtype=float)
@@ -355,7 +361,8 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
             except ConfigError as error:
                 recipe_notes.append(f"{law.label} not fitted: {error}")
                 continue
-            held, holdout_warnings = _holdout(law, reps, int(holdout), options, boot, level, seed)
+            held, holdout_warnings = _holdout(law, reps, int(holdout), options, boot, level,
+                                              stream)
             laws[law.name] = LawFit(law.name, fit, held, tuple(
                 list(fit.warnings) + selection_warnings + holdout_warnings),
                 law_checks(fit, held, reps))
