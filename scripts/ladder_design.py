@@ -76,10 +76,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--design", action="append", metavar="N_MIN:N_MAX:SIZES:SEEDS",
                         help=f"repeatable (default: {', '.join(DEFAULT_DESIGNS)})")
-    parser.add_argument("--E", type=float, default=1.606)
-    parser.add_argument("--A", type=float, default=5.36)
-    parser.add_argument("--alpha", type=float, default=0.266)
-    parser.add_argument("--noise", type=float, default=0.011,
+    parser.add_argument("--E", type=float, default=1.564)
+    parser.add_argument("--A", type=float, default=4.012)
+    parser.add_argument("--alpha", type=float, default=0.227)
+    parser.add_argument("--noise", type=float, default=0.0117,
                         help="sd of one run's log loss (default: cpu_scaling.yaml's pooled bf16)")
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--bootstrap", type=int, default=200)
