@@ -25,6 +25,7 @@ from bitnet_jax.units import format_bytes
 from bitnet_jax.files import require_apart
 from bitnet_jax.platforms import skip_absent_tpu
 from bitnet_jax.scaling import results  # column names only (the csv module, no JAX)
+from bitnet_jax.scaling.select import SELECT_BY  # pure Python: the envelope's modes
 
 EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
 
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a swept key (or column, e.g. lr) to take the best run over per size "
                           "(repeatable; default: every swept key in the `axes` column that is "
                           "not size, tokens, precision or seed)")
-    fit.add_argument("--select-by", choices=("seed", "mean"), default="seed",
+    fit.add_argument("--select-by", choices=SELECT_BY, default=SELECT_BY[0],
                      help="where sizes have seeds: the best setting per seed (default), or the "
                           "best mean over the seeds, every seed kept at it")
     fit.add_argument("--law", choices=("precision", "qat-gap"), default=None,

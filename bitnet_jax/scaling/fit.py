@@ -337,7 +337,8 @@ def fit_table(table: Union[str, Path, Sequence[Mapping[str, Any]]], *,
     # noise is independent, and `compare` pairs their samples by index for loss ratios. With one
     # stream for all, every recipe's k-th draw moved the same way and the ratio bands collapsed.
     for index, recipe in enumerate(notes):
-        boot, stream = boot_from(seed + index), seed + index
+        stream = seed + index
+        boot = boot_from(stream)
         members = [r for r in selection.rows if recipe_of(r) == recipe]
         recipe_notes = list(notes[recipe])
         x = [np.array([r[c] for r in members], dtype=float)

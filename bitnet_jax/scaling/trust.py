@@ -11,8 +11,7 @@ fits.json:
 - `holdout`: every held-out size is predicted within `HOLDOUT_ERROR` and lies inside its band;
 - `falls`: the mean loss falls at every step in N (at each token count).
 
-The two thresholds are issue 11's bar for the quickstart, chosen so that a law passing them
-extrapolates one size up to about the precision of a seed. A check that cannot be made (no
+The two thresholds are issue 11's bar for the quickstart. A check that cannot be made (no
 bootstrap, no held-out size, one size per token count) is `None`: not passed, not failed. numpy
 only.
 """
