@@ -112,7 +112,7 @@ class LawFit:
 
     @property
     def trusted(self) -> bool:
-        return bool(self.checks) and trusted(self.checks)
+        return trusted(self.checks)
 
     def to_json(self) -> dict[str, Any]:
         return _finite({
