@@ -453,8 +453,15 @@ def test_eval_batches_deterministic_with_target_bytes(bpe_path: Path):
     batches = pipeline.make_eval_batches(split, seq_len=8, batch_size=3, max_batches=4)
     assert len(batches) == 4
     assert_same_batches(batches, pipeline.make_eval_batches(split, 8, 3, 4))
-    flat_inputs = np.concatenate([b["inputs"].reshape(-1) for b in batches])
-    np.testing.assert_array_equal(flat_inputs, split.tokens[:4 * 3 * 8])  # in order, from 0
+    # 12 windows spread over the split's windows, in stream order, from window 0.
+    windows = pipeline.num_windows(len(split), 8)
+    ids = np.arange(12) * windows // 12
+    starts = np.concatenate([b["inputs"][:, 0] for b in batches])
+    np.testing.assert_array_equal(starts, split.tokens[ids * 8])
+    assert ids[-1] >= windows - windows // 12 - 1  # the last window is near the split's end
+    for batch, batch_ids in zip(batches, ids.reshape(4, 3)):
+        for row, i in zip(batch["inputs"], batch_ids):
+            np.testing.assert_array_equal(row, split.tokens[i * 8:i * 8 + 8])
     for batch in batches:
         assert set(batch) == {"inputs", "targets", "target_bytes"}
         assert batch["target_bytes"].shape == (3, 8) and batch["target_bytes"].dtype == np.int32
