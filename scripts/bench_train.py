@@ -5,13 +5,16 @@ full train step (forward, backward, AdamW update; the trainer's own jitted step)
 against that peak for: bf16; b1.58 with fake quantization; b1.58 on the integer path (int8 x
 int8 -> int32 forward products; on CPU the activations are quantized inside the int8 kernel,
 which also writes X_q^T for the weight gradient). `--modes` adds: b1.58-int8-unfused (the
-integer path with a separate XLA quantization pass and int8 codes, as before the fused kernel)
-and b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, not exact). Ratios
+integer path with a separate XLA quantization pass and int8 codes, as before the fused kernel),
+b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, not exact), and
+bf16-xla-dw / b1.58-xla-dw (the weight gradient as XLA's own dot, which XLA:CPU runs in float32;
+`quant.weight_gradient` gives it a transposed bf16 copy instead, see there). Ratios
 are taken within the run, with the modes' steps interleaved, since the machines are shared and
 noisy. Prints a table and writes JSON (default `bench_train.json`).
 
     python scripts/bench_train.py [--presets ladder-1.6m,ladder-6.4m,ladder-20m]
-                                  [--modes bf16,b1.58,b1.58-int8] [--batch 16] [--seq-len 256]
+                                  [--modes bf16,b1.58,b1.58-int8,bf16-xla-dw,...]
+                                  [--batch 16] [--seq-len 256]
                                   [--steps 10] [--out FILE]
 """
 
@@ -29,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax.core import cpu_int8_fused
+from bitnet_jax.core import cpu_int8_fused, quant
 from bitnet_jax.model import accounting as compute
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
@@ -38,19 +41,32 @@ from bitnet_jax.model.transformer import Transformer, get_model_config
 from bitnet_jax.core.precision import get_recipe
 from bitnet_jax.train.steps import TrainState, make_train_step
 
-# mode -> (precision, integer, int8_backward, fused activation quantization)
-MODES = {"bf16": ("bf16", False, False, True), "b1.58": ("b1.58", False, False, True),
-         "b1.58-int8": ("b1.58", True, False, True),
-         "b1.58-int8-unfused": ("b1.58", True, False, False),
-         "b1.58-int8-bwd": ("b1.58", True, True, True)}
+# mode -> (precision, integer, int8_backward, fused activation quantization, bf16 weight gradient)
+MODES = {"bf16": ("bf16", False, False, True, True), "b1.58": ("b1.58", False, False, True, True),
+         "b1.58-int8": ("b1.58", True, False, True, True),
+         "b1.58-int8-unfused": ("b1.58", True, False, False, True),
+         "b1.58-int8-bwd": ("b1.58", True, True, True, True),
+         "bf16-xla-dw": ("bf16", False, False, True, False),
+         "b1.58-xla-dw": ("b1.58", False, False, True, False)}
 DEFAULT_MODES = "bf16,b1.58,b1.58-int8"
 
 
+def xla_weight_gradient(x, g):
+    """dW = X^T G as one dot over the leading axes, left to XLA (the form before
+    `quant.weight_gradient`): XLA:CPU converts its bf16 operands to float32."""
+    axes = tuple(range(g.ndim - 1))
+    return jax.lax.dot_general(x, g, ((axes, axes), ((), ())), preferred_element_type=jnp.float32)
+
+
 def compiled_step(preset: str, precision: str, integer: bool, int8_backward: bool, fused: bool,
-                  batch: int, seq_len: int):
+                  bf16_weight_gradient: bool, batch: int, seq_len: int):
     """The trainer's jitted train step for one preset and mode, compiled and run once."""
-    with (contextlib.nullcontext() if fused
-          else mock.patch.object(cpu_int8_fused, "available", lambda: False)):
+    with contextlib.ExitStack() as patches:
+        if not fused:
+            patches.enter_context(mock.patch.object(cpu_int8_fused, "available", lambda: False))
+        if not bf16_weight_gradient:
+            patches.enter_context(mock.patch.object(quant, "weight_gradient",
+                                                    xla_weight_gradient))
         return _compiled_step(preset, precision, integer, int8_backward, batch, seq_len)
 
 

@@ -309,6 +309,35 @@ def test_integer_path_gradients_equal_float_path(name, dtype):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_gradient_is_x_transposed_g(dtype):
+    """dW = X^T G over every leading axis, against float64 numpy (bf16 operands are exact in
+    float32, so only the float32 summation order separates the two)."""
+    x = make_input((3, 7, 40), dtype, seed=30)
+    g = make_input((3, 7, 24), dtype, seed=31)
+    got = jax.jit(quant.weight_gradient)(x, g)
+    x64 = np.asarray(x, np.float64).reshape(-1, 40)
+    g64 = np.asarray(g, np.float64).reshape(-1, 24)
+    assert got.dtype == jnp.float32 and got.shape == (40, 24)
+    np.testing.assert_allclose(np.asarray(got, np.float64), x64.T @ g64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's dot placement")
+def test_bf16_backward_runs_no_float32_dot_on_cpu():
+    """XLA:CPU converts a bf16 dot to float32 (an Eigen dot at half the rate) unless its left
+    operand contracts its last axis in row-major layout; the weight gradient of a bf16 linear
+    is such a dot unless `weight_gradient` gives it a transposed copy. A jax upgrade that
+    folds the copy back shows up here as a plain `dot(` in the compiled backward."""
+    x = make_input((8, 64, 128), jnp.bfloat16, seed=32)
+    w = make_input((128, 96), jnp.float32, seed=33)
+    for qx, qw in ((None, None), PAIRS["b1.58"]):
+        loss = lambda xv, wv: jnp.sum(  # noqa: E731
+            quant.quantized_dot(xv, wv, qx, qw, jnp.bfloat16).astype(jnp.float32) ** 2)
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+        entry = hlo[hlo.index("ENTRY"):]
+        assert " dot(" not in entry, (qx, entry)
+
+
 @pytest.mark.parametrize("name", ["b1.58", "ternary-group", "topk"])
 def test_quantized_dot_gradients_are_ste(name):
     qx, qw = PAIRS[name]

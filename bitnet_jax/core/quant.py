@@ -387,10 +387,7 @@ def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, re
         dw = jax.lax.dot_general(x_deq_T, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())),
                                  preferred_element_type=F32)
     else:
-        x_deq = _dequantize_codes(quantize_x, x_codes, x_scale, dtype)
-        batch_axes = tuple(range(g.ndim - 1))
-        dw = jax.lax.dot_general(x_deq, g, ((batch_axes, batch_axes), ((), ())),
-                                 preferred_element_type=F32)
+        dw = weight_gradient(_dequantize_codes(quantize_x, x_codes, x_scale, dtype), g)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
@@ -405,6 +402,33 @@ def _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g):
     dw = jax.lax.dot_general(x_deq_T, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())),
                              preferred_element_type=F32)
     return dx.astype(x.dtype), dw.astype(w_like.dtype)
+
+
+def weight_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    """dW = X^T G in float32 for x (..., in) and g (..., out), summed over the leading axes.
+
+    On CPU the product takes x^T as a row-major copy: XLA:CPU keeps a bf16 x bf16 -> f32 dot on
+    its bf16 library path (YNNPACK) only when the left operand contracts its last axis in
+    row-major layout (`IsDotSupportedByYnn`), and otherwise converts both operands to float32
+    for an Eigen dot at half the rate (`OperandUpcaster`). Written as `dot(x, g)` over the
+    leading axes, or as `dot(x.T, g)` (XLA folds the transpose into the layout), the weight
+    gradient is such a dot; a transpose through a reshape is not folded. Same sums either way,
+    up to their order. Elsewhere the backends choose layouts themselves: the plain dot.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = g.reshape(-1, g.shape[-1])
+
+    def transposed_copy(x2, g2):
+        rows, cols = x2.shape
+        x_t = jax.lax.transpose(x2.reshape(rows, cols, 1), (1, 2, 0)).reshape(cols, rows)
+        return jax.lax.dot_general(x_t, g2, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+
+    def plain(x2, g2):
+        return jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+
+    if x2.dtype != jnp.bfloat16:
+        return plain(x2, g2)
+    return jax.lax.platform_dependent(x2, g2, cpu=transposed_copy, default=plain)
 
 
 def _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward):
