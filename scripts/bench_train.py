@@ -7,13 +7,13 @@ int8 -> int32 forward products; on CPU the activations are quantized inside the 
 which also writes X_q^T for the weight gradient). `--modes` adds: b1.58-int8-unfused (the
 integer path with a separate XLA quantization pass and int8 codes, as before the fused kernel),
 b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, not exact), and
-bf16-xla-dw / b1.58-xla-dw (the weight gradient as XLA's own dot, which XLA:CPU runs in float32;
+bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
 `quant.weight_gradient` gives it a transposed bf16 copy instead, see there). Ratios
 are taken within the run, with the modes' steps interleaved, since the machines are shared and
 noisy. Prints a table and writes JSON (default `bench_train.json`).
 
     python scripts/bench_train.py [--presets ladder-1.6m,ladder-6.4m,ladder-20m]
-                                  [--modes bf16,b1.58,b1.58-int8,bf16-xla-dw,...]
+                                  [--modes bf16,b1.58,b1.58-int8,bf16-xla-dw]
                                   [--batch 16] [--seq-len 256]
                                   [--steps 10] [--out FILE]
 """
@@ -46,8 +46,7 @@ MODES = {"bf16": ("bf16", False, False, True, True), "b1.58": ("b1.58", False, F
          "b1.58-int8": ("b1.58", True, False, True, True),
          "b1.58-int8-unfused": ("b1.58", True, False, False, True),
          "b1.58-int8-bwd": ("b1.58", True, True, True, True),
-         "bf16-xla-dw": ("bf16", False, False, True, False),
-         "b1.58-xla-dw": ("b1.58", False, False, True, False)}
+         "bf16-xla-dw": ("bf16", False, False, True, False)}
 DEFAULT_MODES = "bf16,b1.58,b1.58-int8"
 
 
