@@ -50,13 +50,6 @@ MODES = {"bf16": ("bf16", False, False, True, True), "b1.58": ("b1.58", False, F
 DEFAULT_MODES = "bf16,b1.58,b1.58-int8"
 
 
-def xla_weight_gradient(x, g):
-    """dW = X^T G as one dot over the leading axes, left to XLA (the form before
-    `quant.weight_gradient`): XLA:CPU converts its bf16 operands to float32."""
-    axes = tuple(range(g.ndim - 1))
-    return jax.lax.dot_general(x, g, ((axes, axes), ((), ())), preferred_element_type=jnp.float32)
-
-
 def compiled_step(preset: str, precision: str, integer: bool, int8_backward: bool, fused: bool,
                   bf16_weight_gradient: bool, batch: int, seq_len: int):
     """The trainer's jitted train step for one preset and mode, compiled and run once."""
@@ -64,8 +57,9 @@ def compiled_step(preset: str, precision: str, integer: bool, int8_backward: boo
         if not fused:
             patches.enter_context(mock.patch.object(cpu_int8_fused, "available", lambda: False))
         if not bf16_weight_gradient:
+            # XLA's own layout for X^T G (the form before `quant.weight_gradient`)
             patches.enter_context(mock.patch.object(quant, "weight_gradient",
-                                                    xla_weight_gradient))
+                                                    quant.contract_leading))
         return _compiled_step(preset, precision, integer, int8_backward, batch, seq_len)
 
 

@@ -393,7 +393,7 @@ def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, re
         # float32 dot saves (bench_train, 2026-12-02: b1.58 steps 2-7% slower), since XLA folds
         # the dequantization into the float32 conversion it makes anyway.
         x_deq = _dequantize_codes(quantize_x, x_codes, x_scale, dtype)
-        dw = _contract_leading(x_deq, g)
+        dw = contract_leading(x_deq, g)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
@@ -431,11 +431,11 @@ def weight_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
         return jax.lax.dot_general(x_t, g2, (((1,), (0,)), ((), ())), preferred_element_type=F32)
 
     if x2.dtype != jnp.bfloat16:
-        return _contract_leading(x2, g2)
-    return jax.lax.platform_dependent(x2, g2, cpu=transposed_copy, default=_contract_leading)
+        return contract_leading(x2, g2)
+    return jax.lax.platform_dependent(x2, g2, cpu=transposed_copy, default=contract_leading)
 
 
-def _contract_leading(x, g):
+def contract_leading(x, g):
     """X^T G (float32) as one dot over the leading axes, its layout left to XLA."""
     axes = tuple(range(g.ndim - 1))
     return jax.lax.dot_general(x, g, ((axes, axes), ((), ())), preferred_element_type=F32)
