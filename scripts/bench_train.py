@@ -26,6 +26,7 @@ import json
 import platform
 import statistics
 import time
+from typing import NamedTuple
 from unittest import mock
 
 import flax.linen as nn
@@ -41,26 +42,35 @@ from bitnet_jax.model.transformer import Transformer, get_model_config
 from bitnet_jax.core.precision import get_recipe
 from bitnet_jax.train.steps import TrainState, make_train_step
 
-# mode -> (precision, integer, int8_backward, fused activation quantization, bf16 weight gradient)
-MODES = {"bf16": ("bf16", False, False, True, True), "b1.58": ("b1.58", False, False, True, True),
-         "b1.58-int8": ("b1.58", True, False, True, True),
-         "b1.58-int8-unfused": ("b1.58", True, False, False, True),
-         "b1.58-int8-bwd": ("b1.58", True, True, True, True),
-         "bf16-xla-dw": ("bf16", False, False, True, False)}
+class Mode(NamedTuple):
+    """How one mode trains: its recipe, and what differs from the defaults of the trainer."""
+
+    precision: str
+    integer: bool = False  # int8 x int8 -> int32 forward products
+    int8_backward: bool = False  # dx as an int8 product (not exact)
+    fused: bool = True  # activations quantized inside the CPU int8 kernel
+    bf16_weight_gradient: bool = True  # `quant.weight_gradient`, else XLA's own X^T G
+
+
+MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
+         "b1.58-int8": Mode("b1.58", integer=True),
+         "b1.58-int8-unfused": Mode("b1.58", integer=True, fused=False),
+         "b1.58-int8-bwd": Mode("b1.58", integer=True, int8_backward=True),
+         "bf16-xla-dw": Mode("bf16", bf16_weight_gradient=False)}
 DEFAULT_MODES = "bf16,b1.58,b1.58-int8"
 
 
-def compiled_step(preset: str, precision: str, integer: bool, int8_backward: bool, fused: bool,
-                  bf16_weight_gradient: bool, batch: int, seq_len: int):
+def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
     """The trainer's jitted train step for one preset and mode, compiled and run once."""
     with contextlib.ExitStack() as patches:
-        if not fused:
+        if not mode.fused:
             patches.enter_context(mock.patch.object(cpu_int8_fused, "available", lambda: False))
-        if not bf16_weight_gradient:
+        if not mode.bf16_weight_gradient:
             # XLA's own layout for X^T G (the form before `quant.weight_gradient`)
             patches.enter_context(mock.patch.object(quant, "weight_gradient",
                                                     quant.contract_leading))
-        return _compiled_step(preset, precision, integer, int8_backward, batch, seq_len)
+        return _compiled_step(preset, mode.precision, mode.integer, mode.int8_backward, batch,
+                              seq_len)
 
 
 def _compiled_step(preset, precision, integer, int8_backward, batch, seq_len):
@@ -128,7 +138,7 @@ def main(argv=None) -> int:
     for preset in args.presets.split(","):
         config = get_model_config(preset)
         flops = compute.flops_per_token(config, "causal", args.seq_len) * args.batch * args.seq_len
-        steps = {mode: compiled_step(preset, *MODES[mode], args.batch, args.seq_len)
+        steps = {mode: compiled_step(preset, MODES[mode], args.batch, args.seq_len)
                  for mode in modes}
         seconds = interleaved_step_times(steps, args.steps)
         del steps

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--A", type=float, default=4.012)
     parser.add_argument("--alpha", type=float, default=0.227)
     parser.add_argument("--noise", type=float, default=0.0117,
-                        help="sd of one run's log loss (default: cpu_scaling.yaml's first run, pooled bf16)")
+                        help="sd of one run's log loss (default: cpu_scaling.yaml's first run, "
+                             "pooled bf16)")
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)

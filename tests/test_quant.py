@@ -326,8 +326,9 @@ def test_weight_gradient_is_x_transposed_g(dtype):
 def test_bf16_backward_runs_no_float32_dot_on_cpu():
     """XLA:CPU converts a bf16 dot to float32 (an Eigen dot at half the rate) unless its left
     operand contracts its last axis in row-major layout; the weight gradient of a bf16 linear
-    (unquantized input) is such a dot unless `weight_gradient` gives it a transposed copy. A jax upgrade that
-    folds the copy back shows up here as a plain `dot(` in the compiled backward."""
+    (unquantized input) is such a dot unless `weight_gradient` gives it a transposed copy. A
+    jax upgrade that folds the copy back shows up here as a plain `dot(` in the compiled
+    backward."""
     x = make_input((8, 64, 128), jnp.bfloat16, seed=32)
     w = make_input((128, 96), jnp.float32, seed=33)
     loss = lambda xv, wv: jnp.sum(  # noqa: E731

@@ -383,9 +383,7 @@ def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, re
             and cpu_int8.available():
         # Our kernel writes X_q^T directly from the int8 codes: XLA instead re-derives the
         # codes from x inside a slow transposing loop (measured: 4x slower at 4096 x 512).
-        x_deq_T = cpu_int8.dequantize_transpose(x_codes, x_scale)
-        dw = jax.lax.dot_general(x_deq_T, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())),
-                                 preferred_element_type=F32)
+        dw = _transposed_dot(cpu_int8.dequantize_transpose(x_codes, x_scale), g)
     elif quantize_x is None:
         dw = weight_gradient(x_codes, g)
     else:
@@ -405,8 +403,7 @@ def _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g):
     dx = _input_gradient(g, quantize_w, w_codes, w_scale, jnp.bfloat16, int8_backward)
     x_deq_T = cpu_int8_fused.quantize_transpose(x, multiplier, scale,
                                                 *_code_range(quantize_x.bits))
-    dw = jax.lax.dot_general(x_deq_T, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())),
-                             preferred_element_type=F32)
+    dw = _transposed_dot(x_deq_T, g)
     return dx.astype(x.dtype), dw.astype(w_like.dtype)
 
 
@@ -427,12 +424,18 @@ def weight_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
 
     def transposed_copy(x2, g2):
         rows, cols = x2.shape
-        x_t = jax.lax.transpose(x2.reshape(rows, cols, 1), (1, 2, 0)).reshape(cols, rows)
-        return jax.lax.dot_general(x_t, g2, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+        return _transposed_dot(
+            jax.lax.transpose(x2.reshape(rows, cols, 1), (1, 2, 0)).reshape(cols, rows), g2)
 
     if x2.dtype != jnp.bfloat16:
         return contract_leading(x2, g2)
     return jax.lax.platform_dependent(x2, g2, cpu=transposed_copy, default=contract_leading)
+
+
+def _transposed_dot(x_t, g):
+    """X^T G (float32) from X^T (in, rows) already laid out row-major and g (..., out)."""
+    return jax.lax.dot_general(x_t, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())),
+                               preferred_element_type=F32)
 
 
 def contract_leading(x, g):
