@@ -119,6 +119,22 @@ def test_compile_for_a_tpu_topology_on_this_machine(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_the_integer_path_compiles_for_a_tpu_on_this_machine(tmp_path, capsys):
+    """Our int8 kernels are CPU custom calls: compiled for a TPU from this CPU host, the integer
+    path (int8 input gradient included) must lower XLA's products instead (it failed with
+    "Custom emitter ... not found" before they became `platform_dependent`)."""
+    base = {**TINY, "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+            "train": {**TINY["train"], "integer_forward": True, "int8_backward": True}}
+    spec = {"name": "tiny", "out_dir": str(tmp_path / "runs"), "base": base,
+            "axes": [{"precision": ["b1.58"]}]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", "plan", str(path), "--compile", "--topology", "v5e:2x2", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["fits"] and row["flops_compiled"] > 0
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
 def test_a_run_over_tpu_memory_is_marked_with_its_bytes():
     # A tiny model with a huge vocabulary: the float32 logits alone are 17 GiB per device.
     config = from_dict(RunConfig, {**TINY, "model": {"preset": "ladder-50k",

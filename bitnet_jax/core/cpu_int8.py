@@ -160,12 +160,20 @@ def int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     return out.reshape(*lead, w.shape[0])
 
 
-def int8_dot_or_xla(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`int8_dot` when available, else the same product through `lax.dot_general`."""
-    if available():
-        return int8_dot(x, w)
+def _xla_int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=jnp.int32)
+
+
+def int8_dot_or_xla(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`int8_dot` when available, else the same product through `lax.dot_general`.
+
+    `platform_dependent`, so that a CPU host compiling for a TPU or GPU (`bitnet sweep plan
+    --compile`) lowers XLA's dot there instead of a custom call that only the CPU has.
+    """
+    if available():
+        return jax.lax.platform_dependent(x, w, cpu=int8_dot, default=_xla_int8_dot)
+    return _xla_int8_dot(x, w)
 
 
 def _dequantize_transpose_xla(codes2, scale1):

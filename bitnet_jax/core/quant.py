@@ -309,14 +309,15 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer):
     return y.astype(dtype), xq, wq
 
 
-def _fused_activation(quantize_x, quantize_w, x_dtype, dtype, integer):
+def _fused_activation(quantize_x, quantize_w, x_dtype, dtype, integer, kernels):
     """(kind, bits) when the integer path can quantize x inside the CPU kernel, else None.
 
     The kernel covers bf16 per-token absmax/absmean activations (`precision.ActivationQuantizer`,
     TopK applied before it) times weights with one scale per tensor or per output feature.
+    `kernels`: whether the step is being lowered for the CPU with our kernels present.
     """
     kind = getattr(quantize_x, "kind", None)
-    if not (integer and x_dtype == jnp.bfloat16 and dtype == jnp.bfloat16
+    if not (integer and kernels and x_dtype == jnp.bfloat16 and dtype == jnp.bfloat16
             and kind in ("absmax", "absmean") and quantize_x.bits <= 8
             and getattr(quantize_w, "granularity", "group") != "group"
             and cpu_int8_fused.available()):
@@ -350,16 +351,16 @@ class _FusedResiduals(NamedTuple):
     w_like: jax.Array
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward):
-    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels):
+    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer, kernels)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)[0]
     return _forward(x, w, quantize_x, quantize_w, dtype, integer)[0]
 
 
-def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backward):
-    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer)
+def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels):
+    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer, kernels)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)
     y, xq, wq = _forward(x, w, quantize_x, quantize_w, dtype, integer)
@@ -372,15 +373,15 @@ def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backwa
     return y, residuals
 
 
-def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, residuals, g):
+def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
+                       residuals, g):
     if isinstance(residuals, _FusedResiduals):
         return _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g)
     x_codes, x_scale, w_codes, w_scale, x_like, w_like = residuals
     g = g.astype(dtype)
     # STE: the quantizers count as identity, so d/dx = g W_q^T and d/dW = X_q^T g.
     dx = _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward)
-    if integer and _per_row_int8(x_codes, x_scale) and dtype == jnp.bfloat16 \
-            and cpu_int8.available():
+    if integer and kernels and _per_row_int8(x_codes, x_scale) and dtype == jnp.bfloat16:
         # Our kernel writes X_q^T directly from the int8 codes: XLA instead re-derives the
         # codes from x inside a slow transposing loop (measured: 4x slower at 4096 x 512).
         dw = _transposed_dot(cpu_int8.dequantize_transpose(x_codes, x_scale), g)
@@ -512,7 +513,15 @@ def quantized_dot(
     # `dtype` (autodiff of a dot with float32 accumulation would run them in float32).
     if int8_backward and not integer:
         raise ValueError("int8_backward needs the integer path (integer=True)")
-    return _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward)
+    if not (integer and cpu_int8.available()):
+        return _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, False)
+    # Our CPU kernels only where the step is lowered for the CPU: a CPU host that compiles it
+    # for a TPU or GPU (`bitnet sweep plan --compile`) gets XLA's integer path there.
+    return jax.lax.platform_dependent(
+        x, w, default=lambda x, w: _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer,
+                                                  int8_backward, False),
+        cpu=lambda x, w: _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer,
+                                        int8_backward, True))
 
 
 # ----------------------------------------------------------------------------------------------
