@@ -513,15 +513,15 @@ def quantized_dot(
     # `dtype` (autodiff of a dot with float32 accumulation would run them in float32).
     if int8_backward and not integer:
         raise ValueError("int8_backward needs the integer path (integer=True)")
+    def dot(kernels):
+        return lambda x, w: _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer,
+                                           int8_backward, kernels)
+
     if not (integer and cpu_int8.available()):
-        return _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, False)
+        return dot(False)(x, w)
     # Our CPU kernels only where the step is lowered for the CPU: a CPU host that compiles it
     # for a TPU or GPU (`bitnet sweep plan --compile`) gets XLA's integer path there.
-    return jax.lax.platform_dependent(
-        x, w, default=lambda x, w: _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer,
-                                                  int8_backward, False),
-        cpu=lambda x, w: _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer,
-                                        int8_backward, True))
+    return jax.lax.platform_dependent(x, w, cpu=dot(True), default=dot(False))
 
 
 # ----------------------------------------------------------------------------------------------
