@@ -6,11 +6,13 @@ against that peak for: bf16; b1.58 with fake quantization; b1.58 on the integer 
 int8 -> int32 forward products; on CPU the activations are quantized inside the int8 kernel,
 which also writes X_q^T for the weight gradient). `--modes` adds: b1.58-int8-unfused (the
 integer path with a separate XLA quantization pass and int8 codes, as before the fused kernel),
-b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, not exact), and
+b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, not exact),
+bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio) and
 bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
 `quant.weight_gradient` gives it a transposed bf16 copy instead, see there). Ratios
 are taken within the run, with the modes' steps interleaved, since the machines are shared and
-noisy. Prints a table and writes JSON (default `bench_train.json`).
+noisy: each mode's ratio to bf16 is the median of its per-round ratios, with a 95% bootstrap
+interval. Prints a table and writes JSON (default `bench_train.json`, every step's time kept).
 
     python scripts/bench_train.py [--presets ladder-1.6m,ladder-6.4m,ladder-20m]
                                   [--modes bf16,b1.58,b1.58-int8,bf16-xla-dw]
@@ -32,6 +34,8 @@ from unittest import mock
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.stats
 
 from bitnet_jax.core import cpu_int8_fused, quant
 from bitnet_jax.model import accounting as compute
@@ -56,7 +60,10 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "b1.58-int8": Mode("b1.58", integer=True),
          "b1.58-int8-unfused": Mode("b1.58", integer=True, fused=False),
          "b1.58-int8-bwd": Mode("b1.58", integer=True, int8_backward=True),
-         "bf16-xla-dw": Mode("bf16", bf16_weight_gradient=False)}
+         "bf16-xla-dw": Mode("bf16", bf16_weight_gradient=False),
+         # The baseline again, compiled and timed as a mode of its own: its ratio to bf16 is
+         # the spread a ratio has on this machine when nothing differs.
+         "bf16-null": Mode("bf16")}
 DEFAULT_MODES = "bf16,b1.58,b1.58-int8"
 
 
@@ -90,7 +97,7 @@ def _compiled_step(preset, precision, integer, int8_backward, batch, seq_len):
 
 
 def interleaved_step_times(steps: dict, rounds: int) -> dict:
-    """Median seconds per step of each mode, timing one step of every mode per round.
+    """Seconds of every step of each mode, timing one step of every mode per round.
 
     Round-robin rather than one mode after the other: on a shared machine the load changes
     over minutes, and interleaving exposes every mode to the same load, which keeps the ratios
@@ -104,7 +111,23 @@ def interleaved_step_times(steps: dict, rounds: int) -> dict:
             jax.block_until_ready(metrics)
             samples[mode].append(time.perf_counter() - start)
             steps[mode] = (train_step, state, batch_data)
-    return {mode: statistics.median(times) for mode, times in samples.items()}
+    return samples
+
+
+def paired_ratio(times: list, baseline_times: list, confidence: float = 0.95) -> tuple:
+    """(median, low, high) of the per-round ratios times[r] / baseline_times[r], with a
+    percentile bootstrap interval of the median (scipy.stats.bootstrap).
+
+    Paired by round: the two steps of a round ran under the same load, so their ratio cancels
+    most of the machine's drift that the ratio of two medians keeps.
+    """
+    ratios = np.asarray(times) / np.asarray(baseline_times)
+    if len(ratios) < 2 or np.all(ratios == ratios[0]):
+        return float(np.median(ratios)), float(ratios.min()), float(ratios.max())
+    interval = scipy.stats.bootstrap((ratios,), np.median, confidence_level=confidence,
+                                     method="percentile", n_resamples=2000,
+                                     random_state=np.random.default_rng(0)).confidence_interval
+    return float(np.median(ratios)), float(interval.low), float(interval.high)
 
 
 def main(argv=None) -> int:
@@ -131,7 +154,8 @@ def main(argv=None) -> int:
     peak = measure_matmul_peak(args.peak_size, repeats=10)
     print(f"# {meta['backend']} / {meta['device']} / jax {meta['jax']}; batch {args.batch} x "
           f"{args.seq_len} tokens; measured bf16 matmul peak {peak / 1e12:.3f} TFLOP/s")
-    header = f"{'preset':>12} {'mode':>18} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'vs bf16':>8}"
+    header = (f"{'preset':>12} {'mode':>18} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} "
+              f"{'vs bf16 [95%]':>21}")
     print(header)
     print("-" * len(header), flush=True)
     rows = []
@@ -140,17 +164,20 @@ def main(argv=None) -> int:
         flops = compute.flops_per_token(config, "causal", args.seq_len) * args.batch * args.seq_len
         steps = {mode: compiled_step(preset, MODES[mode], args.batch, args.seq_len)
                  for mode in modes}
-        seconds = interleaved_step_times(steps, args.steps)
+        samples = interleaved_step_times(steps, args.steps)
         del steps
         for mode in modes:
-            row = {"preset": preset, "mode": mode, "step_s": seconds[mode],
-                   "tokens_per_s": args.batch * args.seq_len / seconds[mode],
-                   "mfu_vs_measured_peak": flops / seconds[mode] / peak,
-                   "vs_bf16": seconds[mode] / seconds["bf16"]}
+            seconds = statistics.median(samples[mode])
+            ratio, low, high = paired_ratio(samples[mode], samples["bf16"])
+            row = {"preset": preset, "mode": mode, "step_s": seconds,
+                   "tokens_per_s": args.batch * args.seq_len / seconds,
+                   "mfu_vs_measured_peak": flops / seconds / peak,
+                   "vs_bf16": ratio, "vs_bf16_interval": [low, high],
+                   "step_s_per_round": samples[mode]}
             rows.append(row)
-            print(f"{preset:>12} {mode:>18} {seconds[mode] * 1e3:9.1f} "
+            print(f"{preset:>12} {mode:>18} {seconds * 1e3:9.1f} "
                   f"{row['tokens_per_s']:10.0f} {row['mfu_vs_measured_peak']:6.1%} "
-                  f"{row['vs_bf16']:8.2f}", flush=True)
+                  f"{ratio:7.3f} [{low:.3f}, {high:.3f}]", flush=True)
         with open(args.out, "w") as f:  # after every preset: a cut-off run keeps what it measured
             json.dump({"meta": meta, "peak_flops": peak, "results": rows}, f, indent=2)
     print(f"wrote {args.out}")

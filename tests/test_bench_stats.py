@@ -1,0 +1,44 @@
+"""The statistics of `scripts/bench_train.py`: step-time ratios paired by round, with intervals."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
+
+
+@pytest.fixture(scope="module")
+def bench_train():
+    spec = importlib.util.spec_from_file_location("bench_train", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_load_shared_by_both_steps_of_a_round_cancels(bench_train):
+    # The machine's load triples the step time in some rounds; a mode 10% slower in every round
+    # is 1.10x with no spread.
+    load = np.array([1.0, 3.0, 1.2, 2.8, 1.1, 3.1, 1.0])
+    ratio, low, high = bench_train.paired_ratio(list(1.1 * load), list(load))
+    assert ratio == pytest.approx(1.1)
+    assert low == pytest.approx(1.1) and high == pytest.approx(1.1)
+
+
+def test_the_interval_covers_the_true_ratio_and_narrows_with_rounds(bench_train):
+    rng = np.random.default_rng(1)
+    widths, covered = {}, 0
+    for rounds in (10, 40):
+        for trial in range(20):
+            load = rng.uniform(1.0, 2.0, rounds)
+            noise = rng.normal(1.0, 0.03, rounds)
+            ratio, low, high = bench_train.paired_ratio(list(0.95 * load * noise), list(load))
+            covered += low <= 0.95 <= high
+            widths.setdefault(rounds, []).append(high - low)
+    assert covered >= 34  # of 40 intervals at a nominal 95%
+    assert np.median(widths[40]) < 0.7 * np.median(widths[10])
+
+
+def test_a_single_round_has_no_interval_beyond_itself(bench_train):
+    assert bench_train.paired_ratio([2.0], [1.0]) == (2.0, 2.0, 2.0)
