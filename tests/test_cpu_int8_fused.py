@@ -94,6 +94,13 @@ def test_zero_rows_and_lead_dims():
     assert y.shape == (2, 3, 24) and multiplier.shape == scale.shape == (2, 3)
     assert not np.any(np.asarray(y, np.float32))
     np.testing.assert_array_equal(np.asarray(scale), np.float32(1e-5) * np.float32(1 / 127))
+    # floor 0 (gradients): a zero row takes max|x| = 1; a tiny row keeps its own absmax
+    x = x.at[1, 2, 5].set(-3e-12)
+    y, _, scale = cpu_int8_fused.absmax_quant_dot(
+        x, jnp.ones((24, 40), jnp.int8), jnp.ones((24,), jnp.float32), floor=0.0)
+    assert float(scale[0, 0]) == np.float32(1) * np.float32(1 / 127)
+    assert float(scale[1, 2]) == np.float32(np.asarray(x[1, 2, 5], np.float32)) * -np.float32(1 / 127)
+    np.testing.assert_allclose(np.asarray(y[1, 2], np.float32), -3e-12, rtol=1e-2)
 
 
 def test_wrong_operands_are_refused():
@@ -107,6 +114,9 @@ def test_wrong_operands_are_refused():
     with pytest.raises(ValueError, match="w_scale"):
         cpu_int8_fused.absmax_quant_dot(x, jnp.zeros((3, 8), jnp.int8),
                                         jnp.ones((), jnp.float32))
+    with pytest.raises(ValueError, match="floor"):
+        cpu_int8_fused.absmax_quant_dot(x, jnp.zeros((3, 8), jnp.int8),
+                                        jnp.ones((3,), jnp.float32), floor=-1.0)
 
 
 def test_vmap_runs_each_batch_element():
@@ -153,3 +163,35 @@ def test_partitioned_under_gspmd(qx, qw):
     np.testing.assert_array_equal(_bits(y), _bits(y_want))
     np.testing.assert_array_equal(_bits(dx), _bits(dx_want))
     np.testing.assert_allclose(dw, dw_want, rtol=1e-6, atol=1e-6 * float(np.abs(dw_want).max()))
+
+
+@pytest.mark.parametrize("m,k,n", [(3, 5, 7), (17, 100, 33), (301, 257, 129)])
+@pytest.mark.parametrize("g_size", ["unit", "tiny"])
+def test_int8_backward_through_the_kernel_equals_the_xla_codes(m, k, n, g_size, monkeypatch):
+    """With `int8_backward` the kernel quantizes g's rows as it multiplies (floor 0): dx equals
+    the unfused integer path's (XLA's codes of g, `int8_dot`) bit for bit, tiny gradients (far
+    below the activations' 1e-5 floor) and all-zero rows included; dw stays exact."""
+    x, w = _operands(m, k, n, seed=m + k + n)
+    g = np.random.default_rng(n).normal(size=(m, n)) * (1.0 if g_size == "unit" else 1e-9)
+    g[0] = 0.0
+    g = jnp.asarray(g, jnp.bfloat16)
+
+    def grads(fused):
+        if not fused:
+            monkeypatch.setattr(cpu_int8_fused, "available", lambda: False)
+
+        def loss(xv, wv):
+            y = quant.quantized_dot(xv, wv, A8, TERNARY, jnp.bfloat16, True, True)
+            return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32))
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        hlo = fn.lower(x, w).as_text()
+        assert hlo.count(cpu_int8_fused.ABSMAX_QUANT_DOT_TARGET) == (2 if fused else 0)
+        out = fn(x, w)
+        monkeypatch.undo()
+        return out
+
+    (dx, dw), (dx_xla, dw_xla) = grads(fused=True), grads(fused=False)
+    np.testing.assert_array_equal(_bits(dx), _bits(dx_xla))
+    assert not np.any(np.asarray(dx, np.float32)[0])
+    assert np.any(np.asarray(dx, np.float32)[1:])  # not flushed
+    np.testing.assert_allclose(dw, dw_xla, rtol=0, atol=1e-6 * m * float(np.abs(dw_xla).max()))

@@ -4,7 +4,7 @@ The entry points live in `cpu_int8`'s library (`kernels/int8_matmul.cc`): its `K
 builds, loads and registers them along with `int8_dot`'s, and this module wraps them::
 
     available() -> bool
-    absmax_quant_dot(x, w_codes, w_scale, bits) -> (y, mult, scale)
+    absmax_quant_dot(x, w_codes, w_scale, bits, floor) -> (y, mult, scale)
     scaled_quant_dot(x, w_codes, w_scale, mult, scale, lo, hi) -> y
     quantize_transpose(x, mult, scale, lo, hi) -> X_q^T
 
@@ -14,7 +14,8 @@ copy of the activations is written; y = bf16((codes @ w_codes.T) * scale * w_sca
 bit-identical to `quant.quantized_dot`'s integer path. `absmax_quant_dot` computes the absmax
 row parameters itself (mult = (1 / max(max|x|, 1e-5)) * q, scale = max(max|x|, 1e-5) * (1 / q)
 with q = 2^(bits-1) - 1, as XLA computes `quant.absmax_per_token`) and returns them for the
-backward; `scaled_quant_dot` takes them (absmean: a mean's rounding depends on the reduction
+backward; `floor=0` (gradients, whose small rows a 1e-5 floor would flush) leaves max|x| as it is, except
+that an all-zero row takes 1; `scaled_quant_dot` takes them (absmean: a mean's rounding depends on the reduction
 order, so XLA computes it as the unfused path does). `quantize_transpose` re-derives the codes
 from x and writes bf16(codes * scale) transposed, the operand of the weight gradient.
 Activations must be finite. Under `vmap` the calls run one batch element at a time.
@@ -66,11 +67,12 @@ def _require(x, w_codes=None, w_scale=None):
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 
 
-def _absmax_local(x2, w, w_scale, q_max):
+def _absmax_local(x2, w, w_scale, q_max, floor):
     m, n = x2.shape[0], w.shape[0]
     out = (jax.ShapeDtypeStruct((m, n), _BF16), jax.ShapeDtypeStruct((m,), _F32),
            jax.ShapeDtypeStruct((m,), _F32))
-    return jax.ffi.ffi_call(ABSMAX_QUANT_DOT_TARGET, out)(x2, w, w_scale, q_max=np.int32(q_max))
+    return jax.ffi.ffi_call(ABSMAX_QUANT_DOT_TARGET, out)(x2, w, w_scale, q_max=np.int32(q_max),
+                                                         floor=np.float32(floor))
 
 
 def _scaled_local(x2, w, w_scale, mult, scale, lo, hi):
@@ -93,12 +95,12 @@ def _dot_shardings(mesh, arg_shapes):
             NamedSharding(mesh, P(m)), NamedSharding(mesh, P(n)), NamedSharding(mesh, P(m, n)))
 
 
-def _absmax_partition(q_max, mesh, arg_shapes, result_shape):
+def _absmax_partition(q_max, floor, mesh, arg_shapes, result_shape):
     x, w, rows, cols, y = _dot_shardings(mesh, arg_shapes)
-    return (mesh, lambda *a: _absmax_local(*a, q_max), (y, rows, rows), (x, w, cols))
+    return (mesh, lambda *a: _absmax_local(*a, q_max, floor), (y, rows, rows), (x, w, cols))
 
 
-def _absmax_infer(q_max, mesh, arg_shapes, result_shape):
+def _absmax_infer(q_max, floor, mesh, arg_shapes, result_shape):
     _, _, rows, _, y = _dot_shardings(mesh, arg_shapes)
     return y, rows, rows
 
@@ -128,7 +130,7 @@ def _transpose_infer(lo, hi, mesh, arg_shapes, result_shape):
     return _transpose_shardings(mesh, arg_shapes)[-1]
 
 
-_absmax_partitioned = custom_partitioning(_absmax_local, static_argnums=(3,))
+_absmax_partitioned = custom_partitioning(_absmax_local, static_argnums=(3, 4))
 _absmax_partitioned.def_partition(partition=_absmax_partition,
                                   infer_sharding_from_operands=_absmax_infer,
                                   sharding_rule="m k, n k, n -> m n, m, m",
@@ -169,15 +171,19 @@ def _rows(x):
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
-def absmax_quant_dot(x: jax.Array, w_codes: jax.Array, w_scale: jax.Array, bits: int = 8):
+def absmax_quant_dot(x: jax.Array, w_codes: jax.Array, w_scale: jax.Array, bits: int = 8,
+                     floor: float = 1e-5):
     """Per-token absmax quantization of x fused into x_q @ w.T: (y bf16 (..., N), mult, scale),
-    mult and scale float32 of shape x.shape[:-1]."""
+    mult and scale float32 of shape x.shape[:-1]. Each row's max|x| is raised to `floor`; with
+    `floor=0` an all-zero row takes 1."""
     _require(x, w_codes, w_scale)
     if not 2 <= bits <= 8:
         raise ValueError(f"absmax_quant_dot: bits must be 2..8, got {bits}")
+    if not floor >= 0:
+        raise ValueError(f"absmax_quant_dot: floor must be >= 0, got {floor}")
     lead, n, q_max = x.shape[:-1], w_codes.shape[0], 2 ** (bits - 1) - 1
     y, mult, scale = _one_batch_element_at_a_time(
-        lambda *a: _absmax_partitioned(*a, q_max), _rows(x), w_codes, w_scale)
+        lambda *a: _absmax_partitioned(*a, q_max, float(floor)), _rows(x), w_codes, w_scale)
     return y.reshape(*lead, n), mult.reshape(lead), scale.reshape(lead)
 
 

@@ -380,7 +380,7 @@ def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, ke
     x_codes, x_scale, w_codes, w_scale, x_like, w_like = residuals
     g = g.astype(dtype)
     # STE: the quantizers count as identity, so d/dx = g W_q^T and d/dW = X_q^T g.
-    dx = _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward)
+    dx = _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward, kernels)
     if integer and kernels and _per_row_int8(x_codes, x_scale) and dtype == jnp.bfloat16:
         # Our kernel writes X_q^T directly from the int8 codes: XLA instead re-derives the
         # codes from x inside a slow transposing loop (measured: 4x slower at 4096 x 512).
@@ -401,7 +401,8 @@ def _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g):
     X_q^T for dW = X_q^T g written in one pass over x by the kernel that quantized it."""
     x, multiplier, scale, w_codes, w_scale, w_like = residuals
     g = g.astype(jnp.bfloat16)
-    dx = _input_gradient(g, quantize_w, w_codes, w_scale, jnp.bfloat16, int8_backward)
+    dx = _input_gradient(g, quantize_w, w_codes, w_scale, jnp.bfloat16, int8_backward,
+                         kernels=True)
     x_deq_T = cpu_int8_fused.quantize_transpose(x, multiplier, scale,
                                                 *_code_range(quantize_x.bits))
     dw = _transposed_dot(x_deq_T, g)
@@ -445,22 +446,41 @@ def contract_leading(x, g):
     return jax.lax.dot_general(x, g, ((axes, axes), ((), ())), preferred_element_type=F32)
 
 
-def _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward):
-    """dx = g W_q^T (float32): exact in `dtype` with float32 accumulation, or, with
-    `int8_backward` (weights int8 codes with one scale per tensor or output feature), an int8
-    product: rows of g * w_scale quantized to 8 bits (absmax, nearest rounding, symmetric
-    [-127, 127]) times the weight codes. Not exact: it rounds g to 8 bits per row."""
+def _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward, kernels):
+    """dx = g W_q^T (float32, or bf16 from the kernel): exact in `dtype` with float32
+    accumulation, or, with `int8_backward` (weights int8 codes with one scale per tensor or
+    output feature), an int8 product (`_int8_input_gradient`). Not exact: it rounds g to 8 bits
+    per row."""
     if int8_backward and w_codes.dtype == jnp.int8 and w_scale.ndim <= w_codes.ndim:
-        g_scaled = g.astype(F32) * jnp.reshape(w_scale, w_scale.shape[-1:] if w_scale.ndim else ())
-        # Not absmax_per_token: its 1e-5 floor on the absmax would flush small gradients.
-        absmax = jnp.max(jnp.abs(g_scaled), axis=-1, keepdims=True)
-        absmax = jnp.where(absmax > 0, absmax, 1.0)  # an all-zero row has zero codes anyway
-        codes = round_clip(g_scaled * (127.0 / absmax), -127, 127).astype(jnp.int8)
-        acc = cpu_int8.int8_dot_or_xla(codes, w_codes)
-        return acc.astype(F32) * (absmax / 127.0)
+        return _int8_input_gradient(g, w_codes, w_scale, kernels)
     w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, dtype)
     return jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=F32)
+
+
+def _int8_input_gradient(g, w_codes, w_scale, kernels):
+    """dx = ((codes(g_s) @ W_codes^T) * row_scale) * s_post, with g_s = g times the weight's
+    per-output-feature scales (or g itself for one scale per tensor, which is then s_post):
+    rows of g_s quantized to 8 bits by absmax with nearest rounding (codes within [-127, 127];
+    no 1e-5 floor on the absmax, which would flush small gradients; an all-zero row gives
+    zeros). On CPUs with our kernels and one bf16 g per tensor scale, the kernel quantizes g's
+    rows while it multiplies (`cpu_int8_fused.absmax_quant_dot`, floor 0), with the same
+    numbers: no pass over g writes its codes."""
+    per_tensor = w_scale.ndim == 0 or w_scale.size == 1
+    if per_tensor and kernels and g.dtype == jnp.bfloat16 and cpu_int8_fused.available():
+        n_in = w_codes.shape[0]
+        scale = jnp.broadcast_to(jnp.reshape(w_scale, ()).astype(F32), (n_in,))
+        return cpu_int8_fused.absmax_quant_dot(g, w_codes, scale, 8, floor=0.0)[0]
+    if per_tensor:
+        g_scaled, post = g.astype(F32), jnp.reshape(w_scale, ()).astype(F32)
+    else:
+        g_scaled, post = g.astype(F32) * jnp.reshape(w_scale, w_scale.shape[-1:]), None
+    absmax = jnp.max(jnp.abs(g_scaled), axis=-1, keepdims=True)
+    absmax = jnp.where(absmax > 0, absmax, 1.0)
+    codes = round_clip(g_scaled * (jnp.reciprocal(absmax) * 127.0), -127, 127)
+    acc = cpu_int8.int8_dot_or_xla(codes.astype(jnp.int8), w_codes)
+    dx = acc.astype(F32) * (absmax * (1.0 / 127.0))
+    return dx if post is None else dx * post
 
 
 def _per_row_int8(codes, scale) -> bool:

@@ -554,7 +554,9 @@ ffi::Error DequantizeTransposeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> co
 // the activations goes through memory, and the output is written in bfloat16 with both
 // scales applied.  Codes are clip(round_half_even(x * mult), lo, hi) as in quant.py; for
 // absmax rows mult = (1 / max(max|x|, 1e-5)) * q and scale = max(max|x|, 1e-5) * (1 / q), computed
-// here (a max does not depend on the reduction order, so this equals XLA's); other
+// here (a max does not depend on the reduction order, so this equals XLA's; `floor` is the
+// 1e-5 of activations, or 0 for gradients, whose small rows must not be flushed: an all-zero
+// row then takes max|x| = 1, so its codes stay 0); other
 // quantizers (absmean: a mean, whose rounding does depend on the order) pass mult and scale
 // in.  Activations are assumed finite.
 // ----------------------------------------------------------------------------------------
@@ -611,6 +613,7 @@ struct RowQuantizer {
   int64_t K;
   float lo, hi;
   int32_t q_max;          // > 0: absmax rows, mult and scale computed here and written out
+  float floor;            // absmax rows: max|x| is raised to at least this (0: zero rows -> 1)
   const float* mult_in;   // otherwise: given per row
   const float* scale_in;
   float* mult_out;
@@ -618,7 +621,8 @@ struct RowQuantizer {
 
   void Params(int64_t m, float* mult, float* scale) const {
     if (q_max > 0) {
-      const float a = std::max(RowAbsmax(x + m * K, K), 1e-5f);
+      float a = std::max(RowAbsmax(x + m * K, K), floor);
+      if (a == 0.0f) a = 1.0f;
       *mult = (1.0f / a) * static_cast<float>(q_max);
       // XLA's simplifier turns quant.py's `absmax / q` into `absmax * (1 / q)`.
       *scale = a * (1.0f / static_cast<float>(q_max));
@@ -701,18 +705,19 @@ ffi::Error CheckQuantDot(const char* name, ffi::Buffer<ffi::BF16>& x, ffi::Buffe
 
 ffi::Error AbsmaxQuantDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
                               ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> ws, int32_t q_max,
-                              ffi::ResultBuffer<ffi::BF16> y, ffi::ResultBuffer<ffi::F32> mult,
+                              float floor, ffi::ResultBuffer<ffi::BF16> y, ffi::ResultBuffer<ffi::F32> mult,
                               ffi::ResultBuffer<ffi::F32> scale) {
   ffi::Error err = CheckQuantDot("bitnet_absmax_quant_dot", x, w, ws, y);
   if (err.failure()) return err;
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[0];
   if (mult->dimensions().size() != 1 || mult->dimensions()[0] != M ||
-      scale->dimensions().size() != 1 || scale->dimensions()[0] != M || q_max <= 0) {
+      scale->dimensions().size() != 1 || scale->dimensions()[0] != M || q_max <= 0 ||
+      !(floor >= 0.0f)) {
     return ffi::Error::InvalidArgument(
-        "bitnet_absmax_quant_dot: expects mult (M,), scale (M,) and q_max > 0");
+        "bitnet_absmax_quant_dot: expects mult (M,), scale (M,), q_max > 0 and floor >= 0");
   }
   RowQuantizer rq{reinterpret_cast<const uint16_t*>(x.typed_data()), K,
-                  static_cast<float>(-q_max - 1), static_cast<float>(q_max), q_max,
+                  static_cast<float>(-q_max - 1), static_cast<float>(q_max), q_max, floor,
                   nullptr, nullptr, mult->typed_data(), scale->typed_data()};
   QuantDot(pool, rq, w.typed_data(), ws.typed_data(),
            reinterpret_cast<uint16_t*>(y->typed_data()), M, N, K);
@@ -733,7 +738,7 @@ ffi::Error ScaledQuantDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
         "bitnet_scaled_quant_dot: expects mult (M,), scale (M,) and -128 <= lo <= 0 <= hi <= 127");
   }
   RowQuantizer rq{reinterpret_cast<const uint16_t*>(x.typed_data()), K, static_cast<float>(lo),
-                  static_cast<float>(hi), 0, mult.typed_data(), scale.typed_data(), nullptr,
+                  static_cast<float>(hi), 0, 0.0f, mult.typed_data(), scale.typed_data(), nullptr,
                   nullptr};
   QuantDot(pool, rq, w.typed_data(), ws.typed_data(),
            reinterpret_cast<uint16_t*>(y->typed_data()), M, N, K);
@@ -824,6 +829,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetAbsmaxQuantDot, AbsmaxQuantDotImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("q_max")
+                                  .Attr<float>("floor")
                                   .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
