@@ -42,3 +42,22 @@ def test_the_interval_covers_the_true_ratio_and_narrows_with_rounds(bench_train)
 
 def test_a_single_round_has_no_interval_beyond_itself(bench_train):
     assert bench_train.paired_ratio([2.0], [1.0]) == (2.0, 2.0, 2.0)
+
+
+def test_every_mode_takes_every_place_in_a_round_equally_often(bench_train):
+    calls = []
+
+    def step_of(mode):
+        def step(state, batch):
+            calls.append(mode)
+            return state, np.zeros(())
+        return step
+
+    modes = ["bf16", "bf16-null", "b1.58"]
+    steps = {mode: (step_of(mode), None, None) for mode in modes}
+    samples = bench_train.interleaved_step_times(steps, rounds=6)
+    assert all(len(samples[mode]) == 6 for mode in modes)
+    rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert all(sorted(r) == sorted(modes) for r in rounds)
+    for place in range(3):
+        assert sorted(r[place] for r in rounds) == sorted(modes * 2)
