@@ -88,6 +88,19 @@ def test_parameter_names_follow_the_2b4t_layout():
     assert set(params) == {"embed_tokens", "norm", "lm_head", "layers_0", "layers_1"}
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_are_float32_not_rounded_to_the_compute_dtype(tie):
+    # In bf16 compute the head's float32 accumulator goes to float32 logits directly, tied or
+    # not (the untied lm_head once rounded them to bf16 first: steps of 0.03 at a logit of 5).
+    config = small_config(dtype="bfloat16", tie_embeddings=tie)
+    params = init_params(config, get_recipe("b1.58"), RNG)
+    logits = np.asarray(jax.jit(Transformer(config, get_recipe("b1.58")).apply)(
+        {"params": params}, tokens()))
+    assert logits.dtype == np.float32
+    as_bf16 = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+    assert np.mean(logits != as_bf16) > 0.9
+
+
 def test_integer_model_equals_fake_quant_model():
     config = small_config()
     recipe = get_recipe("b1.58")

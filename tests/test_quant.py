@@ -444,3 +444,30 @@ def test_int8_backward_needs_the_integer_path():
     x, w = _operands()
     with pytest.raises(ValueError, match="int8_backward"):
         quant.quantized_dot(x, w, A8, TERNARY, jnp.float32, integer=False, int8_backward=True)
+
+
+@pytest.mark.parametrize("name,integer", [("b1.58", False), ("b1.58", True),
+                                          ("full precision", False)])
+def test_out_dtype_rounds_the_accumulator_once(name, integer):
+    """out_dtype=float32 keeps the float32 result (what bf16 output would round), with the
+    same gradients: the backward casts the cotangent to the compute dtype either way."""
+    qx, qw = PAIRS.get(name, (None, None))
+    rng = np.random.default_rng(31)  # no outliers: they would zero most ternary codes
+    x = jnp.asarray(rng.normal(size=(2, 5, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(0, 0.02, (64, 48)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 5, 48)), jnp.bfloat16).astype(jnp.float32)
+
+    def run(out_dtype):
+        def loss(xv, wv):
+            y = quant.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, integer, out_dtype=out_dtype)
+            return jnp.sum(y.astype(jnp.float32) * g), y
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(x, w)
+
+    (dx32, dw32), y32 = run(jnp.float32)
+    (dx16, dw16), y16 = run(None)
+    assert y32.dtype == jnp.float32 and y16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y32.astype(jnp.bfloat16), np.float32),
+                                  np.asarray(y16, np.float32))
+    assert np.mean(np.asarray(y32) != np.asarray(y16, np.float32)) > 0.9
+    np.testing.assert_array_equal(np.asarray(dx32, np.float32), np.asarray(dx16, np.float32))
+    np.testing.assert_array_equal(np.asarray(dw32), np.asarray(dw16))

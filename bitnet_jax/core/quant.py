@@ -295,7 +295,7 @@ def _dot_codes(x_codes, w_codes, w_grouped_scale, accumulate):
     return jnp.sum(acc.astype(F32) * w_grouped_scale[:, 0, :], axis=-2)
 
 
-def _forward(x, w, quantize_x, quantize_w, dtype, integer):
+def _forward(x, w, quantize_x, quantize_w, dtype, integer, out_dtype):
     xq = _quantize_or_pass(quantize_x, x)
     wq = _quantize_or_pass(quantize_w, w)
     code_dtype = jnp.int8 if integer else dtype
@@ -306,10 +306,10 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer):
     y = acc.astype(F32) * xq.scale
     if grouped_scale is None:
         y = y * jnp.reshape(wq.scale, wq.scale.shape[-1:] if wq.scale.ndim else ())
-    return y.astype(dtype), xq, wq
+    return y.astype(out_dtype), xq, wq
 
 
-def _fused_activation(quantize_x, quantize_w, x_dtype, dtype, integer, kernels):
+def _fused_activation(quantize_x, quantize_w, x_dtype, dtype, integer, kernels, out_dtype):
     """(kind, bits) when the integer path can quantize x inside the CPU kernel, else None.
 
     The kernel covers bf16 per-token absmax/absmean activations (`precision.ActivationQuantizer`,
@@ -318,7 +318,7 @@ def _fused_activation(quantize_x, quantize_w, x_dtype, dtype, integer, kernels):
     """
     kind = getattr(quantize_x, "kind", None)
     if not (integer and kernels and x_dtype == jnp.bfloat16 and dtype == jnp.bfloat16
-            and kind in ("absmax", "absmean") and quantize_x.bits <= 8
+            and out_dtype == jnp.bfloat16 and kind in ("absmax", "absmean") and quantize_x.bits <= 8
             and getattr(quantize_w, "granularity", "group") != "group"
             and cpu_int8_fused.available()):
         return None
@@ -351,19 +351,23 @@ class _FusedResiduals(NamedTuple):
     w_like: jax.Array
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
-def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels):
-    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer, kernels)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
+                   out_dtype):
+    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer, kernels,
+                              out_dtype)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)[0]
-    return _forward(x, w, quantize_x, quantize_w, dtype, integer)[0]
+    return _forward(x, w, quantize_x, quantize_w, dtype, integer, out_dtype)[0]
 
 
-def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels):
-    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer, kernels)
+def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
+                       out_dtype):
+    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer, kernels,
+                              out_dtype)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)
-    y, xq, wq = _forward(x, w, quantize_x, quantize_w, dtype, integer)
+    y, xq, wq = _forward(x, w, quantize_x, quantize_w, dtype, integer, out_dtype)
     # Keep codes as int8 where they fit: the backward needs only the dequantized operands.
     residuals = (
         xq.codes.astype(_code_storage_dtype(quantize_x, dtype)), xq.scale,
@@ -374,7 +378,7 @@ def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backwa
 
 
 def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
-                       residuals, g):
+                       out_dtype, residuals, g):
     if isinstance(residuals, _FusedResiduals):
         return _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g)
     x_codes, x_scale, w_codes, w_scale, x_like, w_like = residuals
@@ -504,8 +508,12 @@ def quantized_dot(
     dtype=jnp.bfloat16,
     integer: bool = False,
     int8_backward: bool = False,
+    out_dtype=None,
 ) -> jax.Array:
-    """`q(x) @ q(w)` for x (..., in) and w (in, out), returned in `dtype`, STE gradients.
+    """`q(x) @ q(w)` for x (..., in) and w (in, out), returned in `out_dtype` (default `dtype`),
+    STE gradients. The float32 accumulator is rescaled and rounded once, to `out_dtype`: an
+    output head asks for float32 logits, which rounding to bf16 first would make coarse (steps
+    of 0.03 at a logit of 5).
 
     The product is always taken on the integer codes and rescaled afterwards
     (`(x_codes @ w_codes) * x_scale * w_scale`):
@@ -521,6 +529,7 @@ def quantized_dot(
     rounded to 8 bits per row: faster, NOT exact (see `_input_gradient`); dW stays exact.
     """
     dtype = jnp.dtype(dtype)
+    out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
     if integer and (
         quantize_x is None or quantize_w is None
         or getattr(quantize_x, "bits", 16) > 8 or getattr(quantize_w, "bits", 16) > 8
@@ -535,7 +544,7 @@ def quantized_dot(
         raise ValueError("int8_backward needs the integer path (integer=True)")
     def dot(kernels):
         return lambda x, w: _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer,
-                                           int8_backward, kernels)
+                                           int8_backward, kernels, out_dtype)
 
     if not (integer and cpu_int8.available()):
         return dot(False)(x, w)
@@ -555,8 +564,10 @@ def codes_dot(
     quantize_x: Optional[Quantizer] = None,
     dtype=jnp.bfloat16,
     integer: bool = False,
+    out_dtype=None,
 ) -> jax.Array:
-    """`q(x) @ (codes * scale)` for weight codes stored (out, in), e.g. int8 ternary.
+    """`q(x) @ (codes * scale)` for weight codes stored (out, in), e.g. int8 ternary, returned
+    in `out_dtype` (default `dtype`).
 
     Same numbers as `quantized_dot` on the float weights they came from. The (out, in) layout is
     what the int8 products want: our VNNI kernel (`cpu_int8`) takes it directly, and XLA:CPU's
@@ -576,4 +587,4 @@ def codes_dot(
         xq = _quantize_or_pass(quantize_x, x)
         y = jax.lax.dot_general(xq.codes.astype(dtype), w_codes_OxI.astype(dtype), contract,
                                 preferred_element_type=F32) * xq.scale
-    return (y * w_scale.astype(F32)).astype(dtype)
+    return (y * w_scale.astype(F32)).astype(dtype if out_dtype is None else out_dtype)

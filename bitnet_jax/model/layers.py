@@ -93,12 +93,10 @@ class BitLinear(nn.Module):
         if self.precision.hadamard:
             x = quant.hadamard_transform(x, quant.largest_power_of_two_divisor(x.shape[-1]))
         if stored:
-            y = quant.codes_dot(x, codes, scale, self.precision.activation, self.dtype,
-                                self.integer)
-        else:
-            y = quant.quantized_dot(x, kernel, self.precision.activation, self.precision.weight,
-                                    self.dtype, self.integer, self.int8_backward)
-        return y.astype(self.out_dtype or self.dtype)
+            return quant.codes_dot(x, codes, scale, self.precision.activation, self.dtype,
+                                   self.integer, self.out_dtype)
+        return quant.quantized_dot(x, kernel, self.precision.activation, self.precision.weight,
+                                   self.dtype, self.integer, self.int8_backward, self.out_dtype)
 
     def _stored_weights(self, n_in: int) -> tuple[jax.Array, jax.Array]:
         """Inference weights: int8 codes (out, in), or 2-bit packed and unpacked here."""

@@ -84,9 +84,9 @@ class BitLinear(nnx.Module):
             x = self.norm(x)
         if self.precision.hadamard:
             x = quant.hadamard_transform(x, quant.largest_power_of_two_divisor(x.shape[-1]))
-        y = quant.quantized_dot(x, self.kernel[...], self.precision.activation,
-                                self.precision.weight, self.dtype, self.integer)
-        return y.astype(self.out_dtype or self.dtype)
+        return quant.quantized_dot(x, self.kernel[...], self.precision.activation,
+                                   self.precision.weight, self.dtype, self.integer,
+                                   out_dtype=self.out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
