@@ -59,15 +59,13 @@ def _intercept(next_fun, args, kwargs, context):
         # As quant.codes_dot's integer path: int32 product, then activation and weight scales.
         xq = module.precision.activation(x)
         acc = cpu_decode.ternary_dot_or_xla(xq.codes.astype(jnp.int8), packed, module.features)
-        y = acc.astype(jnp.float32) * xq.scale
-        y = (y * w_scale.astype(jnp.float32)).astype(module.dtype)
+        y = (acc.astype(jnp.float32) * xq.scale) * w_scale.astype(jnp.float32)
     elif _bf16(module, x):
-        # As quant.quantized_dot with no quantizers: float32 sums, then the compute dtype.
+        # As quant.quantized_dot with no quantizers: float32 sums, then the output dtype.
         y = cpu_decode.bf16_dot_or_xla(x, module.get_variable("params", "kernel"))
-        y = y.astype(module.dtype)
     else:
         return next_fun(*args, **kwargs)
-    return y.astype(module.out_dtype or module.dtype)
+    return y.astype(module.out_dtype or module.dtype)  # one rounding, as quant's products
 
 
 def decode_products():
