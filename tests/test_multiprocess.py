@@ -83,11 +83,12 @@ def test_two_processes_killed_and_restarted_match_one_process(tmp_path):
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in got] == [r[key] for r in whole_records]
     # One process on the same global mesh: the same program, but the cross-process all-reduce
-    # (gloo) sums gradient shards in another order than XLA's in-process one. The first steps
-    # agree to the bit; then ternary rounding amplifies the last-bit differences (measured here:
-    # at most 2.4e-4 relative over 16 steps).
+    # (gloo) sums shards in another order than XLA's in-process one. The first steps agree to
+    # float32 rounding (the first loss by 8e-8 relative, measured; it agreed to the bit while the
+    # logits were rounded to bf16, which hid the sums' last bits); then ternary rounding
+    # amplifies the differences (measured here: at most 2.4e-4 relative over 16 steps).
     single_losses = [r["loss"] for r in single_records]
-    assert [r["loss"] for r in got][:2] == single_losses[:2]
+    np.testing.assert_allclose([r["loss"] for r in got][:2], single_losses[:2], rtol=1e-6)
     np.testing.assert_allclose([r["loss"] for r in got], single_losses, rtol=1e-3)
     summaries = [json.loads((d / "mp" / "summary.json").read_text())
                  for d in (tmp_path / "whole", tmp_path / "multi")]
@@ -139,5 +140,6 @@ def test_slurm_runs_one_run_as_two_processes_killed_and_resumed(slurm, tmp_path,
     assert json.loads((run_dir / "meta.json").read_text())["process_count"] == 2
     got = [r["loss"] for r in train_records(run_dir)]
     single_losses = [r["loss"] for r in train_records(tmp_path / "single" / "mp")]
-    assert len(got) == steps and got[:2] == single_losses[:2]
+    assert len(got) == steps
+    np.testing.assert_allclose(got[:2], single_losses[:2], rtol=1e-6)
     np.testing.assert_allclose(got, single_losses, rtol=1e-3)
