@@ -317,9 +317,9 @@ def _fused_activation(quantize_x, quantize_w, x_dtype, dtype, integer, kernels, 
     `kernels`: whether the step is being lowered for the CPU with our kernels present.
     """
     kind = getattr(quantize_x, "kind", None)
-    if not (integer and kernels and x_dtype == jnp.bfloat16 and dtype == jnp.bfloat16
-            and out_dtype == jnp.bfloat16 and kind in ("absmax", "absmean") and quantize_x.bits <= 8
-            and getattr(quantize_w, "granularity", "group") != "group"
+    bf16 = x_dtype == dtype == out_dtype == jnp.bfloat16  # the kernel reads and writes bf16
+    if not (integer and kernels and bf16 and kind in ("absmax", "absmean")
+            and quantize_x.bits <= 8 and getattr(quantize_w, "granularity", "group") != "group"
             and cpu_int8_fused.available()):
         return None
     return kind, quantize_x.bits

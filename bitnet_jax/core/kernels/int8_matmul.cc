@@ -705,7 +705,8 @@ ffi::Error CheckQuantDot(const char* name, ffi::Buffer<ffi::BF16>& x, ffi::Buffe
 
 ffi::Error AbsmaxQuantDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
                               ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> ws, int32_t q_max,
-                              float floor, ffi::ResultBuffer<ffi::BF16> y, ffi::ResultBuffer<ffi::F32> mult,
+                              float floor, ffi::ResultBuffer<ffi::BF16> y,
+                              ffi::ResultBuffer<ffi::F32> mult,
                               ffi::ResultBuffer<ffi::F32> scale) {
   ffi::Error err = CheckQuantDot("bitnet_absmax_quant_dot", x, w, ws, y);
   if (err.failure()) return err;
