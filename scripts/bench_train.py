@@ -7,9 +7,10 @@ int8 -> int32 forward products; on CPU the activations are quantized inside the 
 which also writes X_q^T for the weight gradient). `--modes` adds: b1.58-int8-unfused (the
 integer path with a separate XLA quantization pass and int8 codes, as before the fused kernel),
 b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, not exact),
-bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio) and
+bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio),
 bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
-`quant.weight_gradient` gives it a transposed bf16 copy instead, see there). Ratios
+`quant.weight_gradient` gives it a transposed bf16 copy instead, see there) and
+bf16-xla-attention (bf16 with `jax.nn`'s attention on CPU, as before `model.cpu_attention`). Ratios
 are taken within the run, with the modes' steps interleaved, since the machines are shared and
 noisy: each mode's ratio to bf16 is the median of its per-round ratios, with a 95% bootstrap
 interval. Prints a table and writes JSON (default `bench_train.json`, every step's time kept).
@@ -38,7 +39,7 @@ import numpy as np
 import scipy.stats
 
 from bitnet_jax.core import cpu_int8_fused, quant
-from bitnet_jax.model import accounting as compute
+from bitnet_jax.model import accounting as compute, cpu_attention, layers
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
 from bitnet_jax.config import OptimizerConfig
@@ -54,6 +55,7 @@ class Mode(NamedTuple):
     int8_backward: bool = False  # dx as an int8 product (not exact)
     fused: bool = True  # activations quantized inside the CPU int8 kernel
     bf16_weight_gradient: bool = True  # `quant.weight_gradient`, else XLA's own X^T G
+    cpu_attention: bool = True  # `model.cpu_attention` on CPUs, else `jax.nn`'s attention
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
@@ -61,6 +63,7 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "b1.58-int8-unfused": Mode("b1.58", integer=True, fused=False),
          "b1.58-int8-bwd": Mode("b1.58", integer=True, int8_backward=True),
          "bf16-xla-dw": Mode("bf16", bf16_weight_gradient=False),
+         "bf16-xla-attention": Mode("bf16", cpu_attention=False),
          # The baseline again, compiled and timed as a mode of its own: its ratio to bf16 is
          # the spread a ratio has on this machine when nothing differs.
          "bf16-null": Mode("bf16")}
@@ -76,6 +79,9 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
             # XLA's own layout for X^T G (the form before `quant.weight_gradient`)
             patches.enter_context(mock.patch.object(quant, "weight_gradient",
                                                     quant.contract_leading))
+        if not mode.cpu_attention:  # attention as before `model.cpu_attention`
+            patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
+                                                    layers._xla_causal_block))
         return _compiled_step(preset, mode.precision, mode.integer, mode.int8_backward, batch,
                               seq_len)
 
