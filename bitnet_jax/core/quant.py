@@ -166,12 +166,9 @@ def absmax_per_token(x: jax.Array, bits: int = 8) -> Quantized:
     """
     lo, q_max = _code_range(bits)
     x32 = x.astype(F32)
-    absmax = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), EPS)
-    # q_max * (1 / absmax), not q_max / absmax: the reference code (and transformers) writes
-    # `127 / t` in torch, which evaluates `t.reciprocal() * 127`; dividing differs by an ulp for
-    # a quarter of tokens and moves a code by one where x * scale sits on a .5 tie.
-    codes = round_clip(x32 * (jnp.reciprocal(absmax) * q_max), lo, q_max)
-    return Quantized(codes, absmax / q_max)
+    multiplier, scale = _absmax_row_parameters(x32, q_max, floor=EPS)
+    codes = round_clip(x32 * multiplier, lo, q_max)
+    return Quantized(codes, scale)
 
 
 def absmean_per_token(x: jax.Array, bits: int = 4) -> Quantized:
@@ -188,6 +185,19 @@ def absmean_per_token(x: jax.Array, bits: int = 4) -> Quantized:
 def _code_range(bits: int) -> tuple[int, int]:
     """Codes of k-bit per-token activations (absmax and absmean alike): [-2^(k-1), 2^(k-1) - 1]."""
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _absmax_row_parameters(x32: jax.Array, q_max: int, floor: float
+                           ) -> tuple[jax.Array, jax.Array]:
+    """(multiplier taking x to codes, scale taking codes back), each (..., 1), for absmax rows:
+    max|x| raised to at least `floor`, or with floor 0 an all-zero row taken as 1. The CPU
+    kernel (`cpu_int8_fused.absmax_quant_dot`) computes the same numbers."""
+    absmax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    absmax = jnp.maximum(absmax, floor) if floor > 0 else jnp.where(absmax > 0, absmax, 1.0)
+    # q_max * (1 / absmax), not q_max / absmax: the reference code (and transformers) writes
+    # `127 / t` in torch, which evaluates `t.reciprocal() * 127`; dividing differs by an ulp for
+    # a quarter of tokens and moves a code by one where x * scale sits on a .5 tie.
+    return jnp.reciprocal(absmax) * q_max, absmax / q_max
 
 
 def _absmean_row_parameters(x32: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
@@ -479,11 +489,10 @@ def _int8_input_gradient(g, w_codes, w_scale, kernels):
         g_scaled, post = g.astype(F32), jnp.reshape(w_scale, ()).astype(F32)
     else:
         g_scaled, post = g.astype(F32) * jnp.reshape(w_scale, w_scale.shape[-1:]), None
-    absmax = jnp.max(jnp.abs(g_scaled), axis=-1, keepdims=True)
-    absmax = jnp.where(absmax > 0, absmax, 1.0)
-    codes = round_clip(g_scaled * (jnp.reciprocal(absmax) * 127.0), -127, 127)
+    multiplier, row_scale = _absmax_row_parameters(g_scaled, 127, floor=0.0)
+    codes = round_clip(g_scaled * multiplier, -127, 127)
     acc = cpu_int8.int8_dot_or_xla(codes.astype(jnp.int8), w_codes)
-    dx = acc.astype(F32) * (absmax * (1.0 / 127.0))
+    dx = acc.astype(F32) * row_scale
     return dx if post is None else dx * post
 
 
