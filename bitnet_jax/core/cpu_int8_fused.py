@@ -16,8 +16,9 @@ row parameters itself (mult = (1 / max(max|x|, 1e-5)) * q, scale = max(max|x|, 1
 with q = 2^(bits-1) - 1, as XLA computes `quant.absmax_per_token`) and returns them for the
 backward; `floor=0` (gradients, whose small rows a 1e-5 floor would flush) leaves max|x| as
 it is, except that an all-zero row takes 1; `scaled_quant_dot` takes them (absmean: a mean's
-rounding depends on the reduction order, so XLA computes it as the unfused path does). `quantize_transpose` re-derives the codes
-from x and writes bf16(codes * scale) transposed, the operand of the weight gradient.
+rounding depends on the reduction order, so XLA computes it as the unfused path does).
+`quantize_transpose` re-derives the codes from x and writes bf16(codes * scale) transposed, the
+operand of the weight gradient.
 Activations must be finite. Under `vmap` the calls run one batch element at a time.
 
 Under GSPMD the calls are partitioned as `cpu_int8.int8_dot` is (`custom_partitioning`): each
