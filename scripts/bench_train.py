@@ -10,7 +10,9 @@ b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, no
 bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio),
 bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
 `quant.weight_gradient` gives it a transposed bf16 copy instead, see there) and
-bf16-xla-attention (bf16 with `jax.nn`'s attention on CPU, as before `model.cpu_attention`). Ratios
+bf16-xla-attention (bf16 with `jax.nn`'s attention on CPU, as before `model.cpu_attention`), and
+the two halves of b1.58's fake quantization on their own, to see which one costs: w1.58a16
+(ternary weights, bf16 activations) and w16a8 (bf16 weights, 8-bit per-token activations). Ratios
 are taken within the run, with the modes' steps interleaved, since the machines are shared and
 noisy: each mode's ratio to bf16 is the median of its per-round ratios, with a 95% bootstrap
 interval. Prints a table and writes JSON (default `bench_train.json`, every step's time kept).
@@ -64,6 +66,8 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "b1.58-int8-bwd": Mode("b1.58", integer=True, int8_backward=True),
          "bf16-xla-dw": Mode("bf16", bf16_weight_gradient=False),
          "bf16-xla-attention": Mode("bf16", cpu_attention=False),
+         # b1.58's fake quantization split in two: which half costs (an ablation)
+         "w1.58a16": Mode("w1.58a16"), "w16a8": Mode("w16a8"),
          # The baseline again, compiled and timed as a mode of its own: its ratio to bf16 is
          # the spread a ratio has on this machine when nothing differs.
          "bf16-null": Mode("bf16")}

@@ -1,4 +1,4 @@
-"""The statistics of `scripts/bench_train.py`: step-time ratios paired by round, with intervals."""
+"""`scripts/bench_train.py`: step-time ratios paired by round, with intervals, and its modes."""
 
 import importlib.util
 import pathlib
@@ -61,3 +61,18 @@ def test_every_mode_takes_every_place_in_a_round_equally_often(bench_train):
     assert all(sorted(r) == sorted(modes) for r in rounds)
     for place in range(3):
         assert sorted(r[place] for r in rounds) == sorted(modes * 2)
+
+
+@pytest.mark.slow
+def test_every_mode_compiles_a_step_of_the_recipe_it_names(bench_train):
+    """Each mode's step trains: a finite loss, and modes of one recipe agree on it (they differ
+    only in how the step is computed: a second copy, XLA's weight gradient or attention, or the
+    integer products, whose forward equals fake quantization's)."""
+    losses = {}
+    for name, mode in bench_train.MODES.items():
+        train_step, state, batch = bench_train.compiled_step("ladder-12k", mode, 2, 16)
+        losses[name] = float(train_step(state, batch)[1]["loss"])
+    assert all(np.isfinite(list(losses.values())))
+    for name, mode in bench_train.MODES.items():
+        same_recipe = losses["b1.58" if mode.precision == "b1.58" else mode.precision]
+        assert losses[name] == pytest.approx(same_recipe, abs=2e-2), name
