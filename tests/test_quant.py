@@ -149,6 +149,24 @@ def test_absmax_weight_bits():
 
 # ---------------------------------------------------------------- activations
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_absmax_is_the_largest_magnitude_of_each_row(dtype):
+    rows = np.array([[1.5, -3.0, 2.0, 0.25],  # the largest magnitude negative
+                     [-1.0, -2.0, -0.5, -4.0],  # every entry negative
+                     [0.0, -0.0, 0.0, -0.0],  # zeros of both signs: 0
+                     [-0.0, -0.0, -0.0, -0.0],  # negative zeros only: +0 too
+                     [7.0, 1.0, -6.5, 3.0],  # the largest magnitude positive
+                     [-0.0, 2.0**-120, -(2.0**-126), 0.0]], np.float32)  # subnormal-sized
+    random = np.asarray(make_input((3, 2, 129), jnp.float32, seed=11)) * 50
+    for x in (rows, random):
+        x = jnp.asarray(x, dtype)
+        got = jax.jit(quant.row_absmax)(x)
+        want = np.max(np.abs(np.asarray(x, np.float32)), axis=-1, keepdims=True)
+        assert got.dtype == dtype and got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+        assert not np.signbit(np.asarray(got, np.float32)).any()  # a -0.0 row max comes out +0
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [8, 4])
