@@ -9,7 +9,7 @@ integer path with a separate XLA quantization pass and int8 codes, as before the
 b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, not exact),
 bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio),
 bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
-`quant.weight_gradient` gives it a transposed bf16 copy instead, see there) and
+`quant.weight_gradient` gives it a transposed bf16 copy instead, see there),
 bf16-xla-attention (bf16 with `jax.nn`'s attention on CPU, as before `model.cpu_attention`), and
 the two halves of b1.58's fake quantization on their own, to see which one costs: w1.58a16
 (ternary weights, bf16 activations) and w16a8 (bf16 weights, 8-bit per-token activations). Ratios

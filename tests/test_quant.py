@@ -156,7 +156,7 @@ def test_row_absmax_is_the_largest_magnitude_of_each_row(dtype):
                      [0.0, -0.0, 0.0, -0.0],  # zeros of both signs: 0
                      [-0.0, -0.0, -0.0, -0.0],  # negative zeros only: +0 too
                      [7.0, 1.0, -6.5, 3.0],  # the largest magnitude positive
-                     [-0.0, 2.0**-120, -(2.0**-126), 0.0]], np.float32)  # subnormal-sized
+                     [-0.0, 2.0**-120, -(2.0**-126), 0.0]], np.float32)  # tiny magnitudes
     random = np.asarray(make_input((3, 2, 129), jnp.float32, seed=11)) * 50
     for x in (rows, random):
         x = jnp.asarray(x, dtype)
