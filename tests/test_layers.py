@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.core import quant
+from bitnet_jax.core import hadamard, quant
 from bitnet_jax.model.layers import (BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, apply_rope,
                                quantize_kv)
 from bitnet_jax.core.precision import KVCachePrecision, get_recipe
@@ -86,7 +86,7 @@ def test_bitlinear_matches_formula(recipe_name):
     kernel = np.asarray(params["kernel"].value)
     inputs = np.asarray(x)
     if precision.hadamard:
-        inputs = np.asarray(quant.hadamard_transform(jnp.asarray(inputs)))
+        inputs = np.asarray(hadamard.hadamard_transform(jnp.asarray(inputs)))
     if precision.activation is not None:
         inputs = np.asarray(precision.activation(jnp.asarray(inputs)).dequantize())
     if precision.weight is not None:

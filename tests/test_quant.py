@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from bitnet_jax.core import cpu_int8, cpu_int8_fused
+from bitnet_jax.core import cpu_int8, cpu_int8_fused, hadamard
 from bitnet_jax.core import quant
 from bitnet_jax.core.precision import ActivationQuantizer, WeightQuantizer
 
@@ -211,26 +211,26 @@ def test_hadamard_matches_scipy_and_is_orthogonal(n):
     x = make_input((3, n), jnp.float32, seed=8)
     atol = 1e-6 * float(np.abs(np.asarray(x)).max())  # float32 cancellation next to the outlier
     want = np.asarray(x) @ scipy.linalg.hadamard(n) / math.sqrt(n)
-    np.testing.assert_allclose(quant.hadamard_transform(x), want, rtol=1e-5, atol=atol)
-    h = np.asarray(quant.hadamard_transform(jnp.eye(n)))
+    np.testing.assert_allclose(hadamard.hadamard_transform(x), want, rtol=1e-5, atol=atol)
+    h = np.asarray(hadamard.hadamard_transform(jnp.eye(n)))
     np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-6)
-    np.testing.assert_allclose(quant.hadamard_transform(quant.hadamard_transform(x)), x, atol=atol)
+    np.testing.assert_allclose(hadamard.hadamard_transform(hadamard.hadamard_transform(x)), x, atol=atol)
 
 
 def test_hadamard_blocks_and_errors():
     x = make_input((2, 24), jnp.float32, seed=9)
     want = (np.asarray(x).reshape(2, 3, 8) @ scipy.linalg.hadamard(8) / math.sqrt(8)).reshape(2, 24)
-    np.testing.assert_allclose(quant.hadamard_transform(x, block_size=8), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hadamard.hadamard_transform(x, block_size=8), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="power-of-two"):
-        quant.hadamard_transform(x)
-    assert quant.largest_power_of_two_divisor(6912) == 256
+        hadamard.hadamard_transform(x)
+    assert hadamard.largest_power_of_two_divisor(6912) == 256
 
 
 def test_hadamard_gradient_is_transform_of_gradient():
     x = make_input((2, 16), jnp.float32, seed=10)
     g = make_input((2, 16), jnp.float32, seed=11)
-    grad = jax.grad(lambda v: jnp.sum(quant.hadamard_transform(v) * g))(x)
-    np.testing.assert_allclose(grad, quant.hadamard_transform(g), rtol=1e-5, atol=1e-6)
+    grad = jax.grad(lambda v: jnp.sum(hadamard.hadamard_transform(v) * g))(x)
+    np.testing.assert_allclose(grad, hadamard.hadamard_transform(g), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- STE

@@ -201,14 +201,10 @@ def _absmax_row_parameters(x32: jax.Array, q_max: int, floor: float
 
 
 def row_absmax(x: jax.Array) -> jax.Array:
-    """max|x| over the last axis, shaped (..., 1): the same number as
-    `jnp.max(jnp.abs(x), -1, keepdims=True)`, as max(max x, -min x) from one reduction with two
-    outputs. Why not the plain form: XLA:CPU hands a lone max-reduction of bf16 activations
-    converted to float32 to its library (YNNPACK), behind a pass that writes the float32 copy
-    out; the two-output reduction stays in XLA's own loop, which converts as it reads. Measured on a 2-core Zen 4
-    (2026-12-03, 4096 tokens, codes and scale of `absmax_per_token`, two A/B runs): 0.70-0.72x
-    the time at width 512, 0.33-0.41x at 1376; no change (0.98-0.99x) when an RMSNorm feeds
-    it in the same program, as in the subln layout, where XLA's fusion differs anyway."""
+    """max|x| over the last axis, (..., 1), as max(max x, -min x) from one two-output reduction:
+    XLA:CPU hands a lone max-reduction to its library (YNNPACK) behind a pass writing a float32
+    copy of the activations, and keeps this one in its own loop (README, Benchmarks: the
+    quantizer alone in 0.33-0.72x the time)."""
     init = (jnp.array(-jnp.inf, x.dtype), jnp.array(jnp.inf, x.dtype))
     high, low = jax.lax.reduce(
         (x, x), init, lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
@@ -242,41 +238,6 @@ def topk_per_token(x: jax.Array, keep_ratio: float = 0.5) -> jax.Array:
     magnitude = jnp.abs(x)
     threshold = jax.lax.top_k(magnitude, k)[0][..., -1:]
     return jnp.where(magnitude >= threshold, x, jnp.zeros_like(x))
-
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-@functools.partial(jax.jit, static_argnames="block_size")  # one fused kernel, not log2(n) dispatches
-def hadamard_transform(x: jax.Array, block_size: Optional[int] = None) -> jax.Array:
-    """Normalised fast Walsh-Hadamard transform over the last axis (BitNet v2), O(n log n).
-
-    Equals `x @ scipy.linalg.hadamard(n) / sqrt(n)` (Sylvester order). With `block_size`, the
-    transform is applied independently to consecutive blocks of that (power-of-two) size, which
-    lets widths like 6912 = 27 * 256 be rotated. Computed in float32, returned in `x`'s dtype.
-    Being linear, its autodiff gradient is the transform of the gradient (H is symmetric).
-    """
-    n = x.shape[-1]
-    block = n if block_size is None else block_size
-    if not is_power_of_two(block) or n % block:
-        raise ValueError(
-            f"Hadamard transform needs a power-of-two size dividing the last axis; got size "
-            f"{block} for an axis of {n}"
-        )
-    lead = x.shape[:-1]
-    y = x.astype(F32).reshape(*lead, n // block, block)
-    half = 1
-    while half < block:  # butterfly: pair entries whose index differs in bit log2(half)
-        y = y.reshape(*lead, n // block, block // (2 * half), 2, half)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = jnp.stack([a + b, a - b], axis=-2)
-        half *= 2
-    return (y.reshape(x.shape) / math.sqrt(block)).astype(x.dtype)
-
-
-def largest_power_of_two_divisor(n: int) -> int:
-    return n & -n
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.model import cpu_attention, kv_cache
-from bitnet_jax.core import packing
+from bitnet_jax.core import hadamard, packing
 from bitnet_jax.core import quant
 from bitnet_jax.core.precision import HEAD_INT8, KVCachePrecision, LinearPrecision
 
@@ -91,7 +91,7 @@ class BitLinear(nn.Module):
             x = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, self.kernel_axes[0],
                         name="norm")(x)
         if self.precision.hadamard:
-            x = quant.hadamard_transform(x, quant.largest_power_of_two_divisor(x.shape[-1]))
+            x = hadamard.hadamard_transform(x, hadamard.largest_power_of_two_divisor(x.shape[-1]))
         if stored:
             return quant.codes_dot(x, codes, scale, self.precision.activation, self.dtype,
                                    self.integer, self.out_dtype)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
 
-from bitnet_jax.core import quant
+from bitnet_jax.core import hadamard, quant
 from bitnet_jax.core.precision import LinearPrecision, PrecisionRecipe, get_recipe
 from bitnet_jax.errors import require
 from bitnet_jax.model.transformer import ModelConfig, Transformer, validate_recipe_for_model
@@ -83,7 +83,7 @@ class BitLinear(nnx.Module):
         if self.norm is not None:
             x = self.norm(x)
         if self.precision.hadamard:
-            x = quant.hadamard_transform(x, quant.largest_power_of_two_divisor(x.shape[-1]))
+            x = hadamard.hadamard_transform(x, hadamard.largest_power_of_two_divisor(x.shape[-1]))
         return quant.quantized_dot(x, self.kernel[...], self.precision.activation,
                                    self.precision.weight, self.dtype, self.integer,
                                    out_dtype=self.out_dtype)
