@@ -224,6 +224,8 @@ def test_hadamard_blocks_and_errors():
     with pytest.raises(ValueError, match="power-of-two"):
         hadamard.hadamard_transform(x)
     assert hadamard.largest_power_of_two_divisor(6912) == 256
+    np.testing.assert_array_equal(hadamard.rotate_activations(x),
+                                  hadamard.hadamard_transform(x, block_size=8))
 
 
 def test_hadamard_gradient_is_transform_of_gradient():

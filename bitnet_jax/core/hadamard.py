@@ -44,3 +44,9 @@ def hadamard_transform(x: jax.Array, block_size: Optional[int] = None) -> jax.Ar
 
 def largest_power_of_two_divisor(n: int) -> int:
     return n & -n
+
+
+def rotate_activations(x: jax.Array) -> jax.Array:
+    """BitNet v2's rotation of a linear layer's input: the transform in blocks of the largest
+    power of two dividing the width (the whole width where it is a power of two)."""
+    return hadamard_transform(x, largest_power_of_two_divisor(x.shape[-1]))

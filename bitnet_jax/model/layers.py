@@ -91,7 +91,7 @@ class BitLinear(nn.Module):
             x = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, self.kernel_axes[0],
                         name="norm")(x)
         if self.precision.hadamard:
-            x = hadamard.hadamard_transform(x, hadamard.largest_power_of_two_divisor(x.shape[-1]))
+            x = hadamard.rotate_activations(x)
         if stored:
             return quant.codes_dot(x, codes, scale, self.precision.activation, self.dtype,
                                    self.integer, self.out_dtype)

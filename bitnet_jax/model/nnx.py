@@ -83,7 +83,7 @@ class BitLinear(nnx.Module):
         if self.norm is not None:
             x = self.norm(x)
         if self.precision.hadamard:
-            x = hadamard.hadamard_transform(x, hadamard.largest_power_of_two_divisor(x.shape[-1]))
+            x = hadamard.rotate_activations(x)
         return quant.quantized_dot(x, self.kernel[...], self.precision.activation,
                                    self.precision.weight, self.dtype, self.integer,
                                    out_dtype=self.out_dtype)
