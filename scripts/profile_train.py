@@ -1,0 +1,175 @@
+"""Where a training step's device time goes: each mode's step traced, its kernels summed by name.
+
+Compiles the trainer's step for one preset in each mode (the modes of `bench_train.py`), runs
+it twice, then traces `--steps` steps with the JAX profiler and sums the device time of every
+kernel (on a GPU: the CUDA kernels on its streams) or XLA op (on a CPU: the ops that the
+runtime's threads executed, each op once per thread that ran it, so the sum can exceed the
+wall time). Prints, per mode and step: the device-busy time, the number of kernels launched,
+the time in matrix products and in attention (by the GPU kernels' names: cuBLAS, Triton GEMM
+fusions, cuDNN attention), and then, for every mode after the first, the kernel families
+(names less their numeric suffix) whose time differs most from the first mode's: what a
+recipe adds or saves. Writes JSON (default `profile_train.json`) with every family's time.
+
+    python scripts/profile_train.py [--preset ladder-20m] [--modes bf16,b1.58,b1.58-int8]
+                                    [--batch 16] [--seq-len 256] [--steps 2] [--out FILE]
+
+Measured this way on an H200 (README, Benchmarks): what b1.58 adds to a bf16 step of
+b1.58-700m, and which kernels it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+import jax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_train  # noqa: E402  (the modes and the compiled step, one home for both)
+
+# GPU kernel names: cuBLAS (nvjet, cutlass, xmma), XLA's Triton GEMM fusions; cuDNN (attention,
+# the only cuDNN work in a step, with its helper kernels).
+_MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.IGNORECASE)
+_ATTENTION = re.compile(r"sdpa|fmha|flash|cudnn|dot_product_attention", re.IGNORECASE)
+
+
+def kernel_class(name: str) -> str:
+    """"matmul", "attention" or "other", from a kernel's name (GPU names; on CPUs XLA's
+    fusions hide what they hold, so their ops count as "other")."""
+    if _ATTENTION.search(name):
+        return "attention"
+    return "matmul" if _MATMUL.search(name) else "other"
+
+
+def family(name: str) -> str:
+    """A kernel's name less its numeric suffix: XLA numbers each fusion of a kind."""
+    return re.sub(r"[._]\d+$", "", name)
+
+
+def device_kernels(trace: dict) -> list[tuple[str, float]]:
+    """(name, microseconds) of every kernel or XLA op a perfetto trace holds.
+
+    A GPU's kernels are the events of its device tracks; on a CPU the ops are the events that
+    name their HLO module (the runtime's own regions, such as the thunk executor's, do not)."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, name in processes.items() if name.startswith("/device:")}
+    kernels = []
+    for event in events:
+        if event.get("ph") != "X":
+            continue
+        if device_pids:
+            if event["pid"] in device_pids:
+                kernels.append((event["name"], float(event.get("dur", 0.0))))
+        elif "hlo_module" in event.get("args", {}):
+            kernels.append((event["name"], float(event.get("dur", 0.0))))
+    return kernels
+
+
+def summarize(kernels: list[tuple[str, float]], steps: int) -> dict:
+    """Per step: busy milliseconds, kernel count, milliseconds per class and per family."""
+    by_family, count_by_family = collections.Counter(), collections.Counter()
+    by_class = collections.Counter({"matmul": 0.0, "attention": 0.0, "other": 0.0})
+    for name, micros in kernels:
+        by_family[family(name)] += micros / 1e3 / steps
+        count_by_family[family(name)] += 1 / steps
+        by_class[kernel_class(name)] += micros / 1e3 / steps
+    return {"busy_ms": sum(by_class.values()), "kernels": len(kernels) / steps,
+            "class_ms": dict(by_class), "family_ms": dict(by_family.most_common()),
+            "family_count": dict(count_by_family)}
+
+
+def family_differences(summary: dict, baseline: dict, top: int) -> list[tuple]:
+    """(family, ms difference, count difference, ms, baseline ms) of the `top` families whose
+    time differs most between `summary` and `baseline`, largest first."""
+    names = set(summary["family_ms"]) | set(baseline["family_ms"])
+    rows = [(name, summary["family_ms"].get(name, 0.0) - baseline["family_ms"].get(name, 0.0),
+             summary["family_count"].get(name, 0) - baseline["family_count"].get(name, 0),
+             summary["family_ms"].get(name, 0.0), baseline["family_ms"].get(name, 0.0))
+            for name in names]
+    return sorted(rows, key=lambda row: -abs(row[1]))[:top]
+
+
+def traced_step_kernels(step, steps: int, trace_dir: str) -> list[tuple[str, float]]:
+    """The kernels of `steps` traced steps of a compiled step (`bench_train.compiled_step`)."""
+    train_step, state, batch_data = step
+    for _ in range(2):  # past the first steps' one-off work (autotuning, allocations)
+        state, metrics = train_step(state, batch_data)
+        jax.block_until_ready(metrics)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = train_step(state, batch_data)
+            jax.block_until_ready(metrics)
+    (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+    with gzip.open(path, "rt") as f:
+        return device_kernels(json.load(f))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="ladder-20m")
+    parser.add_argument("--modes", default=bench_train.DEFAULT_MODES,
+                        help=f"comma-separated, the first is the reference; from "
+                             f"{', '.join(bench_train.MODES)}")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2, help="traced steps per mode")
+    parser.add_argument("--top", type=int, default=12,
+                        help="kernel families listed per mode against the first")
+    parser.add_argument("--out", default="profile_train.json")
+    args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    if not set(modes) <= set(bench_train.MODES):
+        parser.error(f"--modes must name modes from {', '.join(bench_train.MODES)}")
+
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__, "preset": args.preset, "batch": args.batch,
+            "seq_len": args.seq_len, "traced_steps": args.steps}
+    print(f"# {meta['backend']} / {meta['device']} / jax {meta['jax']}; {args.preset}, batch "
+          f"{args.batch} x {args.seq_len} tokens; device time per step")
+    summaries = {}
+    for mode in modes:
+        step = bench_train.compiled_step(args.preset, bench_train.MODES[mode], args.batch,
+                                         args.seq_len)
+        with tempfile.TemporaryDirectory() as trace_dir:
+            summaries[mode] = summarize(traced_step_kernels(step, args.steps, trace_dir),
+                                        args.steps)
+        del step
+        print(f"# {mode}: traced", file=sys.stderr, flush=True)
+
+    header = (f"{'mode':>18} {'busy ms':>9} {'kernels':>8} {'matmul ms':>10} "
+              f"{'attention ms':>13} {'other ms':>9}")
+    print(header)
+    print("-" * len(header))
+    for mode, summary in summaries.items():
+        classes = summary["class_ms"]
+        print(f"{mode:>18} {summary['busy_ms']:9.2f} {summary['kernels']:8.0f} "
+              f"{classes['matmul']:10.2f} {classes['attention']:13.2f} {classes['other']:9.2f}")
+    reference = modes[0]
+    for mode in modes[1:]:
+        print(f"\n{mode} against {reference}: the kernel families that differ most")
+        print(f"{'family':>44} {'diff ms':>8} {'diff n':>7} {'ms':>8} {reference + ' ms':>12}")
+        for name, diff, count, ms, base in family_differences(summaries[mode],
+                                                              summaries[reference], args.top):
+            print(f"{name[:44]:>44} {diff:+8.2f} {count:+7.0f} {ms:8.2f} {base:12.2f}")
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "modes": summaries}, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from bitnet_jax.platforms import skip_absent_tpu
+
+    skip_absent_tpu()  # as the CLI: an installed libtpu stays quiet on TPU-less machines
+    raise SystemExit(main())

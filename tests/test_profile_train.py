@@ -1,0 +1,98 @@
+"""`scripts/profile_train.py`: a step's device time per kernel, from the profiler's trace."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+_SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def profile_train():
+    spec = importlib.util.spec_from_file_location("profile_train", _SCRIPTS / "profile_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # it puts scripts/ on sys.path for bench_train beside it
+    return module
+
+
+def _metadata(pid, name):
+    return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+
+
+def _event(pid, name, dur, **args):
+    return {"ph": "X", "pid": pid, "tid": 1, "ts": 0.0, "dur": dur, "name": name, "args": args}
+
+
+def test_on_a_gpu_only_the_device_tracks_count(profile_train):
+    # The host's threads also record the launches (with their HLO op): counting them would
+    # count each kernel twice.
+    trace = {"traceEvents": [
+        _metadata(1, "/host:CPU"), _metadata(2, "/device:GPU:0"),
+        _event(1, "gemm_fusion_dot.3", 9.0, hlo_module="jit_step"),
+        _event(1, "$profiler.py:307 trace", 500.0),
+        _event(2, "gemm_fusion_dot_3", 40.0, hlo_module="jit_step"),
+        _event(2, "loop_convert_fusion_1", 5.0, hlo_module="jit_step"),
+        {"ph": "i", "pid": 2, "name": "marker"}]}
+    assert profile_train.device_kernels(trace) == [("gemm_fusion_dot_3", 40.0),
+                                                   ("loop_convert_fusion_1", 5.0)]
+
+
+def test_on_a_cpu_the_ops_are_the_events_that_name_their_module(profile_train):
+    trace = [_metadata(1, "/host:CPU"),
+             _event(1, "ThunkExecutor::Execute", 300.0),
+             _event(1, "ynn_fusion.12", 20.0, hlo_module="jit_step", hlo_op="ynn_fusion.12"),
+             _event(1, "copy.3", 2.5, hlo_module="jit_step", hlo_op="copy.3")]
+    assert profile_train.device_kernels(trace) == [("ynn_fusion.12", 20.0), ("copy.3", 2.5)]
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_sm90_tss_128x128_64x6_2x1_v_bz_NNT", "matmul"),
+    ("gemm_fusion_dot_343", "matmul"),
+    ("sm90_xmma_gemm_i8i32_i8i32_i32_tn_n_tilesize128x128x128", "matmul"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", "attention"),
+    ("void cudnn::fusion::convert_dq_to_16bits<true>(void const*)", "attention"),
+    ("loop_convert_fusion_47", "other"), ("input_reduce_fusion", "other"),
+    ("ynn_fusion.3", "other")])
+def test_kernel_classes_follow_the_gpu_libraries_names(profile_train, name, kind):
+    assert profile_train.kernel_class(name) == kind
+
+
+def test_families_drop_the_numbering_xla_gives_each_fusion(profile_train):
+    assert profile_train.family("loop_convert_fusion_47") == "loop_convert_fusion"
+    assert profile_train.family("ynn_fusion.12") == "ynn_fusion"
+    assert profile_train.family("Memset 0") == "Memset 0"  # no separator: a name, not a number
+    assert profile_train.family("sdpa_kernel0") == "sdpa_kernel0"
+
+
+def test_per_step_sums_and_the_families_that_differ_most(profile_train):
+    base = profile_train.summarize([("gemm_fusion_dot_1", 4000.0), ("gemm_fusion_dot_2", 2000.0),
+                                    ("loop_add_fusion_1", 1000.0)], steps=2)
+    quant = profile_train.summarize([("nvjet_a", 5000.0), ("loop_add_fusion_1", 1000.0),
+                                     ("input_reduce_fusion_4", 600.0),
+                                     ("input_reduce_fusion_5", 400.0)], steps=2)
+    assert base["busy_ms"] == pytest.approx(3.5) and base["kernels"] == 1.5
+    assert base["class_ms"] == {"matmul": 3.0, "attention": 0.0, "other": 0.5}
+    rows = profile_train.family_differences(quant, base, top=2)
+    assert [row[0] for row in rows] == ["gemm_fusion_dot", "nvjet_a"]
+    assert rows[0][1:] == pytest.approx((-3.0, -1.0, 0.0, 3.0))
+    reduce_row = profile_train.family_differences(quant, base, top=4)[2]
+    assert reduce_row[0] == "input_reduce_fusion"
+    assert reduce_row[1:] == pytest.approx((0.5, 1.0, 0.5, 0.0))
+
+
+@pytest.mark.slow
+def test_profiles_two_modes_of_a_step_end_to_end(profile_train, tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    assert profile_train.main(["--preset", "ladder-1.6m", "--modes", "bf16,b1.58",
+                               "--batch", "2", "--seq-len", "32", "--steps", "1",
+                               "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"bf16", "b1.58"}
+    for summary in report["modes"].values():
+        assert summary["busy_ms"] > 0 and summary["kernels"] > 10
+        assert sum(summary["family_ms"].values()) == pytest.approx(summary["busy_ms"])
+    # b1.58 quantizes: it runs kernel families that the bf16 step does not.
+    assert set(report["modes"]["b1.58"]["family_ms"]) - set(report["modes"]["bf16"]["family_ms"])
+    assert "b1.58 against bf16" in capsys.readouterr().out
