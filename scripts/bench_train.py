@@ -59,6 +59,7 @@ class Mode(NamedTuple):
     fused: bool = True  # activations quantized inside the CPU int8 kernel
     bf16_weight_gradient: bool = True  # `quant.weight_gradient`, else XLA's own X^T G
     cpu_attention: bool = True  # `model.cpu_attention` on CPUs, else `jax.nn`'s attention
+    kernel_x_transpose: bool = True  # X_q^T for dW from our CPU kernel, else from XLA
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
@@ -67,6 +68,7 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "b1.58-int8-bwd": Mode("b1.58", integer=True, int8_backward=True),
          "bf16-xla-dw": Mode("bf16", bf16_weight_gradient=False),
          "bf16-xla-attention": Mode("bf16", cpu_attention=False),
+         "b1.58-xla-dw": Mode("b1.58", kernel_x_transpose=False),
          # b1.58's fake quantization split in two: which half costs (an ablation)
          "w1.58a16": Mode("w1.58a16"), "w16a8": Mode("w16a8"),
          # The baseline again, compiled and timed as a mode of its own: its ratio to bf16 is
@@ -84,6 +86,9 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
             # XLA's own layout for X^T G (the form before `quant.weight_gradient`)
             patches.enter_context(mock.patch.object(quant, "weight_gradient",
                                                     quant.contract_leading))
+        if not mode.kernel_x_transpose:  # X_q^T as XLA writes it (before 2026-12-04)
+            patches.enter_context(mock.patch.object(quant, "_kernel_quantizes_x_rows",
+                                                    lambda *args: False))
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
                                                     layers._xla_causal_block))

@@ -306,7 +306,8 @@ def test_integer_path_equals_float_path(name, dtype):
 @pytest.mark.parametrize("name", PAIRS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_integer_path_gradients_equal_float_path(name, dtype):
-    # In bf16 on CPU the integer path's weight gradient reads X_q^T from cpu_int8's kernel.
+    # In bf16 on CPU both paths' weight gradients read X_q^T from the kernel that quantizes x's
+    # rows (`cpu_int8_fused.quantize_transpose`), per-group weight scales included.
     qx, qw = PAIRS[name]
     x, w = _operands(seed=21)
     cotangent = make_input((2, 5, 48), dtype, seed=22)
@@ -319,10 +320,8 @@ def test_integer_path_gradients_equal_float_path(name, dtype):
         hlo = grad.lower(x.astype(dtype), w).as_text()
         uses_kernel = cpu_int8.DEQUANTIZE_TRANSPOSE_TARGET in hlo
         uses_fused = cpu_int8_fused.QUANTIZE_TRANSPOSE_TARGET in hlo
-        on_kernels = integer and dtype == jnp.bfloat16 and cpu_int8.available()
-        # Per-group weight scales are not fused: their activations go through int8 codes.
-        assert uses_fused == (on_kernels and name != "ternary-group")
-        assert uses_kernel == (on_kernels and name == "ternary-group")
+        assert uses_fused == (dtype == jnp.bfloat16 and cpu_int8_fused.available())
+        assert not uses_kernel  # the codes' kernel only serves where the fused one is missing
         return grad(x.astype(dtype), w)
 
     for got, want in zip(grads(True), grads(False)):

@@ -296,46 +296,64 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer, out_dtype):
     return y.astype(out_dtype), xq, wq
 
 
+def _kernel_quantizes_x_rows(quantize_x, x_dtype, dtype) -> bool:
+    """Whether our CPU kernels can quantize x's rows (`cpu_int8_fused`): bf16 per-token
+    absmax/absmean activations of at most 8 bits (`precision.ActivationQuantizer`, TopK
+    applied before it)."""
+    return (getattr(quantize_x, "kind", None) in ("absmax", "absmean") and quantize_x.bits <= 8
+            and x_dtype == dtype == jnp.bfloat16 and cpu_int8_fused.available())
+
+
 def _fused_activation(quantize_x, quantize_w, x_dtype, dtype, integer, kernels, out_dtype):
     """(kind, bits) when the integer path can quantize x inside the CPU kernel, else None.
 
-    The kernel covers bf16 per-token absmax/absmean activations (`precision.ActivationQuantizer`,
-    TopK applied before it) times weights with one scale per tensor or per output feature.
+    The kernel covers the activations of `_kernel_quantizes_x_rows` times weights with one
+    scale per tensor or per output feature, and writes bf16.
     `kernels`: whether the step is being lowered for the CPU with our kernels present.
     """
-    kind = getattr(quantize_x, "kind", None)
-    bf16 = x_dtype == dtype == out_dtype == jnp.bfloat16  # the kernel reads and writes bf16
-    if not (integer and kernels and bf16 and kind in ("absmax", "absmean")
-            and quantize_x.bits <= 8 and getattr(quantize_w, "granularity", "group") != "group"
-            and cpu_int8_fused.available()):
+    if not (integer and kernels and out_dtype == jnp.bfloat16
+            and getattr(quantize_w, "granularity", "group") != "group"
+            and _kernel_quantizes_x_rows(quantize_x, x_dtype, dtype)):
         return None
-    return kind, quantize_x.bits
+    return quantize_x.kind, quantize_x.bits
+
+
+def _activation_row_parameters(quantize_x, x):
+    """(x after TopK, per-row multiplier, per-row scale): what the per-token quantizer
+    `quantize_x` multiplies, rounds and clips, with the same functions, so that XLA computes
+    them once for both."""
+    if quantize_x.keep_ratio < 1.0:
+        x = topk_per_token(x, quantize_x.keep_ratio)
+    if quantize_x.kind == "absmax":
+        return (x, *_absmax_row_parameters(x.astype(F32), _code_range(quantize_x.bits)[1],
+                                           floor=EPS))
+    return (x, *_absmean_row_parameters(x.astype(F32), quantize_x.bits))
 
 
 def _fused_forward(x, w, quantize_x, quantize_w, kind, bits):
     """The integer path with x quantized inside the kernel: y and the backward's residuals
     (x itself, its per-row multiplier and scale, the weight codes (in, out) and scale)."""
-    if quantize_x.keep_ratio < 1.0:
-        x = topk_per_token(x, quantize_x.keep_ratio)
     wq = quantize_w(w)
     w_codes = wq.codes.astype(jnp.int8)
     w_scale = jnp.broadcast_to(wq.scale.reshape(-1), (w.shape[-1],)).astype(F32)
     if kind == "absmax":
+        if quantize_x.keep_ratio < 1.0:
+            x = topk_per_token(x, quantize_x.keep_ratio)
         y, multiplier, scale = cpu_int8_fused.absmax_quant_dot(x, w_codes.T, w_scale, bits)
     else:  # the mean's rounding depends on the reduction order: XLA computes it, as unfused
-        multiplier, scale = _absmean_row_parameters(x.astype(F32), bits)
+        x, multiplier, scale = _activation_row_parameters(quantize_x, x)
         y = cpu_int8_fused.scaled_quant_dot(x, w_codes.T, w_scale, multiplier, scale,
                                             *_code_range(bits))
-    return y, _FusedResiduals(x, multiplier, scale, w_codes, wq.scale, jnp.zeros((), w.dtype))
+    return y, (_RowQuantizedX(x, multiplier, scale), w_codes, wq.scale, jnp.zeros((), x.dtype),
+               jnp.zeros((), w.dtype))
 
 
-class _FusedResiduals(NamedTuple):
-    x: jax.Array  # after TopK, as the kernel quantized it
+class _RowQuantizedX(NamedTuple):
+    """x as its per-token quantizer saw it (after TopK) with the quantizer's per-row multiplier
+    and scale: from these `cpu_int8_fused.quantize_transpose` writes X_q^T in one pass."""
+    x: jax.Array
     multiplier: jax.Array
     scale: jax.Array
-    w_codes: jax.Array
-    w_scale: jax.Array
-    w_like: jax.Array
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
@@ -355,49 +373,44 @@ def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backwa
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)
     y, xq, wq = _forward(x, w, quantize_x, quantize_w, dtype, integer, out_dtype)
-    # Keep codes as int8 where they fit: the backward needs only the dequantized operands.
-    residuals = (
-        xq.codes.astype(_code_storage_dtype(quantize_x, dtype)), xq.scale,
-        wq.codes.astype(_code_storage_dtype(quantize_w, dtype)), wq.scale,
-        jnp.zeros((), x.dtype), jnp.zeros((), w.dtype),
-    )
+    if kernels and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype):
+        x_saved = _RowQuantizedX(*_activation_row_parameters(quantize_x, x))
+    else:  # codes as int8 where they fit: the backward needs only the dequantized operands
+        x_saved = (xq.codes.astype(_code_storage_dtype(quantize_x, dtype)), xq.scale)
+    residuals = (x_saved, wq.codes.astype(_code_storage_dtype(quantize_w, dtype)), wq.scale,
+                 jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
     return y, residuals
 
 
 def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
                        out_dtype, residuals, g):
-    if isinstance(residuals, _FusedResiduals):
-        return _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g)
-    x_codes, x_scale, w_codes, w_scale, x_like, w_like = residuals
+    x_saved, w_codes, w_scale, x_like, w_like = residuals
     g = g.astype(dtype)
     # STE: the quantizers count as identity, so d/dx = g W_q^T and d/dW = X_q^T g.
     dx = _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward, kernels)
-    if integer and kernels and _per_row_int8(x_codes, x_scale) and dtype == jnp.bfloat16:
-        # Our kernel writes X_q^T directly from the int8 codes: XLA instead re-derives the
-        # codes from x inside a slow transposing loop (measured: 4x slower at 4096 x 512).
-        dw = _transposed_dot(cpu_int8.dequantize_transpose(x_codes, x_scale), g)
-    elif quantize_x is None:
-        dw = weight_gradient(x_codes, g)
-    else:
-        # Not `weight_gradient`: with dequantized codes its transposed copy cost more than the
-        # float32 dot saves (bench_train, 2026-12-02: b1.58 steps 2-7% slower), since XLA folds
-        # the dequantization into the float32 conversion it makes anyway.
-        x_deq = _dequantize_codes(quantize_x, x_codes, x_scale, dtype)
-        dw = contract_leading(x_deq, g)
+    dw = _quantized_weight_gradient(x_saved, quantize_x, g, dtype, integer, kernels)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
-def _fused_bwd(quantize_x, quantize_w, int8_backward, residuals, g):
-    """Backward of the fused integer path, bit-identical to the unfused one: dx = g W_q^T, and
-    X_q^T for dW = X_q^T g written in one pass over x by the kernel that quantized it."""
-    x, multiplier, scale, w_codes, w_scale, w_like = residuals
-    g = g.astype(jnp.bfloat16)
-    dx = _input_gradient(g, quantize_w, w_codes, w_scale, jnp.bfloat16, int8_backward,
-                         kernels=True)
-    x_deq_T = cpu_int8_fused.quantize_transpose(x, multiplier, scale,
-                                                *_code_range(quantize_x.bits))
-    dw = _transposed_dot(x_deq_T, g)
-    return dx.astype(x.dtype), dw.astype(w_like.dtype)
+def _quantized_weight_gradient(x_saved, quantize_x, g, dtype, integer, kernels):
+    """dW = X_q^T g (float32) from what the forward saved of x: the row-quantized input, or
+    its codes and scale."""
+    if isinstance(x_saved, _RowQuantizedX):
+        # Our kernel writes X_q^T from x and the row parameters in one pass; XLA re-derives the
+        # codes inside a slow transposing loop (same numbers; dW in 2.6 against 7.2 ms at
+        # 4096 x 512, 2-core Xeon, 2026-12-04; the b1.58 step: README, Benchmarks).
+        x_q_T = cpu_int8_fused.quantize_transpose(*x_saved, *_code_range(quantize_x.bits))
+        return _transposed_dot(x_q_T, g)
+    x_codes, x_scale = x_saved
+    if integer and kernels and _per_row_int8(x_codes, x_scale) and dtype == jnp.bfloat16:
+        # Our kernel writes X_q^T directly from the int8 codes, for the same reason.
+        return _transposed_dot(cpu_int8.dequantize_transpose(x_codes, x_scale), g)
+    if quantize_x is None:
+        return weight_gradient(x_codes, g)
+    # Not `weight_gradient`: with dequantized codes its transposed copy cost more than the
+    # float32 dot saves (bench_train, 2026-12-02: b1.58 steps 2-7% slower), since XLA folds
+    # the dequantization into the float32 conversion it makes anyway.
+    return contract_leading(_dequantize_codes(quantize_x, x_codes, x_scale, dtype), g)
 
 
 def weight_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -532,10 +545,12 @@ def quantized_dot(
         return lambda x, w: _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer,
                                            int8_backward, kernels, out_dtype)
 
-    if not (integer and cpu_int8.available()):
+    # Our CPU kernels: the integer products, and on both paths X_q^T for the weight gradient.
+    if not (cpu_int8.available() if integer else _kernel_quantizes_x_rows(quantize_x, x.dtype,
+                                                                          dtype)):
         return dot(False)(x, w)
-    # Our CPU kernels only where the step is lowered for the CPU: a CPU host that compiles it
-    # for a TPU or GPU (`bitnet sweep plan --compile`) gets XLA's integer path there.
+    # Only where the step is lowered for the CPU: a CPU host that compiles it for a TPU or GPU
+    # (`bitnet sweep plan --compile`) gets XLA's path there.
     return jax.lax.platform_dependent(x, w, cpu=dot(True), default=dot(False))
 
 
