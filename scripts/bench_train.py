@@ -7,6 +7,9 @@ int8 -> int32 forward products; on CPU the activations are quantized inside the 
 which also writes X_q^T for the weight gradient). `--modes` adds: b1.58-int8-unfused (the
 integer path with a separate XLA quantization pass and int8 codes, as before the fused kernel),
 b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, not exact),
+b1.58-int8-vnni (the integer path on our VNNI kernels even where the CPU has AMX, on which XLA's
+own int8 dot is faster and taken by default), b1.58-xla-dw (fake quantization with X_q^T for the
+weight gradient written by XLA, not by our kernel),
 bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio),
 bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
 `quant.weight_gradient` gives it a transposed bf16 copy instead, see there),
@@ -41,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from bitnet_jax.core import cpu_int8_fused, quant
+from bitnet_jax.core import cpu_int8, cpu_int8_fused, quant
 from bitnet_jax.model import accounting as compute, cpu_attention, layers
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
@@ -60,6 +63,7 @@ class Mode(NamedTuple):
     bf16_weight_gradient: bool = True  # `quant.weight_gradient`, else XLA's own X^T G
     cpu_attention: bool = True  # `model.cpu_attention` on CPUs, else `jax.nn`'s attention
     kernel_x_transpose: bool = True  # X_q^T for dW from our CPU kernel, else from XLA
+    xla_int8_on_amx: bool = True  # on AMX CPUs XLA's int8 dot, else always our VNNI kernels
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
@@ -69,6 +73,7 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "bf16-xla-dw": Mode("bf16", bf16_weight_gradient=False),
          "bf16-xla-attention": Mode("bf16", cpu_attention=False),
          "b1.58-xla-dw": Mode("b1.58", kernel_x_transpose=False),
+         "b1.58-int8-vnni": Mode("b1.58", integer=True, xla_int8_on_amx=False),
          # b1.58's fake quantization split in two: which half costs (an ablation)
          "w1.58a16": Mode("w1.58a16"), "w16a8": Mode("w16a8"),
          # The baseline again, compiled and timed as a mode of its own: its ratio to bf16 is
@@ -89,6 +94,9 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.kernel_x_transpose:  # X_q^T as XLA writes it (before 2026-12-04)
             patches.enter_context(mock.patch.object(quant, "_kernel_quantizes_x_rows",
                                                     lambda *args: False))
+        if not mode.xla_int8_on_amx:  # the VNNI kernels whatever the CPU (before 2026-12-04)
+            patches.enter_context(mock.patch.object(cpu_int8, "xla_int8_is_faster",
+                                                    lambda rows: False))
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
                                                     layers._xla_causal_block))

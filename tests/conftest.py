@@ -27,6 +27,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# The integer path's products take XLA's int8 dot instead of our kernels on CPUs with AMX-INT8
+# (`cpu_int8.xla_int8_is_faster`); the tests keep the kernels on every machine, so that they
+# exercise the same code everywhere (tests/test_cpu_int8.py covers the AMX choice).
+os.environ.setdefault("BITNET_JAX_CPU_AMX", "0")
+
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
 # Float32 matmuls at full precision on every platform (GPUs default to TF32), so the numpy

@@ -121,6 +121,55 @@ def test_int8_dot_or_xla_and_errors():
         cpu_int8.int8_dot(x, w[:, :5])
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_with_amx_xla_takes_the_products_of_many_rows(amx, monkeypatch):
+    # On AMX-INT8 CPUs XLA's own int8 dot beats the VNNI kernel from a few dozen rows on; the
+    # kernel keeps the few rows of decoding. Same numbers either way.
+    from bitnet_jax.core import cpu_int8_fused, quant
+    from bitnet_jax.core.precision import A8, TERNARY
+
+    monkeypatch.setattr(cpu_int8, "_has_amx_int8", lambda: amx)
+    rng = np.random.default_rng(5)
+    w = _rand(rng, (24, 40))
+    for rows in (2, cpu_int8.XLA_INT8_MIN_ROWS_WITH_AMX - 1, cpu_int8.XLA_INT8_MIN_ROWS_WITH_AMX,
+                 300):
+        x = _rand(rng, (rows, 40))
+        # A fresh function: jit's trace cache would keep the other case's choice.
+        hlo = jax.jit(lambda a, b: cpu_int8.int8_dot_or_xla(a, b)).lower(x, w).as_text()
+        xla = amx and rows >= cpu_int8.XLA_INT8_MIN_ROWS_WITH_AMX
+        assert cpu_int8.xla_int8_is_faster(rows) == xla
+        assert (cpu_int8.TARGET_NAME in hlo) == (not xla)
+        _check(x, w, cpu_int8.int8_dot_or_xla)
+    # The integer path's fused kernels (x quantized inside the product, and with the int8 input
+    # gradient g too) step aside as well; X_q^T for the weight gradient stays a kernel.
+    x = jnp.asarray(rng.normal(size=(4, 75, 40)), jnp.bfloat16)
+    wf = jnp.asarray(rng.normal(size=(40, 24)) * 0.05, jnp.float32)
+    loss = lambda xv, wv: jnp.sum(quant.quantized_dot(  # noqa: E731
+        xv, wv, A8, TERNARY, jnp.bfloat16, True, True).astype(jnp.float32))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, wf).as_text()
+    if cpu_int8_fused.available():
+        assert (cpu_int8_fused.ABSMAX_QUANT_DOT_TARGET in hlo) == (not amx)
+        assert cpu_int8_fused.QUANTIZE_TRANSPOSE_TARGET in hlo
+    assert (cpu_int8.TARGET_NAME in hlo) == False  # noqa: E712  (fused, or XLA's dot)
+
+
+def test_amx_detection_reads_the_cpu_flags_and_the_switch(monkeypatch):
+    monkeypatch.setattr(cpu_int8, "cpu_flags", lambda: {"avx512_vnni", "amx_int8"})
+    for setting, want in ((None, True), ("1", True), ("0", False)):
+        if setting is None:
+            monkeypatch.delenv(cpu_int8.AMX_ENV, raising=False)
+        else:
+            monkeypatch.setenv(cpu_int8.AMX_ENV, setting)
+        cpu_int8._has_amx_int8.cache_clear()
+        assert cpu_int8._has_amx_int8() == want
+    monkeypatch.setattr(cpu_int8, "cpu_flags", lambda: {"avx512_vnni"})
+    monkeypatch.delenv(cpu_int8.AMX_ENV)
+    cpu_int8._has_amx_int8.cache_clear()
+    assert not cpu_int8._has_amx_int8()
+    monkeypatch.undo()
+    cpu_int8._has_amx_int8.cache_clear()
+
+
 def test_sharded_input_under_jit_is_correct():
     # The custom call is opaque to GSPMD: operands are gathered and the product is computed
     # unpartitioned, but the result must still be exact.

@@ -304,16 +304,17 @@ def _kernel_quantizes_x_rows(quantize_x, x_dtype, dtype) -> bool:
             and x_dtype == dtype == jnp.bfloat16 and cpu_int8_fused.available())
 
 
-def _fused_activation(quantize_x, quantize_w, x_dtype, dtype, integer, kernels, out_dtype):
+def _fused_activation(quantize_x, quantize_w, x, dtype, integer, kernels, out_dtype):
     """(kind, bits) when the integer path can quantize x inside the CPU kernel, else None.
 
     The kernel covers the activations of `_kernel_quantizes_x_rows` times weights with one
-    scale per tensor or per output feature, and writes bf16.
+    scale per tensor or per output feature, and writes bf16; not where XLA's int8 dot is faster.
     `kernels`: whether the step is being lowered for the CPU with our kernels present.
     """
     if not (integer and kernels and out_dtype == jnp.bfloat16
             and getattr(quantize_w, "granularity", "group") != "group"
-            and _kernel_quantizes_x_rows(quantize_x, x_dtype, dtype)):
+            and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype)
+            and not cpu_int8.xla_int8_is_faster(math.prod(x.shape[:-1]))):
         return None
     return quantize_x.kind, quantize_x.bits
 
@@ -359,7 +360,7 @@ class _RowQuantizedX(NamedTuple):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
 def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
                    out_dtype):
-    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer, kernels,
+    fused = _fused_activation(quantize_x, quantize_w, x, dtype, integer, kernels,
                               out_dtype)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)[0]
@@ -368,7 +369,7 @@ def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, 
 
 def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
                        out_dtype):
-    fused = _fused_activation(quantize_x, quantize_w, x.dtype, dtype, integer, kernels,
+    fused = _fused_activation(quantize_x, quantize_w, x, dtype, integer, kernels,
                               out_dtype)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)
@@ -471,7 +472,8 @@ def _int8_input_gradient(g, w_codes, w_scale, kernels):
     rows while it multiplies (`cpu_int8_fused.absmax_quant_dot`, floor 0), with the same
     numbers: no pass over g writes its codes."""
     per_tensor = w_scale.ndim == 0 or w_scale.size == 1
-    if per_tensor and kernels and g.dtype == jnp.bfloat16 and cpu_int8_fused.available():
+    if (per_tensor and kernels and g.dtype == jnp.bfloat16 and cpu_int8_fused.available()
+            and not cpu_int8.xla_int8_is_faster(math.prod(g.shape[:-1]))):
         n_in = w_codes.shape[0]
         scale = jnp.broadcast_to(jnp.reshape(w_scale, ()).astype(F32), (n_in,))
         return cpu_int8_fused.absmax_quant_dot(g, w_codes, scale, 8, floor=0.0)[0]
@@ -523,7 +525,8 @@ def quantized_dot(
     with both `None` this is a plain `dtype` matmul with float32 accumulation.
     The backward pass uses the dequantized operands in `dtype` (straight-through estimator),
     with float32 accumulation. On CPU with bf16 per-token activations the integer path
-    quantizes x inside the int8 kernel (`cpu_int8_fused`), with the same results.
+    quantizes x inside the int8 kernel (`cpu_int8_fused`), with the same results, except
+    where XLA's own int8 dot is faster (AMX: `cpu_int8.xla_int8_is_faster`).
     `int8_backward=True` (integer path only) computes dx = g W_q^T as an int8 product with g
     rounded to 8 bits per row: faster, NOT exact (see `_input_gradient`); dW stays exact.
     """
