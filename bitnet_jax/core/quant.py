@@ -470,7 +470,7 @@ def _int8_input_gradient(g, w_codes, w_scale, kernels):
     no 1e-5 floor on the absmax, which would flush small gradients; an all-zero row gives
     zeros). On CPUs with our kernels and one bf16 g per tensor scale, the kernel quantizes g's
     rows while it multiplies (`cpu_int8_fused.absmax_quant_dot`, floor 0), with the same
-    numbers: no pass over g writes its codes."""
+    numbers: no pass over g writes its codes (not where XLA's int8 dot is faster: AMX)."""
     per_tensor = w_scale.ndim == 0 or w_scale.size == 1
     if (per_tensor and kernels and g.dtype == jnp.bfloat16 and cpu_int8_fused.available()
             and not cpu_int8.xla_int8_is_faster(math.prod(g.shape[:-1]))):
