@@ -175,8 +175,6 @@ def _xla_int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
 # median of 30, K x N = 512 x 1376 and 2560 x 6912) the two tie at 16 rows, XLA's dot is 1.1-2.5x
 # faster from 64 rows, and the kernel 3.7x faster at 2 rows (decoding).
 XLA_INT8_MIN_ROWS_WITH_AMX = 32
-
-
 AMX_ENV = "BITNET_JAX_CPU_AMX"  # "0": take our kernel for every int8 product, AMX or not
 
 

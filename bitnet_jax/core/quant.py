@@ -323,8 +323,7 @@ def _activation_row_parameters(quantize_x, x):
     """(x after TopK, per-row multiplier, per-row scale): what the per-token quantizer
     `quantize_x` multiplies, rounds and clips, with the same functions, so that XLA computes
     them once for both."""
-    if quantize_x.keep_ratio < 1.0:
-        x = topk_per_token(x, quantize_x.keep_ratio)
+    x = topk_per_token(x, quantize_x.keep_ratio)  # x itself at keep_ratio 1
     if quantize_x.kind == "absmax":
         return (x, *_absmax_row_parameters(x.astype(F32), _code_range(quantize_x.bits)[1],
                                            floor=EPS))
@@ -338,8 +337,7 @@ def _fused_forward(x, w, quantize_x, quantize_w, kind, bits):
     w_codes = wq.codes.astype(jnp.int8)
     w_scale = jnp.broadcast_to(wq.scale.reshape(-1), (w.shape[-1],)).astype(F32)
     if kind == "absmax":
-        if quantize_x.keep_ratio < 1.0:
-            x = topk_per_token(x, quantize_x.keep_ratio)
+        x = topk_per_token(x, quantize_x.keep_ratio)  # the kernel takes the row maxima itself
         y, multiplier, scale = cpu_int8_fused.absmax_quant_dot(x, w_codes.T, w_scale, bits)
     else:  # the mean's rounding depends on the reduction order: XLA computes it, as unfused
         x, multiplier, scale = _activation_row_parameters(quantize_x, x)
