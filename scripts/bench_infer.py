@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitnet_jax.allocator import active_allocator
 from bitnet_jax.core import packing
 from bitnet_jax.infer.generate import Generator, generate, tree_bytes, with_head
 from bitnet_jax.model.transformer import Transformer, get_model_config
@@ -210,6 +212,7 @@ def main(argv=None) -> int:
     meta = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "head": args.head,
             "jax": jax.__version__, "machine": platform.machine(), "preset": args.preset,
+            "malloc": active_allocator(),
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")}
     if args.compare_llamacpp:
@@ -244,7 +247,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from bitnet_jax.platforms import skip_absent_tpu
+    from bitnet_jax.cli import prepare_process
 
-    skip_absent_tpu()  # as the CLI: an installed libtpu stays quiet on TPU-less machines
+    prepare_process(sys.argv)  # as the CLI: libtpu quiet without TPUs, tcmalloc if installed
     raise SystemExit(main())

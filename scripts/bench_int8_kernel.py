@@ -18,12 +18,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitnet_jax.allocator import active_allocator
 from bitnet_jax.core import cpu_int8
 
 TRAIN_SHAPES = [(4096, 512, 1376), (4096, 1376, 512), (4096, 512, 512), (4096, 256, 704)]
@@ -97,6 +99,7 @@ def main() -> None:
 
     meta = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "malloc": active_allocator(),
             "iters": args.iters, "rounds": args.rounds, "warmup": args.warmup}
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
@@ -104,7 +107,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from bitnet_jax.platforms import skip_absent_tpu
+    from bitnet_jax.cli import prepare_process
 
-    skip_absent_tpu()  # as the CLI: an installed libtpu stays quiet on TPU-less machines
+    prepare_process(sys.argv)  # as the CLI: libtpu quiet without TPUs, tcmalloc if installed
     main()

@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
+from bitnet_jax.allocator import active_allocator
 from bitnet_jax.core import quant
 from bitnet_jax.core.precision import get_recipe
 
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     meta = {"backend": jax.default_backend(), "device": device.device_kind,
             "devices": jax.device_count(), "jax": jax.__version__,
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+            "machine": platform.machine(), "malloc": active_allocator(),
+            "processor": platform.processor() or platform.machine()}
     print(f"# {meta['backend']} / {meta['device']} / jax {meta['jax']}")
     rows = []
     for size in args.sizes.split(","):
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from bitnet_jax.platforms import skip_absent_tpu
+    from bitnet_jax.cli import prepare_process
 
-    skip_absent_tpu()  # as the CLI: an installed libtpu stays quiet on TPU-less machines
+    prepare_process(sys.argv)  # as the CLI: libtpu quiet without TPUs, tcmalloc if installed
     raise SystemExit(main())

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from bitnet_jax.allocator import active_allocator
 from bitnet_jax.core import cpu_int8, cpu_int8_fused, quant
 from bitnet_jax.model import accounting as compute, cpu_attention, layers
 from bitnet_jax.train import optim
@@ -179,10 +180,11 @@ def main(argv=None) -> int:
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "machine": platform.machine(),
+            "jax": jax.__version__, "machine": platform.machine(), "malloc": active_allocator(),
             "batch": args.batch, "seq_len": args.seq_len}
     peak = measure_matmul_peak(args.peak_size, repeats=10)
-    print(f"# {meta['backend']} / {meta['device']} / jax {meta['jax']}; batch {args.batch} x "
+    print(f"# {meta['backend']} / {meta['device']} / jax {meta['jax']} / {meta['malloc']} malloc; "
+          f"batch {args.batch} x "
           f"{args.seq_len} tokens; measured bf16 matmul peak {peak / 1e12:.3f} TFLOP/s")
     header = (f"{'preset':>12} {'mode':>18} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} "
               f"{'vs bf16 [95%]':>21}")
@@ -221,7 +223,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from bitnet_jax.platforms import skip_absent_tpu
+    from bitnet_jax.cli import prepare_process
 
-    skip_absent_tpu()  # as the CLI: an installed libtpu stays quiet on TPU-less machines
+    prepare_process(sys.argv)  # as the CLI: libtpu quiet without TPUs, tcmalloc if installed
     raise SystemExit(main())

@@ -32,6 +32,8 @@ import time
 
 import jax
 
+from bitnet_jax.allocator import active_allocator
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_train  # noqa: E402  (the modes and the compiled step, one home for both)
 
@@ -133,9 +135,10 @@ def main(argv=None) -> int:
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "preset": args.preset, "batch": args.batch,
-            "seq_len": args.seq_len, "traced_steps": args.steps}
-    print(f"# {meta['backend']} / {meta['device']} / jax {meta['jax']}; {args.preset}, batch "
+            "jax": jax.__version__, "malloc": active_allocator(), "preset": args.preset,
+            "batch": args.batch, "seq_len": args.seq_len, "traced_steps": args.steps}
+    print(f"# {meta['backend']} / {meta['device']} / jax {meta['jax']} / {meta['malloc']} malloc; "
+          f"{args.preset}, batch "
           f"{args.batch} x {args.seq_len} tokens; device time per step")
     summaries = {}
     for mode in modes:
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from bitnet_jax.platforms import skip_absent_tpu
+    from bitnet_jax.cli import prepare_process
 
-    skip_absent_tpu()  # as the CLI: an installed libtpu stays quiet on TPU-less machines
+    prepare_process(sys.argv)  # as the CLI: libtpu quiet without TPUs, tcmalloc if installed
     raise SystemExit(main())

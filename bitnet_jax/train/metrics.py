@@ -18,6 +18,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from bitnet_jax.allocator import active_allocator
 from bitnet_jax import files
 from bitnet_jax.files import write_text_atomic
 
@@ -78,6 +79,7 @@ def run_metadata() -> dict[str, Any]:
         "device_kind": devices[0].device_kind,
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
+        "malloc": active_allocator(),  # step times depend on it (allocator.py)
         "command": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -1,0 +1,94 @@
+"""The host memory allocator a `bitnet` process runs with: tcmalloc where it is installed.
+
+XLA:CPU takes each step's buffers from malloc. glibc's malloc serves allocations that large
+with fresh mappings and gives them back to the kernel when freed, so every training step pays
+again for zero-filled pages: on a 2-core Xeon, ladder-1.6m faulted in ~430 MiB and spent
+~170 ms of system time per step, and the same step ran 1.4x faster with tcmalloc, which keeps
+freed memory for reuse (README, Benchmarks). A process cannot change its allocator once
+started, so the CLI and the benchmarks start themselves again, once, with the library in
+LD_PRELOAD, as axlearn and Intel's `ipexrun` launcher do; runs that a sweep launches inherit it.
+
+BITNET_JAX_MALLOC chooses: unset or "tcmalloc" preloads libtcmalloc(_minimal) when the dynamic
+linker finds it (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`) and keeps glibc's malloc
+otherwise; "system" keeps glibc's malloc; a path preloads that library (jemalloc, or a tcmalloc
+the linker does not find by itself).
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+from bitnet_jax.errors import ConfigError
+
+ENV = "BITNET_JAX_MALLOC"
+TCMALLOC_NAMES = ("tcmalloc_minimal", "tcmalloc")  # gperftools' light and full builds
+KNOWN_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
+# gperftools prints a stack for every allocation above 1 GiB by default (a model's weights or a
+# big batch): quiet, unless the user set it.
+TCMALLOC_REPORT = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+
+
+def find_tcmalloc(find_library: Callable[[str], Optional[str]] = ctypes.util.find_library
+                  ) -> Optional[str]:
+    """The soname of an installed tcmalloc (e.g. libtcmalloc_minimal.so.4), or None."""
+    for name in TCMALLOC_NAMES:
+        found = find_library(name)
+        if found:
+            return found
+    return None
+
+
+def library_to_preload(environ: Mapping[str, str],
+                       find: Callable[[], Optional[str]] = find_tcmalloc) -> Optional[str]:
+    """The allocator library BITNET_JAX_MALLOC asks for, or None for glibc's malloc."""
+    choice = environ.get(ENV, "tcmalloc").strip()
+    if choice in ("system", ""):
+        return None
+    if choice == "tcmalloc":
+        return find()
+    if not Path(choice).is_file():
+        raise ConfigError(f"{ENV}={choice}: no such library; give the path of a malloc "
+                          f"library (.so), 'tcmalloc' or 'system'")
+    return choice
+
+
+def preload_environment(environ: Mapping[str, str],
+                        find: Callable[[], Optional[str]] = find_tcmalloc
+                        ) -> Optional[dict[str, str]]:
+    """The environment to start again with (`library` first in LD_PRELOAD, the rest kept), or
+    None where nothing needs changing: glibc's malloc asked for, no tcmalloc installed, not
+    Linux, or the library preloaded already (so a started-again process never loops)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    library = library_to_preload(environ, find)
+    preloaded = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    if library is None or library in preloaded:
+        return None
+    quiet = TCMALLOC_REPORT if "tcmalloc" in Path(library).name else {}
+    return {**quiet, **environ, "LD_PRELOAD": ":".join([library, *preloaded])}
+
+
+def restart_with_preferred_allocator(arguments: Sequence[str]) -> None:
+    """Replace this process by `python arguments...` with the allocator preloaded, where
+    `preload_environment` says so; return (doing nothing) otherwise. Call it before any
+    output and before JAX starts."""
+    environment = preload_environment(os.environ)
+    if environment is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *arguments], environment)
+
+
+def active_allocator(maps_path: str = "/proc/self/maps") -> str:
+    """Which malloc this process uses, from the libraries mapped into it: 'tcmalloc',
+    'jemalloc', 'mimalloc' or 'system' (for benchmark records)."""
+    try:
+        mapped = Path(maps_path).read_text()
+    except OSError:
+        return "unknown"
+    return next((name for name in KNOWN_ALLOCATORS if f"lib{name}" in mapped), "system")
