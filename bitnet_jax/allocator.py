@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -81,7 +82,14 @@ def restart_with_preferred_allocator(arguments: Sequence[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *arguments], environment)
+    os.execve(sys.executable, [sys.executable, *interpreter_options(), *arguments], environment)
+
+
+def interpreter_options() -> list[str]:
+    """This interpreter's own options (-X, -W, -O, ... as multiprocessing passes them on, and
+    -u, which `sys.flags` does not record), so that the process started again behaves alike."""
+    unbuffered = ["-u"] if getattr(sys.stdout, "write_through", False) else []
+    return [*subprocess._args_from_interpreter_flags(), *unbuffered]
 
 
 def active_allocator(maps_path: str = "/proc/self/maps") -> str:

@@ -127,11 +127,23 @@ def test_the_command_restarts_itself_with_its_own_arguments(monkeypatch):
     with pytest.raises(SystemExit):
         cli.main()
     (path, argv, env), = calls
-    assert argv == [sys.executable, "-m", "bitnet_jax.cli", "info", "--list"]
+    assert argv == [sys.executable, *allocator.interpreter_options(), "-m", "bitnet_jax.cli",
+                    "info", "--list"]
     assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
     calls.clear()
     assert cli.main(["info", "--list"]) == 0  # called from Python: never restarts
     assert calls == []
+
+
+def test_the_interpreter_options_carry_over():
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    code = "from bitnet_jax.allocator import interpreter_options; print(interpreter_options())"
+    options = subprocess.run([sys.executable, "-u", "-X", "dev", "-W", "ignore", "-c", code],
+                             env=env, capture_output=True, text=True, timeout=60).stdout
+    assert all(option in options for option in ("'-u'", "'dev'", "'-Wignore'")), options
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=60).stdout
+    assert "'-u'" not in plain
 
 
 def test_a_bad_setting_is_one_error_line_and_exit_2(tmp_path):
