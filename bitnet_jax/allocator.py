@@ -54,6 +54,9 @@ def library_to_preload(environ: Mapping[str, str],
     if not Path(choice).is_file():
         raise ConfigError(f"{ENV}={choice}: no such library; give the path of a malloc "
                           f"library (.so), 'tcmalloc' or 'system'")
+    with open(choice, "rb") as library:  # the dynamic linker would skip it on every start
+        if library.read(4) != b"\x7fELF":
+            raise ConfigError(f"{ENV}={choice}: not a shared library (no ELF header)")
     return choice
 
 
@@ -67,8 +70,8 @@ def preload_environment(environ: Mapping[str, str],
         return None
     library = library_to_preload(environ, find)
     preloaded = environ.get("LD_PRELOAD", "").replace(":", " ").split()
-    if library is None or library in preloaded:
-        return None
+    if library is None or Path(library).name in {Path(entry).name for entry in preloaded}:
+        return None  # by file name: a path and a soname of one library count as the same
     quiet = TCMALLOC_REPORT if "tcmalloc" in Path(library).name else {}
     return {**quiet, **environ, "LD_PRELOAD": ":".join([library, *preloaded])}
 

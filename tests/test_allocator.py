@@ -56,10 +56,14 @@ def test_library_to_preload_follows_the_setting(environ, installed, expected):
 
 def test_a_library_path_is_preloaded_and_a_missing_one_is_a_config_error(tmp_path):
     library = tmp_path / "libjemalloc.so.2"
-    library.write_bytes(b"")
+    library.write_bytes(b"\x7fELF" + bytes(60))
     assert allocator.library_to_preload({"BITNET_JAX_MALLOC": str(library)}) == str(library)
     with pytest.raises(ConfigError, match="BITNET_JAX_MALLOC=.*no such library"):
         allocator.library_to_preload({"BITNET_JAX_MALLOC": str(tmp_path / "missing.so")})
+    text = tmp_path / "notes.txt"
+    text.write_text("not a library")
+    with pytest.raises(ConfigError, match="BITNET_JAX_MALLOC=.*notes.txt: not a shared library"):
+        allocator.library_to_preload({"BITNET_JAX_MALLOC": str(text)})
 
 
 def test_preload_environment_puts_the_library_first_and_never_twice(monkeypatch):
@@ -73,6 +77,8 @@ def test_preload_environment_puts_the_library_first_and_never_twice(monkeypatch)
     assert allocator.preload_environment(env, tcmalloc) is None
     assert allocator.preload_environment(
         {"LD_PRELOAD": "libother.so libtcmalloc_minimal.so.4"}, tcmalloc) is None
+    assert allocator.preload_environment(  # preloaded by path, found by soname
+        {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}, tcmalloc) is None
     # A user's own report threshold is kept.
     kept = allocator.preload_environment({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "5"}, tcmalloc)
     assert kept["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "5"
