@@ -54,9 +54,13 @@ def library_to_preload(environ: Mapping[str, str],
     if not Path(choice).is_file():
         raise ConfigError(f"{ENV}={choice}: no such library; give the path of a malloc "
                           f"library (.so), 'tcmalloc' or 'system'")
-    with open(choice, "rb") as library:  # the dynamic linker would skip it on every start
-        if library.read(4) != b"\x7fELF":
-            raise ConfigError(f"{ENV}={choice}: not a shared library (no ELF header)")
+    try:
+        with open(choice, "rb") as library:  # the dynamic linker would skip it on every start
+            header = library.read(4)
+    except OSError as error:
+        raise ConfigError(f"{ENV}={choice}: cannot read it ({error.strerror})") from None
+    if header != b"\x7fELF":
+        raise ConfigError(f"{ENV}={choice}: not a shared library (no ELF header)")
     return choice
 
 

@@ -66,6 +66,18 @@ def test_a_library_path_is_preloaded_and_a_missing_one_is_a_config_error(tmp_pat
         allocator.library_to_preload({"BITNET_JAX_MALLOC": str(text)})
 
 
+def test_an_unreadable_library_is_a_config_error(tmp_path, monkeypatch):
+    library = tmp_path / "libtcmalloc.so"
+    library.write_bytes(b"\x7fELF")
+
+    def refuse(*args, **kwargs):  # root reads any file, so the refusal is simulated
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(ConfigError, match="cannot read it \\(Permission denied\\)"):
+        allocator.library_to_preload({"BITNET_JAX_MALLOC": str(library)})
+
+
 def test_preload_environment_puts_the_library_first_and_never_twice(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     tcmalloc = lambda: "libtcmalloc_minimal.so.4"  # noqa: E731
