@@ -18,7 +18,9 @@ the two halves of b1.58's fake quantization on their own, to see which one costs
 (ternary weights, bf16 activations) and w16a8 (bf16 weights, 8-bit per-token activations). Ratios
 are taken within the run, with the modes' steps interleaved, since the machines are shared and
 noisy: each mode's ratio to bf16 is the median of its per-round ratios, with a 95% bootstrap
-interval. Prints a table and writes JSON (default `bench_train.json`, every step's time kept).
+interval. Each row also gives the kernel's (system) CPU time per step, from getrusage, which
+shows when the process pays for memory instead of computing (glibc's malloc: `allocator.py`).
+Prints a table and writes JSON (default `bench_train.json`, every step's time kept).
 
     python scripts/bench_train.py [--presets ladder-1.6m,ladder-6.4m,ladder-20m]
                                   [--modes bf16,b1.58,b1.58-int8,bf16-xla-dw]
@@ -32,10 +34,11 @@ import argparse
 import contextlib
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 from unittest import mock
 
 import flax.linen as nn
@@ -121,8 +124,13 @@ def _compiled_step(preset, precision, integer, int8_backward, batch, seq_len):
     return train_step, state, batch_data
 
 
-def interleaved_step_times(steps: dict, rounds: int) -> dict:
+def interleaved_step_times(steps: dict, rounds: int, kernel_usage: Optional[dict] = None
+                           ) -> dict:
     """Seconds of every step of each mode, timing one step of every mode per round.
+
+    `kernel_usage`, if given, receives per mode the (page faults, system seconds) of every step,
+    from `getrusage`: time the process spent in the kernel rather than computing (glibc's
+    malloc faulted in 426 MiB per ladder-1.6m step: `bitnet_jax/allocator.py`).
 
     Round-robin rather than one mode after the other: on a shared machine the load changes
     over minutes, and interleaving exposes every mode to the same load, which keeps the ratios
@@ -137,10 +145,15 @@ def interleaved_step_times(steps: dict, rounds: int) -> dict:
         shift = round_index % len(order)
         for mode in order[shift:] + order[:shift]:
             train_step, state, batch_data = steps[mode]
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
             state, metrics = train_step(state, batch_data)
             jax.block_until_ready(metrics)
             samples[mode].append(time.perf_counter() - start)
+            if kernel_usage is not None:
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                kernel_usage.setdefault(mode, []).append(
+                    (after.ru_minflt - usage.ru_minflt, after.ru_stime - usage.ru_stime))
             steps[mode] = (train_step, state, batch_data)
     return samples
 
@@ -186,8 +199,8 @@ def main(argv=None) -> int:
     print(f"# {meta['backend']} / {meta['device']} / jax {meta['jax']} / {meta['malloc']} malloc; "
           f"batch {args.batch} x "
           f"{args.seq_len} tokens; measured bf16 matmul peak {peak / 1e12:.3f} TFLOP/s")
-    header = (f"{'preset':>12} {'mode':>18} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} "
-              f"{'vs bf16 [95%]':>21}")
+    header = (f"{'preset':>12} {'mode':>18} {'step ms':>9} {'sys ms':>7} {'tokens/s':>10} "
+              f"{'MFU':>6} {'vs bf16 [95%]':>21}")
     print(header)
     print("-" * len(header), flush=True)
     rows = []
@@ -201,19 +214,23 @@ def main(argv=None) -> int:
             compile_s[mode] = time.perf_counter() - start
             print(f"# {preset} {mode}: compiled and ran a first step in {compile_s[mode]:.1f} s",
                   file=sys.stderr, flush=True)
-        samples = interleaved_step_times(steps, args.steps)
+        kernel_usage = {}
+        samples = interleaved_step_times(steps, args.steps, kernel_usage)
         del steps
         for mode in modes:
             seconds = statistics.median(samples[mode])
+            faults, system_s = (statistics.median(column) for column in zip(*kernel_usage[mode]))
             ratio, low, high = paired_ratio(samples[mode], samples["bf16"])
             row = {"preset": preset, "mode": mode, "step_s": seconds,
                    "tokens_per_s": args.batch * args.seq_len / seconds,
                    "mfu_vs_measured_peak": flops / seconds / peak,
                    "vs_bf16": ratio, "vs_bf16_interval": [low, high],
                    "compile_and_first_step_s": compile_s[mode],
+                   # whole process, all threads: not a share of the step's wall time
+                   "page_faults_per_step": faults, "system_s_per_step": system_s,
                    "step_s_per_round": samples[mode]}
             rows.append(row)
-            print(f"{preset:>12} {mode:>18} {seconds * 1e3:9.1f} "
+            print(f"{preset:>12} {mode:>18} {seconds * 1e3:9.1f} {system_s * 1e3:7.1f} "
                   f"{row['tokens_per_s']:10.0f} {row['mfu_vs_measured_peak']:6.1%} "
                   f"{ratio:7.3f} [{low:.3f}, {high:.3f}]", flush=True)
         with open(args.out, "w") as f:  # after every preset: a cut-off run keeps what it measured

@@ -1,6 +1,7 @@
 """`scripts/bench_train.py`: step-time ratios paired by round, with intervals, and its modes."""
 
 import importlib.util
+import mmap
 import pathlib
 
 import numpy as np
@@ -61,6 +62,27 @@ def test_every_mode_takes_every_place_in_a_round_equally_often(bench_train):
     assert all(sorted(r) == sorted(modes) for r in rounds)
     for place in range(3):
         assert sorted(r[place] for r in rounds) == sorted(modes * 2)
+
+
+def test_interleaved_steps_report_the_page_faults_and_kernel_time_of_each_step(bench_train):
+    def touch_fresh_memory(state, batch):  # 64 MiB mapped afresh every call, whatever malloc
+        with mmap.mmap(-1, 64 * 2**20) as fresh:
+            pages = np.frombuffer(fresh, np.uint8)
+            pages[::4096] = 1
+            del pages
+        return state, np.zeros(())
+
+    def compute_only(state, batch):
+        return state, np.zeros(())
+
+    steps = {"bf16": (compute_only, None, None), "b1.58": (touch_fresh_memory, None, None)}
+    usage = {}
+    bench_train.interleaved_step_times(steps, rounds=4, kernel_usage=usage)
+    assert [len(usage[mode]) for mode in steps] == [4, 4]
+    faults = {mode: np.median([f for f, _ in usage[mode]]) for mode in steps}
+    # 64 MiB is 16,384 pages of 4 KiB, or 32 of 2 MiB where the kernel backs it with huge pages
+    assert faults["b1.58"] >= 32 and faults["bf16"] < faults["b1.58"] / 4
+    assert all(system_s >= 0 for _, system_s in usage["b1.58"])
 
 
 @pytest.mark.slow
