@@ -3,10 +3,11 @@
 XLA:CPU takes each step's buffers from malloc. glibc's malloc serves allocations that large
 with fresh mappings and gives them back to the kernel when freed, so every training step pays
 again for zero-filled pages: on a 2-core Xeon, ladder-1.6m faulted in ~430 MiB and spent
-~170 ms of system time per step, and the same step ran 1.4x faster with tcmalloc, which keeps
-freed memory for reuse (README, Benchmarks). A process cannot change its allocator once
-started, so the CLI and the benchmarks start themselves again, once, with the library in
-LD_PRELOAD, as axlearn and Intel's `ipexrun` launcher do; runs that a sweep launches inherit it.
+~170 ms of system time per step, and the bf16 steps of ladder-1.6m to 20m ran 1.28-1.34x
+faster with tcmalloc, which keeps freed memory for reuse (README, Benchmarks). A process
+cannot change its allocator once started, so the CLI and the benchmarks start themselves again,
+once, with the library in LD_PRELOAD (`platforms.prepare_process`), as axlearn and Intel's
+`ipexrun` launcher do; the runs a sweep launches inherit it.
 
 BITNET_JAX_MALLOC chooses: unset or "tcmalloc" preloads libtcmalloc(_minimal) when the dynamic
 linker finds it (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`) and keeps glibc's malloc
@@ -44,13 +45,14 @@ def find_tcmalloc(find_library: Callable[[str], Optional[str]] = ctypes.util.fin
 
 
 def library_to_preload(environ: Mapping[str, str],
-                       find: Callable[[], Optional[str]] = find_tcmalloc) -> Optional[str]:
-    """The allocator library BITNET_JAX_MALLOC asks for, or None for glibc's malloc."""
+                       find: Optional[Callable[[], Optional[str]]] = None) -> Optional[str]:
+    """The allocator library BITNET_JAX_MALLOC asks for, or None for glibc's malloc (`find`
+    looks for tcmalloc; default `find_tcmalloc`)."""
     choice = environ.get(ENV, "tcmalloc").strip()
     if choice in ("system", ""):
         return None
     if choice == "tcmalloc":
-        return find()
+        return (find or find_tcmalloc)()
     if not Path(choice).is_file():
         raise ConfigError(f"{ENV}={choice}: no such library; give the path of a malloc "
                           f"library (.so), 'tcmalloc' or 'system'")
@@ -65,7 +67,7 @@ def library_to_preload(environ: Mapping[str, str],
 
 
 def preload_environment(environ: Mapping[str, str],
-                        find: Callable[[], Optional[str]] = find_tcmalloc
+                        find: Optional[Callable[[], Optional[str]]] = None
                         ) -> Optional[dict[str, str]]:
     """The environment to start again with (`library` first in LD_PRELOAD, the rest kept), or
     None where nothing needs changing: glibc's malloc asked for, no tcmalloc installed, not

@@ -1,4 +1,5 @@
-"""Which JAX platforms a `bitnet` process starts: libtpu stays quiet where there is no TPU.
+"""How a `bitnet` process starts: which JAX platforms (libtpu stays quiet where there is no TPU),
+and on which malloc (`allocator.py`), in `prepare_process`.
 
 With libtpu installed (the `tpu` extra, for AOT plans of TPU slices), every JAX start on a machine
 without TPU chips tries the TPU backend first, printing libtpu's warnings and waiting on its
@@ -13,7 +14,12 @@ import glob
 import importlib.util
 import os
 import sys
-from typing import Callable, MutableMapping, Optional
+from typing import Callable, MutableMapping, Optional, Sequence
+
+from bitnet_jax.allocator import restart_with_preferred_allocator
+from bitnet_jax.errors import ConfigError
+
+EXIT_USAGE = 2  # as the CLI's usage and config errors
 
 # Device files of TPU chips (v4 and later: /dev/accel*; v5e/v5p/v6e VMs: /dev/vfio/N).
 TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
@@ -42,3 +48,16 @@ def skip_absent_tpu(environ: MutableMapping[str, str] = os.environ) -> None:
     environ["JAX_PLATFORMS"] = value
     if "jax" in sys.modules:  # already imported: its config read the environment then
         sys.modules["jax"].config.update("jax_platforms", value)
+
+
+def prepare_process(arguments: Sequence[str]) -> None:
+    """What a `bitnet` command or a benchmark does before JAX starts: keep an installed libtpu
+    quiet where there is no TPU, then start again as `python arguments...` with tcmalloc
+    preloaded where that is installed (`allocator.py`). A bad BITNET_JAX_MALLOC exits with
+    one error line."""
+    skip_absent_tpu()
+    try:
+        restart_with_preferred_allocator(arguments)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None

@@ -247,7 +247,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from bitnet_jax.cli import prepare_process
+    from bitnet_jax.platforms import prepare_process
 
     prepare_process(sys.argv)  # as the CLI: libtpu quiet without TPUs, tcmalloc if installed
     raise SystemExit(main())
