@@ -98,6 +98,8 @@ def interpreter_options() -> list[str]:
     """This interpreter's own options (-X, -W, -O, ... as multiprocessing passes them on, and
     -u, which `sys.flags` does not record), so that the process started again behaves alike."""
     unbuffered = ["-u"] if getattr(sys.stdout, "write_through", False) else []
+    # A private helper, but the standard library's one list of these (multiprocessing and
+    # test.support use it); there is no public equivalent.
     return [*subprocess._args_from_interpreter_flags(), *unbuffered]
 
 
