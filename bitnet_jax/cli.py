@@ -22,15 +22,13 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from bitnet_jax.model import accounting as compute
-from bitnet_jax.errors import ConfigError
+from bitnet_jax.errors import EXIT_USAGE, ConfigError
 from bitnet_jax.model.info_text import format_summary, list_presets
 from bitnet_jax.units import format_bytes
 from bitnet_jax.files import require_apart
 from bitnet_jax.platforms import prepare_process, skip_absent_tpu
 from bitnet_jax.scaling import results  # column names only (the csv module, no JAX)
 from bitnet_jax.scaling.select import SELECT_BY  # pure Python: the envelope's modes
-
-EXIT_USAGE = 2  # argparse's exit code for bad arguments; ours for bad configs too
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,9 +17,7 @@ import sys
 from typing import Callable, MutableMapping, Optional, Sequence
 
 from bitnet_jax.allocator import restart_with_preferred_allocator
-from bitnet_jax.errors import ConfigError
-
-EXIT_USAGE = 2  # as the CLI's usage and config errors
+from bitnet_jax.errors import EXIT_USAGE, ConfigError
 
 # Device files of TPU chips (v4 and later: /dev/accel*; v5e/v5p/v6e VMs: /dev/vfio/N).
 TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
