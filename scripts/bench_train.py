@@ -9,7 +9,8 @@ integer path with a separate XLA quantization pass and int8 codes, as before the
 b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, not exact),
 b1.58-int8-vnni (the integer path on our VNNI kernels even where the CPU has AMX, on which XLA's
 own int8 dot is faster and taken by default), b1.58-xla-dw (fake quantization with X_q^T for the
-weight gradient written by XLA, not by our kernel),
+weight gradient written by XLA, not by our kernel), b1.58-bf16-codes (fake quantization with its
+forward product on bf16 codes even where the int8 product is exact and faster: AMX CPUs),
 bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio),
 bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
 `quant.weight_gradient` gives it a transposed bf16 copy instead, see there),
@@ -68,6 +69,8 @@ class Mode(NamedTuple):
     cpu_attention: bool = True  # `model.cpu_attention` on CPUs, else `jax.nn`'s attention
     kernel_x_transpose: bool = True  # X_q^T for dW from our CPU kernel, else from XLA
     xla_int8_on_amx: bool = True  # on AMX CPUs XLA's int8 dot, else always our VNNI kernels
+    int8_fake_product: bool = True  # fake quantization's product on int8 codes where exact
+    # and faster (AMX CPUs), else on bf16 codes
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
@@ -78,6 +81,7 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "bf16-xla-attention": Mode("bf16", cpu_attention=False),
          "b1.58-xla-dw": Mode("b1.58", kernel_x_transpose=False),
          "b1.58-int8-vnni": Mode("b1.58", integer=True, xla_int8_on_amx=False),
+         "b1.58-bf16-codes": Mode("b1.58", int8_fake_product=False),
          # b1.58's fake quantization split in two: which half costs (an ablation)
          "w1.58a16": Mode("w1.58a16"), "w16a8": Mode("w16a8"),
          # The baseline again, compiled and timed as a mode of its own: its ratio to bf16 is
@@ -101,6 +105,9 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.xla_int8_on_amx:  # the VNNI kernels whatever the CPU (before 2026-12-04)
             patches.enter_context(mock.patch.object(cpu_int8, "xla_int8_is_faster",
                                                     lambda rows: False))
+        if not mode.int8_fake_product:  # bf16 codes, whatever the CPU (before 2026-12-04)
+            patches.enter_context(mock.patch.object(
+                quant, "_int8_forward_product", lambda qx, qw, x, integer, kernels: integer))
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
                                                     layers._xla_causal_block))

@@ -319,6 +319,35 @@ def _fused_activation(quantize_x, quantize_w, x, dtype, integer, kernels, out_dt
     return quantize_x.kind, quantize_x.bits
 
 
+def _int8_forward_product(quantize_x, quantize_w, x, integer, kernels) -> bool:
+    """Whether the forward product is taken on int8 codes with int32 sums: always on the integer
+    path, and with fake quantization where that gives the same numbers faster.
+
+    Same numbers: codes of at most 8 bits, one weight scale per tensor or output feature, and
+    every sum of code products within float32's exact integers (2^24), so that the bf16 codes'
+    product with float32 accumulation is exact and equals the int32 one. Faster: lowered for a
+    CPU on which XLA's int8 dot beats its bf16 dot (AMX; `cpu_int8.xla_int8_is_faster`): the
+    ternary b1.58 step 5-8% faster on a 2-core Xeon (README, Benchmarks). Like the X_q^T kernel
+    of the weight gradient, an implementation of the fake-quantized path, not a change to it.
+    """
+    if integer:
+        return True
+    if not (kernels and _code_bound(quantize_x) and _code_bound(quantize_w)
+            and getattr(quantize_w, "granularity", "group") != "group"):
+        return False
+    exact = x.shape[-1] * _code_bound(quantize_x) * _code_bound(quantize_w) <= 2 ** 24
+    return exact and cpu_int8.xla_int8_is_faster(math.prod(x.shape[:-1]))
+
+
+def _code_bound(quantizer) -> Optional[int]:
+    """A bound on |code| for a quantizer of at most 8 bits (`precision`'s weight and activation
+    quantizers: 1 for ternary and binary, 2^(k-1) for k bits), else None."""
+    bits = getattr(quantizer, "bits", 16)
+    if bits > 8:
+        return None
+    return 1 if getattr(quantizer, "kind", None) in ("ternary", "binary") else 2 ** (int(bits) - 1)
+
+
 def _activation_row_parameters(quantize_x, x):
     """(x after TopK, per-row multiplier, per-row scale): what the per-token quantizer
     `quantize_x` multiplies, rounds and clips, with the same functions, so that XLA computes
@@ -362,6 +391,7 @@ def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, 
                               out_dtype)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)[0]
+    integer = _int8_forward_product(quantize_x, quantize_w, x, integer, kernels)
     return _forward(x, w, quantize_x, quantize_w, dtype, integer, out_dtype)[0]
 
 
@@ -371,7 +401,9 @@ def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backwa
                               out_dtype)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)
-    y, xq, wq = _forward(x, w, quantize_x, quantize_w, dtype, integer, out_dtype)
+    y, xq, wq = _forward(x, w, quantize_x, quantize_w, dtype,
+                         _int8_forward_product(quantize_x, quantize_w, x, integer, kernels),
+                         out_dtype)
     if kernels and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype):
         x_saved = _RowQuantizedX(*_activation_row_parameters(quantize_x, x))
     else:  # codes as int8 where they fit: the backward needs only the dequantized operands
@@ -517,7 +549,9 @@ def quantized_dot(
     The product is always taken on the integer codes and rescaled afterwards
     (`(x_codes @ w_codes) * x_scale * w_scale`):
     - `integer=False`: codes in `dtype` (bf16 holds integers up to 256 exactly) with float32
-      accumulation, which is exact for integer codes, so it equals the integer path;
+      accumulation, which is exact for integer codes, so it equals the integer path (and on
+      CPUs where XLA's int8 dot is the faster one, AMX, it is taken as that product:
+      `_int8_forward_product`);
     - `integer=True`: int8 x int8 -> int32 `dot_general` (needs both quantizers, at most 8 bits).
     A `None` quantizer leaves that operand in full precision (then `integer` is not possible);
     with both `None` this is a plain `dtype` matmul with float32 accumulation.
