@@ -7,8 +7,10 @@ again for zero-filled pages: on a 2-core Xeon, ladder-1.6m faulted in ~430 MiB a
 faster with tcmalloc, which keeps freed memory for reuse (README, Benchmarks). A process
 cannot change its allocator once started, so the CLI and the benchmarks start themselves again,
 once, with the library in LD_PRELOAD (`platforms.prepare_process`), as axlearn and Intel's
-`ipexrun` launcher do; the runs a sweep launches inherit it. The price is host memory: what
-tcmalloc keeps raised a ladder-20m process's peak from 2.4 to 3.7 GiB (README).
+`ipexrun` launcher do; the runs a sweep launches inherit it. The price is host memory: in 5 of 8
+ladder-20m runs the resident memory grew once, from 2.3 to 3.7 GiB, by one more step's
+temporaries (XLA:CPU's temp allocation, `memory_analysis().temp_size_in_bytes`), and stayed
+(README).
 
 BITNET_JAX_MALLOC chooses: unset or "tcmalloc" preloads libtcmalloc(_minimal) when the dynamic
 linker finds it (Debian/Ubuntu: `apt-get install libtcmalloc-minimal4`) and keeps glibc's malloc
