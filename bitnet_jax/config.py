@@ -88,8 +88,8 @@ class TrainConfig:
     checkpoint_every: int = 500  # 0 = only at the end
     keep_checkpoints: int = 3
     # int8 x int8 -> int32 forward products (quantized recipes): fake quantization's numbers
-    # wherever its float32 sums are exact (every ternary recipe), and on AMX CPUs it takes this
-    # product itself there (quant._int8_forward_product).
+    # wherever its float32 sums are exact (every ternary recipe), and on AMX CPUs and NVIDIA
+    # GPUs it takes this product itself there (matmul._int8_product_is_exact).
     integer_forward: bool = False
     int8_backward: bool = False  # with integer_forward: dx = G W^T as an int8 product (NOT exact)
     peak_flops: Optional[float] = None  # per device, for MFU; None = measure a bf16 matmul

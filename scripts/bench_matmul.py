@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.allocator import active_allocator
-from bitnet_jax.core import quant
+from bitnet_jax.core import matmul
 from bitnet_jax.core.precision import get_recipe
 
 
@@ -68,7 +68,7 @@ def bitlinear_paths(m, k, n, repeats):
     results = {}
     for name, (qx, qw, integer) in paths.items():
         def forward(xv, wv, qx=qx, qw=qw, integer=integer):
-            return quant.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, integer)
+            return matmul.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, integer)
 
         def train(xv, wv, forward=forward):
             return jax.grad(lambda a, b: jnp.sum(forward(a, b).astype(jnp.float32)),

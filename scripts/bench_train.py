@@ -10,10 +10,11 @@ b1.58-int8-bwd (the integer path with `int8_backward`: dx as an int8 product, no
 b1.58-int8-vnni (the integer path on our VNNI kernels even where the CPU has AMX, on which XLA's
 own int8 dot is faster and taken by default), b1.58-xla-dw (fake quantization with X_q^T for the
 weight gradient written by XLA, not by our kernel), b1.58-bf16-codes (fake quantization with its
-forward product on bf16 codes even where the int8 product is exact and faster: AMX CPUs),
+forward product on bf16 codes even where the int8 product is exact and faster: AMX CPUs and
+NVIDIA GPUs),
 bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio),
 bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
-`quant.weight_gradient` gives it a transposed bf16 copy instead, see there),
+`matmul.weight_gradient` gives it a transposed bf16 copy instead, see there),
 bf16-xla-attention (bf16 with `jax.nn`'s attention on CPU, as before `model.cpu_attention`), and
 the two halves of b1.58's fake quantization on their own, to see which one costs: w1.58a16
 (ternary weights, bf16 activations) and w16a8 (bf16 weights, 8-bit per-token activations). Ratios
@@ -49,7 +50,7 @@ import numpy as np
 import scipy.stats
 
 from bitnet_jax.allocator import active_allocator
-from bitnet_jax.core import cpu_int8, cpu_int8_fused, quant
+from bitnet_jax.core import cpu_int8, cpu_int8_fused, matmul
 from bitnet_jax.model import accounting as compute, cpu_attention, layers
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
@@ -65,12 +66,12 @@ class Mode(NamedTuple):
     integer: bool = False  # int8 x int8 -> int32 forward products
     int8_backward: bool = False  # dx as an int8 product (not exact)
     fused: bool = True  # activations quantized inside the CPU int8 kernel
-    bf16_weight_gradient: bool = True  # `quant.weight_gradient`, else XLA's own X^T G
+    bf16_weight_gradient: bool = True  # `matmul.weight_gradient`, else XLA's own X^T G
     cpu_attention: bool = True  # `model.cpu_attention` on CPUs, else `jax.nn`'s attention
     kernel_x_transpose: bool = True  # X_q^T for dW from our CPU kernel, else from XLA
     xla_int8_on_amx: bool = True  # on AMX CPUs XLA's int8 dot, else always our VNNI kernels
     int8_fake_product: bool = True  # fake quantization's product on int8 codes where exact
-    # and faster (AMX CPUs), else on bf16 codes
+    # and faster (AMX CPUs, NVIDIA GPUs), else on bf16 codes
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
@@ -96,18 +97,18 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.fused:
             patches.enter_context(mock.patch.object(cpu_int8_fused, "available", lambda: False))
         if not mode.bf16_weight_gradient:
-            # XLA's own layout for X^T G (the form before `quant.weight_gradient`)
-            patches.enter_context(mock.patch.object(quant, "weight_gradient",
-                                                    quant.contract_leading))
+            # XLA's own layout for X^T G (the form before `matmul.weight_gradient`)
+            patches.enter_context(mock.patch.object(matmul, "weight_gradient",
+                                                    matmul.contract_leading))
         if not mode.kernel_x_transpose:  # X_q^T as XLA writes it (before 2026-12-04)
-            patches.enter_context(mock.patch.object(quant, "_kernel_quantizes_x_rows",
+            patches.enter_context(mock.patch.object(matmul, "_kernel_quantizes_x_rows",
                                                     lambda *args: False))
         if not mode.xla_int8_on_amx:  # the VNNI kernels whatever the CPU (before 2026-12-04)
             patches.enter_context(mock.patch.object(cpu_int8, "xla_int8_is_faster",
                                                     lambda rows: False))
-        if not mode.int8_fake_product:  # bf16 codes, whatever the CPU (before 2026-12-04)
-            patches.enter_context(mock.patch.object(
-                quant, "_int8_forward_product", lambda qx, qw, x, integer, kernels: integer))
+        if not mode.int8_fake_product:  # bf16 codes, whatever the device (before 2026-12-04)
+            patches.enter_context(mock.patch.object(matmul, "_int8_product_is_exact",
+                                                    lambda *args: False))
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
                                                     layers._xla_causal_block))

@@ -125,7 +125,7 @@ def test_int8_dot_or_xla_and_errors():
 def test_with_amx_xla_takes_the_products_of_many_rows(amx, monkeypatch):
     # On AMX-INT8 CPUs XLA's own int8 dot beats the VNNI kernel from a few dozen rows on; the
     # kernel keeps the few rows of decoding. Same numbers either way.
-    from bitnet_jax.core import cpu_int8_fused, quant
+    from bitnet_jax.core import cpu_int8_fused, matmul
     from bitnet_jax.core.precision import A8, TERNARY
 
     monkeypatch.setattr(cpu_int8, "_has_amx_int8", lambda: amx)
@@ -144,7 +144,7 @@ def test_with_amx_xla_takes_the_products_of_many_rows(amx, monkeypatch):
     # gradient g too) step aside as well; X_q^T for the weight gradient stays a kernel.
     x = jnp.asarray(rng.normal(size=(4, 75, 40)), jnp.bfloat16)
     wf = jnp.asarray(rng.normal(size=(40, 24)) * 0.05, jnp.float32)
-    loss = lambda xv, wv: jnp.sum(quant.quantized_dot(  # noqa: E731
+    loss = lambda xv, wv: jnp.sum(matmul.quantized_dot(  # noqa: E731
         xv, wv, A8, TERNARY, jnp.bfloat16, True, True).astype(jnp.float32))
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, wf).as_text()
     if cpu_int8_fused.available():
@@ -167,7 +167,7 @@ def _int8_dot_in(hlo: str) -> bool:
 def test_fake_quantization_takes_the_int8_product_on_amx(qx, qw, k, int8, amx, monkeypatch):
     # Where XLA's int8 dot beats its bf16 dot, the fake-quantized forward product runs on int8
     # codes when that gives the same numbers: output and gradients equal bit for bit.
-    from bitnet_jax.core import cpu_int8_fused, quant
+    from bitnet_jax.core import cpu_int8_fused, matmul
     from bitnet_jax.core.precision import (A4_ABSMEAN, A8, BINARY, TERNARY,
                                            WeightQuantizer)
 
@@ -182,7 +182,7 @@ def test_fake_quantization_takes_the_int8_product_on_amx(qx, qw, k, int8, amx, m
 
     def value_and_grads(amx_now):
         monkeypatch.setattr(cpu_int8, "_has_amx_int8", lambda: amx_now)
-        loss = lambda xv, wv: jnp.sum(quant.quantized_dot(  # noqa: E731
+        loss = lambda xv, wv: jnp.sum(matmul.quantized_dot(  # noqa: E731
             xv, wv, quantizers[qx], quantizers[qw], jnp.bfloat16).astype(jnp.float32) ** 2)
         # A fresh function each time: jit's trace cache would keep the other case's choice.
         fn = jax.jit(jax.value_and_grad(lambda xv, wv: loss(xv, wv), argnums=(0, 1)))

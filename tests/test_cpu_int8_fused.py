@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.core import cpu_int8, cpu_int8_fused, quant
+from bitnet_jax.core import cpu_int8, cpu_int8_fused, matmul, quant
 from bitnet_jax.core.precision import ActivationQuantizer, WeightQuantizer
 
 pytestmark = pytest.mark.skipif(not cpu_int8_fused.available(),
@@ -54,7 +54,7 @@ def test_fused_path_is_exact(m, k, n, qx, qw, monkeypatch):
             monkeypatch.setattr(cpu_int8_fused, "available", lambda: False)
 
         def loss(xv, wv):
-            y = quant.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, integer)
+            y = matmul.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, integer)
             return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), y
         fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
         hlo = fn.lower(x, w).as_text()
@@ -151,7 +151,7 @@ def test_partitioned_under_gspmd(qx, qw):
     x = x.reshape(8, 6, 64)
 
     def loss(xv, wv):
-        y = quant.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, True)
+        y = matmul.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, True)
         return jnp.sum(y.astype(jnp.float32) ** 2), y
 
     fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
@@ -182,7 +182,7 @@ def test_int8_backward_through_the_kernel_equals_the_xla_codes(m, k, n, g_size, 
             monkeypatch.setattr(cpu_int8_fused, "available", lambda: False)
 
         def loss(xv, wv):
-            y = quant.quantized_dot(xv, wv, A8, TERNARY, jnp.bfloat16, True, True)
+            y = matmul.quantized_dot(xv, wv, A8, TERNARY, jnp.bfloat16, True, True)
             return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32))
         fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
         hlo = fn.lower(x, w).as_text()

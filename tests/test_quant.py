@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from bitnet_jax.core import cpu_int8, cpu_int8_fused, hadamard
-from bitnet_jax.core import quant
+from bitnet_jax.core import cpu_int8, cpu_int8_fused, hadamard, matmul, quant
 from bitnet_jax.core.precision import ActivationQuantizer, WeightQuantizer
 
 EPS = 1e-5
@@ -286,7 +285,7 @@ def test_quantized_dot_equals_fake_quant_matmul(name):
     qx, qw = PAIRS[name]
     x, w = _operands()
     want = np.asarray(qx(x).dequantize()) @ np.asarray(qw(w).dequantize())
-    got = quant.quantized_dot(x, w, qx, qw, jnp.float32)
+    got = matmul.quantized_dot(x, w, qx, qw, jnp.float32)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -295,7 +294,7 @@ def test_quantized_dot_equals_fake_quant_matmul(name):
 def test_integer_path_equals_float_path(name, dtype):
     qx, qw = PAIRS[name]
     x, w = _operands(seed=16)
-    dot = jax.jit(quant.quantized_dot, static_argnums=(2, 3, 4, 5))
+    dot = jax.jit(matmul.quantized_dot, static_argnums=(2, 3, 4, 5))
     float_path = dot(x.astype(dtype), w, qx, qw, dtype, False)
     integer_path = dot(x.astype(dtype), w, qx, qw, dtype, True)
     # Integer codes make both products exact; only the final rescale rounds, identically.
@@ -314,7 +313,7 @@ def test_integer_path_gradients_equal_float_path(name, dtype):
 
     def grads(integer):
         loss = lambda xv, wv: jnp.sum(  # noqa: E731
-            quant.quantized_dot(xv, wv, qx, qw, dtype, integer).astype(jnp.float32)
+            matmul.quantized_dot(xv, wv, qx, qw, dtype, integer).astype(jnp.float32)
             * cotangent.astype(jnp.float32))
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
         hlo = grad.lower(x.astype(dtype), w).as_text()
@@ -334,7 +333,7 @@ def test_weight_gradient_is_x_transposed_g(dtype):
     float32, so only the float32 summation order separates the two)."""
     x = make_input((3, 7, 40), dtype, seed=30)
     g = make_input((3, 7, 24), dtype, seed=31)
-    got = jax.jit(quant.weight_gradient)(x, g)
+    got = jax.jit(matmul.weight_gradient)(x, g)
     x64 = np.asarray(x, np.float64).reshape(-1, 40)
     g64 = np.asarray(g, np.float64).reshape(-1, 24)
     assert got.dtype == jnp.float32 and got.shape == (40, 24)
@@ -351,7 +350,7 @@ def test_bf16_backward_runs_no_float32_dot_on_cpu():
     x = make_input((8, 64, 128), jnp.bfloat16, seed=32)
     w = make_input((128, 96), jnp.float32, seed=33)
     loss = lambda xv, wv: jnp.sum(  # noqa: E731
-        quant.quantized_dot(xv, wv, None, None, jnp.bfloat16).astype(jnp.float32) ** 2)
+        matmul.quantized_dot(xv, wv, None, None, jnp.bfloat16).astype(jnp.float32) ** 2)
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
     entry = hlo[hlo.index("ENTRY"):]
     assert " dot(" not in entry, entry
@@ -367,7 +366,7 @@ def test_quantized_dot_gradients_are_ste(name):
         return jnp.sum((quant.fake_quantize(qx, xv) @ quant.fake_quantize(qw, wv)) * cotangent)
 
     def loss(xv, wv):
-        return jnp.sum(quant.quantized_dot(xv, wv, qx, qw, jnp.float32) * cotangent)
+        return jnp.sum(matmul.quantized_dot(xv, wv, qx, qw, jnp.float32) * cotangent)
 
     got = jax.grad(loss, argnums=(0, 1))(x, w)
     want = jax.grad(reference_loss, argnums=(0, 1))(x, w)
@@ -378,12 +377,12 @@ def test_quantized_dot_gradients_are_ste(name):
 def test_integer_path_needs_quantized_operands():
     x, w = _operands()
     with pytest.raises(ValueError, match="integer"):
-        quant.quantized_dot(x, w, None, TERNARY, jnp.float32, integer=True)
+        matmul.quantized_dot(x, w, None, TERNARY, jnp.float32, integer=True)
 
 
 def test_unquantized_dot_is_a_plain_matmul():
     x, w = _operands()
-    got = quant.quantized_dot(x, w, None, None, jnp.float32)
+    got = matmul.quantized_dot(x, w, None, None, jnp.float32)
     np.testing.assert_allclose(got, np.asarray(x) @ np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
@@ -427,7 +426,7 @@ def test_int8_backward_rounds_only_the_input_gradient(name):
 
     def grads(int8_backward):
         loss = lambda xv, wv: jnp.sum(  # noqa: E731
-            quant.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, True, int8_backward)
+            matmul.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, True, int8_backward)
             .astype(jnp.float32) * cotangent)
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
 
@@ -451,7 +450,7 @@ def test_int8_backward_keeps_tiny_gradients():
 
     def dx(int8_backward):
         loss = lambda xv: jnp.sum(  # noqa: E731
-            quant.quantized_dot(xv, w, qx, qw, jnp.bfloat16, True, int8_backward)
+            matmul.quantized_dot(xv, w, qx, qw, jnp.bfloat16, True, int8_backward)
             .astype(jnp.float32) * g)
         return np.asarray(jax.jit(jax.grad(loss))(x.astype(jnp.bfloat16)), np.float32)
 
@@ -462,7 +461,7 @@ def test_int8_backward_keeps_tiny_gradients():
 def test_int8_backward_needs_the_integer_path():
     x, w = _operands()
     with pytest.raises(ValueError, match="int8_backward"):
-        quant.quantized_dot(x, w, A8, TERNARY, jnp.float32, integer=False, int8_backward=True)
+        matmul.quantized_dot(x, w, A8, TERNARY, jnp.float32, integer=False, int8_backward=True)
 
 
 @pytest.mark.parametrize("name,integer", [("b1.58", False), ("b1.58", True),
@@ -478,7 +477,7 @@ def test_out_dtype_rounds_the_accumulator_once(name, integer):
 
     def run(out_dtype):
         def loss(xv, wv):
-            y = quant.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, integer, out_dtype=out_dtype)
+            y = matmul.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, integer, out_dtype=out_dtype)
             return jnp.sum(y.astype(jnp.float32) * g), y
         return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(x, w)
 
@@ -490,3 +489,25 @@ def test_out_dtype_rounds_the_accumulator_once(name, integer):
     assert np.mean(np.asarray(y32) != np.asarray(y16, np.float32)) > 0.9
     np.testing.assert_array_equal(np.asarray(dx32, np.float32), np.asarray(dx16, np.float32))
     np.testing.assert_array_equal(np.asarray(dw32), np.asarray(dw16))
+
+
+@pytest.mark.parametrize("qw,k,int8", [
+    (WeightQuantizer("ternary", 1.58), 64, True), (WeightQuantizer("binary", 1), 64, True),
+    (WeightQuantizer("absmax", 8, "channel"), 1024, True),
+    (WeightQuantizer("absmax", 8, "channel"), 1040, False),  # sums past 2^24: not exact
+    (WeightQuantizer("ternary", 1.58, "group", 32), 64, False), (None, 64, False)])
+def test_fake_quantization_lowers_to_the_int8_product_for_nvidia_gpus(qw, k, int8):
+    # Lowered for a GPU (from this CPU host), fake quantization takes the integer path's int8
+    # product where it is exact; for a TPU it keeps the bf16 codes' product.
+    x = jnp.ones((2, 16, k), jnp.bfloat16)
+    w = jnp.ones((k, 8), jnp.float32)
+
+    def loss(xv, wv):
+        return jnp.sum(matmul.quantized_dot(xv, wv, ActivationQuantizer("absmax", 8), qw,
+                                           jnp.bfloat16).astype(jnp.float32))
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    for platform, want in (("cuda", int8), ("tpu", False)):
+        hlo = grad.trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+        has_int8_dot = any("dot_general" in line and "xi8>" in line for line in hlo.splitlines())
+        assert has_int8_dot == want, platform

@@ -11,7 +11,7 @@ builds, loads and registers them along with `int8_dot`'s, and this module wraps 
 x is bfloat16 (..., K), w_codes int8 (N, K) ("out x in"), w_scale float32 (N,). Each row of x is
 quantized while the kernel takes it (codes = clip(round_half_even(x * mult), lo, hi)), so no int8
 copy of the activations is written; y = bf16((codes @ w_codes.T) * scale * w_scale) is
-bit-identical to `quant.quantized_dot`'s integer path. `absmax_quant_dot` computes the absmax
+bit-identical to `matmul.quantized_dot`'s integer path. `absmax_quant_dot` computes the absmax
 row parameters itself (mult = (1 / max(max|x|, 1e-5)) * q, scale = max(max|x|, 1e-5) * (1 / q)
 with q = 2^(bits-1) - 1, as XLA computes `quant.absmax_per_token`) and returns them for the
 backward; `floor=0` (gradients, whose small rows a 1e-5 floor would flush) leaves max|x| as

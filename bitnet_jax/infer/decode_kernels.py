@@ -8,14 +8,14 @@ that swaps exactly those products for `core.cpu_decode`'s kernels, which read th
 or the bf16 weights in place:
 
 * packed integer layers: `ternary_dot_or_xla`, the same integers as the int8 product and the
-  same scaling as `quant.codes_dot`, so the same numbers (tests/test_cpu_decode.py);
+  same scaling as `matmul.codes_dot`, so the same numbers (tests/test_cpu_decode.py);
 * unquantized layers (bf16 recipe, untied bf16 head): `bf16_dot_or_xla`, XLA's numbers up to
   the order of float32 sums.
 
 Layers it does not cover (an inner RMSNorm, Hadamard rotations, other dtypes) run unchanged,
 and nothing changes where the kernels are unavailable (non-x86, BITNET_JAX_CPU_INT8=0).
 The tied head (an einsum inside `Transformer`) is not a BitLinear and stays XLA's; with
-`head="int8"` it is an int8 product through `quant.codes_dot` (`layers.Int8Embedding`).
+`head="int8"` it is an int8 product through `matmul.codes_dot` (`layers.Int8Embedding`).
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ def _intercept(next_fun, args, kwargs, context):
     if _packed(module, x):
         packed = module.get_variable("params", "packed")
         w_scale = module.get_variable("params", "scale")
-        # As quant.codes_dot's integer path: int32 product, then activation and weight scales.
+        # As matmul.codes_dot's integer path: int32 product, then activation and weight scales.
         xq = module.precision.activation(x)
         acc = cpu_decode.ternary_dot_or_xla(xq.codes.astype(jnp.int8), packed, module.features)
         y = (acc.astype(jnp.float32) * xq.scale) * w_scale.astype(jnp.float32)
     elif _bf16(module, x):
-        # As quant.quantized_dot with no quantizers: float32 sums, then the output dtype.
+        # As matmul.quantized_dot with no quantizers: float32 sums, then the output dtype.
         y = cpu_decode.bf16_dot_or_xla(x, module.get_variable("params", "kernel"))
     else:
         return next_fun(*args, **kwargs)

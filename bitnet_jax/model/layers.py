@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.model import cpu_attention, kv_cache
-from bitnet_jax.core import hadamard, packing
-from bitnet_jax.core import quant
+from bitnet_jax.core import hadamard, matmul, packing, quant
 from bitnet_jax.core.precision import HEAD_INT8, KVCachePrecision, LinearPrecision
 
 Dtype = Any
@@ -61,7 +60,7 @@ class BitLinear(nn.Module):
     (BitNet v2) -> activation quantizer (STE) -> matmul with the quantized weight -> rescale.
 
     `integer=True` runs the forward product as int8 x int8 -> int32 (same result, see
-    `quant.quantized_dot`); `int8_backward=True` also takes dx as an int8 product (not exact).
+    `matmul.quantized_dot`); `int8_backward=True` also takes dx as an int8 product (not exact).
     `out_dtype` defaults to `dtype`. `weights` picks how quantized weights are held (see
     WEIGHT_FORMATS; `bitnet_jax.infer.generate.inference_params` converts).
     """
@@ -93,9 +92,9 @@ class BitLinear(nn.Module):
         if self.precision.hadamard:
             x = hadamard.rotate_activations(x)
         if stored:
-            return quant.codes_dot(x, codes, scale, self.precision.activation, self.dtype,
+            return matmul.codes_dot(x, codes, scale, self.precision.activation, self.dtype,
                                    self.integer, self.out_dtype)
-        return quant.quantized_dot(x, kernel, self.precision.activation, self.precision.weight,
+        return matmul.quantized_dot(x, kernel, self.precision.activation, self.precision.weight,
                                    self.dtype, self.integer, self.int8_backward, self.out_dtype)
 
     def _stored_weights(self, n_in: int) -> tuple[jax.Array, jax.Array]:
@@ -137,7 +136,7 @@ class Int8Embedding(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits in float32: int8 inputs per token x int8 rows -> int32, then both scales."""
-        return quant.codes_dot(x, self.codes, self.scale, HEAD_INT8.activation, jnp.float32,
+        return matmul.codes_dot(x, self.codes, self.scale, HEAD_INT8.activation, jnp.float32,
                                integer=True)
 
 

@@ -1,9 +1,10 @@
 """The model for Flax NNX users: a native `nnx` BitLinear and RMSNorm, and the Transformer bridged.
 
 `BitLinear` here is the linen one (`model/layers.py`) as an `nnx.Module`: the same pure quantizer
-functions (`core/quant.py`) driven by the same `LinearPrecision`, the same parameter names
-(`kernel`, `norm/scale`) and the same logical axes (each `nnx.Param` carries them as
-`out_sharding`, which `nnx.get_partition_spec` maps to mesh axes under `nn.logical_axis_rules`).
+and matmul functions (`core/quant.py`, `core/matmul.py`) driven by the same `LinearPrecision`,
+the same parameter names (`kernel`, `norm/scale`) and the same logical axes (each `nnx.Param`
+carries them as `out_sharding`, which `nnx.get_partition_spec` maps to mesh axes under
+`nn.logical_axis_rules`).
 Only float (training) weights: the int8 / packed inference formats stay with the linen module.
 
 The whole decoder comes through Flax's own bridge (`nnx.bridge.ToNNX`) rather than a second
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
 
-from bitnet_jax.core import hadamard, quant
+from bitnet_jax.core import hadamard, matmul
 from bitnet_jax.core.precision import LinearPrecision, PrecisionRecipe, get_recipe
 from bitnet_jax.errors import require
 from bitnet_jax.model.transformer import ModelConfig, Transformer, validate_recipe_for_model
@@ -84,7 +85,7 @@ class BitLinear(nnx.Module):
             x = self.norm(x)
         if self.precision.hadamard:
             x = hadamard.rotate_activations(x)
-        return quant.quantized_dot(x, self.kernel[...], self.precision.activation,
+        return matmul.quantized_dot(x, self.kernel[...], self.precision.activation,
                                    self.precision.weight, self.dtype, self.integer,
                                    out_dtype=self.out_dtype)
 

@@ -140,7 +140,7 @@ class Transformer(nn.Module):
     `recipe` says how each linear role is quantized; embeddings and the head stay full precision.
     `integer=True` runs quantized matmuls on the int8 path (needs a recipe that supports it);
     `int8_backward=True` also takes their input gradients as int8 products (not exact; see
-    `quant.quantized_dot`).
+    `matmul.quantized_dot`).
     `weights` is how quantized linear layers hold their weights: "float" (training) or, for
     inference, "int8" / "packed" codes (see `bitnet_jax.infer.generate.inference_params`).
     `head="int8"` holds the output head (the tied table, or lm_head) as int8 rows for
