@@ -142,7 +142,7 @@ def _activation_row_parameters(quantize_x, x):
     x = topk_per_token(x, quantize_x.keep_ratio)  # x itself at keep_ratio 1
     if quantize_x.kind == "absmax":
         return (x, *absmax_row_parameters(x.astype(F32), code_range(quantize_x.bits)[1],
-                                           floor=EPS))
+                                          floor=EPS))
     return (x, *absmean_row_parameters(x.astype(F32), quantize_x.bits))
 
 

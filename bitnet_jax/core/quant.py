@@ -185,7 +185,7 @@ def code_range(bits: int) -> tuple[int, int]:
 
 
 def absmax_row_parameters(x32: jax.Array, q_max: int, floor: float
-                           ) -> tuple[jax.Array, jax.Array]:
+                          ) -> tuple[jax.Array, jax.Array]:
     """(multiplier taking x to codes, scale taking codes back), each (..., 1), for absmax rows:
     max|x| raised to at least `floor`, or with floor 0 an all-zero row taken as 1. The CPU
     kernel (`cpu_int8_fused.absmax_quant_dot`) computes the same numbers."""
