@@ -153,48 +153,6 @@ def test_with_amx_xla_takes_the_products_of_many_rows(amx, monkeypatch):
     assert cpu_int8.TARGET_NAME not in hlo  # the fused kernel's product, or XLA's dot
 
 
-def _int8_dot_in(hlo: str) -> bool:
-    return any("dot_general" in line and "xi8>" in line for line in hlo.splitlines())
-
-
-@pytest.mark.parametrize("qx,qw,k,int8", [
-    ("A8", "TERNARY", 40, True), ("A4_ABSMEAN", "TERNARY", 40, True),
-    ("A8", "BINARY", 40, True), ("A8", "W8_CHANNEL", 1024, True),
-    # sums of 8-bit x 8-bit codes beyond 2^24: float32 accumulation is not exact there
-    ("A8", "W8_CHANNEL", 1040, False), ("A8", "TERNARY_G32", 64, False),  # per-group scales
-    ("NONE", "TERNARY", 40, False), ("A8", "NONE", 40, False)])
-@pytest.mark.parametrize("amx", [False, True])
-def test_fake_quantization_takes_the_int8_product_on_amx(qx, qw, k, int8, amx, monkeypatch):
-    # Where XLA's int8 dot beats its bf16 dot, the fake-quantized forward product runs on int8
-    # codes when that gives the same numbers: output and gradients equal bit for bit.
-    from bitnet_jax.core import cpu_int8_fused, matmul
-    from bitnet_jax.core.precision import (A4_ABSMEAN, A8, BINARY, TERNARY,
-                                           WeightQuantizer)
-
-    if not cpu_int8_fused.available():
-        pytest.skip("the fake-quantized path uses the CPU kernels only where they are built")
-    quantizers = {"A8": A8, "A4_ABSMEAN": A4_ABSMEAN, "TERNARY": TERNARY, "BINARY": BINARY,
-                  "W8_CHANNEL": WeightQuantizer("absmax", 8, "channel"),
-                  "TERNARY_G32": WeightQuantizer("ternary", 1.58, "group", 32), "NONE": None}
-    rng = np.random.default_rng(k)
-    x = jnp.asarray(rng.normal(size=(2, 40, k)), jnp.bfloat16)
-    w = jnp.asarray(rng.normal(size=(k, 24)) * 0.05, jnp.float32)
-
-    def value_and_grads(amx_now):
-        monkeypatch.setattr(cpu_int8, "_has_amx_int8", lambda: amx_now)
-        loss = lambda xv, wv: jnp.sum(matmul.quantized_dot(  # noqa: E731
-            xv, wv, quantizers[qx], quantizers[qw], jnp.bfloat16).astype(jnp.float32) ** 2)
-        # A fresh function each time: jit's trace cache would keep the other case's choice.
-        fn = jax.jit(jax.value_and_grad(lambda xv, wv: loss(xv, wv), argnums=(0, 1)))
-        return fn.lower(x, w).as_text(), fn(x, w)
-
-    hlo, got = value_and_grads(amx)
-    assert _int8_dot_in(hlo) == (amx and int8)
-    _, want = value_and_grads(False)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 def test_amx_detection_reads_the_cpu_flags_and_the_switch(monkeypatch):
     monkeypatch.setattr(cpu_int8, "cpu_flags", lambda: {"avx512_vnni", "amx_int8"})
     for setting, want in ((None, True), ("1", True), ("0", False)):
