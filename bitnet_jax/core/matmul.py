@@ -128,11 +128,14 @@ def _int8_product_is_exact(quantize_x, quantize_w, x) -> bool:
 
 def _code_bound(quantizer) -> Optional[int]:
     """A bound on |code| for a quantizer of at most 8 bits (`precision`'s weight and activation
-    quantizers: 1 for ternary and binary, 2^(k-1) for k bits), else None."""
+    quantizers: 1 for ternary and binary; k-bit codes lie within `code_range(k)`, absmax
+    weights' symmetric range included), else None."""
     bits = getattr(quantizer, "bits", 16)
     if bits > 8:
         return None
-    return 1 if getattr(quantizer, "kind", None) in ("ternary", "binary") else 2 ** (int(bits) - 1)
+    if getattr(quantizer, "kind", None) in ("ternary", "binary"):
+        return 1
+    return max(abs(end) for end in code_range(int(bits)))
 
 
 def _activation_row_parameters(quantize_x, x):
@@ -374,8 +377,8 @@ def quantized_dot(
     if cpu_int8.available() if integer else _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype):
         branches["cpu"] = dot(True)
     # NVIDIA GPUs: fake quantization as the integer path, where that is exact. Every step timed
-    # on both paths ran faster on the integer one (H100: ladder-20m, spectra-390m, b1.58-700m;
-    # H200: b1.58-700m, 0.993 against 1.027x bf16; README, Benchmarks).
+    # on both paths ran faster on the integer one (H100, 2026-11-22: ladder-20m, spectra-390m,
+    # b1.58-700m; H200, 2026-12-04: b1.58-700m, 0.993 against 1.027x bf16; README, Benchmarks).
     if not integer and _int8_product_is_exact(quantize_x, quantize_w, x):
         branches["cuda"] = dot(False, integer=True)
     if not branches:
