@@ -17,7 +17,10 @@ bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs 
 `matmul.weight_gradient` gives it a transposed bf16 copy instead, see there),
 bf16-xla-attention (bf16 with `jax.nn`'s attention on CPU, as before `model.cpu_attention`), and
 the two halves of b1.58's fake quantization on their own, to see which one costs: w1.58a16
-(ternary weights, bf16 activations) and w16a8 (bf16 weights, 8-bit per-token activations). Ratios
+(ternary weights, bf16 activations) and w16a8 (bf16 weights, 8-bit per-token activations);
+bf16-, b1.58- and w1.58a16-memory-scheduler (the step compiled with XLA:CPU's memory-optimized
+HLO scheduler instead of its default, concurrency-optimized one), and bf16-scan and b1.58-scan
+(the blocks as one `nn.scan`, `model.scan_layers=true`, instead of unrolled). Ratios
 are taken within the run, with the modes' steps interleaved, since the machines are shared and
 noisy: each mode's ratio to bf16 is the median of its per-round ratios, with a 95% bootstrap
 interval. Each row also gives the kernel's (system) CPU time per step, from getrusage, which
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import platform
 import resource
@@ -72,6 +76,9 @@ class Mode(NamedTuple):
     xla_int8_on_amx: bool = True  # on AMX CPUs XLA's int8 dot, else always our VNNI kernels
     int8_fake_product: bool = True  # fake quantization's product on int8 codes where exact
     # and faster (AMX CPUs, NVIDIA GPUs), else on bf16 codes
+    memory_scheduler: bool = False  # XLA:CPU's memory-optimized HLO scheduler, not its default
+    # concurrency-optimized one (a per-compile option; CPUs only)
+    scan_layers: bool = False  # the blocks as one nn.scan (`model.scan_layers`), not unrolled
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
@@ -87,7 +94,13 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "w1.58a16": Mode("w1.58a16"), "w16a8": Mode("w16a8"),
          # The baseline again, compiled and timed as a mode of its own: its ratio to bf16 is
          # the spread a ratio has on this machine when nothing differs.
-         "bf16-null": Mode("bf16")}
+         "bf16-null": Mode("bf16"),
+         # XLA:CPU's HLO schedulers, and scanned blocks, on the step's speed
+         "bf16-memory-scheduler": Mode("bf16", memory_scheduler=True),
+         "b1.58-memory-scheduler": Mode("b1.58", memory_scheduler=True),
+         "w1.58a16-memory-scheduler": Mode("w1.58a16", memory_scheduler=True),
+         "bf16-scan": Mode("bf16", scan_layers=True),
+         "b1.58-scan": Mode("b1.58", scan_layers=True)}
 DEFAULT_MODES = "bf16,b1.58,b1.58-int8"
 
 
@@ -112,12 +125,14 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
                                                     layers._xla_causal_block))
-        return _compiled_step(preset, mode.precision, mode.integer, mode.int8_backward, batch,
-                              seq_len)
+        options = ({"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+                   if mode.memory_scheduler else {})
+        config = dataclasses.replace(get_model_config(preset), scan_layers=mode.scan_layers)
+        return _compiled_step(config, mode.precision, mode.integer, mode.int8_backward, batch,
+                              seq_len, options)
 
 
-def _compiled_step(preset, precision, integer, int8_backward, batch, seq_len):
-    config = get_model_config(preset)
+def _compiled_step(config, precision, integer, int8_backward, batch, seq_len, options):
     model = Transformer(config, get_recipe(precision), integer=integer,
                         int8_backward=int8_backward)
     optimizer = optim.make_optimizer(OptimizerConfig(warmup_steps=1), total_steps=1000)
@@ -126,7 +141,8 @@ def _compiled_step(preset, precision, integer, int8_backward, batch, seq_len):
     batch_data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     params = nn.unbox(model.init(jax.random.PRNGKey(0), batch_data["inputs"][:1])["params"])
     state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-    train_step = jax.jit(make_train_step(model, optimizer, grad_accum=1), donate_argnums=0)
+    train_step = jax.jit(make_train_step(model, optimizer, grad_accum=1), donate_argnums=0,
+                         compiler_options=options)
     state, metrics = train_step(state, batch_data)
     jax.block_until_ready(metrics)
     return train_step, state, batch_data
