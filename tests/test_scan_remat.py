@@ -12,7 +12,7 @@ from bitnet_jax.core.precision import get_recipe
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.model import layer_stack
 from bitnet_jax.model.transformer import Transformer, get_model_config
-from bitnet_jax.train.loop import train
+from bitnet_jax.train.loop import SCANNED_ON_CPU_WARNING, train
 from bitnet_jax.train.metrics import read_jsonl
 
 TOKENS = jnp.arange(2 * 16).reshape(2, 16) % 300
@@ -76,13 +76,16 @@ def losses(run_dir):
 
 
 @pytest.mark.slow
-def test_training_scanned_matches_unrolled_and_checkpoints_say_how_to_convert(tmp_path):
+def test_training_scanned_matches_unrolled_and_checkpoints_say_how_to_convert(tmp_path, capsys):
     unrolled = train(load_config(overrides=[f"out_dir={tmp_path}", "name=unrolled", *SMALL]),
                      devices=jax.devices()[:1])
+    assert SCANNED_ON_CPU_WARNING not in capsys.readouterr().err
     scanned_config = load_config(overrides=[f"out_dir={tmp_path}", "name=scanned",
                                             "model.scan_layers=true", "model.remat=full", *SMALL])
     scanned = train(scanned_config, devices=jax.devices()[:1])
     assert unrolled["status"] == scanned["status"] == "completed"
+    # On CPUs a scanned run says, once, that it is the slower layout there.
+    assert capsys.readouterr().err.count(SCANNED_ON_CPU_WARNING) == 1
     # Scan only changes how XLA fuses: the first steps agree to the bit, then ternary rounding
     # amplifies last-bit differences (measured: 1.8e-5 relative by step 6 in float32).
     assert losses(tmp_path / "scanned")[:2] == losses(tmp_path / "unrolled")[:2]

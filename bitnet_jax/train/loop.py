@@ -360,6 +360,17 @@ def write_summary(run_dir: Path, summary: dict) -> None:
               f"{error.strerror or error}", file=sys.stderr, flush=True)
 
 
+SCANNED_ON_CPU_WARNING = (
+    "warning: model.scan_layers=true runs the train step 1.5-1.9x slower on CPUs than unrolled "
+    "blocks (XLA:CPU rewrites the stacked layers' whole buffers in every layer; README, "
+    "Benchmarks); it is meant for compile time and memory on TPUs and GPUs")
+
+
+def scanned_on_cpu(setup: AbstractSetup) -> bool:
+    """Whether the run scans its blocks on CPU devices (`SCANNED_ON_CPU_WARNING`)."""
+    return setup.model_config.scan_layers and setup.mesh.devices.flat[0].platform == "cpu"
+
+
 def train(config: RunConfig | ResolvedRun, devices=None) -> dict:
     """Run (or resume) one training run; returns the summary written to summary.json."""
     run = resolve_run(config)  # a bad config fails here, before any device or data work
@@ -396,6 +407,8 @@ def train(config: RunConfig | ResolvedRun, devices=None) -> dict:
         state = init_state(setup)
     start = int(state.step)
     write_run_files(setup, meta)  # only now: every check above has passed
+    if scanned_on_cpu(setup):
+        print(SCANNED_ON_CPU_WARNING, file=sys.stderr, flush=True)
 
     jsonl = metrics.JsonlWriter(setup.run_dir / run_files.METRICS_FILE,
                                 resume_step=start if start_step is not None else None)
