@@ -93,9 +93,9 @@ class BitLinear(nn.Module):
             x = hadamard.rotate_activations(x)
         if stored:
             return matmul.codes_dot(x, codes, scale, self.precision.activation, self.dtype,
-                                   self.integer, self.out_dtype)
+                                    self.integer, self.out_dtype)
         return matmul.quantized_dot(x, kernel, self.precision.activation, self.precision.weight,
-                                   self.dtype, self.integer, self.int8_backward, self.out_dtype)
+                                    self.dtype, self.integer, self.int8_backward, self.out_dtype)
 
     def _stored_weights(self, n_in: int) -> tuple[jax.Array, jax.Array]:
         """Inference weights: int8 codes (out, in), or 2-bit packed and unpacked here."""
@@ -137,7 +137,7 @@ class Int8Embedding(nn.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits in float32: int8 inputs per token x int8 rows -> int32, then both scales."""
         return matmul.codes_dot(x, self.codes, self.scale, HEAD_INT8.activation, jnp.float32,
-                               integer=True)
+                                integer=True)
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):

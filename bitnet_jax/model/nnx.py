@@ -86,8 +86,8 @@ class BitLinear(nnx.Module):
         if self.precision.hadamard:
             x = hadamard.rotate_activations(x)
         return matmul.quantized_dot(x, self.kernel[...], self.precision.activation,
-                                   self.precision.weight, self.dtype, self.integer,
-                                   out_dtype=self.out_dtype)
+                                    self.precision.weight, self.dtype, self.integer,
+                                    out_dtype=self.out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
