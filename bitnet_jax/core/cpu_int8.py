@@ -46,16 +46,18 @@ _log = logging.getLogger(__name__)
 
 TARGET_NAME = "bitnet_int8_dot"
 DEQUANTIZE_TRANSPOSE_TARGET = "bitnet_dequantize_transpose"
-# The fused entry points of the same source, wrapped by `cpu_int8_fused`: registered here so
-# that one build, one load and one registration serve both modules.
+# The fused entry points of the same source, wrapped by `cpu_int8_fused`, and the weights'
+# ternary quantization (`cpu_ternary`): registered here so that one build, one load and one
+# registration serve all three modules.
 ABSMAX_QUANT_DOT_TARGET = "bitnet_absmax_quant_dot"
 SCALED_QUANT_DOT_TARGET = "bitnet_scaled_quant_dot"
 QUANTIZE_TRANSPOSE_TARGET = "bitnet_quantize_transpose"
+TERNARY_ABSMEAN_TARGET = "bitnet_ternary_absmean"  # `cpu_ternary`'s
 _KERNELS = Path(__file__).with_name("kernels")
 _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
 _LIBRARY = KernelLibrary(
     "int8_matmul",
-    sources=(_KERNELS / "int8_matmul.cc",),
+    sources=(_KERNELS / "int8_matmul.cc", _KERNELS / "ternary_absmean.cc"),
     headers=(_KERNELS / "ffi_parallel.h",),
     cxx_flags=("-O3", "-std=c++17", "-shared", "-fPIC", "-w") + _ISA_FLAGS,
     required_cpu_flags=("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
@@ -63,7 +65,8 @@ _LIBRARY = KernelLibrary(
              DEQUANTIZE_TRANSPOSE_TARGET: "BitnetDequantizeTranspose",
              ABSMAX_QUANT_DOT_TARGET: "BitnetAbsmaxQuantDot",
              SCALED_QUANT_DOT_TARGET: "BitnetScaledQuantDot",
-             QUANTIZE_TRANSPOSE_TARGET: "BitnetQuantizeTranspose"},
+             QUANTIZE_TRANSPOSE_TARGET: "BitnetQuantizeTranspose",
+             TERNARY_ABSMEAN_TARGET: "BitnetTernaryAbsmean"},
     logger=_log,
     failure_message="bitnet_jax.core.cpu_int8: VNNI kernel unavailable, using XLA's int8 dot")
 
@@ -83,7 +86,8 @@ def _ffi_dot_local(x2, w):
     return jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((m, n), jnp.int32))(x2, w)
 
 
-def _mesh_axes(entry) -> tuple:
+def mesh_axes(entry) -> tuple:
+    """The mesh axes of one entry of a PartitionSpec, as a tuple (none for None)."""
     return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
@@ -96,8 +100,8 @@ def dot_specs(x_sharding, w_sharding):
     gathered. (`cpu_int8_fused` splits the rows of its fused products the same way.)"""
     x_spec = tuple(x_sharding.spec) + (None,) * (2 - len(x_sharding.spec))
     w_spec = tuple(w_sharding.spec) + (None,) * (2 - len(w_sharding.spec))
-    m, n = _mesh_axes(x_spec[0]), _mesh_axes(w_spec[0])
-    k = _mesh_axes(x_spec[1]) if x_spec[1] == w_spec[1] else ()
+    m, n = mesh_axes(x_spec[0]), mesh_axes(w_spec[0])
+    k = mesh_axes(x_spec[1]) if x_spec[1] == w_spec[1] else ()
     if set(n) & set(m):
         n = ()
     if set(k) & (set(m) | set(n)):

@@ -147,7 +147,7 @@ _transpose_partitioned.def_partition(partition=_transpose_partition,
                                      sharding_rule="m k, m, m -> k m")
 
 
-def _one_batch_element_at_a_time(fn, *args):
+def one_batch_element_at_a_time(fn, *args):
     """fn(*args) with a vmap rule that maps it over the batch (`custom_partitioning` has no
     batching rule; unbatched operands are closed over, not copied per element)."""
     call = jax.custom_batching.custom_vmap(fn)
@@ -183,7 +183,7 @@ def absmax_quant_dot(x: jax.Array, w_codes: jax.Array, w_scale: jax.Array, bits:
     if not floor >= 0:
         raise ValueError(f"absmax_quant_dot: floor must be >= 0, got {floor}")
     lead, n, q_max = x.shape[:-1], w_codes.shape[0], 2 ** (bits - 1) - 1
-    y, mult, scale = _one_batch_element_at_a_time(
+    y, mult, scale = one_batch_element_at_a_time(
         lambda *a: _absmax_partitioned(*a, q_max, float(floor)), _rows(x), w_codes, w_scale)
     return y.reshape(*lead, n), mult.reshape(lead), scale.reshape(lead)
 
@@ -193,7 +193,7 @@ def scaled_quant_dot(x, w_codes, w_scale, mult, scale, lo: int, hi: int) -> jax.
     x_q @ w.T -> bf16 (..., N)."""
     _require(x, w_codes, w_scale)
     lead, rows, n = x.shape[:-1], math.prod(x.shape[:-1]), w_codes.shape[0]
-    y = _one_batch_element_at_a_time(
+    y = one_batch_element_at_a_time(
         lambda *a: _scaled_partitioned(*a, lo, hi), _rows(x), w_codes, w_scale,
         mult.reshape(rows).astype(_F32), scale.reshape(rows).astype(_F32))
     return y.reshape(*lead, n)
@@ -203,6 +203,6 @@ def quantize_transpose(x, mult, scale, lo: int, hi: int) -> jax.Array:
     """bf16(clip(round(x * mult), lo, hi) * scale) as (K, rows): X_q^T for the weight gradient."""
     _require(x)
     rows = math.prod(x.shape[:-1])
-    return _one_batch_element_at_a_time(
+    return one_batch_element_at_a_time(
         lambda *a: _transpose_partitioned(*a, lo, hi), _rows(x),
         mult.reshape(rows).astype(_F32), scale.reshape(rows).astype(_F32))
