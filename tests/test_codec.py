@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.core import codec, packing, quant
+from bitnet_jax.core import codec, matmul, packing, quant
+from bitnet_jax.core.precision import WeightQuantizer
 
 
 @pytest.mark.parametrize("granularity,group_size", [("tensor", None), ("channel", None),
@@ -13,10 +14,15 @@ from bitnet_jax.core import codec, packing, quant
 def test_float_to_codes_to_bytes_and_back_is_exact(granularity, group_size):
     kernel_IxO = np.random.default_rng(0).normal(0, 0.02, (24, 10)).astype(np.float32)
     codes_OxI, gamma = codec.ternary_codes(kernel_IxO, granularity, group_size)
-    reference = quant.ternary_absmean(jnp.asarray(kernel_IxO), granularity, group_size)
+    # The model's forward quantization (on CPUs our kernel for per-tensor scales), bit for bit;
+    # XLA's formula up to the rounding of its float32 sum.
+    reference = matmul.quantize_weight(WeightQuantizer("ternary", 1.58, granularity, group_size),
+                                       jnp.asarray(kernel_IxO))
     assert codes_OxI.dtype == np.int8 and codes_OxI.shape == (10, 24)
     np.testing.assert_array_equal(codes_OxI, np.asarray(reference.codes).T)
     np.testing.assert_array_equal(gamma, np.asarray(reference.scale))
+    formula = quant.ternary_absmean(jnp.asarray(kernel_IxO), granularity, group_size)
+    np.testing.assert_allclose(gamma, np.asarray(formula.scale), rtol=1e-6)
     for layout in packing.LAYOUTS:
         packed = codec.pack_codes(codes_OxI, layout)
         assert packed.dtype == np.uint8 and packed.shape == codec.packed_shape((10, 24), layout)

@@ -17,13 +17,13 @@ from bitnet_jax.model import accounting as compute
 from bitnet_jax.infer import generate as inference
 from bitnet_jax.core import packing
 from bitnet_jax.core import quant
-from bitnet_jax.core import codec
+from bitnet_jax.core import codec, matmul
 from bitnet_jax.interop import packed as pc
 from bitnet_jax.interop import packed_params as pp
 from bitnet_jax.interop.run_dir import ModelBundle, abstract_params
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.model.transformer import ModelConfig, Transformer, get_model_config, init_params
-from bitnet_jax.core.precision import get_recipe
+from bitnet_jax.core.precision import WeightQuantizer, get_recipe
 
 # Odd sizes on purpose: d_ff = 90 and kv_dim = 24 leave 2-bit padding rows (90 % 4 == 2),
 # group size 6 divides every input size (48, 48, 90).
@@ -71,8 +71,8 @@ def test_round_trip_is_exact(tmp_path, layout, precision):
         assert leaf.dtype == jnp.float32 and leaf.shape == before[path].shape, path
         if path in kernels:  # the quantized model is the same, bit for bit
             w = kernels[path]
-            q0 = quant.ternary_absmean(before[path], w.granularity, w.group_size)
-            q1 = quant.ternary_absmean(leaf, w.granularity, w.group_size)
+            q0 = matmul.quantize_weight(w, before[path])  # as the model's forward does
+            q1 = matmul.quantize_weight(w, leaf)
             np.testing.assert_array_equal(q1.codes, q0.codes, err_msg=path)
             np.testing.assert_array_equal(q1.scale, q0.scale, err_msg=path)
         else:  # float32 storage: unchanged
@@ -90,8 +90,8 @@ def test_bfloat16_storage_rounds_only_the_unquantized_params(tmp_path):
     for path, leaf in after.items():
         if path in kernels:
             w = kernels[path]
-            q0 = quant.ternary_absmean(before[path], w.granularity, w.group_size)
-            q1 = quant.ternary_absmean(leaf, w.granularity, w.group_size)
+            q0 = matmul.quantize_weight(w, before[path])  # as the model's forward does
+            q1 = matmul.quantize_weight(w, leaf)
             np.testing.assert_array_equal(q1.codes, q0.codes)
             np.testing.assert_array_equal(q1.scale, q0.scale)
         else:
@@ -142,6 +142,11 @@ def test_exact_latent_hits_every_scale_exactly():
             again = quant.ternary_absmean(jnp.asarray(latent), granularity, group_size)
             np.testing.assert_array_equal(again.codes, q.codes)
             np.testing.assert_array_equal(again.scale, q.scale)
+            # The forward's own quantization (on CPUs our kernel) hits them too: sums exact.
+            forward = matmul.quantize_weight(WeightQuantizer("ternary", 1.58, granularity,
+                                                             group_size), jnp.asarray(latent))
+            np.testing.assert_array_equal(forward.codes, q.codes)
+            np.testing.assert_array_equal(forward.scale, q.scale)
 
 
 def test_tokenizer_file_travels_with_the_checkpoint(tmp_path):

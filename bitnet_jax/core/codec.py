@@ -5,8 +5,8 @@ Hugging Face BitLinear files, packed checkpoints and stored inference weights ke
 
 * `ternary_codes`: a float `(in, out)` kernel -> int8 codes in the torch `(out, in)` layout and
   the float32 absmean scale `gamma`, exactly as the model's forward pass quantizes it
-  (`quant.ternary_absmean`, reduced in our `(in, out)` layout, so a weight on a rounding
-  boundary gets the code our model gives it);
+  (`matmul.quantize_weight`: `quant.ternary_absmean` reduced in our `(in, out)` layout, or our
+  kernel on CPUs, so a weight on a rounding boundary gets the code our model gives it);
 * `torch_codes`: any quantizer's codes `(in, out)` -> int8 `(out, in)`;
 * `pack_codes` / `unpack_codes`: int8 `(out, in)` codes <-> uint8 bytes (`packing`'s 2bit
   layout, transformers' own, or base3);
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.core import packing
-from bitnet_jax.core import quant
+from bitnet_jax.core import matmul, packing, quant
+from bitnet_jax.core.precision import WeightQuantizer
 
 __all__ = ["ternary_codes", "torch_codes", "pack_codes", "unpack_codes", "packed_shape",
            "exact_latent"]
@@ -45,9 +45,10 @@ def ternary_codes(kernel_IxO: Any, granularity: str = "tensor",
                   group_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """A float `(in, out)` kernel -> (int8 codes `(out, in)`, float32 gamma shaped as
     `quant.ternary_absmean` returns it)."""
-    # Op by op, as the model's own (un-jitted) forward and `quant.ternary_absmean` run it: a
-    # jitted copy fuses the mean's reduction differently and can give gamma one ulp apart.
-    q = quant.ternary_absmean(jnp.asarray(kernel_IxO, jnp.float32), granularity, group_size)
+    # Op by op, as the model's own (un-jitted) forward runs it: a jitted copy of XLA's formula
+    # fuses the mean's reduction differently and can give gamma one ulp apart.
+    q = matmul.quantize_weight(WeightQuantizer("ternary", 1.58, granularity, group_size),
+                               jnp.asarray(kernel_IxO, jnp.float32))
     return torch_codes(np.asarray(q.codes)), np.asarray(q.scale, np.float32)
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax.core import cpu_int8, cpu_int8_fused
+from bitnet_jax.core import cpu_int8, cpu_int8_fused, cpu_ternary
 from bitnet_jax.core.quant import (EPS, F32, Quantized, Quantizer, absmax_row_parameters,
                                    absmean_row_parameters, code_range, round_clip,
                                    topk_per_token)
@@ -40,6 +40,23 @@ def _quantize_or_pass(quantizer: Optional[Quantizer], x: jax.Array):
     if quantizer is None:
         return _Unquantized(x, jnp.ones((), F32))
     return quantizer(x)
+
+
+def _quantize_weight(quantize_w: Optional[Quantizer], w: jax.Array, kernels: bool):
+    """`quantize_w(w)`, in one pass of our kernel where the step is lowered for the CPU with our
+    kernels and the kernel computes that quantizer (`cpu_ternary`: per-tensor ternary weights;
+    XLA's two operations per layer cost the b1.58 step 3% there). Both paths take it there, so
+    that they keep the same gamma."""
+    if kernels and cpu_ternary.applies(quantize_w, w):
+        return cpu_ternary.ternary_absmean(w)
+    return _quantize_or_pass(quantize_w, w)
+
+
+def quantize_weight(quantize_w: Quantizer, w: jax.Array) -> Quantized:
+    """`quantize_w(w)` as `quantized_dot`'s forward pass computes it on the default backend (on
+    CPUs our kernel where it applies: `_quantize_weight`): the codes and scale that stored
+    weights and exports hold, so that they give the training forward's numbers."""
+    return _quantize_weight(quantize_w, w, kernels=jax.default_backend() == "cpu")
 
 
 def _code_storage_dtype(quantizer: Optional[Quantizer], fallback):
@@ -65,9 +82,9 @@ def _dot_codes(x_codes, w_codes, w_grouped_scale, accumulate):
     return jnp.sum(acc.astype(F32) * w_grouped_scale[:, 0, :], axis=-2)
 
 
-def _forward(x, w, quantize_x, quantize_w, dtype, integer, out_dtype):
+def _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype):
     xq = _quantize_or_pass(quantize_x, x)
-    wq = _quantize_or_pass(quantize_w, w)
+    wq = _quantize_weight(quantize_w, w, kernels)
     code_dtype = jnp.int8 if integer else dtype
     accumulate = jnp.int32 if integer else F32
     grouped_scale = wq.scale if wq.is_grouped else None
@@ -152,7 +169,7 @@ def _activation_row_parameters(quantize_x, x):
 def _fused_forward(x, w, quantize_x, quantize_w, kind, bits):
     """The integer path with x quantized inside the kernel: y and the backward's residuals
     (x itself, its per-row multiplier and scale, the weight codes (in, out) and scale)."""
-    wq = quantize_w(w)
+    wq = _quantize_weight(quantize_w, w, kernels=True)
     w_codes = wq.codes.astype(jnp.int8)
     w_scale = jnp.broadcast_to(wq.scale.reshape(-1), (w.shape[-1],)).astype(F32)
     if kind == "absmax":
@@ -182,7 +199,7 @@ def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, 
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)[0]
     integer = _int8_forward_product(quantize_x, quantize_w, x, integer, kernels)
-    return _forward(x, w, quantize_x, quantize_w, dtype, integer, out_dtype)[0]
+    return _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype)[0]
 
 
 def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
@@ -193,7 +210,7 @@ def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backwa
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)
     y, xq, wq = _forward(x, w, quantize_x, quantize_w, dtype,
                          _int8_forward_product(quantize_x, quantize_w, x, integer, kernels),
-                         out_dtype)
+                         kernels, out_dtype)
     if kernels and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype):
         x_saved = _RowQuantizedX(*_activation_row_parameters(quantize_x, x))
     else:  # codes as int8 where they fit: the backward needs only the dequantized operands
@@ -371,10 +388,13 @@ def quantized_dot(
                                            int8_backward, kernels, out_dtype)
 
     branches = {}
-    # Our CPU kernels: the integer products, and on both paths X_q^T for the weight gradient.
+    # Our CPU kernels: the integer products, and on both paths X_q^T for the weight gradient
+    # and the ternary weights' quantization.
     # Only where the step is lowered for the CPU: a CPU host that compiles it for a TPU or GPU
     # (`bitnet sweep plan --compile`) gets XLA's path there.
-    if cpu_int8.available() if integer else _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype):
+    if (cpu_int8.available() if integer
+            else _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype)
+            or cpu_ternary.applies(quantize_w, w)):
         branches["cpu"] = dot(True)
     # NVIDIA GPUs: fake quantization as the integer path, where that is exact. Every step timed
     # on both paths ran faster on the integer one (H100, 2026-11-22: ladder-20m, spectra-390m,

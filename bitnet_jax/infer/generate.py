@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.core import codec
+from bitnet_jax.core import codec, matmul
 from bitnet_jax.core.precision import HEAD_INT8, KVCachePrecision, PrecisionRecipe, get_recipe
 from bitnet_jax.errors import require
 from bitnet_jax.infer.decode_kernels import decode_products
@@ -66,7 +66,7 @@ def default_weights(recipe: PrecisionRecipe) -> str:
 
 def _stored_linear(node: dict, quantizer, weights: str) -> dict:
     """{kernel (in, out), ...} -> {codes int8 (out, in) | packed uint8, scale, ...}."""
-    quantized = quantizer(node["kernel"])
+    quantized = matmul.quantize_weight(quantizer, node["kernel"])  # the forward's codes
     codes_OxI = codec.torch_codes(quantized.codes)
     scale = jnp.reshape(quantized.scale, (-1,) if quantizer.granularity == "channel" else ())
     stored = {k: v for k, v in node.items() if k != "kernel"}

@@ -118,7 +118,9 @@ def _linear_weight(kernel_IxO: np.ndarray, quantizer: Optional[WeightQuantizer],
         return np.ascontiguousarray(kernel_IxO.T), None
     import jax.numpy as jnp
 
-    q = quantizer(jnp.asarray(kernel_IxO))  # op by op, as the model's forward quantizes
+    from bitnet_jax.core import matmul
+
+    q = matmul.quantize_weight(quantizer, jnp.asarray(kernel_IxO))  # as the forward does
     codes, scale = np.asarray(q.codes, np.float32), np.asarray(q.scale, np.float32)
     if separate_scale and quantizer.granularity == "tensor":
         return np.ascontiguousarray(codes.T), float(scale.reshape(()))
