@@ -54,7 +54,7 @@ import numpy as np
 import scipy.stats
 
 from bitnet_jax.allocator import active_allocator
-from bitnet_jax.core import cpu_int8, cpu_int8_fused, matmul
+from bitnet_jax.core import cpu_int8, cpu_int8_fused, cpu_ternary, matmul
 from bitnet_jax.model import accounting as compute, cpu_attention, layers
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
@@ -79,6 +79,8 @@ class Mode(NamedTuple):
     memory_scheduler: bool = False  # XLA:CPU's memory-optimized HLO scheduler, not its default
     # concurrency-optimized one (a per-compile option; CPUs only)
     scan_layers: bool = False  # the blocks as one nn.scan (`model.scan_layers`), not unrolled
+    weight_kernel: bool = True  # per-tensor ternary weights quantized in one pass by our CPU
+    # kernel (`cpu_ternary`), else by XLA (a reduction and an elementwise pass)
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
@@ -90,6 +92,8 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "b1.58-xla-dw": Mode("b1.58", kernel_x_transpose=False),
          "b1.58-int8-vnni": Mode("b1.58", integer=True, xla_int8_on_amx=False),
          "b1.58-bf16-codes": Mode("b1.58", int8_fake_product=False),
+         "b1.58-xla-weight-quant": Mode("b1.58", weight_kernel=False),
+         "b1.58-int8-xla-weight-quant": Mode("b1.58", integer=True, weight_kernel=False),
          # b1.58's fake quantization split in two: which half costs (an ablation)
          "w1.58a16": Mode("w1.58a16"), "w16a8": Mode("w16a8"),
          # The baseline again, compiled and timed as a mode of its own: its ratio to bf16 is
@@ -122,6 +126,8 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.int8_fake_product:  # bf16 codes, whatever the device (before 2026-12-04)
             patches.enter_context(mock.patch.object(matmul, "_int8_product_is_exact",
                                                     lambda *args: False))
+        if not mode.weight_kernel:  # the weights' quantization as XLA runs it (before 2026-12-05)
+            patches.enter_context(mock.patch.object(cpu_ternary, "applies", lambda *args: False))
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
                                                     layers._xla_causal_block))
