@@ -1,12 +1,13 @@
 """BitNet b1.58's weight quantization in one pass on x86 CPUs: int8 codes and gamma from one call.
 
 `quant.ternary_absmean` (gamma = max(mean|W|, 1e-5), codes = RoundClip(W / gamma, -1, 1)) is a
-reduction and an elementwise pass, two operations of the compiled step per linear layer. On
-CPUs the pair costs more than the passes themselves: with gamma a compile-time constant (one
+reduction and an elementwise pass, two operations of the compiled step per linear layer. On CPUs
+the pair costs more than the passes themselves: with gamma a compile-time constant (one
 operation) the ternary step of ladder-6.4m ran 5% faster on a 2-core Xeon, and so did the step
-with both passes in one custom call, this one (README, Benchmarks), although each pass takes
-tens of microseconds. The entry point lives in `cpu_int8`'s library
-(`kernels/ternary_absmean.cc`), built and registered with it::
+with both passes in one custom call, this one (README, Benchmarks: 1.013x to 0.958x the bf16
+step), although each pass takes tens of microseconds; our reading is that every extra operation
+runs concurrently with the products and slows them. The entry point lives in `cpu_int8`'s
+library (`kernels/ternary_absmean.cc`), built and registered with it::
 
     available() -> bool
     applies(quantize_w, w) -> bool       # per-tensor ternary quantizer, float32 2-D weight
@@ -15,11 +16,11 @@ tens of microseconds. The entry point lives in `cpu_int8`'s library
 The codes are the formula's for the gamma the kernel computes, bit for bit. gamma is the sum of
 |W| taken in float64 (fixed blocks, fixed order: the same on any number of threads), rounded
 once to float32 and multiplied by the float32 reciprocal of the size, as XLA compiles the mean
-of its own float32 sum. Where XLA's
-float32 sum is exact (`codec.exact_latent`'s weights) that is XLA's gamma; elsewhere XLA's sum,
-in an order of its own, can differ from it in the last bits, so a step with this kernel is not
-always bit-identical to one without it (the same recipe, a rounding apart). Stored weights and
-exports take their codes from the same function as the forward (`matmul.quantize_weight`).
+of its own float32 sum. Where XLA's float32 sum is exact (`codec.exact_latent`'s weights) that
+is XLA's gamma; elsewhere XLA's sum, in an order of its own, can differ from it in the last
+bits, so a step with this kernel is not always bit-identical to one without it (the same recipe,
+a rounding apart). Stored weights and exports take their codes from the same function as the
+forward (`matmul.quantize_weight`).
 
 Under GSPMD a replicated weight runs the kernel on every device; a sharded one (tensor
 parallelism) is not gathered: each device sums |W| over its shard, one `psum` gives the mean,
