@@ -81,6 +81,8 @@ class Mode(NamedTuple):
     scan_layers: bool = False  # the blocks as one nn.scan (`model.scan_layers`), not unrolled
     weight_kernel: bool = True  # per-tensor ternary weights quantized in one pass by our CPU
     # kernel (`cpu_ternary`), else by XLA (a reduction and an elementwise pass)
+    activation_kernel: bool = True  # absmax activations of XLA's int8 products (AMX) quantized
+    # in one pass by our kernel (`cpu_int8_fused.absmax_quantize`), else by XLA
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
@@ -93,6 +95,8 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "b1.58-int8-vnni": Mode("b1.58", integer=True, xla_int8_on_amx=False),
          "b1.58-bf16-codes": Mode("b1.58", int8_fake_product=False),
          "b1.58-xla-weight-quant": Mode("b1.58", weight_kernel=False),
+         "b1.58-xla-act-quant": Mode("b1.58", activation_kernel=False),
+         "b1.58-xla-quant": Mode("b1.58", weight_kernel=False, activation_kernel=False),
          "b1.58-int8-xla-weight-quant": Mode("b1.58", integer=True, weight_kernel=False),
          # b1.58's fake quantization split in two: which half costs (an ablation)
          "w1.58a16": Mode("w1.58a16"), "w16a8": Mode("w16a8"),
@@ -128,6 +132,10 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
                                                     lambda *args: False))
         if not mode.weight_kernel:  # the weights' quantization as XLA runs it (before 2026-12-05)
             patches.enter_context(mock.patch.object(cpu_ternary, "applies", lambda *args: False))
+        if not mode.activation_kernel:  # x's quantization as XLA runs it (before 2026-12-05)
+            patches.enter_context(mock.patch.object(
+                matmul, "_quantize_activation",
+                lambda quantize_x, x, *args: (matmul._quantize_or_pass(quantize_x, x), None)))
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
                                                     layers._xla_causal_block))

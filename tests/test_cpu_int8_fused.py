@@ -196,3 +196,70 @@ def test_int8_backward_through_the_kernel_equals_the_xla_codes(m, k, n, g_size, 
     assert not np.any(np.asarray(dx, np.float32)[0])
     assert np.any(np.asarray(dx, np.float32)[1:])  # not flushed
     np.testing.assert_allclose(dw, dw_xla, rtol=0, atol=1e-6 * m * float(np.abs(dw_xla).max()))
+
+
+@pytest.mark.parametrize("m,k", [(1, 1), (5, 3), (33, 17), (300, 130)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_absmax_quantize_equals_xla(m, k, bits):
+    """Codes, mult and scale of the one-pass quantization equal XLA's `absmax_per_token` and
+    `absmax_row_parameters` bit for bit (rows of heavy tails and exact ties, zero rows)."""
+    x, _ = _operands(m, k, 1, seed=3 * m + k)
+    x = x.at[0].set(0.0)
+    codes, mult, scale = jax.jit(lambda v: cpu_int8_fused.absmax_quantize(v, bits))(x)
+    want = jax.jit(lambda v: quant.absmax_per_token(v, bits))(x)
+    q_max = 2 ** (bits - 1) - 1
+    want_mult, want_scale = jax.jit(
+        lambda v: quant.absmax_row_parameters(v.astype(jnp.float32), q_max, 1e-5))(x)
+    assert codes.dtype == jnp.int8 and codes.shape == (m, k) and mult.shape == scale.shape == (m,)
+    np.testing.assert_array_equal(np.asarray(codes), np.asarray(want.codes).astype(np.int8))
+    np.testing.assert_array_equal(_bits(scale), _bits(want_scale[:, 0]))
+    np.testing.assert_array_equal(_bits(mult), _bits(want_mult[:, 0]))
+
+
+def test_absmax_quantize_under_vmap_and_on_a_sharded_mesh():
+    x, _ = _operands(48, 40, 1, seed=11)
+    want = cpu_int8_fused.absmax_quantize(x)
+    got = jax.jit(jax.vmap(cpu_int8_fused.absmax_quantize))(x.reshape(4, 12, 40))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a).reshape(np.shape(b)), np.asarray(b))
+    devices = jax.devices()
+    if len(devices) < 8:
+        return
+    mesh = jax.sharding.Mesh(np.array(devices[:8]).reshape(4, 2), ("fsdp", "tensor"))
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
+    fn = jax.jit(cpu_int8_fused.absmax_quantize)
+    assert "all-gather" not in fn.lower(xs).compile().as_text()
+    for a, b in zip(fn(xs), want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("qx", [A8, ActivationQuantizer("absmax", 8, keep_ratio=0.5)],
+                         ids=["a8", "a8-topk"])
+def test_xla_int8_product_takes_the_one_pass_activation_quantization(qx, monkeypatch):
+    """Where XLA takes the int8 product (AMX CPUs: forced here), x is quantized by
+    `absmax_quantize` and the backward reuses its row parameters: output and gradients equal
+    XLA's quantization of x bit for bit."""
+    monkeypatch.setattr(cpu_int8, "xla_int8_is_faster", lambda rows: True)
+    x, w = _operands(70, 130, 70, seed=12)
+    x = x.reshape(2, 35, 130)
+    g = jnp.asarray(np.random.default_rng(13).normal(size=(2, 35, 70)), jnp.bfloat16)
+
+    def run(integer):
+        def loss(xv, wv):
+            y = matmul.quantized_dot(xv, wv, qx, TERNARY, jnp.bfloat16, integer)
+            return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32)), y
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+        hlo = fn.lower(x, w).as_text()
+        (dx, dw), y = fn(x, w)
+        return hlo.count(cpu_int8.ABSMAX_QUANTIZE_TARGET), (y, dx, dw)
+
+    for integer in (False, True):
+        calls, got = run(integer)
+        assert calls == 1
+        with monkeypatch.context() as m:
+            m.setattr(matmul, "_quantize_activation",
+                      lambda qx, x, *args: (matmul._quantize_or_pass(qx, x), None))
+            calls, want = run(integer)
+        assert calls == 0
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(_bits(a), _bits(b))

@@ -52,6 +52,7 @@ DEQUANTIZE_TRANSPOSE_TARGET = "bitnet_dequantize_transpose"
 ABSMAX_QUANT_DOT_TARGET = "bitnet_absmax_quant_dot"
 SCALED_QUANT_DOT_TARGET = "bitnet_scaled_quant_dot"
 QUANTIZE_TRANSPOSE_TARGET = "bitnet_quantize_transpose"
+ABSMAX_QUANTIZE_TARGET = "bitnet_absmax_quantize"
 TERNARY_ABSMEAN_TARGET = "bitnet_ternary_absmean"  # `cpu_ternary`'s
 _KERNELS = Path(__file__).with_name("kernels")
 _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
@@ -66,6 +67,7 @@ _LIBRARY = KernelLibrary(
              ABSMAX_QUANT_DOT_TARGET: "BitnetAbsmaxQuantDot",
              SCALED_QUANT_DOT_TARGET: "BitnetScaledQuantDot",
              QUANTIZE_TRANSPOSE_TARGET: "BitnetQuantizeTranspose",
+             ABSMAX_QUANTIZE_TARGET: "BitnetAbsmaxQuantize",
              TERNARY_ABSMEAN_TARGET: "BitnetTernaryAbsmean"},
     logger=_log,
     failure_message="bitnet_jax.core.cpu_int8: VNNI kernel unavailable, using XLA's int8 dot")

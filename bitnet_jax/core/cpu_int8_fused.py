@@ -7,6 +7,7 @@ builds, loads and registers them along with `int8_dot`'s, and this module wraps 
     absmax_quant_dot(x, w_codes, w_scale, bits, floor) -> (y, mult, scale)
     scaled_quant_dot(x, w_codes, w_scale, mult, scale, lo, hi) -> y
     quantize_transpose(x, mult, scale, lo, hi) -> X_q^T
+    absmax_quantize(x, bits, floor) -> (codes, mult, scale)
 
 x is bfloat16 (..., K), w_codes int8 (N, K) ("out x in"), w_scale float32 (N,). Each row of x is
 quantized while the kernel takes it (codes = clip(round_half_even(x * mult), lo, hi)), so no int8
@@ -18,7 +19,9 @@ backward; `floor=0` (gradients, whose small rows a 1e-5 floor would flush) leave
 it is, except that an all-zero row takes 1; `scaled_quant_dot` takes them (absmean: a mean's
 rounding depends on the reduction order, so XLA computes it as the unfused path does).
 `quantize_transpose` re-derives the codes from x and writes bf16(codes * scale) transposed, the
-operand of the weight gradient.
+operand of the weight gradient. `absmax_quantize` is the absmax quantization alone (int8 codes
+and the row parameters, one pass), for products XLA takes itself (AMX CPUs), where XLA's row
+maximum and codes fusion would be two operations of the step.
 Activations must be finite. Under `vmap` the calls run one batch element at a time.
 
 Under GSPMD the calls are partitioned as `cpu_int8.int8_dot` is (`custom_partitioning`): each
@@ -38,8 +41,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bitnet_jax.core import cpu_int8
-from bitnet_jax.core.cpu_int8 import (ABSMAX_QUANT_DOT_TARGET, QUANTIZE_TRANSPOSE_TARGET,
-                                     SCALED_QUANT_DOT_TARGET)
+from bitnet_jax.core.cpu_int8 import (ABSMAX_QUANT_DOT_TARGET, ABSMAX_QUANTIZE_TARGET,
+                                     QUANTIZE_TRANSPOSE_TARGET, SCALED_QUANT_DOT_TARGET)
 
 
 def available() -> bool:
@@ -82,6 +85,14 @@ def _scaled_local(x2, w, w_scale, mult, scale, lo, hi):
                                                           lo=np.int32(lo), hi=np.int32(hi))
 
 
+def _quantize_local(x2, q_max, floor):
+    m = x2.shape[0]
+    out = (jax.ShapeDtypeStruct(x2.shape, jnp.int8), jax.ShapeDtypeStruct((m,), _F32),
+           jax.ShapeDtypeStruct((m,), _F32))
+    return jax.ffi.ffi_call(ABSMAX_QUANTIZE_TARGET, out)(x2, q_max=np.int32(q_max),
+                                                        floor=np.float32(floor))
+
+
 def _transpose_local(x2, mult, scale, lo, hi):
     out = jax.ShapeDtypeStruct(x2.shape[::-1], _BF16)
     return jax.ffi.ffi_call(QUANTIZE_TRANSPOSE_TARGET, out)(x2, mult, scale, lo=np.int32(lo),
@@ -115,6 +126,22 @@ def _scaled_infer(lo, hi, mesh, arg_shapes, result_shape):
     return _dot_shardings(mesh, arg_shapes)[-1]
 
 
+def _quantize_shardings(mesh, arg_shapes):
+    """(x and its codes, x's rows): rows split as x's, each row whole (its maximum needs it)."""
+    m = tuple(arg_shapes[0].sharding.spec)[:1] or (None,)
+    return NamedSharding(mesh, P(m[0], None)), NamedSharding(mesh, P(m[0]))
+
+
+def _quantize_partition(q_max, floor, mesh, arg_shapes, result_shape):
+    x, rows = _quantize_shardings(mesh, arg_shapes)
+    return mesh, lambda x2: _quantize_local(x2, q_max, floor), (x, rows, rows), (x,)
+
+
+def _quantize_infer(q_max, floor, mesh, arg_shapes, result_shape):
+    x, rows = _quantize_shardings(mesh, arg_shapes)
+    return x, rows, rows
+
+
 def _transpose_shardings(mesh, arg_shapes):
     """(x, x's rows, X^T): both of x's splits kept, the rows' parameters split with its rows."""
     spec = tuple(arg_shapes[0].sharding.spec)
@@ -141,6 +168,11 @@ _scaled_partitioned.def_partition(partition=_scaled_partition,
                                   infer_sharding_from_operands=_scaled_infer,
                                   sharding_rule="m k, n k, n, m, m -> m n",
                                   need_replication_factors=("k",))
+_quantize_partitioned = custom_partitioning(_quantize_local, static_argnums=(1, 2))
+_quantize_partitioned.def_partition(partition=_quantize_partition,
+                                    infer_sharding_from_operands=_quantize_infer,
+                                    sharding_rule="m k -> m k, m, m",
+                                    need_replication_factors=("k",))
 _transpose_partitioned = custom_partitioning(_transpose_local, static_argnums=(3, 4))
 _transpose_partitioned.def_partition(partition=_transpose_partition,
                                      infer_sharding_from_operands=_transpose_infer,
@@ -206,3 +238,18 @@ def quantize_transpose(x, mult, scale, lo: int, hi: int) -> jax.Array:
     return one_batch_element_at_a_time(
         lambda *a: _transpose_partitioned(*a, lo, hi), _rows(x),
         mult.reshape(rows).astype(_F32), scale.reshape(rows).astype(_F32))
+
+
+def absmax_quantize(x: jax.Array, bits: int = 8, floor: float = 1e-5):
+    """Per-token absmax quantization of bf16 x (..., K) in one pass: (int8 codes (..., K), mult,
+    scale), mult and scale float32 of shape x.shape[:-1]; the numbers of `absmax_quant_dot` (and
+    of `quant.absmax_per_token` for `floor` 1e-5), without the product."""
+    _require(x)
+    if not 2 <= bits <= 8:
+        raise ValueError(f"absmax_quantize: bits must be 2..8, got {bits}")
+    if not floor >= 0:
+        raise ValueError(f"absmax_quantize: floor must be >= 0, got {floor}")
+    lead, q_max = x.shape[:-1], 2 ** (bits - 1) - 1
+    codes, mult, scale = one_batch_element_at_a_time(
+        lambda x2: _quantize_partitioned(x2, q_max, float(floor)), _rows(x))
+    return codes.reshape(x.shape), mult.reshape(lead), scale.reshape(lead)

@@ -82,8 +82,25 @@ def _dot_codes(x_codes, w_codes, w_grouped_scale, accumulate):
     return jnp.sum(acc.astype(F32) * w_grouped_scale[:, 0, :], axis=-2)
 
 
+def _quantize_activation(quantize_x, x, dtype, int8_codes, kernels):
+    """(`quantize_x(x)`, x's `_RowQuantizedX` or None): per-token absmax activations quantized
+    in one pass of our kernel where XLA takes the int8 product on the CPU (AMX), with the row
+    parameters the backward's X_q^T needs; XLA's row maximum and codes fusion would be two
+    operations of the step, which cost it there as the weights' two did (`_quantize_weight`).
+    Same numbers either way."""
+    if (int8_codes and kernels and getattr(quantize_x, "kind", None) == "absmax"
+            and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype)):
+        x = topk_per_token(x, quantize_x.keep_ratio)
+        codes, mult, scale = cpu_int8_fused.absmax_quantize(x, quantize_x.bits, floor=EPS)
+        rows = _RowQuantizedX(x, mult[..., None], scale[..., None])
+        return Quantized(codes, rows.scale), rows
+    return _quantize_or_pass(quantize_x, x), None
+
+
 def _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype):
-    xq = _quantize_or_pass(quantize_x, x)
+    """y in `out_dtype`, the quantized x and w, and x's `_RowQuantizedX` where the kernel
+    quantized it (else None)."""
+    xq, x_rows = _quantize_activation(quantize_x, x, dtype, integer, kernels)
     wq = _quantize_weight(quantize_w, w, kernels)
     code_dtype = jnp.int8 if integer else dtype
     accumulate = jnp.int32 if integer else F32
@@ -93,7 +110,7 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype):
     y = acc.astype(F32) * xq.scale
     if grouped_scale is None:
         y = y * jnp.reshape(wq.scale, wq.scale.shape[-1:] if wq.scale.ndim else ())
-    return y.astype(out_dtype), xq, wq
+    return y.astype(out_dtype), xq, wq, x_rows
 
 
 def _kernel_quantizes_x_rows(quantize_x, x_dtype, dtype) -> bool:
@@ -208,10 +225,13 @@ def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backwa
                               out_dtype)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)
-    y, xq, wq = _forward(x, w, quantize_x, quantize_w, dtype,
-                         _int8_forward_product(quantize_x, quantize_w, x, integer, kernels),
-                         kernels, out_dtype)
-    if kernels and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype):
+    y, xq, wq, x_rows = _forward(x, w, quantize_x, quantize_w, dtype,
+                                 _int8_forward_product(quantize_x, quantize_w, x, integer,
+                                                       kernels),
+                                 kernels, out_dtype)
+    if x_rows is not None:
+        x_saved = x_rows
+    elif kernels and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype):
         x_saved = _RowQuantizedX(*_activation_row_parameters(quantize_x, x))
     else:  # codes as int8 where they fit: the backward needs only the dequantized operands
         x_saved = (xq.codes.astype(_code_storage_dtype(quantize_x, dtype)), xq.scale)

@@ -1,7 +1,7 @@
 // Exact int8 x int8 -> int32 matmul for XLA:CPU, as an XLA FFI custom call; below it, the
 // dequantize-and-transpose of int8 activations for the weight gradient, and the same product
 // with per-token activation quantization fused in (bf16 in, bf16 out) plus its backward helper
-// (see "Activation quantization fused into the product").
+// and that quantization alone (see "Activation quantization fused into the product").
 //
 //   out[m, n] = sum_k x[m, k] * w[n, k]      x: (M, K) int8, w: (N, K) int8 ("out x in")
 //
@@ -725,6 +725,38 @@ ffi::Error AbsmaxQuantDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   return ffi::Error::Success();
 }
 
+// The same per-token absmax quantization without the product: int8 codes (M, K) and the rows'
+// mult and scale, in one pass, for the products XLA takes itself (AMX CPUs), so that the
+// quantization is one operation of the step instead of XLA's row maximum and codes fusion.
+ffi::Error AbsmaxQuantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, int32_t q_max,
+                              float floor, ffi::ResultBuffer<ffi::S8> codes,
+                              ffi::ResultBuffer<ffi::F32> mult,
+                              ffi::ResultBuffer<ffi::F32> scale) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || codes->dimensions().size() != 2 || codes->dimensions()[0] != xd[0] ||
+      codes->dimensions()[1] != xd[1] || mult->dimensions().size() != 1 ||
+      mult->dimensions()[0] != xd[0] || scale->dimensions().size() != 1 ||
+      scale->dimensions()[0] != xd[0] || q_max <= 0 || !(floor >= 0.0f)) {
+    return ffi::Error::InvalidArgument(
+        "bitnet_absmax_quantize: expects x (M, K), codes (M, K), mult (M,), scale (M,), "
+        "q_max > 0 and floor >= 0");
+  }
+  const int64_t M = xd[0], K = xd[1];
+  RowQuantizer rq{reinterpret_cast<const uint16_t*>(x.typed_data()), K,
+                  static_cast<float>(-q_max - 1), static_cast<float>(q_max), q_max, floor,
+                  nullptr, nullptr, mult->typed_data(), scale->typed_data()};
+  int8_t* out = codes->typed_data();
+  constexpr int64_t kRowsPerTask = 64;
+  const std::function<void(int64_t)> fn = [&](int64_t t) {
+    const int64_t m0 = t * kRowsPerTask, m1 = std::min(M, m0 + kRowsPerTask);
+    int32_t corr[kRowsPerTask];  // the product's row sums and scales: unused here
+    float rs[kRowsPerTask];
+    rq.Rows(m0, m1, true, out + m0 * K, corr, rs);
+  };
+  ParallelFor(pool, (M + kRowsPerTask - 1) / kRowsPerTask, fn);
+  return ffi::Error::Success();
+}
+
 ffi::Error ScaledQuantDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
                               ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> ws,
                               ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> scale,
@@ -832,6 +864,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetAbsmaxQuantDot, AbsmaxQuantDotImpl,
                                   .Attr<int32_t>("q_max")
                                   .Attr<float>("floor")
                                   .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetAbsmaxQuantize, AbsmaxQuantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int32_t>("q_max")
+                                  .Attr<float>("floor")
+                                  .Ret<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
