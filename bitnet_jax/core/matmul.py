@@ -45,8 +45,8 @@ def _quantize_or_pass(quantizer: Optional[Quantizer], x: jax.Array):
 def _quantize_weight(quantize_w: Optional[Quantizer], w: jax.Array, kernels: bool):
     """`quantize_w(w)`, in one pass of our kernel where the step is lowered for the CPU with our
     kernels and the kernel computes that quantizer (`cpu_ternary`: per-tensor ternary weights;
-    XLA's two operations per layer cost the b1.58 step 3% there). Both paths take it there, so
-    that they keep the same gamma."""
+    XLA's two operations per layer cost the b1.58 step up to 6% there, README, Benchmarks).
+    Both paths take it there, so that they keep the same gamma."""
     if kernels and cpu_ternary.applies(quantize_w, w):
         return cpu_ternary.ternary_absmean(w)
     return _quantize_or_pass(quantize_w, w)
@@ -408,8 +408,8 @@ def quantized_dot(
                                            int8_backward, kernels, out_dtype)
 
     branches = {}
-    # Our CPU kernels: the integer products, and on both paths X_q^T for the weight gradient
-    # and the ternary weights' quantization.
+    # Our CPU kernels: the integer products, and on both paths X_q^T for the weight gradient,
+    # the ternary weights' quantization and, where XLA takes the int8 product, x's.
     # Only where the step is lowered for the CPU: a CPU host that compiles it for a TPU or GPU
     # (`bitnet sweep plan --compile`) gets XLA's path there.
     if (cpu_int8.available() if integer
