@@ -133,9 +133,8 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.weight_kernel:  # the weights' quantization as XLA runs it (before 2026-12-05)
             patches.enter_context(mock.patch.object(cpu_ternary, "applies", lambda *args: False))
         if not mode.activation_kernel:  # x's quantization as XLA runs it (before 2026-12-05)
-            patches.enter_context(mock.patch.object(
-                matmul, "_quantize_activation",
-                lambda quantize_x, x, *args: (matmul._quantize_or_pass(quantize_x, x), None)))
+            patches.enter_context(mock.patch.object(matmul, "_kernel_quantizes_activation",
+                                                    lambda *args: False))
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
                                                     layers._xla_causal_block))

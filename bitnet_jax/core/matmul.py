@@ -82,14 +82,20 @@ def _dot_codes(x_codes, w_codes, w_grouped_scale, accumulate):
     return jnp.sum(acc.astype(F32) * w_grouped_scale[:, 0, :], axis=-2)
 
 
+def _kernel_quantizes_activation(quantize_x, x, dtype, int8_codes, kernels) -> bool:
+    """Whether `_quantize_activation` takes our one-pass kernel: per-token absmax activations
+    whose int8 codes XLA's product takes on the CPU (AMX)."""
+    return (int8_codes and kernels and getattr(quantize_x, "kind", None) == "absmax"
+            and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype))
+
+
 def _quantize_activation(quantize_x, x, dtype, int8_codes, kernels):
     """(`quantize_x(x)`, x's `_RowQuantizedX` or None): per-token absmax activations quantized
     in one pass of our kernel where XLA takes the int8 product on the CPU (AMX), with the row
     parameters the backward's X_q^T needs; XLA's row maximum and codes fusion would be two
     operations of the step, which cost it there as the weights' two did (`_quantize_weight`).
     Same numbers either way."""
-    if (int8_codes and kernels and getattr(quantize_x, "kind", None) == "absmax"
-            and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype)):
+    if _kernel_quantizes_activation(quantize_x, x, dtype, int8_codes, kernels):
         x = topk_per_token(x, quantize_x.keep_ratio)
         codes, mult, scale = cpu_int8_fused.absmax_quantize(x, quantize_x.bits, floor=EPS)
         rows = _RowQuantizedX(x, mult[..., None], scale[..., None])
