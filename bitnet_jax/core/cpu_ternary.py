@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bitnet_jax.core import cpu_int8, cpu_int8_fused
 from bitnet_jax.core.cpu_int8 import TERNARY_ABSMEAN_TARGET
-from bitnet_jax.core.quant import EPS, F32, Quantized, round_clip
+from bitnet_jax.core.quant import EPS, F32, Quantized, ternary_round
 
 
 def available() -> bool:
@@ -78,7 +78,7 @@ def _partition(mesh, arg_shapes, result_shape):
 
     def lower(w_shard):  # the formula on this device's shard, the sum completed by one psum
         g = jnp.maximum(jax.lax.psum(jnp.sum(jnp.abs(w_shard)), axes) / size, EPS)
-        return round_clip(w_shard * (1.0 / g), -1, 1).astype(jnp.int8), g
+        return ternary_round(w_shard, g).astype(jnp.int8), g
 
     return mesh, lower, (codes, gamma), (codes,)
 

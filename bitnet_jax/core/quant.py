@@ -100,6 +100,11 @@ def _apply_grouped(w: jax.Array, stat: jax.Array, fn) -> jax.Array:
     return fn(w, stat)
 
 
+def ternary_round(w32: jax.Array, gamma: jax.Array) -> jax.Array:
+    """b1.58's codes for a scale: RoundClip(W * (1 / gamma), -1, 1) (the kernels' order too)."""
+    return round_clip(w32 * (1.0 / gamma), -1, 1)
+
+
 def ternary_absmean(
     w: jax.Array, granularity: str = "tensor", group_size: Optional[int] = None
 ) -> Quantized:
@@ -109,7 +114,7 @@ def ternary_absmean(
     """
     w32 = w.astype(F32)
     gamma = jnp.maximum(_weight_reduce(jnp.abs(w32), jnp.mean, granularity, group_size), EPS)
-    codes = _apply_grouped(w32, gamma, lambda v, g: round_clip(v * (1.0 / g), -1, 1))
+    codes = _apply_grouped(w32, gamma, ternary_round)
     return Quantized(codes, gamma)
 
 
