@@ -83,12 +83,16 @@ class Mode(NamedTuple):
     # kernel (`cpu_ternary`), else by XLA (a reduction and an elementwise pass)
     activation_kernel: bool = True  # absmax activations of XLA's int8 products (AMX) quantized
     # in one pass by our kernel (`cpu_int8_fused.absmax_quantize`), else by XLA
+    gradient_kernel: bool = True  # with int8_backward, g's rows quantized by our kernels
+    # (`matmul._kernel_quantizes_gradient`), else by XLA
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "b1.58-int8": Mode("b1.58", integer=True),
          "b1.58-int8-unfused": Mode("b1.58", integer=True, fused=False),
          "b1.58-int8-bwd": Mode("b1.58", integer=True, int8_backward=True),
+         "b1.58-int8-bwd-xla-grad-quant": Mode("b1.58", integer=True, int8_backward=True,
+                                               gradient_kernel=False),
          "bf16-xla-dw": Mode("bf16", bf16_weight_gradient=False),
          "bf16-xla-attention": Mode("bf16", cpu_attention=False),
          "b1.58-xla-dw": Mode("b1.58", kernel_x_transpose=False),
@@ -134,6 +138,9 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
             patches.enter_context(mock.patch.object(cpu_ternary, "applies", lambda *args: False))
         if not mode.activation_kernel:  # x's quantization as XLA runs it (before 2026-12-05)
             patches.enter_context(mock.patch.object(matmul, "_kernel_quantizes_activation",
+                                                    lambda *args: False))
+        if not mode.gradient_kernel:  # g's quantization by XLA (AMX CPUs: before 2026-12-05)
+            patches.enter_context(mock.patch.object(matmul, "_kernel_quantizes_gradient",
                                                     lambda *args: False))
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",

@@ -168,30 +168,34 @@ def test_partitioned_under_gspmd(qx, qw):
 
 @pytest.mark.parametrize("m,k,n", [(3, 5, 7), (17, 100, 33), (301, 257, 129)])
 @pytest.mark.parametrize("g_size", ["unit", "tiny"])
-def test_int8_backward_through_the_kernel_equals_the_xla_codes(m, k, n, g_size, monkeypatch):
-    """With `int8_backward` the kernel quantizes g's rows as it multiplies (floor 0): dx equals
-    the unfused integer path's (XLA's codes of g, `int8_dot`) bit for bit, tiny gradients (far
-    below the activations' 1e-5 floor) and all-zero rows included; dw stays exact."""
+@pytest.mark.parametrize("amx", [False, True], ids=["vnni", "amx"])
+def test_int8_backward_through_the_kernel_equals_the_xla_codes(m, k, n, g_size, amx,
+                                                               monkeypatch):
+    """With `int8_backward` our kernels quantize g's rows (floor 0): inside the VNNI product,
+    or, where XLA takes the int8 product (AMX CPUs: forced), in one pass before it. dx equals
+    the integer path with XLA's codes of g bit for bit, tiny gradients (far below the
+    activations' 1e-5 floor) and all-zero rows included; dw stays exact."""
     x, w = _operands(m, k, n, seed=m + k + n)
     g = np.random.default_rng(n).normal(size=(m, n)) * (1.0 if g_size == "unit" else 1e-9)
     g[0] = 0.0
     g = jnp.asarray(g, jnp.bfloat16)
+    if amx:
+        monkeypatch.setattr(cpu_int8, "xla_int8_is_faster", lambda rows: True)
+    target = cpu_int8.ABSMAX_QUANTIZE_TARGET if amx else cpu_int8_fused.ABSMAX_QUANT_DOT_TARGET
 
-    def grads(fused):
-        if not fused:
-            monkeypatch.setattr(cpu_int8_fused, "available", lambda: False)
+    def grads(kernels):
+        with monkeypatch.context() as patches:
+            if not kernels:
+                patches.setattr(cpu_int8_fused, "available", lambda: False)
 
-        def loss(xv, wv):
-            y = matmul.quantized_dot(xv, wv, A8, TERNARY, jnp.bfloat16, True, True)
-            return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32))
-        fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        hlo = fn.lower(x, w).as_text()
-        assert hlo.count(cpu_int8_fused.ABSMAX_QUANT_DOT_TARGET) == (2 if fused else 0)
-        out = fn(x, w)
-        monkeypatch.undo()
-        return out
+            def loss(xv, wv):
+                y = matmul.quantized_dot(xv, wv, A8, TERNARY, jnp.bfloat16, True, True)
+                return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32))
+            fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+            assert fn.lower(x, w).as_text().count(target) == (2 if kernels else 0)
+            return fn(x, w)
 
-    (dx, dw), (dx_xla, dw_xla) = grads(fused=True), grads(fused=False)
+    (dx, dw), (dx_xla, dw_xla) = grads(kernels=True), grads(kernels=False)
     np.testing.assert_array_equal(_bits(dx), _bits(dx_xla))
     assert not np.any(np.asarray(dx, np.float32)[0])
     assert np.any(np.asarray(dx, np.float32)[1:])  # not flushed

@@ -333,22 +333,35 @@ def _int8_input_gradient(g, w_codes, w_scale, kernels):
     no 1e-5 floor on the absmax, which would flush small gradients; an all-zero row gives
     zeros). On CPUs with our kernels and one bf16 g per tensor scale, the kernel quantizes g's
     rows while it multiplies (`cpu_int8_fused.absmax_quant_dot`, floor 0), with the same
-    numbers: no pass over g writes its codes (not where XLA's int8 dot is faster: AMX)."""
+    numbers: no pass over g writes its codes; where XLA's int8 dot is faster (AMX), in one
+    pass before XLA's product (`_kernel_quantizes_gradient`)."""
     per_tensor = w_scale.ndim == 0 or w_scale.size == 1
-    if (per_tensor and kernels and g.dtype == jnp.bfloat16 and cpu_int8_fused.available()
-            and not cpu_int8.xla_int8_is_faster(math.prod(g.shape[:-1]))):
+    kernel_rows = _kernel_quantizes_gradient(g, per_tensor, kernels)
+    if kernel_rows and not cpu_int8.xla_int8_is_faster(math.prod(g.shape[:-1])):
         n_in = w_codes.shape[0]
         scale = jnp.broadcast_to(jnp.reshape(w_scale, ()).astype(F32), (n_in,))
         return cpu_int8_fused.absmax_quant_dot(g, w_codes, scale, 8, floor=0.0)[0]
-    if per_tensor:
-        g_scaled, post = g.astype(F32), jnp.reshape(w_scale, ()).astype(F32)
+    post = jnp.reshape(w_scale, ()).astype(F32) if per_tensor else None
+    if kernel_rows:  # XLA's int8 product (AMX) on codes from our one-pass row quantizer
+        codes, _, row_scale = cpu_int8_fused.absmax_quantize(g, 8, floor=0.0)
+        row_scale = row_scale[..., None]
     else:
-        g_scaled, post = g.astype(F32) * jnp.reshape(w_scale, w_scale.shape[-1:]), None
-    multiplier, row_scale = absmax_row_parameters(g_scaled, 127, floor=0.0)
-    codes = round_clip(g_scaled * multiplier, -127, 127)
+        g_scaled = (g.astype(F32) if per_tensor
+                    else g.astype(F32) * jnp.reshape(w_scale, w_scale.shape[-1:]))
+        multiplier, row_scale = absmax_row_parameters(g_scaled, 127, floor=0.0)
+        codes = round_clip(g_scaled * multiplier, -127, 127)
     acc = cpu_int8.int8_dot_or_xla(codes.astype(jnp.int8), w_codes)
     dx = acc.astype(F32) * row_scale
     return dx if post is None else dx * post
+
+
+def _kernel_quantizes_gradient(g, per_tensor: bool, kernels: bool) -> bool:
+    """Whether our kernels quantize g's rows for the int8 input gradient (bf16 g, weights with
+    one scale per tensor, lowered for the CPU with our kernels): inside the VNNI product, or,
+    where XLA takes the int8 product (AMX), in one pass before it (`absmax_quantize`: XLA's
+    row maximum and codes fusion would be two operations, `_quantize_activation`)."""
+    return (per_tensor and kernels and g.dtype == jnp.bfloat16
+            and cpu_int8_fused.available())
 
 
 def _per_row_int8(codes, scale) -> bool:
