@@ -85,6 +85,8 @@ class Mode(NamedTuple):
     # in one pass by our kernel (`cpu_int8_fused.absmax_quantize`), else by XLA
     gradient_kernel: bool = True  # with int8_backward, g's rows quantized by our kernels
     # (`matmul._kernel_quantizes_gradient`), else by XLA
+    ynn_eltwise: bool = False  # XLA:CPU's YNNPACK fusions take elementwise operations too
+    # (`--xla_cpu_experimental_ynn_fusion_type`), not only products
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
@@ -111,9 +113,14 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "bf16-memory-scheduler": Mode("bf16", memory_scheduler=True),
          "b1.58-memory-scheduler": Mode("b1.58", memory_scheduler=True),
          "w1.58a16-memory-scheduler": Mode("w1.58a16", memory_scheduler=True),
+         "bf16-ynn-eltwise": Mode("bf16", ynn_eltwise=True),
+         "b1.58-ynn-eltwise": Mode("b1.58", ynn_eltwise=True),
+         "b1.58-int8-bwd-ynn-eltwise": Mode("b1.58", integer=True, int8_backward=True,
+                                            ynn_eltwise=True),
          "bf16-scan": Mode("bf16", scan_layers=True),
          "b1.58-scan": Mode("b1.58", scan_layers=True)}
 DEFAULT_MODES = "bf16,b1.58,b1.58-int8"
+YNN_ELTWISE_FUSIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_ELTWISE"
 
 
 def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
@@ -147,6 +154,8 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
                                                     layers._xla_causal_block))
         options = ({"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
                    if mode.memory_scheduler else {})
+        if mode.ynn_eltwise:
+            options["xla_cpu_experimental_ynn_fusion_type"] = YNN_ELTWISE_FUSIONS
         config = dataclasses.replace(get_model_config(preset), scan_layers=mode.scan_layers)
         return _compiled_step(config, mode.precision, mode.integer, mode.int8_backward, batch,
                               seq_len, options)

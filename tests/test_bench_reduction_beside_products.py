@@ -1,0 +1,45 @@
+"""`scripts/bench_reduction_beside_products.py`: its programs compute the same chain, so that
+their times compare like with like, and a run writes every program's ratio."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+_SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    sys.path.insert(0, str(_SCRIPTS))  # the probe imports bench_train beside it
+    spec = importlib.util.spec_from_file_location("bench_reduction_beside_products",
+                                                  _SCRIPTS / "bench_reduction_beside_products.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_scaled_programs_compute_the_same_chain(probe):
+    programs = probe.programs(layers=3, tokens=16, width=8)
+    outputs = {name: np.asarray(jax.device_get(step(state, args)[1]), np.float32)
+               for name, (step, state, args) in programs.items() if name != "the reductions alone"}
+    want = outputs["given scales"]
+    for name in ("reduction beside each product", "reductions first"):
+        np.testing.assert_array_equal(outputs[name], want)
+    assert not np.array_equal(outputs["plain"], want)  # the scales are not all 1
+
+
+def test_a_run_writes_each_programs_ratio_to_the_plain_chain(probe, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    assert probe.main(["--layers", "2", "--tokens", "16", "--width", "8", "--rounds", "3",
+                       "--out", str(out)]) == 0
+    results = {row["program"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(results) == {"plain", "given scales", "reduction beside each product",
+                            "reductions first", "the reductions alone"}
+    assert results["plain"]["vs_plain"] == 1.0
+    assert all(row["low"] <= row["vs_plain"] <= row["high"] for row in results.values())
+    assert "wrote" in capsys.readouterr().out
