@@ -2,18 +2,19 @@
 costs itself?
 
 The question behind b1.58's weight-quantization kernel (README, Benchmarks): in the trained step,
-XLA's mean|W| per linear cost the step far more than the reductions' own op time, and our reading
-was that the runtime runs them concurrently with the products, which then lose a core. This
-times that reading in isolation: a chain of `--layers` bf16 products (float32 weights cast to
-bf16, float32 accumulation, as a linear layer computes), each output scaled by
-- nothing ("plain"),
-- a scalar passed in ("given scales"),
-- mean|W| of its own weight computed in the same program ("reduction beside each product"),
-- every mean|W| first, behind an optimization barrier ("reductions first"),
-and the reductions alone. The programs run interleaved, one call of each per round in rotating
-order (`bench_train.interleaved_step_times`); ratios to "plain" are paired per round with a 95%
-bootstrap interval (`bench_train.paired_ratio`). Prints a table and writes JSON (default
-`bench_reduction_beside_products.json`).
+XLA's mean|W| and codes per linear cost the step far more than their own op time, and our
+reading was that the runtime runs them concurrently with the products, which then lose a core.
+This times that reading in isolation: a chain of `--layers` bf16 products of x with a linear's
+ternary codes, round(W / s) clipped to [-1, 1] from float32 weights W, each output times s, where
+s is
+- passed in ("codes, scales given"),
+- a compile-time constant ("codes, scales constant"),
+- mean|W| computed in the same program ("codes, scales reduced beside each product"),
+- every mean|W| computed first, behind an optimization barrier ("codes, scales reduced first"),
+against the chain of plain bf16 products ("plain") and the reductions alone. The programs run
+interleaved, one call of each per round in rotating order (`bench_train.interleaved_step_times`);
+ratios to "plain" are paired per round with a 95% bootstrap interval (`bench_train.paired_ratio`).
+Prints a table and writes JSON (default `bench_reduction_beside_products.json`).
 
     python scripts/bench_reduction_beside_products.py [--layers 12] [--tokens 4096]
                                                       [--width 512] [--rounds 30] [--out FILE]
@@ -39,19 +40,20 @@ import bench_train  # noqa: E402  (interleaved timing and paired ratios: one hom
 _DOT = (((1,), (0,)), ((), ()))
 
 
-def _product(x, w):
-    return jax.lax.dot_general(x, w.astype(jnp.bfloat16), _DOT, preferred_element_type=jnp.float32)
+def _product(x, w_bf16):
+    return jax.lax.dot_general(x, w_bf16, _DOT, preferred_element_type=jnp.float32)
 
 
 def plain(x, ws):
     for w in ws:
-        x = _product(x, w).astype(jnp.bfloat16)
+        x = _product(x, w.astype(jnp.bfloat16)).astype(jnp.bfloat16)
     return x
 
 
-def given_scales(x, ws, scales):
+def codes_chain(x, ws, scales):
     for w, scale in zip(ws, scales):
-        x = (_product(x, w) * scale).astype(jnp.bfloat16)
+        codes = jnp.clip(jnp.round(w / scale), -1, 1).astype(jnp.bfloat16)
+        x = (_product(x, codes) * scale).astype(jnp.bfloat16)
     return x
 
 
@@ -60,16 +62,14 @@ def mean_abs(ws):
     return [jnp.mean(jnp.abs(jax.lax.stop_gradient(w))) for w in ws]
 
 
-def reduction_beside_each_product(x, ws):
-    for w in ws:
-        x = (_product(x, w) * mean_abs([w])[0]).astype(jnp.bfloat16)
-    return x
+def reduced_beside_each_product(x, ws):
+    return codes_chain(x, ws, mean_abs(ws))
 
 
-def reductions_first(x, ws):
+def reduced_first(x, ws):
     scales = jax.lax.optimization_barrier(mean_abs(ws))
     x = jax.lax.optimization_barrier((x, scales))[0]
-    return given_scales(x, ws, scales)
+    return codes_chain(x, ws, scales)
 
 
 def programs(layers: int, tokens: int, width: int) -> dict:
@@ -79,16 +79,19 @@ def programs(layers: int, tokens: int, width: int) -> dict:
           for _ in range(layers)]
     x = jnp.asarray(rng.normal(size=(tokens, width)), jnp.bfloat16)
     scales = jax.jit(mean_abs)(ws)
+    constants = [float(scale) for scale in scales]
 
     def as_step(fn):
         compiled = jax.jit(fn)
         return lambda state, args: (state, compiled(*args))
 
     return {"plain": (as_step(plain), None, (x, ws)),
-            "given scales": (as_step(given_scales), None, (x, ws, scales)),
-            "reduction beside each product": (as_step(reduction_beside_each_product), None,
-                                              (x, ws)),
-            "reductions first": (as_step(reductions_first), None, (x, ws)),
+            "codes, scales given": (as_step(codes_chain), None, (x, ws, scales)),
+            "codes, scales constant": (as_step(lambda x, ws: codes_chain(x, ws, constants)),
+                                       None, (x, ws)),
+            "codes, scales reduced beside each product": (
+                as_step(reduced_beside_each_product), None, (x, ws)),
+            "codes, scales reduced first": (as_step(reduced_first), None, (x, ws)),
             "the reductions alone": (as_step(mean_abs), None, (ws,))}
 
 
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
         ratio, low, high = bench_train.paired_ratio(samples, times["plain"])
         rows.append({"program": name, "median_ms": 1e3 * float(np.median(samples)),
                      "vs_plain": ratio, "low": low, "high": high})
-        print(f"{name:>30}  {rows[-1]['median_ms']:8.2f} ms  {ratio:.3f} [{low:.3f}, {high:.3f}]")
+        print(f"{name:>42}  {rows[-1]['median_ms']:8.2f} ms  {ratio:.3f} [{low:.3f}, {high:.3f}]")
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
     print(f"wrote {args.out}")
