@@ -54,7 +54,7 @@ import numpy as np
 import scipy.stats
 
 from bitnet_jax.allocator import active_allocator
-from bitnet_jax.core import cpu_int8, cpu_int8_fused, cpu_ternary, matmul
+from bitnet_jax.core import cpu_int8, cpu_int8_fused, cpu_ternary, matmul, quant
 from bitnet_jax.model import accounting as compute, cpu_attention, layers
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
@@ -85,6 +85,8 @@ class Mode(NamedTuple):
     # in one pass by our kernel (`cpu_int8_fused.absmax_quantize`), else by XLA
     gradient_kernel: bool = True  # with int8_backward, g's rows quantized by our kernels
     # (`matmul._kernel_quantizes_gradient`), else by XLA
+    bisection_topk: bool = True  # a4.8's TopK threshold by bisection on CPUs
+    # (`quant.kth_largest`), else by XLA's TopK (a sort per row)
     ynn_eltwise: bool = False  # XLA:CPU's YNNPACK fusions take elementwise operations too
     # (`--xla_cpu_experimental_ynn_fusion_type`), not only products
 
@@ -106,6 +108,8 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "b1.58-int8-xla-weight-quant": Mode("b1.58", integer=True, weight_kernel=False),
          # b1.58's fake quantization split in two: which half costs (an ablation)
          "w1.58a16": Mode("w1.58a16"), "w16a8": Mode("w16a8"),
+         "a4.8": Mode("a4.8"), "a4.8-int8": Mode("a4.8", integer=True),
+         "a4.8-xla-topk": Mode("a4.8", bisection_topk=False),
          # The baseline again, compiled and timed as a mode of its own: its ratio to bf16 is
          # the spread a ratio has on this machine when nothing differs.
          "bf16-null": Mode("bf16"),
@@ -149,6 +153,9 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.gradient_kernel:  # g's quantization by XLA (AMX CPUs: before 2026-12-05)
             patches.enter_context(mock.patch.object(matmul, "_kernel_quantizes_gradient",
                                                     lambda *args: False))
+        if not mode.bisection_topk:  # XLA's TopK on every platform (before 2026-12-05)
+            patches.enter_context(mock.patch.object(
+                quant, "kth_largest", lambda values, k: jax.lax.top_k(values, k)[0][..., -1:]))
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
                                                     layers._xla_causal_block))
