@@ -203,60 +203,6 @@ def test_topk_keeps_half_by_default():
         quant.topk_per_token(x, 0.0)
 
 
-def _awkward_magnitudes(dtype, rows=64, n=37, seed=0):
-    """Non-negative rows with what orders badly: ties (rows of one value, repeated values), zeros,
-    subnormals, infinities, the largest finite value, and a few NaN."""
-    rng = np.random.default_rng(seed)
-    info = np.finfo(np.float32) if dtype == jnp.bfloat16 else np.finfo(dtype)
-    decades = 4 if dtype == jnp.float16 else 30
-    x = np.abs(rng.normal(size=(rows, n))) * 10.0 ** rng.integers(-decades, decades, (rows, 1))
-    x[1] = 0.0
-    x[2] = 3.0
-    x[3, ::2] = 1.5
-    x[4, :5] = np.inf
-    x[5, 3] = float(info.max) / 4
-    x[6, :10] = float(info.tiny) / 8  # subnormal
-    x[7, 7] = np.nan
-    x[8, ::3] = np.nan
-    return jnp.asarray(x, dtype)
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-def test_kth_largest_is_top_ks_value_bit_for_bit(dtype):
-    """`kth_largest` (bisection on the bit patterns on CPUs) gives `lax.top_k`'s k-th value, from
-    the largest to the smallest, on ties, zeros, subnormals, infinities and NaN (NaN counts as
-    the largest in both)."""
-    x = _awkward_magnitudes(dtype)
-    bisect = jax.jit(quant.kth_largest, static_argnums=1)
-    top_k = jax.jit(lambda v, k: jax.lax.top_k(v, k)[0][..., -1:], static_argnums=1)
-    compiled = bisect.lower(x, 5).compile().as_text()
-    assert "topk" not in compiled.lower() and " sort(" not in compiled  # no sort on a CPU
-    for k in (1, 2, 9, 18, 19, 36, 37):
-        got, want = np.asarray(bisect(x, k)), np.asarray(top_k(x, k))
-        assert got.shape == (x.shape[0], 1)
-        np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"),
-                                      err_msg=f"k={k}")
-        finite = ~np.isnan(np.asarray(x, np.float32)).any(axis=-1)
-        np.testing.assert_array_equal(  # and numpy's sort, where no NaN is in the row
-            np.asarray(got, np.float32)[finite, 0],
-            -np.sort(-np.asarray(x, np.float32)[finite], axis=-1)[:, k - 1])
-
-
-def test_kth_largest_on_leading_axes_and_a_sharded_batch():
-    x = jnp.abs(make_input((4, 6, 40), jnp.bfloat16, seed=9))
-    want = jax.lax.top_k(x, 13)[0][..., -1:]
-    np.testing.assert_array_equal(np.asarray(jax.jit(quant.kth_largest, static_argnums=1)(x, 13)),
-                                  np.asarray(want))
-    devices = jax.devices()
-    if len(devices) < 4:
-        return
-    mesh = jax.sharding.Mesh(np.array(devices[:4]), ("data",))
-    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-    fn = jax.jit(quant.kth_largest, static_argnums=1)
-    assert "all-gather" not in fn.lower(xs, 13).compile().as_text()
-    np.testing.assert_array_equal(np.asarray(fn(xs, 13)), np.asarray(want))
-
-
 # ---------------------------------------------------------------- Hadamard
 
 @pytest.mark.parametrize("n", [1, 2, 8, 64, 256])

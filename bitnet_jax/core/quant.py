@@ -18,7 +18,8 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from bitnet_jax.core.order_statistics import kth_largest
 
 EPS = 1e-5
 F32 = jnp.float32
@@ -233,7 +234,8 @@ def topk_per_token(x: jax.Array, keep_ratio: float = 0.5) -> jax.Array:
     """BitNet a4.8 TopK sparsification: keep the k = ceil(ratio * n) largest |x| of each token.
 
     Entries tied with the k-th largest magnitude are all kept (a threshold, not a scatter: cheap and
-    elementwise, so it shards like any activation).
+    elementwise, so it shards like any activation; found without a sort on CPUs:
+    `order_statistics`).
     """
     k = topk_count(x.shape[-1], keep_ratio)
     if k == x.shape[-1]:
@@ -242,34 +244,3 @@ def topk_per_token(x: jax.Array, keep_ratio: float = 0.5) -> jax.Array:
     threshold = kth_largest(magnitude, k)
     return jnp.where(magnitude >= threshold, x, jnp.zeros_like(x))
 
-
-def kth_largest(values: jax.Array, k: int) -> jax.Array:
-    """The k-th largest of each row (last axis) of non-negative floats, shape (..., 1): exactly
-    `jax.lax.top_k(values, k)[0][..., -1:]`, which it is on GPUs and TPUs.
-
-    On CPUs found by bisection on the values' bit patterns (`_kth_largest_by_bisection`), not by
-    `lax.top_k`: XLA:CPU's TopK sorts each row, 97 ms for 4096 rows of 256 bf16 values against
-    4 ms here, and it made a4.8's training step 1.93x the bf16 step at ladder-6.4m (2-core Xeon,
-    2026-12-05; README, Benchmarks).
-    """
-    if not jnp.issubdtype(values.dtype, jnp.floating):
-        return jax.lax.top_k(values, k)[0][..., -1:]
-    return jax.lax.platform_dependent(
-        values, cpu=lambda v: _kth_largest_by_bisection(v, k),
-        default=lambda v: jax.lax.top_k(v, k)[0][..., -1:])
-
-
-def _kth_largest_by_bisection(values: jax.Array, k: int) -> jax.Array:
-    """The largest threshold t with at least k values >= t in each row, built bit by bit from the
-    top: non-negative floats order as their bit patterns do (as unsigned integers), so t is the
-    k-th largest value itself. One compare-and-count pass per bit below the sign bit (15 for
-    bf16, 31 for float32), each elementwise and a row sum: it fuses, and shards like any
-    activation."""
-    uint = jnp.dtype(f"uint{8 * values.dtype.itemsize}")
-    bits = jax.lax.bitcast_convert_type(values, uint)
-    found = jnp.zeros((*values.shape[:-1], 1), uint)
-    for bit in reversed(range(8 * values.dtype.itemsize - 1)):
-        candidate = found | np.array(1 << bit, uint)
-        enough = jnp.sum(bits >= candidate, axis=-1, keepdims=True, dtype=jnp.int32) >= k
-        found = jnp.where(enough, candidate, found)
-    return jax.lax.bitcast_convert_type(found, values.dtype)
