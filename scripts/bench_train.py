@@ -86,7 +86,7 @@ class Mode(NamedTuple):
     gradient_kernel: bool = True  # with int8_backward, g's rows quantized by our kernels
     # (`matmul._kernel_quantizes_gradient`), else by XLA
     bisection_topk: bool = True  # a4.8's TopK threshold by bisection on CPUs
-    # (`quant.kth_largest`), else by XLA's TopK (a sort per row)
+    # (`order_statistics.kth_largest`, as `quant` takes it), else by XLA's TopK (a sort per row)
     ynn_eltwise: bool = False  # XLA:CPU's YNNPACK fusions take elementwise operations too
     # (`--xla_cpu_experimental_ynn_fusion_type`), not only products
 

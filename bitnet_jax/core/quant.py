@@ -243,4 +243,3 @@ def topk_per_token(x: jax.Array, keep_ratio: float = 0.5) -> jax.Array:
     magnitude = jnp.abs(x)
     threshold = kth_largest(magnitude, k)
     return jnp.where(magnitude >= threshold, x, jnp.zeros_like(x))
-
