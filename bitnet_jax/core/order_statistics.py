@@ -2,7 +2,7 @@
 
 `jax.lax.top_k` is exact everywhere, but XLA:CPU computes it by sorting every row: 97 ms for 4096
 rows of 256 bf16 values, 37 ms for 8 rows of 32,000 float32 logits (2-core Xeon, 2026-12-05),
-which made a4.8's training step (its TopK sparsification) 2.1-2.2x the bf16 step. A threshold
+which made a4.8's training step (its TopK sparsification) 2.0-2.2x the bf16 step. A threshold
 needs only the k-th value, and floats order as their bit patterns do once those are mapped to
 unsigned integers, so on CPUs `kth_largest` builds it bit by bit: one compare-and-count pass per
 bit of the type, elementwise and a row sum, which fuses and shards like any activation.
