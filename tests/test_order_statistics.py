@@ -46,8 +46,9 @@ def test_kth_largest_is_top_ks_value_bit_for_bit(dtype, sign):
         x = jnp.abs(x)
     bisection = jax.jit(kth_largest, static_argnums=1)
     top_k = jax.jit(lambda v, k: jax.lax.top_k(v, k)[0][..., -1:], static_argnums=1)
-    compiled = bisection.lower(x, 5).compile().as_text()
-    assert "topk" not in compiled.lower() and " sort(" not in compiled  # no sort on a CPU
+    if jax.default_backend() == "cpu":  # no sort on a CPU (elsewhere: lax.top_k itself)
+        compiled = bisection.lower(x, 5).compile().as_text()
+        assert "topk" not in compiled.lower() and " sort(" not in compiled
     for k in (1, 2, 9, 18, 19, 36, 37):
         got, want = bisection(x, k), top_k(x, k)
         assert got.shape == (x.shape[0], 1) and got.dtype == x.dtype
