@@ -3,7 +3,9 @@
 XLA reads the flag when the CPU backend starts, so it must be set before JAX is first used.
 """
 
+import importlib.util
 import os
+import pathlib
 import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
@@ -37,3 +39,19 @@ import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 # Float32 matmuls at full precision on every platform (GPUs default to TF32), so the numpy
 # comparisons mean the same on a GPU host as on the CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+_SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """`load_script(name)`: scripts/<name>.py imported as a module (the benchmarks are scripts,
+    not a package; those that use `bench_train` put scripts/ on sys.path themselves)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, _SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -1,26 +1,15 @@
 """`scripts/bench_reduction_beside_products.py`: its programs compute the same chain, so that
 their times compare like with like, and a run writes every program's ratio."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-_SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
-
-
 @pytest.fixture(scope="module")
-def probe():
-    sys.path.insert(0, str(_SCRIPTS))  # the probe imports bench_train beside it
-    spec = importlib.util.spec_from_file_location("bench_reduction_beside_products",
-                                                  _SCRIPTS / "bench_reduction_beside_products.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def probe(load_script):
+    return load_script("bench_reduction_beside_products")  # it puts scripts/ on sys.path
 
 
 def test_the_scaled_programs_compute_the_same_chain(probe):

@@ -1,21 +1,13 @@
 """`scripts/bench_train.py`: step-time ratios paired by round, with intervals, and its modes."""
 
-import importlib.util
 import mmap
-import pathlib
 
 import numpy as np
 import pytest
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
-
-
 @pytest.fixture(scope="module")
-def bench_train():
-    spec = importlib.util.spec_from_file_location("bench_train", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench_train(load_script):
+    return load_script("bench_train")
 
 
 def test_a_load_shared_by_both_steps_of_a_round_cancels(bench_train):

@@ -1,20 +1,12 @@
 """`scripts/profile_train.py`: a step's device time per kernel, from the profiler's trace."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-_SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
-
-
 @pytest.fixture(scope="module")
-def profile_train():
-    spec = importlib.util.spec_from_file_location("profile_train", _SCRIPTS / "profile_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # it puts scripts/ on sys.path for bench_train beside it
-    return module
+def profile_train(load_script):
+    return load_script("profile_train")  # it puts scripts/ on sys.path for bench_train
 
 
 def _metadata(pid, name):
