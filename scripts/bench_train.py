@@ -85,6 +85,8 @@ class Mode(NamedTuple):
     # in one pass by our kernel (`cpu_int8_fused.absmax_quantize`), else by XLA
     gradient_kernel: bool = True  # with int8_backward, g's rows quantized by our kernels
     # (`matmul._kernel_quantizes_gradient`), else by XLA
+    quantizer_derivative: bool = False  # the fake quantizers (a4.8's KV cache) differentiated
+    # as JAX did before `quant.fake_quantize` stopped their gradient (the STE discards it)
     bisection_topk: bool = True  # a4.8's TopK threshold by bisection on CPUs
     # (`order_statistics.kth_largest`, as `quant` takes it), else by XLA's TopK (a sort per row)
     ynn_eltwise: bool = False  # XLA:CPU's YNNPACK fusions take elementwise operations too
@@ -110,6 +112,7 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "w1.58a16": Mode("w1.58a16"), "w16a8": Mode("w16a8"),
          "a4.8": Mode("a4.8"), "a4.8-int8": Mode("a4.8", integer=True),
          "a4.8-xla-topk": Mode("a4.8", bisection_topk=False),
+         "a4.8-kv-derivative": Mode("a4.8", quantizer_derivative=True),
          # The baseline again, compiled and timed as a mode of its own: its ratio to bf16 is
          # the spread a ratio has on this machine when nothing differs.
          "bf16-null": Mode("bf16"),
@@ -156,6 +159,10 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.bisection_topk:  # XLA's TopK on every platform (before 2026-12-05)
             patches.enter_context(mock.patch.object(
                 quant, "kth_largest", lambda values, k: jax.lax.top_k(values, k)[0][..., -1:]))
+        if mode.quantizer_derivative:  # before 2026-12-05: the quantizer saw x's tangent
+            patches.enter_context(mock.patch.object(
+                quant, "fake_quantize",
+                lambda quantizer, x: quant.ste(x, quantizer(x).dequantize(x.dtype))))
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
                                                     layers._xla_causal_block))

@@ -163,6 +163,18 @@ def test_kv_quantization_keeps_bos_at_more_bits():
                                rtol=1e-6)
 
 
+def test_kv_quantization_gradient_is_the_identity_without_the_quantizers_derivative():
+    k = normal((2, 4, 2, 16), 8).astype(jnp.bfloat16)
+    cotangent = normal((2, 4, 2, 16), 9).astype(jnp.bfloat16)
+    kv = KVCachePrecision(bits=3, bos_bits=4)
+    loss = lambda x: jnp.sum((quantize_kv(x, None, kv) * cotangent).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(jax.grad(loss)(k), np.float32),
+                                  np.asarray(cotangent, np.float32))
+    # JAX's derivative of the absmax reduction is a tree of slices (test_quant: the STE)
+    program = str(jax.make_jaxpr(jax.grad(loss))(k))
+    assert " slice[" not in program
+
+
 @pytest.mark.parametrize("activation", ["swiglu", "relu2"])
 @pytest.mark.parametrize("sub_norm", [False, True])
 def test_gated_mlp_matches_numpy(activation, sub_norm):

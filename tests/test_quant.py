@@ -1,6 +1,7 @@
 """Quantizers against numpy transcriptions of the published formulas (shared/reference/bitnet.md)."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,18 @@ def test_ste_gradient_is_exactly_identity(name, dtype):
                                   np.asarray(quantizer(x).dequantize(dtype), np.float32))
     grad = jax.grad(lambda v: jnp.sum(quant.fake_quantize(quantizer, v) * cotangent))(x)
     np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(cotangent, np.float32))
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_ste_does_not_differentiate_the_quantizer(name):
+    """The gradient program holds no JVP of the quantizer: JAX differentiates `row_absmax`'s
+    two-output reduction as a tree of slices (XLA:CPU then copies the activations transposed),
+    and the STE discards that derivative anyway."""
+    x = make_input((4, 2, 32), jnp.bfloat16, seed=14)
+    loss = lambda v: jnp.sum(quant.fake_quantize(QUANTIZERS[name], v).astype(jnp.float32))
+    def slices(fn):  # in the printed program, nested jaxprs included
+        return len(re.findall(r"\bslice\[", str(jax.make_jaxpr(fn)(x))))
+    assert slices(jax.grad(loss)) == slices(loss)
 
 
 # ---------------------------------------------------------------- quantized matmul

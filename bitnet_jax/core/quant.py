@@ -66,8 +66,13 @@ def ste(x: jax.Array, quantized: jax.Array) -> jax.Array:
 
 
 def fake_quantize(quantizer: Quantizer, x: jax.Array) -> jax.Array:
-    """Quantize-dequantize `x` with an STE gradient, in `x`'s dtype."""
-    return ste(x, quantizer(x).dequantize(x.dtype))
+    """Quantize-dequantize `x` with an STE gradient, in `x`'s dtype.
+
+    The quantizer sees `x` without its tangent: its gradient is not taken anyway, and JAX
+    differentiates the two-output reduction of `row_absmax` as a tree of slices, which XLA:CPU
+    ran behind a float32 transposed copy of the activations (a4.8's 3-bit KV fake quantization;
+    README, Benchmarks)."""
+    return ste(x, quantizer(jax.lax.stop_gradient(x)).dequantize(x.dtype))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -187,8 +187,7 @@ def quantize_kv(x_BxTxKxH: jax.Array, positions_BxT: Optional[jax.Array],
                 kv: KVCachePrecision) -> jax.Array:
     """Fake-quantize keys or values as the KV cache stores them (`kv_cache.quantize`), STE
     gradient. `positions_BxT=None` means positions 0..T-1."""
-    return quant.ste(x_BxTxKxH,
-                     kv_cache.quantize(x_BxTxKxH, positions_BxT, kv).dequantize(x_BxTxKxH.dtype))
+    return quant.fake_quantize(lambda x: kv_cache.quantize(x, positions_BxT, kv), x_BxTxKxH)
 
 
 def attention_implementation(dtype, head_dim: int) -> Optional[str]:
