@@ -54,7 +54,8 @@ import numpy as np
 import scipy.stats
 
 from bitnet_jax.allocator import active_allocator
-from bitnet_jax.core import cpu_int8, cpu_int8_fused, cpu_ternary, matmul, quant
+from bitnet_jax.core import (cpu_int8, cpu_int8_fused, cpu_order_statistics, cpu_ternary, matmul,
+                             quant)
 from bitnet_jax.model import accounting as compute, cpu_attention, layers
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
@@ -89,6 +90,8 @@ class Mode(NamedTuple):
     # as JAX did before `quant.fake_quantize` stopped their gradient (the STE discards it)
     bisection_topk: bool = True  # a4.8's TopK threshold by bisection on CPUs
     # (`order_statistics.kth_largest`, as `quant` takes it), else by XLA's TopK (a sort per row)
+    kth_kernel: bool = True  # that bisection in our CPU kernel (`cpu_order_statistics`), else
+    # as XLA's passes over the whole array
     ynn_eltwise: bool = False  # XLA:CPU's YNNPACK fusions take elementwise operations too
     # (`--xla_cpu_experimental_ynn_fusion_type`), not only products
 
@@ -112,6 +115,7 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "w1.58a16": Mode("w1.58a16"), "w16a8": Mode("w16a8"),
          "a4.8": Mode("a4.8"), "a4.8-int8": Mode("a4.8", integer=True),
          "a4.8-xla-topk": Mode("a4.8", bisection_topk=False),
+         "a4.8-xla-bisection": Mode("a4.8", kth_kernel=False),
          "a4.8-kv-derivative": Mode("a4.8", quantizer_derivative=True),
          # The baseline again, compiled and timed as a mode of its own: its ratio to bf16 is
          # the spread a ratio has on this machine when nothing differs.
@@ -159,6 +163,9 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.bisection_topk:  # XLA's TopK on every platform (before 2026-12-05)
             patches.enter_context(mock.patch.object(
                 quant, "kth_largest", lambda values, k: jax.lax.top_k(values, k)[0][..., -1:]))
+        if not mode.kth_kernel:  # the bisection as XLA's passes (before 2026-12-05, 08:00)
+            patches.enter_context(mock.patch.object(cpu_order_statistics, "applies",
+                                                    lambda values: False))
         if mode.quantizer_derivative:  # before 2026-12-05: the quantizer saw x's tangent
             patches.enter_context(mock.patch.object(
                 quant, "fake_quantize",

@@ -1,13 +1,28 @@
-"""`order_statistics.kth_largest` is `lax.top_k`'s k-th value bit for bit, without its sort on CPUs."""
+"""`order_statistics.kth_largest` is `lax.top_k`'s k-th value bit for bit, without its sort on
+CPUs: by XLA's bisection and by our kernel's (`cpu_order_statistics`)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bitnet_jax.core import cpu_order_statistics
 from bitnet_jax.core.order_statistics import kth_largest
 
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
+
+
+@pytest.fixture(params=["kernel", "xla-bisection"])
+def cpu_path(request, monkeypatch):
+    """Each test on CPUs twice: through our kernel, and through XLA's passes without it."""
+    if request.param == "kernel":
+        if not cpu_order_statistics.available():
+            pytest.skip("the CPU kernels are not available here")
+    else:
+        monkeypatch.setattr(cpu_order_statistics, "applies", lambda values: False)
+    jax.clear_caches()  # traces of `kth_largest` made on the other path
+    yield request.param
+    jax.clear_caches()
 
 
 def awkward_rows(dtype, rows=64, n=37, seed=0):
@@ -38,7 +53,7 @@ def _bits(a):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sign", ["signed", "magnitudes"])
-def test_kth_largest_is_top_ks_value_bit_for_bit(dtype, sign):
+def test_kth_largest_is_top_ks_value_bit_for_bit(dtype, sign, cpu_path):
     """From the largest to the smallest: XLA's TopK orders by IEEE total order (-0 below +0, NaN
     above infinity, -NaN below it), and so does the bisection."""
     x = awkward_rows(dtype)
@@ -49,6 +64,7 @@ def test_kth_largest_is_top_ks_value_bit_for_bit(dtype, sign):
     if jax.default_backend() == "cpu":  # no sort on a CPU (elsewhere: lax.top_k itself)
         compiled = bisection.lower(x, 5).compile().as_text()
         assert "topk" not in compiled.lower() and " sort(" not in compiled
+        assert ("bitnet_kth_largest" in compiled) == (cpu_path == "kernel")
     for k in (1, 2, 9, 18, 19, 36, 37):
         got, want = bisection(x, k), top_k(x, k)
         assert got.shape == (x.shape[0], 1) and got.dtype == x.dtype
@@ -58,7 +74,24 @@ def test_kth_largest_is_top_ks_value_bit_for_bit(dtype, sign):
                                       -np.sort(-np.asarray(x, np.float32)[rows], axis=-1)[:, k - 1])
 
 
-def test_on_leading_axes_and_a_sharded_batch():
+@pytest.mark.parametrize("dtype, n", [(jnp.bfloat16, 4099), (jnp.float32, 32000)])
+def test_long_rows_and_their_tails(dtype, n, cpu_path):
+    """Rows of many vector widths and a tail (the kernel takes 32 or 16 keys at a time), and a
+    vocabulary's worth of logits as top-k sampling ranks them."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(3, n)), dtype)
+    for k in (1, 20, n // 2, n - 1, n):
+        np.testing.assert_array_equal(_bits(jax.jit(kth_largest, static_argnums=1)(x, k)),
+                                      _bits(jax.lax.top_k(x, k)[0][..., -1:]), err_msg=f"k={k}")
+
+
+def test_under_vmap_and_without_rows(cpu_path):
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(3, 5, 24)), jnp.bfloat16)
+    got = jax.jit(jax.vmap(lambda row: kth_largest(row, 7)))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.lax.top_k(x, 7)[0][..., -1:]))
+    assert kth_largest(jnp.zeros((0, 24), jnp.float32), 3).shape == (0, 1)
+
+
+def test_on_leading_axes_and_a_sharded_batch(cpu_path):
     x = jnp.asarray(np.random.default_rng(9).normal(size=(4, 6, 40)), jnp.bfloat16)
     want = jax.lax.top_k(x, 13)[0][..., -1:]
     fn = jax.jit(kth_largest, static_argnums=1)

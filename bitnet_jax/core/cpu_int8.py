@@ -46,19 +46,22 @@ _log = logging.getLogger(__name__)
 
 TARGET_NAME = "bitnet_int8_dot"
 DEQUANTIZE_TRANSPOSE_TARGET = "bitnet_dequantize_transpose"
-# The fused entry points of the same source, wrapped by `cpu_int8_fused`, and the weights'
-# ternary quantization (`cpu_ternary`): registered here so that one build, one load and one
-# registration serve all three modules.
+# The fused entry points of the same source, wrapped by `cpu_int8_fused`, the weights'
+# ternary quantization (`cpu_ternary`) and rows' k-th largest values (`cpu_order_statistics`):
+# registered here so that one build, one load and one registration serve all four modules.
 ABSMAX_QUANT_DOT_TARGET = "bitnet_absmax_quant_dot"
 SCALED_QUANT_DOT_TARGET = "bitnet_scaled_quant_dot"
 QUANTIZE_TRANSPOSE_TARGET = "bitnet_quantize_transpose"
 ABSMAX_QUANTIZE_TARGET = "bitnet_absmax_quantize"
 TERNARY_ABSMEAN_TARGET = "bitnet_ternary_absmean"  # `cpu_ternary`'s
+KTH_LARGEST_16_TARGET = "bitnet_kth_largest_u16"  # `cpu_order_statistics`'
+KTH_LARGEST_32_TARGET = "bitnet_kth_largest_u32"
 _KERNELS = Path(__file__).with_name("kernels")
 _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
 _LIBRARY = KernelLibrary(
     "int8_matmul",
-    sources=(_KERNELS / "int8_matmul.cc", _KERNELS / "ternary_absmean.cc"),
+    sources=(_KERNELS / "int8_matmul.cc", _KERNELS / "ternary_absmean.cc",
+             _KERNELS / "kth_largest.cc"),
     headers=(_KERNELS / "ffi_parallel.h",),
     cxx_flags=("-O3", "-std=c++17", "-shared", "-fPIC", "-w") + _ISA_FLAGS,
     required_cpu_flags=("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
@@ -68,7 +71,9 @@ _LIBRARY = KernelLibrary(
              SCALED_QUANT_DOT_TARGET: "BitnetScaledQuantDot",
              QUANTIZE_TRANSPOSE_TARGET: "BitnetQuantizeTranspose",
              ABSMAX_QUANTIZE_TARGET: "BitnetAbsmaxQuantize",
-             TERNARY_ABSMEAN_TARGET: "BitnetTernaryAbsmean"},
+             TERNARY_ABSMEAN_TARGET: "BitnetTernaryAbsmean",
+             KTH_LARGEST_16_TARGET: "BitnetKthLargest16",
+             KTH_LARGEST_32_TARGET: "BitnetKthLargest32"},
     logger=_log,
     failure_message="bitnet_jax.core.cpu_int8: VNNI kernel unavailable, using XLA's int8 dot")
 

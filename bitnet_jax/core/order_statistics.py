@@ -5,7 +5,9 @@ rows of 256 bf16 values, 37 ms for 8 rows of 32,000 float32 logits (2-core Xeon,
 which made a4.8's training step (its TopK sparsification) 2.0-2.2x the bf16 step. A threshold
 needs only the k-th value, and floats order as their bit patterns do once those are mapped to
 unsigned integers, so on CPUs `kth_largest` builds it bit by bit: one compare-and-count pass per
-bit of the type, elementwise and a row sum, which fuses and shards like any activation.
+bit of the type, elementwise and a row sum, which fuses and shards like any activation. Where
+our CPU kernels are built (`cpu_order_statistics`), one custom call runs the same passes row by
+row while each row is in cache: the same bits, 4-7x faster again.
 """
 
 from __future__ import annotations
@@ -14,18 +16,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitnet_jax.core import cpu_order_statistics
+
 
 def kth_largest(values: jax.Array, k: int) -> jax.Array:
     """The k-th largest of each row (last axis) of `values`, shape (..., 1): exactly
     `jax.lax.top_k(values, k)[0][..., -1:]`, which it is on GPUs and TPUs and for integers;
-    on CPUs by bisection (`_kth_largest_by_bisection`)."""
+    on CPUs by bisection (`_kth_largest_by_bisection`, in our kernel where it applies)."""
     if not 1 <= k <= values.shape[-1]:
         raise ValueError(f"k must be in [1, {values.shape[-1]}], got {k}")
     if not jnp.issubdtype(values.dtype, jnp.floating):
         return _top_k_value(values, k)
     return jax.lax.platform_dependent(
-        values, cpu=lambda v: _kth_largest_by_bisection(v, k),
-        default=lambda v: _top_k_value(v, k))
+        values, cpu=lambda v: _kth_largest_on_cpu(v, k), default=lambda v: _top_k_value(v, k))
+
+
+def _kth_largest_on_cpu(values, k):
+    if cpu_order_statistics.applies(values):
+        return cpu_order_statistics.kth_largest(values, k)
+    return _kth_largest_by_bisection(values, k)
 
 
 def _top_k_value(values, k):
