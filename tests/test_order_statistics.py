@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax.core import cpu_order_statistics
-from bitnet_jax.core.order_statistics import kth_largest
+from bitnet_jax.core.order_statistics import kth_largest, smallest_with_mass_above_below
 
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
 
@@ -112,3 +112,21 @@ def test_integers_and_a_k_out_of_range():
         kth_largest(x, 6)
     with pytest.raises(ValueError, match="k must be in"):
         kth_largest(x, 0)
+
+
+def test_mass_threshold_on_leading_axes_without_a_sort():
+    """Values 4 > 3 > 2 = 2 > 1 weighing 1/8, 1/4, 1/8 and 1/4, 1/4 (sums exact): above 3 lies
+    1/8, above 2 3/8, above 1 3/4; the threshold is the smallest value with less than `mass`
+    above it, strictly less."""
+    values = jnp.asarray([[[2.0, 4.0, 1.0, 3.0, 2.0]]] * 2, jnp.float32)
+    weights = jnp.asarray([[[0.125, 0.125, 0.25, 0.25, 0.25]]] * 2, jnp.float32)
+    fn = jax.jit(smallest_with_mass_above_below)
+    for mass, want in [(0.125, 4.0), (0.2, 3.0), (0.375, 3.0), (0.5, 2.0), (0.75, 2.0),
+                       (0.8, 1.0), (1.0, 1.0)]:
+        got = fn(values, weights, mass)
+        assert got.shape == (2, 1, 1)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"mass={mass}")
+    compiled = fn.lower(values, weights, 0.5).compile().as_text()
+    assert " sort(" not in compiled and "topk" not in compiled.lower()
+    with pytest.raises(ValueError, match="mass must be > 0"):
+        smallest_with_mass_above_below(values, weights, 0.0)

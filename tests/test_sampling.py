@@ -49,6 +49,46 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
     assert np.isfinite(filtered[:kept]).all()
 
 
+def sorted_cumulative_top_p(logits, p):
+    """Top-p as a sort and a cumulative sum in float64: the reference (and the earlier code)."""
+    x = np.asarray(logits, np.float64)
+    probs = np.exp(x - x.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    order = np.argsort(-x, axis=-1, kind="stable")
+    ranked = np.take_along_axis(probs, order, -1)
+    before = np.cumsum(ranked, -1) - ranked
+    kept = np.where(before < p, np.take_along_axis(x, order, -1), np.inf)
+    threshold = kept.min(-1, keepdims=True)
+    margin = np.abs(before - p).min(-1)  # how close a row's boundary is to p
+    return x >= threshold, margin
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99])
+def test_top_p_without_a_sort_keeps_what_the_sorted_cumulative_sum_keeps(dtype, p):
+    """On 64 rows of 1000 logits over a wide range (and with ties in bf16): the same tokens as
+    a float64 sort and cumulative sum, wherever no row's boundary lies within 1e-6 of p."""
+    rng = np.random.default_rng(int(p * 100))
+    logits = jnp.asarray(rng.normal(size=(64, 1000)) * rng.uniform(0.5, 6, (64, 1)), dtype)
+    got = np.isfinite(np.asarray(jax.jit(keep_top_p, static_argnums=1)(logits, p)))
+    want, margin = sorted_cumulative_top_p(logits, p)
+    rows = margin > 1e-6
+    assert rows.sum() >= 56
+    np.testing.assert_array_equal(got[rows], want[rows])
+    assert got.sum(-1).min() >= 1
+
+
+def test_top_p_keeps_ties_whole_and_follows_top_k():
+    # 0.4 + 0.2 + 0.2 + 0.2: p = 0.5 is reached inside the tie, which is kept whole
+    logits = jnp.log(jnp.asarray([[0.2, 0.4, 0.2, 0.2]], jnp.float32))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(keep_top_p(logits, 0.5))), True)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(keep_top_p(logits, 0.3)))[0],
+                                  [False, True, False, False])
+    # after top-k the others are -inf: they weigh nothing and stay out
+    both = keep_top_p(keep_top_k(jnp.asarray([[3.0, 2.0, 1.0, 0.0]]), 2), 0.99)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(both))[0], [True, True, False, False])
+
+
 def test_keep_top_k_keeps_ties():
     logits = jnp.asarray([[3.0, 1.0, 1.0, 0.0]])
     assert np.isfinite(np.asarray(keep_top_k(logits, 2))).sum() == 3

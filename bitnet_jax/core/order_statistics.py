@@ -1,4 +1,4 @@
-"""The k-th largest value of each row, without XLA:CPU's sort.
+"""The k-th largest value of each row, and top-p's threshold, without XLA:CPU's sort.
 
 `jax.lax.top_k` is exact everywhere, but XLA:CPU computes it by sorting every row: 97 ms for 4096
 rows of 256 bf16 values, 37 ms for 8 rows of 32,000 float32 logits (2-core Xeon, 2026-12-05),
@@ -43,18 +43,52 @@ def _top_k_value(values, k):
 
 def _kth_largest_by_bisection(values: jax.Array, k: int) -> jax.Array:
     """The largest key t with at least k keys >= t in each row, built from the top bit down,
-    is the k-th largest key itself; keys are the values' bits mapped so that unsigned integer
-    order is IEEE 754's total order (-NaN < -inf < ... < -0 < +0 < ... < inf < NaN), the order
-    XLA's TopK sorts by."""
-    n_bits = 8 * values.dtype.itemsize
-    uint = jnp.dtype(f"uint{n_bits}")
-    sign = np.array(1 << (n_bits - 1), uint)
-    bits = jax.lax.bitcast_convert_type(values, uint)
-    keys = jnp.where(bits & sign, ~bits, bits | sign)
+    is the k-th largest key itself (`_total_order_keys`)."""
+    keys, uint = _total_order_keys(values)
     found = jnp.zeros((*values.shape[:-1], 1), uint)
-    for bit in reversed(range(n_bits)):
+    for bit in reversed(range(8 * uint.itemsize)):
         candidate = found | np.array(1 << bit, uint)
         enough = jnp.sum(keys >= candidate, axis=-1, keepdims=True, dtype=jnp.int32) >= k
         found = jnp.where(enough, candidate, found)
-    return jax.lax.bitcast_convert_type(jnp.where(found & sign, found ^ sign, ~found),
-                                        values.dtype)
+    return _from_key(found, values.dtype)
+
+
+def smallest_with_mass_above_below(values: jax.Array, weights: jax.Array, mass) -> jax.Array:
+    """The smallest v of each row of `values` (last axis) such that the `weights` (>= 0, shaped
+    like values) of the values greater than v sum to less than `mass`, shape (..., 1): top-p's
+    threshold, with the probabilities as weights (every value ranked above a kept one, and none
+    at it, counts; ties with v are kept whole).
+
+    Without a sort (XLA:CPU sorts a row in 45 ms for 8 rows of 32,000 float32 logits on a 2-core
+    Xeon; these 32 passes take 3.8 ms): the sums above a key fall as the key rises, so the
+    largest key whose sum still reaches `mass` is found bit by bit as in `kth_largest`, and v is
+    the next key, a value of the row. Each sum is XLA's reduction of the weights with the others
+    zeroed, one order for every key, so the sums are monotone in the key; a sorted cumulative
+    sum rounds in another order, so where a sum lies within rounding of `mass` the two can keep
+    a different number of values (tests: equal elsewhere). On every platform, one definition."""
+    if isinstance(mass, (int, float)) and not mass > 0:
+        raise ValueError(f"mass must be > 0, got {mass}")
+    keys, uint = _total_order_keys(values)
+    weights = weights.astype(jnp.promote_types(weights.dtype, jnp.float32))
+    below = jnp.zeros((*values.shape[:-1], 1), uint)  # the largest key whose sum reaches mass
+    for bit in reversed(range(8 * uint.itemsize)):
+        candidate = below | np.array(1 << bit, uint)
+        above = jnp.sum(jnp.where(keys > candidate, weights, 0), axis=-1, keepdims=True)
+        below = jnp.where(above >= mass, candidate, below)
+    # below + 1 does not overflow: the sum above the largest key is 0, less than mass > 0
+    return _from_key(below + np.array(1, uint), values.dtype)
+
+
+def _total_order_keys(values: jax.Array) -> tuple[jax.Array, np.dtype]:
+    """(keys, their unsigned type): the values' bits mapped so that unsigned integer order is
+    IEEE 754's total order (-NaN < -inf < ... < -0 < +0 < ... < inf < NaN), the order XLA's TopK
+    sorts by."""
+    uint = np.dtype(f"uint{8 * values.dtype.itemsize}")
+    sign = np.array(1 << (8 * uint.itemsize - 1), uint)
+    bits = jax.lax.bitcast_convert_type(values, uint)
+    return jnp.where(bits & sign, ~bits, bits | sign), uint
+
+
+def _from_key(keys: jax.Array, dtype) -> jax.Array:
+    sign = np.array(1 << (8 * keys.dtype.itemsize - 1), keys.dtype)
+    return jax.lax.bitcast_convert_type(jnp.where(keys & sign, keys ^ sign, ~keys), dtype)
