@@ -30,63 +30,67 @@ namespace {
 // Elements per task: rows of a few hundred values go 64 at a time, long rows one at a time.
 constexpr int64_t kElementsPerTask = 1 << 14;
 
-inline __mmask32 Tail32(int64_t left) {
-  return left >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << left) - 1);
-}
-inline __mmask16 Tail16(int64_t left) {
-  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-}
+// The intrinsics for 16- and 32-bit keys, so that one bisection serves both.
+template <typename U>
+struct Lanes;
 
-// The k-th largest of n 16-bit patterns (1 <= k <= n); keys written to `keys` (n + 31 slots).
-uint16_t KthLargest16(const uint16_t* bits, int64_t n, int64_t k, uint16_t* keys) {
-  const __m512i top = _mm512_set1_epi16(static_cast<int16_t>(0x8000));
-  for (int64_t i = 0; i < n; i += 32) {
-    const __mmask32 m = Tail32(n - i);
-    const __m512i b = _mm512_maskz_loadu_epi16(m, bits + i);
-    // ~b where the sign is set, b ^ 0x8000 where it is clear: b ^ (sign-extended sign | 0x8000)
-    const __m512i key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi16(b, 15), top));
-    _mm512_mask_storeu_epi16(keys + i, m, key);
+template <>
+struct Lanes<uint16_t> {
+  static constexpr int64_t kWidth = 32;
+  using Mask = __mmask32;
+  static Mask Tail(int64_t left) {
+    return left >= 32 ? Mask(0xffffffffu) : Mask((1u << left) - 1);
+  }
+  static __m512i Load(Mask m, const uint16_t* p) { return _mm512_maskz_loadu_epi16(m, p); }
+  static void Store(uint16_t* p, Mask m, __m512i v) { _mm512_mask_storeu_epi16(p, m, v); }
+  static __m512i Set(uint32_t v) { return _mm512_set1_epi16(static_cast<int16_t>(v)); }
+  static __m512i SignFill(__m512i b) { return _mm512_srai_epi16(b, 15); }
+  static Mask AtLeast(Mask m, __m512i a, __m512i b) {
+    return _mm512_mask_cmpge_epu16_mask(m, a, b);
+  }
+};
+
+template <>
+struct Lanes<uint32_t> {
+  static constexpr int64_t kWidth = 16;
+  using Mask = __mmask16;
+  static Mask Tail(int64_t left) { return left >= 16 ? Mask(0xffff) : Mask((1u << left) - 1); }
+  static __m512i Load(Mask m, const uint32_t* p) { return _mm512_maskz_loadu_epi32(m, p); }
+  static void Store(uint32_t* p, Mask m, __m512i v) { _mm512_mask_storeu_epi32(p, m, v); }
+  static __m512i Set(uint32_t v) { return _mm512_set1_epi32(static_cast<int32_t>(v)); }
+  static __m512i SignFill(__m512i b) { return _mm512_srai_epi32(b, 31); }
+  static Mask AtLeast(Mask m, __m512i a, __m512i b) {
+    return _mm512_mask_cmpge_epu32_mask(m, a, b);
+  }
+};
+
+// The k-th largest of n bit patterns (1 <= k <= n); their keys written to `keys` (n slots).
+template <typename U>
+U KthLargest(const U* bits, int64_t n, int64_t k, U* keys) {
+  using L = Lanes<U>;
+  constexpr uint32_t kSign = 1u << (8 * sizeof(U) - 1);
+  const __m512i sign = L::Set(kSign);
+  for (int64_t i = 0; i < n; i += L::kWidth) {
+    const auto m = L::Tail(n - i);
+    const __m512i b = L::Load(m, bits + i);
+    // ~b where the sign is set, b ^ sign where it is clear: b ^ (sign-extended sign | sign)
+    L::Store(keys + i, m, _mm512_xor_si512(b, _mm512_or_si512(L::SignFill(b), sign)));
   }
   uint32_t found = 0;
-  for (int bit = 15; bit >= 0; --bit) {
+  for (int bit = 8 * sizeof(U) - 1; bit >= 0; --bit) {
     const uint32_t candidate = found | (1u << bit);
-    const __m512i c = _mm512_set1_epi16(static_cast<int16_t>(candidate));
+    const __m512i c = L::Set(candidate);
     int64_t count = 0;
-    for (int64_t i = 0; i < n; i += 32) {
-      const __mmask32 m = Tail32(n - i);
-      count += _mm_popcnt_u32(
-          _mm512_mask_cmpge_epu16_mask(m, _mm512_maskz_loadu_epi16(m, keys + i), c));
+    for (int64_t i = 0; i < n; i += L::kWidth) {
+      const auto m = L::Tail(n - i);
+      count += _mm_popcnt_u32(L::AtLeast(m, L::Load(m, keys + i), c));
     }
     if (count >= k) found = candidate;
   }
-  return static_cast<uint16_t>(found & 0x8000u ? found ^ 0x8000u : ~found);
+  return static_cast<U>(found & kSign ? found ^ kSign : ~found);
 }
 
-// The same for 32-bit patterns (float32).
-uint32_t KthLargest32(const uint32_t* bits, int64_t n, int64_t k, uint32_t* keys) {
-  const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = Tail16(n - i);
-    const __m512i b = _mm512_maskz_loadu_epi32(m, bits + i);
-    const __m512i key = _mm512_xor_si512(b, _mm512_or_si512(_mm512_srai_epi32(b, 31), top));
-    _mm512_mask_storeu_epi32(keys + i, m, key);
-  }
-  uint32_t found = 0;
-  for (int bit = 31; bit >= 0; --bit) {
-    const uint32_t candidate = found | (1u << bit);
-    const __m512i c = _mm512_set1_epi32(static_cast<int32_t>(candidate));
-    int64_t count = 0;
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 m = Tail16(n - i);
-      count += _mm_popcnt_u32(
-          _mm512_mask_cmpge_epu32_mask(m, _mm512_maskz_loadu_epi32(m, keys + i), c));
-    }
-    if (count >= k) found = candidate;
-  }
-  return found & 0x80000000u ? found ^ 0x80000000u : ~found;
-}
-
-template <ffi::DataType T, typename U, U (*Kth)(const U*, int64_t, int64_t, U*)>
+template <ffi::DataType T, typename U>
 ffi::Error KthLargestImpl(ffi::ThreadPool pool, ffi::Buffer<T> x, int64_t k,
                           ffi::ResultBuffer<T> out) {
   const auto dims = x.dimensions();
@@ -102,10 +106,10 @@ ffi::Error KthLargestImpl(ffi::ThreadPool pool, ffi::Buffer<T> x, int64_t k,
   U* result = reinterpret_cast<U*>(out->typed_data());
   const int64_t rows_per_task = std::max<int64_t>(1, kElementsPerTask / n);
   const std::function<void(int64_t)> task = [&](int64_t t) {
-    std::vector<U> keys(n + 32);
+    std::vector<U> keys(n);
     const int64_t end = std::min(rows, (t + 1) * rows_per_task);
     for (int64_t r = t * rows_per_task; r < end; ++r) {
-      result[r] = Kth(in + r * n, n, k, keys.data());
+      result[r] = KthLargest(in + r * n, n, k, keys.data());
     }
   };
   bitnet_ffi::ParallelFor(pool, (rows + rows_per_task - 1) / rows_per_task, task);
@@ -115,7 +119,7 @@ ffi::Error KthLargestImpl(ffi::ThreadPool pool, ffi::Buffer<T> x, int64_t k,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetKthLargest16,
-                              (KthLargestImpl<ffi::DataType::U16, uint16_t, KthLargest16>),
+                              (KthLargestImpl<ffi::DataType::U16, uint16_t>),
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::DataType::U16>>()
@@ -123,7 +127,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetKthLargest16,
                                   .Ret<ffi::Buffer<ffi::DataType::U16>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetKthLargest32,
-                              (KthLargestImpl<ffi::DataType::U32, uint32_t, KthLargest32>),
+                              (KthLargestImpl<ffi::DataType::U32, uint32_t>),
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::DataType::U32>>()
