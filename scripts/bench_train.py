@@ -163,7 +163,7 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.bisection_topk:  # XLA's TopK on every platform (before 2026-12-05)
             patches.enter_context(mock.patch.object(
                 quant, "kth_largest", lambda values, k: jax.lax.top_k(values, k)[0][..., -1:]))
-        if not mode.kth_kernel:  # the bisection as XLA's passes (before 2026-12-05, 08:00)
+        if not mode.kth_kernel:  # the bisection as XLA's passes (before 2026-12-05, 07:00)
             patches.enter_context(mock.patch.object(cpu_order_statistics, "applies",
                                                     lambda values: False))
         if mode.quantizer_derivative:  # before 2026-12-05: the quantizer saw x's tangent

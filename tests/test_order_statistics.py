@@ -130,3 +130,5 @@ def test_mass_threshold_on_leading_axes_without_a_sort():
     assert " sort(" not in compiled and "topk" not in compiled.lower()
     with pytest.raises(ValueError, match="mass must be > 0"):
         smallest_with_mass_above_below(values, weights, 0.0)
+    with pytest.raises(TypeError, match="floating point"):
+        smallest_with_mass_above_below(values.astype(jnp.int32), weights, 0.5)

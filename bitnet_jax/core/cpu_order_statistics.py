@@ -84,6 +84,7 @@ def kth_largest(values: jax.Array, k: int) -> jax.Array:
     if not available():
         raise RuntimeError(f"bitnet_jax.core.cpu_int8 kernel unavailable: "
                            f"{cpu_int8.unavailable_reason()}")
-    bits = jax.lax.bitcast_convert_type(values, _BITS[jnp.dtype(values.dtype)]).reshape(math.prod(values.shape[:-1]), n)
+    bits = jax.lax.bitcast_convert_type(values, _BITS[jnp.dtype(values.dtype)])
+    bits = bits.reshape(math.prod(values.shape[:-1]), n)
     found = cpu_int8_fused.one_batch_element_at_a_time(lambda b: _partitioned(b, k), bits)
     return jax.lax.bitcast_convert_type(found, values.dtype).reshape(*values.shape[:-1], 1)

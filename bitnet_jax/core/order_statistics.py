@@ -66,6 +66,8 @@ def smallest_with_mass_above_below(values: jax.Array, weights: jax.Array, mass) 
     zeroed, one order for every key, so the sums are monotone in the key; a sorted cumulative
     sum rounds in another order, so where a sum lies within rounding of `mass` the two can keep
     a different number of values (tests: equal elsewhere). On every platform, one definition."""
+    if not jnp.issubdtype(values.dtype, jnp.floating):
+        raise TypeError(f"values must be floating point, got {values.dtype}")
     if isinstance(mass, (int, float)) and not mass > 0:
         raise ValueError(f"mass must be > 0, got {mass}")
     keys, uint = _total_order_keys(values)
