@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from bitnet_jax.core import cpu_order_statistics
+from bitnet_jax.core.precision import get_recipe
+from bitnet_jax.model.transformer import ModelConfig, Transformer, init_params
 from bitnet_jax.core.order_statistics import kth_largest, smallest_with_mass_above_below
 
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
@@ -132,3 +134,32 @@ def test_mass_threshold_on_leading_axes_without_a_sort():
         smallest_with_mass_above_below(values, weights, 0.0)
     with pytest.raises(TypeError, match="floating point"):
         smallest_with_mass_above_below(values.astype(jnp.int32), weights, 0.5)
+
+
+def test_a48_gradients_are_the_same_bits_through_the_kernel_and_xla(monkeypatch):
+    """End to end: a4.8's TopK threshold (`quant.topk_per_token`) in a bf16 model's loss and
+    gradient, through our kernel and through XLA's passes."""
+    if not cpu_order_statistics.available():
+        pytest.skip("the CPU kernels are not available here")
+    config = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, d_ff=128,
+                         max_seq_len=32, dtype="bfloat16", ffn_activation="relu2")
+    model = Transformer(config, get_recipe("a4.8"))
+    params = init_params(config, get_recipe("a4.8"), jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 33), 0, 64)
+
+    def loss(p):
+        logits = model.apply({"params": p}, tokens[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+    def run():
+        jax.clear_caches()
+        program = jax.jit(jax.value_and_grad(loss))
+        return program.lower(params).compile().as_text(), program(params)
+
+    kernel_program, kernel = run()
+    monkeypatch.setattr(cpu_order_statistics, "applies", lambda values: False)
+    xla_program, xla = run()
+    assert "bitnet_kth_largest" in kernel_program and "bitnet_kth_largest" not in xla_program
+    for a, b in zip(jax.tree.leaves(kernel), jax.tree.leaves(xla)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    jax.clear_caches()
