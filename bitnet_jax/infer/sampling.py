@@ -34,8 +34,9 @@ class SamplingConfig:
 
 def keep_top_k(logits_BxV: jax.Array, k: int) -> jax.Array:
     """Logits below the k-th largest of each row set to -inf (ties with it are kept). The k-th
-    largest without a sort on CPUs (`order_statistics`: 8 rows of 32,000 logits in 3.0 against
-    37 ms, 2-core Xeon, 2026-12-05), `lax.top_k`'s value either way."""
+    largest without a sort on CPUs (`order_statistics`: 8 rows of 32,000 logits in 0.54 ms in
+    our kernel, 2.5 in XLA's passes, 37 by `lax.top_k`, 2-core Xeon, 2026-12-05), `lax.top_k`'s
+    value either way."""
     k = min(k, logits_BxV.shape[-1])
     threshold = kth_largest(logits_BxV, k)
     return jnp.where(logits_BxV >= threshold, logits_BxV, -jnp.inf)
