@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from bitnet_jax.core import cpu_order_statistics
+from bitnet_jax.core.order_statistics import kth_largest, smallest_with_mass_above_below
 from bitnet_jax.core.precision import get_recipe
 from bitnet_jax.model.transformer import ModelConfig, Transformer, init_params
-from bitnet_jax.core.order_statistics import kth_largest, smallest_with_mass_above_below
 
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
 
@@ -76,11 +76,13 @@ def test_kth_largest_is_top_ks_value_bit_for_bit(dtype, sign, cpu_path):
                                       -np.sort(-np.asarray(x, np.float32)[rows], axis=-1)[:, k - 1])
 
 
-@pytest.mark.parametrize("dtype, n", [(jnp.bfloat16, 4099), (jnp.float32, 32000)])
-def test_long_rows_and_their_tails(dtype, n, cpu_path):
-    """Rows of many vector widths and a tail (the kernel takes 32 or 16 keys at a time), and a
-    vocabulary's worth of logits as top-k sampling ranks them."""
-    x = jnp.asarray(np.random.default_rng(3).normal(size=(3, n)), dtype)
+@pytest.mark.parametrize("dtype, rows, n", [(jnp.bfloat16, 3, 4099), (jnp.float32, 3, 32003),
+                                            (jnp.float16, 1000, 37)])
+def test_long_rows_their_tails_and_many_rows(dtype, rows, n, cpu_path):
+    """Rows of many vector widths and a tail (the kernel takes 32 or 16 keys at a time), a
+    vocabulary's worth of logits as top-k sampling ranks them, and many short rows (the kernel
+    gives a task several rows, the last task fewer)."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(rows, n)), dtype)
     for k in (1, 20, n // 2, n - 1, n):
         np.testing.assert_array_equal(_bits(jax.jit(kth_largest, static_argnums=1)(x, k)),
                                       _bits(jax.lax.top_k(x, k)[0][..., -1:]), err_msg=f"k={k}")
@@ -130,8 +132,11 @@ def test_mass_threshold_on_leading_axes_without_a_sort():
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"mass={mass}")
     compiled = fn.lower(values, weights, 0.5).compile().as_text()
     assert " sort(" not in compiled and "topk" not in compiled.lower()
+    # a row without weight gives its largest value; mass above the row's weight is capped
+    np.testing.assert_array_equal(np.asarray(fn(values, jnp.zeros_like(weights), 0.5)), 4.0)
+    np.testing.assert_array_equal(np.asarray(fn(values, weights * 0.5, 0.8)), 1.0)
     with pytest.raises(ValueError, match="mass must be > 0"):
-        smallest_with_mass_above_below(values, weights, 0.0)
+        smallest_with_mass_above_below(values, weights, np.float32(0.0))
     with pytest.raises(TypeError, match="floating point"):
         smallest_with_mass_above_below(values.astype(jnp.int32), weights, 0.5)
 

@@ -78,7 +78,16 @@ def test_top_p_without_a_sort_keeps_what_the_sorted_cumulative_sum_keeps(dtype, 
     assert got.sum(-1).min() >= 1
 
 
-def test_top_p_keeps_ties_whole_and_follows_top_k():
+@pytest.mark.parametrize("p", [1.0, 0.99999994])
+def test_top_p_near_1_keeps_every_token_that_weighs(p):
+    """A softmax's float32 sum can fall just short of p: p is then the whole row's weight, and no
+    row is left empty (without the cap, 6 of these 16 rows kept nothing at p = 1)."""
+    logits = jax.random.normal(jax.random.PRNGKey(5), (16, 1000))
+    kept = np.isfinite(np.asarray(keep_top_p(logits, p)))
+    assert kept.sum(-1).min() >= 990
+
+
+def test_keep_top_p_keeps_ties_whole_and_follows_top_k():
     # 0.4 + 0.2 + 0.2 + 0.2: p = 0.5 is reached inside the tie, which is kept whole
     logits = jnp.log(jnp.asarray([[0.2, 0.4, 0.2, 0.2]], jnp.float32))
     np.testing.assert_array_equal(np.isfinite(np.asarray(keep_top_p(logits, 0.5))), True)

@@ -126,19 +126,20 @@ def _scaled_infer(lo, hi, mesh, arg_shapes, result_shape):
     return _dot_shardings(mesh, arg_shapes)[-1]
 
 
-def _quantize_shardings(mesh, arg_shapes):
-    """(x and its codes, x's rows): rows split as x's, each row whole (its maximum needs it)."""
+def row_shardings(mesh, arg_shapes):
+    """(x and what is shaped like it, x's rows): rows split as x's, each row whole (a row's
+    maximum or order statistic needs all of it)."""
     m = tuple(arg_shapes[0].sharding.spec)[:1] or (None,)
     return NamedSharding(mesh, P(m[0], None)), NamedSharding(mesh, P(m[0]))
 
 
 def _quantize_partition(q_max, floor, mesh, arg_shapes, result_shape):
-    x, rows = _quantize_shardings(mesh, arg_shapes)
+    x, rows = row_shardings(mesh, arg_shapes)
     return mesh, lambda x2: _quantize_local(x2, q_max, floor), (x, rows, rows), (x,)
 
 
 def _quantize_infer(q_max, floor, mesh, arg_shapes, result_shape):
-    x, rows = _quantize_shardings(mesh, arg_shapes)
+    x, rows = row_shardings(mesh, arg_shapes)
     return x, rows, rows
 
 

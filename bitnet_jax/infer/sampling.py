@@ -46,8 +46,9 @@ def keep_top_p(logits_BxV: jax.Array, p: float) -> jax.Array:
     """Keep the most likely tokens until their probability reaches p (at least one token, ties
     with the last one kept): the logits at or above the smallest v such that the tokens above v
     hold less than p, found without a sort (`order_statistics`: 8 rows of 32,000 logits in 3.8
-    against 45 ms, 2-core Xeon, 2026-12-05)."""
-    probs = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    against 49 ms, 2-core Xeon, 2026-12-05)."""
+    probs = jax.nn.softmax(logits_BxV.astype(jnp.promote_types(logits_BxV.dtype, jnp.float32)),
+                           axis=-1)
     threshold = smallest_with_mass_above_below(logits_BxV, probs, p)
     return jnp.where(logits_BxV >= threshold, logits_BxV, -jnp.inf)
 

@@ -5,9 +5,10 @@
 // IEEE 754's total order, -NaN < -inf < ... < -0 < +0 < ... < inf < NaN, the order XLA's TopK
 // sorts by), and the largest key t with at least k keys >= t in a row is the k-th largest key,
 // built from the top bit down, one compare-and-count pass per bit. XLA runs each pass as an
-// operation over the whole array (16 for bf16); this kernel runs all of them on one row while
-// the row is in cache: 16 or 32 compares and popcounts per 32 or 16 keys, no memory written.
-// The same algorithm, so the same bits as `lax.top_k`'s k-th value.
+// operation over the whole array (16 for bf16), writing an int32 copy for the count; this kernel
+// maps a row to its keys once, in a scratch buffer, and runs every pass on them while they are
+// in cache, compares and popcounts on 32 or 16 keys at a time. The same algorithm, so the same
+// bits as `lax.top_k`'s k-th value.
 //
 // The operands are the raw bits (uint16 for bfloat16 and float16, which share the sign bit's
 // place; uint32 for float32), rows (M, n) -> the k-th largest bits (M,). Rows are spread over
@@ -18,7 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
-#include <vector>
+#include <memory>
 
 #include "ffi_parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -106,10 +107,10 @@ ffi::Error KthLargestImpl(ffi::ThreadPool pool, ffi::Buffer<T> x, int64_t k,
   U* result = reinterpret_cast<U*>(out->typed_data());
   const int64_t rows_per_task = std::max<int64_t>(1, kElementsPerTask / n);
   const std::function<void(int64_t)> task = [&](int64_t t) {
-    std::vector<U> keys(n);
+    std::unique_ptr<U[]> keys(new U[n]);  // every slot written before it is read
     const int64_t end = std::min(rows, (t + 1) * rows_per_task);
     for (int64_t r = t * rows_per_task; r < end; ++r) {
-      result[r] = KthLargest(in + r * n, n, k, keys.data());
+      result[r] = KthLargest(in + r * n, n, k, keys.get());
     }
   };
   bitnet_ffi::ParallelFor(pool, (rows + rows_per_task - 1) / rows_per_task, task);
