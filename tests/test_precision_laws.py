@@ -7,6 +7,7 @@ import itertools
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -145,6 +146,16 @@ def test_ternary_counts_as_log2_3_and_16_bits_as_unquantized():
     assert float(full) == pytest.approx(float(_eval_precision(
         {k: v for k, v in KUMAR.items() if not k.startswith("gamma")}, 1e6, 1e8, 3, 3, 3)))
     assert float(_eval_precision(KUMAR, 1e6, 1e8, LOG2_3, 16.0, 16.0)) > float(full)
+
+
+def test_a_vanishing_term_evaluates_without_a_warning():
+    """A fit at one data size leaves B at 0 (the main job's report printed numpy's divide-by-zero
+    warning for it): the term is 0, quietly."""
+    params = {**KUMAR, "B": 0.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = float(_eval_precision(params, 1e6, 1e8, 16.0, 16.0, 16.0))
+    assert value == pytest.approx(params["E"] + params["A"] * 1e6 ** -params["alpha"])
 
 
 def test_fitters_refuse_degenerate_tables():

@@ -59,8 +59,11 @@ def precision_factor(bits: Any, gamma: Any) -> np.ndarray:
 # Forms (params may hold arrays of bootstrap samples: everything broadcasts).
 
 def _chinchilla(p: Mapping[str, Any], log_neff: Any, d: Any) -> Any:
-    return (p["E"] + np.exp(np.log(p["A"]) - p["alpha"] * log_neff)
-            + np.exp(np.log(p["B"]) - p["beta"] * np.log(d)))
+    # A or B may be 0 (fitted at one data size, B is; the main job's report warned of it): the
+    # log is -inf and the term 0, as meant
+    with np.errstate(divide="ignore"):
+        return (p["E"] + np.exp(np.log(p["A"]) - p["alpha"] * log_neff)
+                + np.exp(np.log(p["B"]) - p["beta"] * np.log(d)))
 
 
 def _eval_precision(p: Mapping[str, Any], n, d, pw, pa, pkv) -> np.ndarray:
