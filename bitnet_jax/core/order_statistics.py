@@ -59,7 +59,7 @@ def smallest_with_mass_above_below(values: jax.Array, weights: jax.Array, mass) 
     softmax can sum to just under 1); a row without weight gives its largest value.
 
     Without a sort (on XLA:CPU a sort and cumulative sum took 49 ms for 8 rows of 32,000 float32
-    logits on a 2-core Xeon; these 32 passes take 3.8 ms): the sums above a key fall as the key
+    logits on a 2-core Xeon; these 33 reductions take 3.8 ms): the sums above a key fall as the key
     rises, so the largest key whose sum still reaches `mass` is found bit by bit as in
     `kth_largest`, and v is the next key, a value of the row. Each sum is XLA's reduction of the
     weights with the others zeroed, one order for every key, so the sums are monotone in the
