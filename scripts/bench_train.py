@@ -55,7 +55,7 @@ import scipy.stats
 
 from bitnet_jax.allocator import active_allocator
 from bitnet_jax.core import (cpu_int8, cpu_int8_fused, cpu_order_statistics, cpu_ternary, matmul,
-                             quant)
+                             order_statistics, quant)
 from bitnet_jax.model import accounting as compute, cpu_attention, layers
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
@@ -161,8 +161,8 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
             patches.enter_context(mock.patch.object(matmul, "_kernel_quantizes_gradient",
                                                     lambda *args: False))
         if not mode.bisection_topk:  # XLA's TopK on every platform (before 2026-12-05)
-            patches.enter_context(mock.patch.object(
-                quant, "kth_largest", lambda values, k: jax.lax.top_k(values, k)[0][..., -1:]))
+            patches.enter_context(mock.patch.object(quant, "kth_largest",
+                                                    order_statistics._top_k_value))
         if not mode.kth_kernel:  # the bisection as XLA's passes (before 2026-12-05, 07:00)
             patches.enter_context(mock.patch.object(cpu_order_statistics, "applies",
                                                     lambda values: False))

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+
 @pytest.fixture(scope="module")
 def probe(load_script):
     return load_script("bench_reduction_beside_products")  # it puts scripts/ on sys.path

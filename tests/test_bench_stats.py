@@ -5,6 +5,7 @@ import mmap
 import numpy as np
 import pytest
 
+
 @pytest.fixture(scope="module")
 def bench_train(load_script):
     return load_script("bench_train")

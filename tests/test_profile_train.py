@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+
 @pytest.fixture(scope="module")
 def profile_train(load_script):
     return load_script("profile_train")  # it puts scripts/ on sys.path for bench_train
