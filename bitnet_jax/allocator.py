@@ -4,7 +4,7 @@ XLA:CPU takes each step's buffers from malloc. glibc's malloc serves allocations
 with fresh mappings and gives them back to the kernel when freed, so every training step pays
 again for zero-filled pages: on a 2-core Xeon, ladder-1.6m faulted in ~430 MiB and spent
 ~170 ms of system time per step, and the bf16 steps of ladder-1.6m to 20m ran 1.28-1.34x
-faster with tcmalloc, which keeps freed memory for reuse (README, Benchmarks). A process
+faster with tcmalloc, which keeps freed memory for reuse (README, Training). A process
 cannot change its allocator once started, so the CLI and the benchmarks start themselves again,
 once, with the library in LD_PRELOAD (`platforms.prepare_process`), as axlearn and Intel's
 `ipexrun` launcher do; the runs a sweep launches inherit it. The price is host memory: in 5 of 8

@@ -148,7 +148,7 @@ def _int8_forward_product(quantize_x, quantize_w, x, integer, kernels) -> bool:
     faster: lowered for a CPU on which XLA's int8 dot beats its bf16 dot (AMX;
     `cpu_int8.xla_int8_is_faster`; the ternary b1.58 step 5-8% faster on a 2-core Xeon). GPUs:
     `quantized_dot`. Like the X_q^T kernel of the weight gradient, an implementation of the
-    fake-quantized path, not a change to it (README, Benchmarks).
+    fake-quantized path, not a change to it (docs/cpu_training_step_history.md).
     """
     if integer:
         return True
@@ -262,7 +262,7 @@ def _quantized_weight_gradient(x_saved, quantize_x, g, dtype, integer, kernels):
     if isinstance(x_saved, _RowQuantizedX):
         # Our kernel writes X_q^T from x and the row parameters in one pass; XLA re-derives the
         # codes inside a slow transposing loop (same numbers; dW in 2.6 against 7.2 ms at
-        # 4096 x 512, 2-core Xeon, 2026-12-04; the b1.58 step: README, Benchmarks).
+        # 4096 x 512, 2-core Xeon, 2026-12-04; the b1.58 step: docs/cpu_training_step_history.md).
         x_q_T = cpu_int8_fused.quantize_transpose(*x_saved, *code_range(quantize_x.bits))
         return _transposed_dot(x_q_T, g)
     x_codes, x_scale = x_saved

@@ -212,8 +212,8 @@ def absmax_row_parameters(x32: jax.Array, q_max: int, floor: float
 def row_absmax(x: jax.Array) -> jax.Array:
     """max|x| over the last axis, (..., 1), as max(max x, -min x) from one two-output reduction:
     XLA:CPU hands a lone max-reduction to its library (YNNPACK) behind a pass writing a float32
-    copy of the activations, and keeps this one in its own loop (README, Benchmarks: the
-    quantizer alone in 0.33-0.72x the time)."""
+    copy of the activations, and keeps this one in its own loop (docs/cpu_training_step_history.md:
+    the quantizer alone in 0.33-0.72x the time)."""
     init = (jnp.array(-jnp.inf, x.dtype), jnp.array(jnp.inf, x.dtype))
     high, low = jax.lax.reduce(
         (x, x), init, lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),

@@ -362,8 +362,8 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 
 SCANNED_ON_CPU_WARNING = (
     "warning: model.scan_layers=true runs the train step 1.5-1.9x slower on CPUs than unrolled "
-    "blocks (XLA:CPU rewrites the stacked layers' whole buffers in every layer; README, "
-    "Benchmarks); it is meant for compile time and memory on TPUs and GPUs")
+    "blocks (XLA:CPU rewrites the stacked layers' whole buffers in every layer; "
+    "docs/cpu_training_step_history.md); it is meant for compile time and memory on TPUs and GPUs")
 
 
 def scanned_on_cpu(setup: AbstractSetup) -> bool:
