@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import platform
 import resource
 import statistics
@@ -75,6 +76,9 @@ class Mode(NamedTuple):
     cpu_attention: bool = True  # `model.cpu_attention` on CPUs, else `jax.nn`'s attention
     kernel_x_transpose: bool = True  # X_q^T for dW from our CPU kernel, else from XLA
     xla_int8_on_amx: bool = True  # on AMX CPUs XLA's int8 dot, else always our VNNI kernels
+    # (AMX tiles off in our kernels too, BITNET_JAX_CPU_AMX=0 around each of the mode's steps)
+    kernel_amx: bool = True  # on AMX CPUs our kernels take both paths' int8 products on AMX
+    # tiles (`cpu_int8_fused.uses_amx`: x quantized once, `int8_scaled_dot`), else XLA's int8 dot
     int8_fake_product: bool = True  # fake quantization's product on int8 codes where exact
     # and faster (AMX CPUs, NVIDIA GPUs), else on bf16 codes
     memory_scheduler: bool = False  # XLA:CPU's memory-optimized HLO scheduler, not its default
@@ -106,6 +110,11 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "bf16-xla-attention": Mode("bf16", cpu_attention=False),
          "b1.58-xla-dw": Mode("b1.58", kernel_x_transpose=False),
          "b1.58-int8-vnni": Mode("b1.58", integer=True, xla_int8_on_amx=False),
+         "b1.58-xla-amx": Mode("b1.58", kernel_amx=False),
+         "b1.58-int8-xla-amx": Mode("b1.58", integer=True, kernel_amx=False),
+         "b1.58-int8-bwd-xla-amx": Mode("b1.58", integer=True, int8_backward=True,
+                                        kernel_amx=False),
+         "a4.8-xla-amx": Mode("a4.8", kernel_amx=False),
          "b1.58-bf16-codes": Mode("b1.58", int8_fake_product=False),
          "b1.58-xla-weight-quant": Mode("b1.58", weight_kernel=False),
          "b1.58-xla-act-quant": Mode("b1.58", activation_kernel=False),
@@ -149,6 +158,8 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.xla_int8_on_amx:  # the VNNI kernels whatever the CPU (before 2026-12-04)
             patches.enter_context(mock.patch.object(cpu_int8, "xla_int8_is_faster",
                                                     lambda rows: False))
+        if not (mode.kernel_amx and mode.xla_int8_on_amx):  # before 2026-12-05, 10:00
+            patches.enter_context(mock.patch.object(cpu_int8_fused, "uses_amx", lambda: False))
         if not mode.int8_fake_product:  # bf16 codes, whatever the device (before 2026-12-04)
             patches.enter_context(mock.patch.object(matmul, "_int8_product_is_exact",
                                                     lambda *args: False))
@@ -178,8 +189,26 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if mode.ynn_eltwise:
             options["xla_cpu_experimental_ynn_fusion_type"] = YNN_ELTWISE_FUSIONS
         config = dataclasses.replace(get_model_config(preset), scan_layers=mode.scan_layers)
-        return _compiled_step(config, mode.precision, mode.integer, mode.int8_backward, batch,
+        step = _compiled_step(config, mode.precision, mode.integer, mode.int8_backward, batch,
                               seq_len, options)
+    return step if mode.xla_int8_on_amx else (_without_amx_tiles(step[0]), *step[1:])
+
+
+def _without_amx_tiles(train_step):
+    """`train_step` run with BITNET_JAX_CPU_AMX=0, which our kernels read at every call."""
+    def run(state, batch_data):
+        before = os.environ.get(cpu_int8.AMX_ENV)
+        os.environ[cpu_int8.AMX_ENV] = "0"
+        try:
+            out = train_step(state, batch_data)
+            jax.block_until_ready(out)
+            return out
+        finally:
+            if before is None:
+                del os.environ[cpu_int8.AMX_ENV]
+            else:
+                os.environ[cpu_int8.AMX_ENV] = before
+    return run
 
 
 def _compiled_step(config, precision, integer, int8_backward, batch, seq_len, options):

@@ -266,3 +266,101 @@ def test_xla_int8_product_takes_the_one_pass_activation_quantization(qx, monkeyp
         assert calls == 0
         for a, b in zip(got, want):
             np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# int8_scaled_dot: codes quantized beforehand, the product and its scales in one call.
+
+def _scaled_dot_reference(codes, row_scale, w_codes, w_scale):
+    acc = jax.lax.dot_general(codes, w_codes, (((codes.ndim - 1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    return ((acc.astype(jnp.float32) * row_scale[..., None]) * w_scale).astype(jnp.bfloat16)
+
+
+def _scaled_dot_operands(m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    codes = jnp.asarray(rng.integers(-128, 128, (m, k)), jnp.int8)
+    row_scale = jnp.asarray(rng.lognormal(-4, 2, m), jnp.float32)
+    w_codes = jnp.asarray(rng.integers(-128, 128, (n, k)), jnp.int8)
+    w_scale = jnp.asarray(rng.lognormal(-3, 1, n), jnp.float32)
+    return codes, row_scale, w_codes, w_scale
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES + [(64, 1000, 20), (250, 64, 64)])
+def test_int8_scaled_dot_equals_xlas_product_and_pass(m, k, n):
+    """bf16((codes @ w.T) * row_scale * w_scale), bit for bit XLA's int8 dot and the pass over
+    its sums, on the direct and packed paths with every tail (full int8 ranges)."""
+    operands = _scaled_dot_operands(m, k, n, seed=m + 7 * k + n)
+    got = jax.jit(cpu_int8_fused.int8_scaled_dot)(*operands)
+    assert got.dtype == jnp.bfloat16 and got.shape == (m, n)
+    np.testing.assert_array_equal(_bits(got), _bits(jax.jit(_scaled_dot_reference)(*operands)))
+
+
+def test_int8_scaled_dot_lead_dims_vmap_and_refusals():
+    codes, row_scale, w_codes, w_scale = _scaled_dot_operands(24, 40, 24, seed=3)
+    want = cpu_int8_fused.int8_scaled_dot(codes, row_scale, w_codes, w_scale)
+    lead = cpu_int8_fused.int8_scaled_dot(codes.reshape(2, 3, 4, 40), row_scale.reshape(2, 3, 4),
+                                          w_codes, w_scale)
+    np.testing.assert_array_equal(_bits(lead), _bits(want.reshape(2, 3, 4, 24)))
+    mapped = jax.jit(jax.vmap(cpu_int8_fused.int8_scaled_dot, in_axes=(0, 0, None, None)))(
+        codes.reshape(4, 6, 40), row_scale.reshape(4, 6), w_codes, w_scale)
+    np.testing.assert_array_equal(_bits(mapped), _bits(want.reshape(4, 6, 24)))
+    with pytest.raises(TypeError, match="int8 codes"):
+        cpu_int8_fused.int8_scaled_dot(codes.astype(jnp.int32), row_scale, w_codes, w_scale)
+    with pytest.raises(ValueError, match="w_codes"):
+        cpu_int8_fused.int8_scaled_dot(codes, row_scale, w_codes[:, :39], w_scale)
+
+
+def test_int8_scaled_dot_partitioned_under_gspmd():
+    """Rows split as the codes' rows, output features as the weight's: no all-gather of either,
+    the single-device result bit for bit."""
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    mesh = jax.sharding.Mesh(np.array(devices[:8]).reshape(4, 2), ("fsdp", "tensor"))
+    P = jax.sharding.PartitionSpec
+    codes, row_scale, w_codes, w_scale = _scaled_dot_operands(64, 72, 32, seed=4)
+    put = lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
+    args = (put(codes, P("fsdp", None)), put(row_scale, P("fsdp")), put(w_codes, P("tensor")),
+            put(w_scale, P("tensor")))
+    fn = jax.jit(cpu_int8_fused.int8_scaled_dot)
+    assert "all-gather" not in fn.lower(*args).compile().as_text()
+    np.testing.assert_array_equal(_bits(fn(*args)),
+                                  _bits(cpu_int8_fused.int8_scaled_dot(codes, row_scale, w_codes,
+                                                                       w_scale)))
+
+
+@pytest.mark.parametrize("integer,int8_backward", [(False, False), (True, False), (True, True)],
+                         ids=["fake", "integer", "int8-backward"])
+@pytest.mark.parametrize("qx", [A8, A4], ids=["a8", "a4"])
+def test_where_the_kernels_have_amx_shared_inputs_are_quantized_once(qx, integer, int8_backward,
+                                                                     monkeypatch):
+    """Where our products run on AMX tiles (`uses_amx`, forced; the kernel multiplies on VNNI
+    here unless the CPU has AMX), both paths quantize an input that several linears share once
+    and multiply its codes with `int8_scaled_dot`, and X_q^T for their weight gradients is
+    written once: output and gradients equal the path without it bit for bit."""
+    x, w = _operands(2 * 40, 96, 48, seed=21)
+    x = x.reshape(2, 40, 96)
+    w2 = w[:, ::-1] * 1.5
+    g = jnp.asarray(np.random.default_rng(22).normal(size=(2, 40, 48)), jnp.float32)
+
+    def run(amx):
+        monkeypatch.setattr(cpu_int8_fused, "uses_amx", lambda: amx)
+        jax.clear_caches()  # traces of the custom VJP made with the other choice
+
+        def loss(xv, wv, w2v):  # two linears on the same input, as q and k, or gate and up
+            y = sum(matmul.quantized_dot(xv, a, qx, TERNARY, jnp.bfloat16, integer,
+                                         int8_backward).astype(jnp.float32) for a in (wv, w2v))
+            return jnp.sum(y * g)
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        return fn.lower(x, w, w2).compile().as_text(), fn(x, w, w2)
+
+    hlo, got = run(True)
+    assert hlo.count(cpu_int8.INT8_SCALED_DOT_TARGET) == 2
+    assert hlo.count(cpu_int8_fused.QUANTIZE_TRANSPOSE_TARGET) == 1
+    assert hlo.count(cpu_int8.ABSMAX_QUANTIZE_TARGET) == (1 if qx is A8 else 0)
+    assert hlo.count(cpu_int8.ABSMAX_QUANT_DOT_TARGET) == (2 if int8_backward else 0)
+    assert cpu_int8.TARGET_NAME not in hlo and "s32[" not in hlo  # no int32 sums in memory
+    _, want = run(False)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(_bits(a), _bits(b))

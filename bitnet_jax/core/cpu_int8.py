@@ -1,5 +1,5 @@
-"""Exact int8 x int8 -> int32 matmul on x86 CPUs with AVX512-VNNI, as an XLA FFI custom call,
-and the dequantize-and-transpose that the integer path's weight gradient needs.
+"""Exact int8 x int8 -> int32 matmul on x86 CPUs with AVX512-VNNI (and AMX), as an XLA FFI
+custom call, and the dequantize-and-transpose that the integer path's weight gradient needs.
 
 XLA:CPU lowers an int8 `dot_general` with int32 accumulation to a kernel that is slower than
 its bf16 dot.  `kernels/int8_matmul.cc` is a small VNNI (`vpdpbusd`) kernel; this module
@@ -17,9 +17,10 @@ Use it only when `available()` is True (CPU backend, AVX512-VNNI CPU, g++ presen
 succeeded); otherwise fall back to `lax.dot_general` -- `int8_dot_or_xla` does this for you.
 
 Set ``BITNET_JAX_CPU_INT8=0`` to disable the kernel; ``BITNET_JAX_CACHE_DIR`` moves the cache.
-On CPUs with AMX-INT8, XLA's own int8 dot is faster from a few dozen rows on, and the integer
-products take it there (`xla_int8_is_faster`; ``BITNET_JAX_CPU_AMX=0`` keeps the kernel); the
-kernel keeps decoding's few rows.
+On CPUs with AMX-INT8 the kernel's products of many rows run on AMX tiles
+(`kernel_uses_amx`; ``BITNET_JAX_CPU_AMX=0`` keeps AVX-512 VNNI); there XLA's own int8 dot is
+still the faster of the two for `int8_dot`'s int32 output from a few dozen rows on
+(`xla_int8_is_faster`), while the products with a bf16 output (`cpu_int8_fused`) are ours.
 
 Under GSPMD the product is partitioned (`jax.experimental.custom_partitioning`): each device
 runs the kernel on its shards -- rows of `x` as `x` is split, rows of `w` (output features) as
@@ -53,6 +54,7 @@ ABSMAX_QUANT_DOT_TARGET = "bitnet_absmax_quant_dot"
 SCALED_QUANT_DOT_TARGET = "bitnet_scaled_quant_dot"
 QUANTIZE_TRANSPOSE_TARGET = "bitnet_quantize_transpose"
 ABSMAX_QUANTIZE_TARGET = "bitnet_absmax_quantize"
+INT8_SCALED_DOT_TARGET = "bitnet_int8_scaled_dot"
 TERNARY_ABSMEAN_TARGET = "bitnet_ternary_absmean"  # `cpu_ternary`'s
 KTH_LARGEST_16_TARGET = "bitnet_kth_largest_u16"  # `cpu_order_statistics`'
 KTH_LARGEST_32_TARGET = "bitnet_kth_largest_u32"
@@ -71,6 +73,7 @@ _LIBRARY = KernelLibrary(
              SCALED_QUANT_DOT_TARGET: "BitnetScaledQuantDot",
              QUANTIZE_TRANSPOSE_TARGET: "BitnetQuantizeTranspose",
              ABSMAX_QUANTIZE_TARGET: "BitnetAbsmaxQuantize",
+             INT8_SCALED_DOT_TARGET: "BitnetInt8ScaledDot",
              TERNARY_ABSMEAN_TARGET: "BitnetTernaryAbsmean",
              KTH_LARGEST_16_TARGET: "BitnetKthLargest16",
              KTH_LARGEST_32_TARGET: "BitnetKthLargest32"},
@@ -186,16 +189,28 @@ def _xla_int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
 # median of 30, K x N = 512 x 1376 and 2560 x 6912) the two tie at 16 rows, XLA's dot is 1.1-2.5x
 # faster from 64 rows, and the kernel 3.7x faster at 2 rows (decoding).
 XLA_INT8_MIN_ROWS_WITH_AMX = 32
-AMX_ENV = "BITNET_JAX_CPU_AMX"  # "0": take our kernel for every int8 product, AMX or not
+# "0": no AMX tiles, in our kernels (`kernels/int8_matmul.cc` reads the same name) or through
+# XLA's int8 dot
+AMX_ENV = "BITNET_JAX_CPU_AMX"
 
 
 @functools.cache
 def _has_amx_int8() -> bool:
+    """AMX-INT8 on this CPU, and not switched off (BITNET_JAX_CPU_AMX=0)."""
     return os.environ.get(AMX_ENV, "1") != "0" and "amx_int8" in cpu_flags()
 
 
+def kernel_uses_amx() -> bool:
+    """Whether our kernels' products run on AMX tiles in this process now: the CPU has
+    AMX-INT8, BITNET_JAX_CPU_AMX is not "0" (the kernel reads it at every call), and Linux
+    granted the process the tiles' state (the kernel asks once, `arch_prctl`)."""
+    return available() and bool(_LIBRARY.c_function("BitnetAmxTiles")())
+
+
 def xla_int8_is_faster(rows: int) -> bool:
-    """Whether XLA's own int8 dot beats our kernels for a product of `rows` rows on this CPU."""
+    """Whether XLA's own int8 dot beats `int8_dot` (int32 out) for a product of `rows` rows on
+    this CPU. (The fused products of `cpu_int8_fused`, bf16 out, beat XLA's dot and its passes
+    on AMX too: `cpu_int8_fused.uses_amx`.)"""
     return rows >= XLA_INT8_MIN_ROWS_WITH_AMX and _has_amx_int8()
 
 

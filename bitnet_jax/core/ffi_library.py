@@ -95,6 +95,12 @@ class KernelLibrary:
                     self._status, self._reason = self._try_init()
         return self._status
 
+    def c_function(self, symbol: str):
+        """The library's C function `symbol` (ctypes), for queries beside the FFI targets."""
+        if not self.available():
+            raise RuntimeError(f"{self.name} unavailable: {self.unavailable_reason()}")
+        return getattr(self._lib, symbol)
+
     def unavailable_reason(self) -> str:
         """Why `available()` is False ("" when it is True)."""
         self.available()

@@ -111,6 +111,16 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype):
     code_dtype = jnp.int8 if integer else dtype
     accumulate = jnp.int32 if integer else F32
     grouped_scale = wq.scale if wq.is_grouped else None
+    if (integer and kernels and grouped_scale is None and out_dtype == jnp.bfloat16
+            and cpu_int8_fused.uses_amx() and xq.scale.size in (1, math.prod(x.shape[:-1]))):
+        # On AMX tiles, the product and its scales in one call of our kernel: XLA's int8 dot
+        # and the pass over its int32 sums took 1.5-2.8x as long at the ladder's shapes.
+        w_scale = jnp.broadcast_to(jnp.reshape(wq.scale, (-1,)).astype(F32), (w.shape[-1],))
+        x_scale = jnp.broadcast_to(jnp.reshape(xq.scale, x.shape[:-1] if xq.scale.size > 1
+                                               else ()), x.shape[:-1])
+        y = cpu_int8_fused.int8_scaled_dot(xq.codes.astype(jnp.int8), x_scale,
+                                           wq.codes.astype(jnp.int8).T, w_scale)
+        return y, xq, wq, x_rows
     acc = _dot_codes(xq.codes.astype(code_dtype), wq.codes.astype(code_dtype), grouped_scale,
                      accumulate)
     y = acc.astype(F32) * xq.scale
@@ -131,12 +141,15 @@ def _fused_activation(quantize_x, quantize_w, x, dtype, integer, kernels, out_dt
     """(kind, bits) when the integer path can quantize x inside the CPU kernel, else None.
 
     The kernel covers the activations of `_kernel_quantizes_x_rows` times weights with one
-    scale per tensor or per output feature, and writes bf16; not where XLA's int8 dot is faster.
-    `kernels`: whether the step is being lowered for the CPU with our kernels present.
+    scale per tensor or per output feature, and writes bf16. Not on AMX CPUs: there x is
+    quantized once for all the linears that share it (`_quantize_activation`) and its codes
+    multiplied by our AMX kernel or XLA's int8 dot (`_forward`). `kernels`: whether the step is
+    being lowered for the CPU with our kernels present.
     """
     if not (integer and kernels and out_dtype == jnp.bfloat16
             and getattr(quantize_w, "granularity", "group") != "group"
             and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype)
+            and not cpu_int8_fused.uses_amx()
             and not cpu_int8.xla_int8_is_faster(math.prod(x.shape[:-1]))):
         return None
     return quantize_x.kind, quantize_x.bits
@@ -145,15 +158,17 @@ def _fused_activation(quantize_x, quantize_w, x, dtype, integer, kernels, out_dt
 def _int8_forward_product(quantize_x, quantize_w, x, integer, kernels) -> bool:
     """Whether the forward product is taken on int8 codes with int32 sums: always on the integer
     path, and with fake quantization where that gives the same numbers (`_int8_product_is_exact`)
-    faster: lowered for a CPU on which XLA's int8 dot beats its bf16 dot (AMX;
-    `cpu_int8.xla_int8_is_faster`; the ternary b1.58 step 5-8% faster on a 2-core Xeon). GPUs:
+    faster: lowered for a CPU with AMX tiles, which our kernel's int8 product uses
+    (`cpu_int8_fused.uses_amx`) or XLA's does (`cpu_int8.xla_int8_is_faster`; the ternary b1.58
+    step 5-8% faster on a 2-core Xeon with XLA's). GPUs:
     `quantized_dot`. Like the X_q^T kernel of the weight gradient, an implementation of the
     fake-quantized path, not a change to it (docs/cpu_training_step_history.md).
     """
     if integer:
         return True
     return (kernels and _int8_product_is_exact(quantize_x, quantize_w, x)
-            and cpu_int8.xla_int8_is_faster(math.prod(x.shape[:-1])))
+            and (cpu_int8_fused.uses_amx()
+                 or cpu_int8.xla_int8_is_faster(math.prod(x.shape[:-1]))))
 
 
 def _int8_product_is_exact(quantize_x, quantize_w, x) -> bool:
@@ -333,11 +348,13 @@ def _int8_input_gradient(g, w_codes, w_scale, kernels):
     no 1e-5 floor on the absmax, which would flush small gradients; an all-zero row gives
     zeros). On CPUs with our kernels and one bf16 g per tensor scale, the kernel quantizes g's
     rows while it multiplies (`cpu_int8_fused.absmax_quant_dot`, floor 0), with the same
-    numbers: no pass over g writes its codes; where XLA's int8 dot is faster (AMX), in one
-    pass before XLA's product (`_kernel_quantizes_gradient`)."""
+    numbers: no pass over g writes its codes (on AMX tiles where the kernel has them); where
+    only XLA's int8 dot has them (benchmarks' "before"), in one pass before XLA's product
+    (`_kernel_quantizes_gradient`)."""
     per_tensor = w_scale.ndim == 0 or w_scale.size == 1
     kernel_rows = _kernel_quantizes_gradient(g, per_tensor, kernels)
-    if kernel_rows and not cpu_int8.xla_int8_is_faster(math.prod(g.shape[:-1])):
+    if kernel_rows and (cpu_int8_fused.uses_amx()
+                        or not cpu_int8.xla_int8_is_faster(math.prod(g.shape[:-1]))):
         n_in = w_codes.shape[0]
         scale = jnp.broadcast_to(jnp.reshape(w_scale, ()).astype(F32), (n_in,))
         return cpu_int8_fused.absmax_quant_dot(g, w_codes, scale, 8, floor=0.0)[0]
@@ -403,8 +420,9 @@ def quantized_dot(
     with both `None` this is a plain `dtype` matmul with float32 accumulation.
     The backward pass uses the dequantized operands in `dtype` (straight-through estimator),
     with float32 accumulation. On CPU with bf16 per-token activations the integer path
-    quantizes x inside the int8 kernel (`cpu_int8_fused`), with the same results, except
-    where XLA's own int8 dot is faster (AMX: `cpu_int8.xla_int8_is_faster`).
+    quantizes x inside the int8 kernel (`cpu_int8_fused`), with the same results; on CPUs with
+    AMX tiles x is quantized once for every linear that shares it, and both paths multiply its
+    codes on the tiles in our kernel (`cpu_int8_fused.int8_scaled_dot`).
     `int8_backward=True` (integer path only) computes dx = g W_q^T as an int8 product with g
     rounded to 8 bits per row: faster, NOT exact (see `_input_gradient`); dW stays exact.
     """
@@ -428,7 +446,7 @@ def quantized_dot(
 
     branches = {}
     # Our CPU kernels: the integer products, and on both paths X_q^T for the weight gradient,
-    # the ternary weights' quantization and, where XLA takes the int8 product, x's.
+    # the ternary weights' quantization and, on AMX CPUs, x's and the product of its codes.
     # Only where the step is lowered for the CPU: a CPU host that compiles it for a TPU or GPU
     # (`bitnet sweep plan --compile`) gets XLA's path there.
     if (cpu_int8.available() if integer

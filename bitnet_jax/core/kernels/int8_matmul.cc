@@ -1,7 +1,8 @@
 // Exact int8 x int8 -> int32 matmul for XLA:CPU, as an XLA FFI custom call; below it, the
 // dequantize-and-transpose of int8 activations for the weight gradient, and the same product
-// with per-token activation quantization fused in (bf16 in, bf16 out) plus its backward helper
-// and that quantization alone (see "Activation quantization fused into the product").
+// with per-token activation quantization fused in (bf16 in, bf16 out) plus its backward helper,
+// that quantization alone (see "Activation quantization fused into the product"), and the
+// product of codes quantized beforehand with the same bf16 epilogue.
 //
 //   out[m, n] = sum_k x[m, k] * w[n, k]      x: (M, K) int8, w: (N, K) int8 ("out x in")
 //
@@ -16,6 +17,9 @@
 //    The accumulators start at -128 * rowsum(x).  Padding bytes of the packed weights are 0
 //    (unsigned), so they contribute nothing whatever x holds there.
 //
+//  * On CPUs with AMX-INT8 the packed path multiplies on AMX tiles instead (signed x signed,
+//    so the panels keep w's own bytes and no correction is needed; "Packed path on AMX tiles").
+//
 //  * Direct path (small M, decode).  Memory-bound on the weights, so they are read in place
 //    (no packing pass): x is shifted once to unsigned (x ^ 0x80, zero padded to a multiple of
 //    64 bytes), w rows are the signed operand, and a second vpdpbusd with all-ones computes
@@ -27,7 +31,10 @@
 // Work is spread over XLA's intra-op thread pool (xla::ffi::ThreadPool) by ffi_parallel.h's
 // ParallelFor, the loop every kernel in this directory shares.
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -115,8 +122,10 @@ struct Scratch {
 // Packed path.
 // ----------------------------------------------------------------------------------------
 
-// Packs panel p (columns p*NR .. p*NR+NR-1) of w into dst: [kg][NR][4] bytes, unsigned w+128.
-void PackPanel(const int8_t* w, int64_t N, int64_t K, int64_t p, uint8_t* dst) {
+// Packs panel p (columns p*NR .. p*NR+NR-1) of w into dst: [kg][NR][4] bytes, each byte
+// w ^ flip: unsigned w + 128 for VNNI (flip 0x80808080), w itself for AMX (flip 0).
+void PackPanel(const int8_t* w, int64_t N, int64_t K, int64_t p, uint8_t* dst,
+               uint32_t flip_bytes = 0x80808080u) {
   const int64_t kgs = (K + 3) / 4;
   const int64_t kfull = K / 4;
   const int64_t n0 = p * NR;
@@ -125,7 +134,7 @@ void PackPanel(const int8_t* w, int64_t N, int64_t K, int64_t p, uint8_t* dst) {
   if (ncols == NR) {
     // 16 x 16 transposes of 32-bit words: 16 rows of w, 16 k-groups at a time.
     int64_t kg = 0;
-    const __m512i flip = _mm512_set1_epi32(static_cast<int>(0x80808080u));
+    const __m512i flip = _mm512_set1_epi32(static_cast<int>(flip_bytes));
     for (; kg + 16 <= kfull; kg += 16) {
       for (int cb = 0; cb < NR; cb += 16) {
         __m512i r[16];
@@ -171,7 +180,7 @@ void PackPanel(const int8_t* w, int64_t N, int64_t K, int64_t p, uint8_t* dst) {
         int64_t nb = std::min<int64_t>(4, K - kg * 4);
         std::memcpy(&v, src, nb);
         uint32_t mask = nb == 4 ? 0xffffffffu : ((1u << (8 * nb)) - 1u);
-        d[kg * NR + c] = (v ^ 0x80808080u) & mask;
+        d[kg * NR + c] = (v ^ flip_bytes) & mask;
       }
     }
   } else {
@@ -183,7 +192,7 @@ void PackPanel(const int8_t* w, int64_t N, int64_t K, int64_t p, uint8_t* dst) {
           std::memcpy(&v, w + (n0 + c) * K + kg * 4, nb);
           mask = nb == 4 ? 0xffffffffu : ((1u << (8 * nb)) - 1u);
         }
-        d[kg * NR + c] = (v ^ 0x80808080u) & mask;
+        d[kg * NR + c] = (v ^ flip_bytes) & mask;
       }
     }
   }
@@ -357,6 +366,167 @@ void PackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int
 }
 
 // ----------------------------------------------------------------------------------------
+// Packed path on AMX tiles (Intel Sapphire Rapids and later).  TDPBSSD multiplies SIGNED bytes
+// by SIGNED bytes, 16 rows x 64 k of x (tile A) by 16 k-groups x 16 columns x 4 k of w (tile B:
+// the packed panels' layout, with signed bytes) into 16 x 16 int32 sums, eight times the
+// multiply-adds per cycle of vpdpbusd.  Each task configures its thread's tiles (XLA's own AMX
+// kernels configure theirs before each use), copies its block of x's rows into a staging block
+// padded with zeros to 16 rows and 64 k, and runs 16 x 64 output tiles over the panels (also
+// zero-padded to 64 k), with the same epilogues as the VNNI micro-kernels: the same int32 sums,
+// and the same float32 arithmetic after them, so the results are bit for bit those of the VNNI
+// path and of XLA's dot.  BITNET_JAX_CPU_AMX=0 keeps the VNNI path.
+// ----------------------------------------------------------------------------------------
+
+// Linux gives a process AMX's tile state only after it asks (arch_prctl); XLA's oneDNN asks too.
+bool AmxUsable() {
+  static const bool hardware = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = d & (1u << 24), int8 = d & (1u << 25);
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return tile && int8 && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  // Read per call, so that a process (a test) can switch it; cpu_int8.AMX_ENV names it too.
+  const char* env = std::getenv("BITNET_JAX_CPU_AMX");
+  return hardware && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: the 16 x 64 int32 sums; 4: x's 16 x 64 bytes; 5-7: w's 16 x 64 bytes.
+__attribute__((target("amx-tile,amx-int8"))) void AmxConfigure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  // GCC 12 does not see ldtilecfg read the struct and drops the stores above without this.
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile,amx-int8"))) void AmxRelease() { _tile_release(); }
+
+// acc (16 x NR int32, row stride NR) = 16 rows of x (stride ldx, kp bytes, kp % 64 == 0) times
+// a signed panel of kp / 4 k-groups.
+__attribute__((target("amx-tile,amx-int8"))) void AmxTile(const int8_t* x, int64_t ldx,
+                                                          const uint8_t* panel, int64_t kp,
+                                                          int32_t* acc) {
+  static_assert(NR == 64, "four 16-column tiles per panel");
+  constexpr int64_t kStride = NR * 4;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < kp; k += 64) {
+    const uint8_t* b = panel + (k / 4) * kStride;
+    _tile_loadd(4, x + k, ldx);
+    _tile_loadd(5, b, kStride);
+    _tile_dpbssd(0, 4, 5);
+    _tile_loadd(6, b + 64, kStride);
+    _tile_dpbssd(1, 4, 6);
+    _tile_loadd(7, b + 128, kStride);
+    _tile_dpbssd(2, 4, 7);
+    _tile_loadd(5, b + 192, kStride);
+    _tile_dpbssd(3, 4, 5);
+  }
+  _tile_stored(0, acc, NR * 4);
+  _tile_stored(1, acc + 16, NR * 4);
+  _tile_stored(2, acc + 32, NR * 4);
+  _tile_stored(3, acc + 48, NR * 4);
+}
+
+// rows x ncols of a 16 x NR tile of sums to out: int32 as they are, or bf16 with the scales
+// applied exactly as MicroKernel applies them.
+template <typename OutT>
+void AmxEpilogue(const int32_t* acc, int rows, int ncols, OutT* out, int64_t ldo,
+                 const float* rs, const float* cs) {
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < NR; j += 16) {
+      const __mmask16 m = TailMask16(ncols - j);
+      if (!m) break;
+      const __m512i v = _mm512_load_si512(acc + i * NR + j);
+      if constexpr (std::is_same_v<OutT, uint16_t>) {
+        const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(rs[i])),
+                                       _mm512_maskz_loadu_ps(m, cs + j));
+        _mm256_mask_storeu_epi16(out + i * ldo + j, m, ToBf16x16(f));
+      } else {
+        _mm512_mask_storeu_epi32(out + i * ldo + j, m, v);
+      }
+    }
+  }
+}
+
+// PackedMatmul's contract (the same `rows` callback; its row sums are not needed here).
+template <typename OutT, typename PF, typename Rows>
+void AmxPackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int8_t* w,
+                     OutT* out, const float* cs, int64_t M, int64_t N, int64_t K) {
+  const int64_t kp = (K + 63) / 64 * 64;
+  const int64_t kgs = (K + 3) / 4;
+  const int64_t panels = (N + NR - 1) / NR;
+  const int64_t panel_bytes = kp / 4 * NR * 4;
+  static thread_local Scratch scratch;
+  uint8_t* wp = static_cast<uint8_t*>(scratch.get(panels * panel_bytes));
+
+  const int64_t pack_per_task = 4;
+  const std::function<void(int64_t)> pack = [&](int64_t t) {
+    int64_t p1 = std::min(panels, (t + 1) * pack_per_task);
+    for (int64_t p = t * pack_per_task; p < p1; ++p) {
+      uint8_t* dst = wp + p * panel_bytes;
+      PackPanel(w, N, K, p, dst, 0u);
+      std::memset(dst + kgs * NR * 4, 0, panel_bytes - kgs * NR * 4);
+    }
+  };
+  parallel_for((panels + pack_per_task - 1) / pack_per_task, pack);
+
+  // A block of rows (~256 KB of x, a multiple of 16 rows) stays in L2 while panels stream by.
+  int64_t mc = std::max<int64_t>(16, (256 * 1024 / kp) / 16 * 16);
+  mc = std::min<int64_t>(mc, kMaxRowBlock / 16 * 16);
+  const int64_t mblocks = (M + mc - 1) / mc;
+  const int64_t threads = std::max<int64_t>(1, num_threads);
+  int64_t ngroups = 1;
+  while (mblocks * ngroups < 4 * threads && ngroups * 2 <= panels) ngroups *= 2;
+  const int64_t panels_per_group = (panels + ngroups - 1) / ngroups;
+  ngroups = (panels + panels_per_group - 1) / panels_per_group;
+
+  const std::function<void(int64_t)> compute = [&](int64_t t) {
+    const int64_t mb = t / ngroups, ng = t % ngroups;
+    const int64_t m0 = mb * mc, m1 = std::min(M, m0 + mc);
+    const int64_t p0 = ng * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
+    int32_t corr[kMaxRowBlock];
+    float rs[kMaxRowBlock];
+    const int8_t* x = rows(m0, m1, ng == 0, corr, rs);
+    const int64_t nrows = m1 - m0, padded = (nrows + 15) / 16 * 16;
+    static thread_local Scratch staging, sums;
+    int8_t* xs = static_cast<int8_t*>(staging.get(padded * kp));
+    for (int64_t i = 0; i < nrows; ++i) {
+      std::memcpy(xs + i * kp, x + i * K, K);
+      std::memset(xs + i * kp + K, 0, kp - K);
+    }
+    std::memset(xs + nrows * kp, 0, (padded - nrows) * kp);
+    int32_t* acc = static_cast<int32_t*>(sums.get(16 * NR * sizeof(int32_t)));
+    AmxConfigure();
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* panel = wp + p * panel_bytes;
+      const int ncols = static_cast<int>(std::min<int64_t>(NR, N - p * NR));
+      for (int64_t r = 0; r < nrows; r += 16) {
+        AmxTile(xs + r * kp, kp, panel, kp, acc);
+        AmxEpilogue(acc, static_cast<int>(std::min<int64_t>(16, nrows - r)), ncols,
+                    out + (m0 + r) * N + p * NR, N, rs + r, cs ? cs + p * NR : nullptr);
+      }
+    }
+    AmxRelease();
+  };
+  parallel_for(mblocks * ngroups, compute);
+}
+
+// ----------------------------------------------------------------------------------------
 // Direct path (small M): weights read in place, x shifted to unsigned.
 // ----------------------------------------------------------------------------------------
 
@@ -479,8 +649,13 @@ ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
       RowCorrections(xp + m0 * K, K, m1 - m0, corr);
       return xp + m0 * K;
     };
-    PackedMatmul<int32_t>(parallel_for, pool.num_threads(), rows, wp, o,
-                          static_cast<const float*>(nullptr), M, N, K);
+    if (AmxUsable()) {
+      AmxPackedMatmul<int32_t>(parallel_for, pool.num_threads(), rows, wp, o,
+                               static_cast<const float*>(nullptr), M, N, K);
+    } else {
+      PackedMatmul<int32_t>(parallel_for, pool.num_threads(), rows, wp, o,
+                            static_cast<const float*>(nullptr), M, N, K);
+    }
   }
   return ffi::Error::Success();
 }
@@ -649,6 +824,20 @@ struct RowQuantizer {
   }
 };
 
+// y = bf16((float(acc) * rs[m]) * cs[n]) for an (M, N) int32 product, as the packed epilogue.
+void ScaleToBf16(const int32_t* acc, const float* rs, const float* cs, uint16_t* y, int64_t M,
+                 int64_t N) {
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512 r = _mm512_set1_ps(rs[m]);
+    for (int64_t n = 0; n < N; n += 16) {
+      const __mmask16 mk = TailMask16(N - n);
+      const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, acc + m * N + n));
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(a, r), _mm512_maskz_loadu_ps(mk, cs + n));
+      _mm256_mask_storeu_epi16(y + m * N + n, mk, ToBf16x16(v));
+    }
+  }
+}
+
 void QuantDot(ffi::ThreadPool& pool, const RowQuantizer& rq, const int8_t* w, const float* cs,
               uint16_t* y, int64_t M, int64_t N, int64_t K) {
   if (M == 0) return;
@@ -662,7 +851,11 @@ void QuantDot(ffi::ThreadPool& pool, const RowQuantizer& rq, const int8_t* w, co
       rq.Rows(m0, m1, first, d, corr, rs);
       return static_cast<const int8_t*>(d);
     };
-    PackedMatmul<uint16_t>(parallel_for, pool.num_threads(), rows, w, y, cs, M, N, K);
+    if (AmxUsable()) {
+      AmxPackedMatmul<uint16_t>(parallel_for, pool.num_threads(), rows, w, y, cs, M, N, K);
+    } else {
+      PackedMatmul<uint16_t>(parallel_for, pool.num_threads(), rows, w, y, cs, M, N, K);
+    }
     return;
   }
   // Few rows (decode): quantize them all, the direct int32 product, then the epilogue.
@@ -678,15 +871,7 @@ void QuantDot(ffi::ThreadPool& pool, const RowQuantizer& rq, const int8_t* w, co
   } else {
     DirectMatmul(parallel_for, q, w, acc, M, N, K);
   }
-  for (int64_t m = 0; m < M; ++m) {
-    const __m512 r = _mm512_set1_ps(rs[m]);
-    for (int64_t n = 0; n < N; n += 16) {
-      const __mmask16 mk = TailMask16(N - n);
-      const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, acc + m * N + n));
-      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(a, r), _mm512_maskz_loadu_ps(mk, cs + n));
-      _mm256_mask_storeu_epi16(y + m * N + n, mk, ToBf16x16(v));
-    }
-  }
+  ScaleToBf16(acc, rs.data(), cs, y, M, N);
 }
 
 ffi::Error CheckQuantDot(const char* name, ffi::Buffer<ffi::BF16>& x, ffi::Buffer<ffi::S8>& w,
@@ -778,6 +963,64 @@ ffi::Error ScaledQuantDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   return ffi::Error::Success();
 }
 
+// The product of codes quantized beforehand (x's int8 codes with one scale per row) with the
+// bf16 epilogue: y = bf16((x @ w.T) * x_scale * w_scale), one call where XLA would take an int8
+// dot and a pass dequantizing its int32 sums.  For inputs that several linears share (q, k and
+// v; gate and up), quantized once and multiplied by each, and their backward's X_q^T written
+// once; on AMX tiles where the CPU has them.
+ffi::Error Int8ScaledDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
+                             ffi::Buffer<ffi::F32> x_scale, ffi::Buffer<ffi::S8> w,
+                             ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::BF16> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || wd[1] != xd[1] ||
+      x_scale.dimensions().size() != 1 || x_scale.dimensions()[0] != xd[0] ||
+      w_scale.dimensions().size() != 1 || w_scale.dimensions()[0] != wd[0] ||
+      yd[0] != xd[0] || yd[1] != wd[0]) {
+    return ffi::Error::InvalidArgument(
+        "bitnet_int8_scaled_dot: expects x (M, K) int8, x_scale (M,), w (N, K) int8, "
+        "w_scale (N,), out (M, N) bf16");
+  }
+  const int64_t M = xd[0], K = xd[1], N = wd[0];
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int8_t* xp = x.typed_data();
+  const float* xs = x_scale.typed_data();
+  const float* cs = w_scale.typed_data();
+  uint16_t* out = reinterpret_cast<uint16_t*>(y->typed_data());
+  auto parallel_for = [&pool](int64_t n, const std::function<void(int64_t)>& fn) {
+    ParallelFor(pool, n, fn);
+  };
+  if (K != 0 && !UseDirectPath(M, N, K)) {
+    if (AmxUsable()) {
+      auto rows = [&](int64_t m0, int64_t m1, bool, int32_t*, float* rs) {
+        std::copy(xs + m0, xs + m1, rs);
+        return xp + m0 * K;
+      };
+      AmxPackedMatmul<uint16_t>(parallel_for, pool.num_threads(), rows, w.typed_data(), out, cs,
+                                M, N, K);
+    } else {
+      auto rows = [&](int64_t m0, int64_t m1, bool, int32_t* corr, float* rs) {
+        RowCorrections(xp + m0 * K, K, m1 - m0, corr);
+        std::copy(xs + m0, xs + m1, rs);
+        return xp + m0 * K;
+      };
+      PackedMatmul<uint16_t>(parallel_for, pool.num_threads(), rows, w.typed_data(), out, cs, M,
+                             N, K);
+    }
+    return ffi::Error::Success();
+  }
+  static thread_local Scratch acc_buf;
+  int32_t* acc = static_cast<int32_t*>(acc_buf.get(M * N * sizeof(int32_t) + 64));
+  if (K == 0) {
+    std::memset(acc, 0, sizeof(int32_t) * M * N);
+  } else {
+    DirectMatmul(parallel_for, xp, w.typed_data(), acc, M, N, K);
+  }
+  ScaleToBf16(acc, xs, cs, out, M, N);
+  return ffi::Error::Success();
+}
+
 // Backward of the fused product: out[k, m] = bf16(code(x[m, k]) * scale[m]), X_q^T for the
 // weight gradient, re-derived from the bf16 activations in one pass (one gather fetches 2
 // values from each of 16 rows).
@@ -841,6 +1084,9 @@ ffi::Error QuantizeTransposeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
 
 }  // namespace
 
+// Whether the packed products run on AMX tiles now (`cpu_int8.kernel_uses_amx`, via ctypes).
+extern "C" int BitnetAmxTiles() { return AmxUsable() ? 1 : 0; }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetDequantizeTranspose, DequantizeTransposeImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -897,4 +1143,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetQuantizeTranspose, QuantizeTransposeImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("lo")
                                   .Attr<int32_t>("hi")
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8ScaledDot, Int8ScaledDotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>());
