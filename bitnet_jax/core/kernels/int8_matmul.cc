@@ -645,14 +645,15 @@ ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   if (UseDirectPath(M, N, K)) {
     DirectMatmul(parallel_for, xp, wp, o, M, N, K);
   } else {
-    auto rows = [&](int64_t m0, int64_t m1, bool, int32_t* corr, float*) {
-      RowCorrections(xp + m0 * K, K, m1 - m0, corr);
-      return xp + m0 * K;
-    };
-    if (AmxUsable()) {
+    if (AmxUsable()) {  // signed x signed: no row sums needed
+      auto rows = [&](int64_t m0, int64_t, bool, int32_t*, float*) { return xp + m0 * K; };
       AmxPackedMatmul<int32_t>(parallel_for, pool.num_threads(), rows, wp, o,
                                static_cast<const float*>(nullptr), M, N, K);
     } else {
+      auto rows = [&](int64_t m0, int64_t m1, bool, int32_t* corr, float*) {
+        RowCorrections(xp + m0 * K, K, m1 - m0, corr);
+        return xp + m0 * K;
+      };
       PackedMatmul<int32_t>(parallel_for, pool.num_threads(), rows, wp, o,
                             static_cast<const float*>(nullptr), M, N, K);
     }
