@@ -18,16 +18,25 @@ pytestmark = pytest.mark.skipif(not cpu_int8.available(),
 
 @pytest.fixture
 def tiles(monkeypatch):
-    """Switches the kernels between AMX tiles and VNNI (they read the switch at every call)."""
+    """Switches the kernels between AMX tiles and VNNI (they read the switch at every call),
+    and leaves the process as it found it: the switch, the cached CPU check and the traces."""
     def use(amx: bool):
         monkeypatch.setenv(cpu_int8.AMX_ENV, "1" if amx else "0")
         jax.clear_caches()  # routing is decided while tracing
         assert cpu_int8.kernel_uses_amx() == amx
 
+    def restore():
+        monkeypatch.undo()
+        cpu_int8._has_amx_int8.cache_clear()
+        jax.clear_caches()
+
+    cpu_int8._has_amx_int8.cache_clear()
     monkeypatch.setenv(cpu_int8.AMX_ENV, "1")
     if not cpu_int8.kernel_uses_amx():
+        restore()
         pytest.skip("this CPU (or this process) has no AMX-INT8 tiles")
-    return use
+    yield use
+    restore()
 
 
 def _bits(a):
