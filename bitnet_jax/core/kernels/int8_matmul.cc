@@ -298,6 +298,61 @@ void RowCorrections(const int8_t* x, int64_t K, int64_t rows, int32_t* corr) {
   }
 }
 
+// Phase 1 of both packed paths: every panel of w packed (`PackPanel`, bytes ^ `flip_bytes`),
+// `kg_rows` >= ceil(K / 4) k-groups per panel, the rows past K zero; a few panels per task.
+template <typename PF>
+const uint8_t* PackPanels(PF&& parallel_for, const int8_t* w, int64_t N, int64_t K,
+                          int64_t kg_rows, uint32_t flip_bytes, Scratch& scratch) {
+  const int64_t kgs = (K + 3) / 4;
+  const int64_t panels = (N + NR - 1) / NR;
+  const int64_t panel_bytes = kg_rows * NR * 4;
+  uint8_t* wp = static_cast<uint8_t*>(scratch.get(panels * panel_bytes));
+  const int64_t pack_per_task = 4;
+  const std::function<void(int64_t)> pack = [&](int64_t t) {
+    int64_t p1 = std::min(panels, (t + 1) * pack_per_task);
+    for (int64_t p = t * pack_per_task; p < p1; ++p) {
+      uint8_t* dst = wp + p * panel_bytes;
+      PackPanel(w, N, K, p, dst, flip_bytes);
+      std::memset(dst + kgs * NR * 4, 0, panel_bytes - kgs * NR * 4);
+    }
+  };
+  parallel_for((panels + pack_per_task - 1) / pack_per_task, pack);
+  return wp;
+}
+
+// Phase 2's tasks: (block of rows) x (group of panels).  A block of rows (~256 KB of x, a
+// multiple of `row_multiple` rows) stays in L2 while the panels stream through it; N is split
+// into groups when there are too few row blocks to keep every thread busy.
+struct TaskGrid {
+  int64_t mc, mblocks, ngroups, panels_per_group;
+
+  TaskGrid(int64_t M, int64_t row_bytes, int64_t row_multiple, int64_t panels,
+           int64_t num_threads) {
+    mc = std::max<int64_t>(row_multiple, (256 * 1024 / std::max<int64_t>(row_bytes, 1)) /
+                                             row_multiple * row_multiple);
+    mc = std::min<int64_t>(mc, kMaxRowBlock / row_multiple * row_multiple);
+    mblocks = (M + mc - 1) / mc;
+    const int64_t threads = std::max<int64_t>(1, num_threads);
+    ngroups = 1;
+    while (mblocks * ngroups < 4 * threads && ngroups * 2 <= panels) ngroups *= 2;
+    panels_per_group = (panels + ngroups - 1) / ngroups;
+    ngroups = (panels + panels_per_group - 1) / panels_per_group;
+  }
+  int64_t tasks() const { return mblocks * ngroups; }
+
+  // Task t's rows [m0, m1) and panels [p0, p1); `first`: the one task of its row block that
+  // may write per-row outputs.
+  struct Task {
+    int64_t m0, m1, p0, p1;
+    bool first;
+  };
+  Task At(int64_t t, int64_t M, int64_t panels) const {
+    const int64_t mb = t / ngroups, ng = t % ngroups;
+    return {mb * mc, std::min(M, (mb + 1) * mc), ng * panels_per_group,
+            std::min(panels, (ng + 1) * panels_per_group), ng == 0};
+  }
+};
+
 // Rows of the matmul's left operand for one task: `rows(m0, m1, first, corr, rs)` returns
 // int8 rows m0..m1 (stride K), fills corr[] with -128 * rowsum and, for the bf16 epilogue,
 // rs[] with the row scales.  `first` is true for exactly one task per row block (the one that
@@ -309,35 +364,14 @@ void PackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int
   const int64_t panels = (N + NR - 1) / NR;
   const int64_t panel_bytes = kgs * NR * 4;
   static thread_local Scratch scratch;
-  uint8_t* wp = static_cast<uint8_t*>(scratch.get(panels * panel_bytes));
-
-  // Phase 1: pack the weights, a few panels per task.
-  const int64_t pack_per_task = 4;
-  const std::function<void(int64_t)> pack = [&](int64_t t) {
-    int64_t p1 = std::min(panels, (t + 1) * pack_per_task);
-    for (int64_t p = t * pack_per_task; p < p1; ++p) PackPanel(w, N, K, p, wp + p * panel_bytes);
-  };
-  parallel_for((panels + pack_per_task - 1) / pack_per_task, pack);
-
-  // Phase 2: tasks = (block of rows) x (group of panels).  A block of rows (~256 KB of x)
-  // stays in L2 while the panels stream through it.
-  int64_t mc = std::max<int64_t>(MR, (256 * 1024 / std::max<int64_t>(K, 1)) / MR * MR);
-  mc = std::min<int64_t>(mc, kMaxRowBlock);
-  const int64_t mblocks = (M + mc - 1) / mc;
-  const int64_t threads = std::max<int64_t>(1, num_threads);
-  // Split N if there are too few row blocks to keep every thread busy.
-  int64_t ngroups = 1;
-  while (mblocks * ngroups < 4 * threads && ngroups * 2 <= panels) ngroups *= 2;
-  const int64_t panels_per_group = (panels + ngroups - 1) / ngroups;
-  ngroups = (panels + panels_per_group - 1) / panels_per_group;
+  const uint8_t* wp = PackPanels(parallel_for, w, N, K, kgs, 0x80808080u, scratch);
+  const TaskGrid grid(M, K, MR, panels, num_threads);
 
   const std::function<void(int64_t)> compute = [&](int64_t t) {
-    const int64_t mb = t / ngroups, ng = t % ngroups;
-    const int64_t m0 = mb * mc, m1 = std::min(M, m0 + mc);
-    const int64_t p0 = ng * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
+    const auto [m0, m1, p0, p1, first] = grid.At(t, M, panels);
     int32_t corr[kMaxRowBlock];
     float rs[kMaxRowBlock];
-    const int8_t* x = rows(m0, m1, ng == 0, corr, rs);
+    const int8_t* x = rows(m0, m1, first, corr, rs);
     for (int64_t p = p0; p < p1; ++p) {
       const uint8_t* panel = wp + p * panel_bytes;
       const int ncols = static_cast<int>(std::min<int64_t>(NR, N - p * NR));
@@ -362,7 +396,7 @@ void PackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int
     }
   };
   static_assert(MR <= 6, "tail switch covers MR <= 6");
-  parallel_for(mblocks * ngroups, compute);
+  parallel_for(grid.tasks(), compute);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -468,40 +502,17 @@ template <typename OutT, typename PF, typename Rows>
 void AmxPackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int8_t* w,
                      OutT* out, const float* cs, int64_t M, int64_t N, int64_t K) {
   const int64_t kp = (K + 63) / 64 * 64;
-  const int64_t kgs = (K + 3) / 4;
   const int64_t panels = (N + NR - 1) / NR;
   const int64_t panel_bytes = kp / 4 * NR * 4;
   static thread_local Scratch scratch;
-  uint8_t* wp = static_cast<uint8_t*>(scratch.get(panels * panel_bytes));
-
-  const int64_t pack_per_task = 4;
-  const std::function<void(int64_t)> pack = [&](int64_t t) {
-    int64_t p1 = std::min(panels, (t + 1) * pack_per_task);
-    for (int64_t p = t * pack_per_task; p < p1; ++p) {
-      uint8_t* dst = wp + p * panel_bytes;
-      PackPanel(w, N, K, p, dst, 0u);
-      std::memset(dst + kgs * NR * 4, 0, panel_bytes - kgs * NR * 4);
-    }
-  };
-  parallel_for((panels + pack_per_task - 1) / pack_per_task, pack);
-
-  // A block of rows (~256 KB of x, a multiple of 16 rows) stays in L2 while panels stream by.
-  int64_t mc = std::max<int64_t>(16, (256 * 1024 / kp) / 16 * 16);
-  mc = std::min<int64_t>(mc, kMaxRowBlock / 16 * 16);
-  const int64_t mblocks = (M + mc - 1) / mc;
-  const int64_t threads = std::max<int64_t>(1, num_threads);
-  int64_t ngroups = 1;
-  while (mblocks * ngroups < 4 * threads && ngroups * 2 <= panels) ngroups *= 2;
-  const int64_t panels_per_group = (panels + ngroups - 1) / ngroups;
-  ngroups = (panels + panels_per_group - 1) / panels_per_group;
+  const uint8_t* wp = PackPanels(parallel_for, w, N, K, kp / 4, 0u, scratch);
+  const TaskGrid grid(M, kp, 16, panels, num_threads);
 
   const std::function<void(int64_t)> compute = [&](int64_t t) {
-    const int64_t mb = t / ngroups, ng = t % ngroups;
-    const int64_t m0 = mb * mc, m1 = std::min(M, m0 + mc);
-    const int64_t p0 = ng * panels_per_group, p1 = std::min(panels, p0 + panels_per_group);
+    const auto [m0, m1, p0, p1, first] = grid.At(t, M, panels);
     int32_t corr[kMaxRowBlock];
     float rs[kMaxRowBlock];
-    const int8_t* x = rows(m0, m1, ng == 0, corr, rs);
+    const int8_t* x = rows(m0, m1, first, corr, rs);
     const int64_t nrows = m1 - m0, padded = (nrows + 15) / 16 * 16;
     static thread_local Scratch staging, sums;
     int8_t* xs = static_cast<int8_t*>(staging.get(padded * kp));
@@ -523,7 +534,7 @@ void AmxPackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const 
     }
     AmxRelease();
   };
-  parallel_for(mblocks * ngroups, compute);
+  parallel_for(grid.tasks(), compute);
 }
 
 // ----------------------------------------------------------------------------------------
