@@ -78,7 +78,7 @@ class Mode(NamedTuple):
     xla_int8_on_amx: bool = True  # on AMX CPUs XLA's int8 dot, else always our VNNI kernels
     # (AMX tiles off in our kernels too, BITNET_JAX_CPU_AMX=0 around each of the mode's steps)
     kernel_amx: bool = True  # on AMX CPUs our kernels take both paths' int8 products on AMX
-    # tiles (`cpu_int8_fused.uses_amx`: x quantized once, `int8_scaled_dot`), else XLA's int8 dot
+    # tiles (`cpu_int8.kernel_uses_amx`: x quantized once, `int8_scaled_dot`), else XLA's dot
     int8_fake_product: bool = True  # fake quantization's product on int8 codes where exact
     # and faster (AMX CPUs, NVIDIA GPUs), else on bf16 codes
     memory_scheduler: bool = False  # XLA:CPU's memory-optimized HLO scheduler, not its default
@@ -159,7 +159,8 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
             patches.enter_context(mock.patch.object(cpu_int8, "xla_int8_is_faster",
                                                     lambda rows: False))
         if not (mode.kernel_amx and mode.xla_int8_on_amx):  # before 2026-12-05, 10:00
-            patches.enter_context(mock.patch.object(cpu_int8_fused, "uses_amx", lambda: False))
+            patches.enter_context(mock.patch.object(cpu_int8, "kernel_uses_amx",
+                                                    lambda: False))
         if not mode.int8_fake_product:  # bf16 codes, whatever the device (before 2026-12-04)
             patches.enter_context(mock.patch.object(matmul, "_int8_product_is_exact",
                                                     lambda *args: False))

@@ -335,7 +335,7 @@ def test_int8_scaled_dot_partitioned_under_gspmd():
 @pytest.mark.parametrize("qx", [A8, A4], ids=["a8", "a4"])
 def test_where_the_kernels_have_amx_shared_inputs_are_quantized_once(qx, integer, int8_backward,
                                                                      monkeypatch):
-    """Where our products run on AMX tiles (`uses_amx`, forced; the kernel multiplies on VNNI
+    """Where our products run on AMX tiles (`cpu_int8.kernel_uses_amx`, forced; the kernel multiplies on VNNI
     here unless the CPU has AMX), both paths quantize an input that several linears share once
     and multiply its codes with `int8_scaled_dot`, and X_q^T for their weight gradients is
     written once: output and gradients equal the path without it bit for bit."""
@@ -345,7 +345,7 @@ def test_where_the_kernels_have_amx_shared_inputs_are_quantized_once(qx, integer
     g = jnp.asarray(np.random.default_rng(22).normal(size=(2, 40, 48)), jnp.float32)
 
     def run(amx):
-        monkeypatch.setattr(cpu_int8_fused, "uses_amx", lambda: amx)
+        monkeypatch.setattr(cpu_int8, "kernel_uses_amx", lambda: amx)
         jax.clear_caches()  # traces of the custom VJP made with the other choice
 
         def loss(xv, wv, w2v):  # two linears on the same input, as q and k, or gate and up

@@ -22,8 +22,10 @@ rounding depends on the reduction order, so XLA computes it as the unfused path 
 `quantize_transpose` re-derives the codes from x and writes bf16(codes * scale) transposed, the
 operand of the weight gradient. `absmax_quantize` is the absmax quantization alone (int8 codes
 and the row parameters, one pass), for products XLA takes itself, where XLA's row maximum and
-codes fusion would be two operations of the step. The products run on AMX tiles where the CPU
-has them (`uses_amx`), else on AVX-512 VNNI, with the same results.
+codes fusion would be two operations of the step. `int8_scaled_dot` multiplies codes quantized
+beforehand (one scale per row) and writes y as the fused products do, so that an input several
+linears share is quantized once. The products run on AMX tiles where the CPU has them
+(`cpu_int8.kernel_uses_amx`), else on AVX-512 VNNI, with the same results.
 Activations must be finite. Under `vmap` the calls run one batch element at a time.
 
 Under GSPMD the calls are partitioned as `cpu_int8.int8_dot` is (`custom_partitioning`): each
@@ -51,13 +53,6 @@ from bitnet_jax.core.cpu_int8 import (ABSMAX_QUANT_DOT_TARGET, ABSMAX_QUANTIZE_T
 def available() -> bool:
     """Whether the fused entry points can be used: they are registered with `cpu_int8`'s."""
     return cpu_int8.available()
-
-
-def uses_amx() -> bool:
-    """Whether the products run on AMX tiles (`cpu_int8.kernel_uses_amx`). There
-    `int8_scaled_dot` takes 0.35-0.65x the time of XLA's int8 dot and its dequantizing pass at
-    the ladder presets' shapes, so `matmul` routes both paths' int8 products through it."""
-    return cpu_int8.kernel_uses_amx()
 
 
 def _require(x, w_codes=None, w_scale=None):

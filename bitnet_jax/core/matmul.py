@@ -112,14 +112,15 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype):
     accumulate = jnp.int32 if integer else F32
     grouped_scale = wq.scale if wq.is_grouped else None
     if (integer and kernels and grouped_scale is None and out_dtype == jnp.bfloat16
-            and cpu_int8_fused.uses_amx() and xq.scale.size in (1, math.prod(x.shape[:-1]))):
+            and cpu_int8.kernel_uses_amx()
+            and xq.scale.size in (1, math.prod(x.shape[:-1]))):
         # On AMX tiles, the product and its scales in one call of our kernel: XLA's int8 dot
         # and the pass over its int32 sums took 1.5-2.8x as long at the ladder's shapes.
-        w_scale = jnp.broadcast_to(jnp.reshape(wq.scale, (-1,)).astype(F32), (w.shape[-1],))
         x_scale = jnp.broadcast_to(jnp.reshape(xq.scale, x.shape[:-1] if xq.scale.size > 1
                                                else ()), x.shape[:-1])
         y = cpu_int8_fused.int8_scaled_dot(xq.codes.astype(jnp.int8), x_scale,
-                                           wq.codes.astype(jnp.int8).T, w_scale)
+                                           wq.codes.astype(jnp.int8).T,
+                                           _per_output_scale(wq, w.shape[-1]))
         return y, xq, wq, x_rows
     acc = _dot_codes(xq.codes.astype(code_dtype), wq.codes.astype(code_dtype), grouped_scale,
                      accumulate)
@@ -149,7 +150,7 @@ def _fused_activation(quantize_x, quantize_w, x, dtype, integer, kernels, out_dt
     if not (integer and kernels and out_dtype == jnp.bfloat16
             and getattr(quantize_w, "granularity", "group") != "group"
             and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype)
-            and not cpu_int8_fused.uses_amx()
+            and not cpu_int8.kernel_uses_amx()
             and not cpu_int8.xla_int8_is_faster(math.prod(x.shape[:-1]))):
         return None
     return quantize_x.kind, quantize_x.bits
@@ -159,15 +160,15 @@ def _int8_forward_product(quantize_x, quantize_w, x, integer, kernels) -> bool:
     """Whether the forward product is taken on int8 codes with int32 sums: always on the integer
     path, and with fake quantization where that gives the same numbers (`_int8_product_is_exact`)
     faster: lowered for a CPU with AMX tiles, which our kernel's int8 product uses
-    (`cpu_int8_fused.uses_amx`) or XLA's does (`cpu_int8.xla_int8_is_faster`; the ternary b1.58
-    step 5-8% faster on a 2-core Xeon with XLA's). GPUs:
+    (`cpu_int8.kernel_uses_amx`) or XLA's does (`cpu_int8.xla_int8_is_faster`; the ternary
+    b1.58 step 5-8% faster on a 2-core Xeon with XLA's). GPUs:
     `quantized_dot`. Like the X_q^T kernel of the weight gradient, an implementation of the
     fake-quantized path, not a change to it (docs/cpu_training_step_history.md).
     """
     if integer:
         return True
     return (kernels and _int8_product_is_exact(quantize_x, quantize_w, x)
-            and (cpu_int8_fused.uses_amx()
+            and (cpu_int8.kernel_uses_amx()
                  or cpu_int8.xla_int8_is_faster(math.prod(x.shape[:-1]))))
 
 
@@ -209,7 +210,7 @@ def _fused_forward(x, w, quantize_x, quantize_w, kind, bits):
     (x itself, its per-row multiplier and scale, the weight codes (in, out) and scale)."""
     wq = _quantize_weight(quantize_w, w, kernels=True)
     w_codes = wq.codes.astype(jnp.int8)
-    w_scale = jnp.broadcast_to(wq.scale.reshape(-1), (w.shape[-1],)).astype(F32)
+    w_scale = _per_output_scale(wq, w.shape[-1])
     if kind == "absmax":
         x = topk_per_token(x, quantize_x.keep_ratio)  # the kernel takes the row maxima itself
         y, multiplier, scale = cpu_int8_fused.absmax_quant_dot(x, w_codes.T, w_scale, bits)
@@ -219,6 +220,12 @@ def _fused_forward(x, w, quantize_x, quantize_w, kind, bits):
                                             *code_range(bits))
     return y, (_RowQuantizedX(x, multiplier, scale), w_codes, wq.scale, jnp.zeros((), x.dtype),
                jnp.zeros((), w.dtype))
+
+
+def _per_output_scale(wq, n_out):
+    """The weights' scale (one per tensor or per output feature) as our kernels take it: one
+    float32 per output feature."""
+    return jnp.broadcast_to(jnp.reshape(wq.scale, (-1,)).astype(F32), (n_out,))
 
 
 class _RowQuantizedX(NamedTuple):
@@ -353,7 +360,7 @@ def _int8_input_gradient(g, w_codes, w_scale, kernels):
     (`_kernel_quantizes_gradient`)."""
     per_tensor = w_scale.ndim == 0 or w_scale.size == 1
     kernel_rows = _kernel_quantizes_gradient(g, per_tensor, kernels)
-    if kernel_rows and (cpu_int8_fused.uses_amx()
+    if kernel_rows and (cpu_int8.kernel_uses_amx()
                         or not cpu_int8.xla_int8_is_faster(math.prod(g.shape[:-1]))):
         n_in = w_codes.shape[0]
         scale = jnp.broadcast_to(jnp.reshape(w_scale, ()).astype(F32), (n_in,))
