@@ -354,7 +354,8 @@ struct TaskGrid {
 };
 
 // Rows of the matmul's left operand for one task: `rows(m0, m1, first, corr, rs)` returns
-// int8 rows m0..m1 (stride K), fills corr[] with -128 * rowsum and, for the bf16 epilogue,
+// int8 rows m0..m1 (stride K), fills corr[] with -128 * rowsum (unless corr is null: the AMX
+// path needs no row sums) and, for the bf16 epilogue,
 // rs[] with the row scales.  `first` is true for exactly one task per row block (the one that
 // may write per-row outputs).
 template <typename OutT, typename PF, typename Rows>
@@ -497,7 +498,7 @@ void AmxEpilogue(const int32_t* acc, int rows, int ncols, OutT* out, int64_t ldo
   }
 }
 
-// PackedMatmul's contract (the same `rows` callback; its row sums are not needed here).
+// PackedMatmul's contract (the same `rows` callback, asked for no row sums).
 template <typename OutT, typename PF, typename Rows>
 void AmxPackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int8_t* w,
                      OutT* out, const float* cs, int64_t M, int64_t N, int64_t K) {
@@ -510,9 +511,8 @@ void AmxPackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const 
 
   const std::function<void(int64_t)> compute = [&](int64_t t) {
     const auto [m0, m1, p0, p1, first] = grid.At(t, M, panels);
-    int32_t corr[kMaxRowBlock];
     float rs[kMaxRowBlock];
-    const int8_t* x = rows(m0, m1, first, corr, rs);
+    const int8_t* x = rows(m0, m1, first, nullptr, rs);
     const int64_t nrows = m1 - m0, padded = (nrows + 15) / 16 * 16;
     static thread_local Scratch staging, sums;
     int8_t* xs = static_cast<int8_t*>(staging.get(padded * kp));
@@ -535,6 +535,17 @@ void AmxPackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const 
     AmxRelease();
   };
   parallel_for(grid.tasks(), compute);
+}
+
+// The packed product on AMX tiles where this process has them, else on VNNI: same results.
+template <typename OutT, typename PF, typename Rows>
+void PackedProduct(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int8_t* w,
+                   OutT* out, const float* cs, int64_t M, int64_t N, int64_t K) {
+  if (AmxUsable()) {
+    AmxPackedMatmul<OutT>(parallel_for, num_threads, rows, w, out, cs, M, N, K);
+  } else {
+    PackedMatmul<OutT>(parallel_for, num_threads, rows, w, out, cs, M, N, K);
+  }
 }
 
 // ----------------------------------------------------------------------------------------
@@ -656,18 +667,12 @@ ffi::Error Int8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   if (UseDirectPath(M, N, K)) {
     DirectMatmul(parallel_for, xp, wp, o, M, N, K);
   } else {
-    if (AmxUsable()) {  // signed x signed: no row sums needed
-      auto rows = [&](int64_t m0, int64_t, bool, int32_t*, float*) { return xp + m0 * K; };
-      AmxPackedMatmul<int32_t>(parallel_for, pool.num_threads(), rows, wp, o,
-                               static_cast<const float*>(nullptr), M, N, K);
-    } else {
-      auto rows = [&](int64_t m0, int64_t m1, bool, int32_t* corr, float*) {
-        RowCorrections(xp + m0 * K, K, m1 - m0, corr);
-        return xp + m0 * K;
-      };
-      PackedMatmul<int32_t>(parallel_for, pool.num_threads(), rows, wp, o,
-                            static_cast<const float*>(nullptr), M, N, K);
-    }
+    auto rows = [&](int64_t m0, int64_t m1, bool, int32_t* corr, float*) {
+      if (corr) RowCorrections(xp + m0 * K, K, m1 - m0, corr);
+      return xp + m0 * K;
+    };
+    PackedProduct<int32_t>(parallel_for, pool.num_threads(), rows, wp, o,
+                           static_cast<const float*>(nullptr), M, N, K);
   }
   return ffi::Error::Success();
 }
@@ -819,14 +824,14 @@ struct RowQuantizer {
     }
   }
 
-  // Codes of rows m0..m1 into dst, -128 * rowsum into corr, scales into rs.
+  // Codes of rows m0..m1 into dst, -128 * rowsum into corr (unless null), scales into rs.
   void Rows(int64_t m0, int64_t m1, bool write_params, int8_t* dst, int32_t* corr,
             float* rs) const {
     for (int64_t m = m0; m < m1; ++m) {
       float mult, scale;
       Params(m, &mult, &scale);
       const int32_t sum = QuantizeRow(x + m * K, K, mult, lo, hi, dst + (m - m0) * K);
-      corr[m - m0] = static_cast<int32_t>(-128u * static_cast<uint32_t>(sum));
+      if (corr) corr[m - m0] = static_cast<int32_t>(-128u * static_cast<uint32_t>(sum));
       rs[m - m0] = scale;
       if (write_params && q_max > 0) {
         mult_out[m] = mult;
@@ -863,20 +868,15 @@ void QuantDot(ffi::ThreadPool& pool, const RowQuantizer& rq, const int8_t* w, co
       rq.Rows(m0, m1, first, d, corr, rs);
       return static_cast<const int8_t*>(d);
     };
-    if (AmxUsable()) {
-      AmxPackedMatmul<uint16_t>(parallel_for, pool.num_threads(), rows, w, y, cs, M, N, K);
-    } else {
-      PackedMatmul<uint16_t>(parallel_for, pool.num_threads(), rows, w, y, cs, M, N, K);
-    }
+    PackedProduct<uint16_t>(parallel_for, pool.num_threads(), rows, w, y, cs, M, N, K);
     return;
   }
   // Few rows (decode): quantize them all, the direct int32 product, then the epilogue.
   static thread_local Scratch codes_buf, acc_buf;
   int8_t* q = static_cast<int8_t*>(codes_buf.get(M * K + 64));
   int32_t* acc = static_cast<int32_t*>(acc_buf.get(M * N * sizeof(int32_t) + 64));
-  std::vector<int32_t> corr(M);
   std::vector<float> rs(M);
-  rq.Rows(0, M, true, q, corr.data(), rs.data());
+  rq.Rows(0, M, true, q, nullptr, rs.data());  // the direct path makes its own row sums
   if (N == 0) return;
   if (K == 0) {
     std::memset(acc, 0, sizeof(int32_t) * M * N);
@@ -946,9 +946,8 @@ ffi::Error AbsmaxQuantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, in
   constexpr int64_t kRowsPerTask = 64;
   const std::function<void(int64_t)> fn = [&](int64_t t) {
     const int64_t m0 = t * kRowsPerTask, m1 = std::min(M, m0 + kRowsPerTask);
-    int32_t corr[kRowsPerTask];  // the product's row sums and scales: unused here
-    float rs[kRowsPerTask];
-    rq.Rows(m0, m1, true, out + m0 * K, corr, rs);
+    float rs[kRowsPerTask];  // the product's row scales: unused here
+    rq.Rows(m0, m1, true, out + m0 * K, nullptr, rs);
   };
   ParallelFor(pool, (M + kRowsPerTask - 1) / kRowsPerTask, fn);
   return ffi::Error::Success();
@@ -1004,22 +1003,13 @@ ffi::Error Int8ScaledDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
     ParallelFor(pool, n, fn);
   };
   if (K != 0 && !UseDirectPath(M, N, K)) {
-    if (AmxUsable()) {
-      auto rows = [&](int64_t m0, int64_t m1, bool, int32_t*, float* rs) {
-        std::copy(xs + m0, xs + m1, rs);
-        return xp + m0 * K;
-      };
-      AmxPackedMatmul<uint16_t>(parallel_for, pool.num_threads(), rows, w.typed_data(), out, cs,
-                                M, N, K);
-    } else {
-      auto rows = [&](int64_t m0, int64_t m1, bool, int32_t* corr, float* rs) {
-        RowCorrections(xp + m0 * K, K, m1 - m0, corr);
-        std::copy(xs + m0, xs + m1, rs);
-        return xp + m0 * K;
-      };
-      PackedMatmul<uint16_t>(parallel_for, pool.num_threads(), rows, w.typed_data(), out, cs, M,
-                             N, K);
-    }
+    auto rows = [&](int64_t m0, int64_t m1, bool, int32_t* corr, float* rs) {
+      if (corr) RowCorrections(xp + m0 * K, K, m1 - m0, corr);
+      std::copy(xs + m0, xs + m1, rs);
+      return xp + m0 * K;
+    };
+    PackedProduct<uint16_t>(parallel_for, pool.num_threads(), rows, w.typed_data(), out, cs, M,
+                            N, K);
     return ffi::Error::Success();
   }
   static thread_local Scratch acc_buf;
