@@ -55,8 +55,8 @@ import numpy as np
 import scipy.stats
 
 from bitnet_jax.allocator import active_allocator
-from bitnet_jax.core import (cpu_int8, cpu_int8_fused, cpu_order_statistics, cpu_ternary, matmul,
-                             order_statistics, quant)
+from bitnet_jax.core import (cpu_int8, cpu_int8_fused, cpu_order_statistics, cpu_ternary,
+                             cpu_weight_gradient, matmul, order_statistics, quant)
 from bitnet_jax.model import accounting as compute, cpu_attention, layers
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
@@ -79,6 +79,10 @@ class Mode(NamedTuple):
     # (AMX tiles off in our kernels too, BITNET_JAX_CPU_AMX=0 around each of the mode's steps)
     kernel_amx: bool = True  # on AMX CPUs our kernels take both paths' int8 products on AMX
     # tiles (`cpu_int8.kernel_uses_amx`: x quantized once, `int8_scaled_dot`), else XLA's dot
+    kernel_weight_gradient: bool = True  # on AMX CPUs dW = X_q^T G in our kernel
+    # (`cpu_weight_gradient`), else XLA's bf16 dot
+    bf16_kernel_weight_gradient: bool = False  # bf16's own X^T G in that kernel too (what
+    # the baseline would gain from it), else XLA's
     int8_fake_product: bool = True  # fake quantization's product on int8 codes where exact
     # and faster (AMX CPUs, NVIDIA GPUs), else on bf16 codes
     memory_scheduler: bool = False  # XLA:CPU's memory-optimized HLO scheduler, not its default
@@ -115,6 +119,10 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "b1.58-int8-bwd-xla-amx": Mode("b1.58", integer=True, int8_backward=True,
                                         kernel_amx=False),
          "a4.8-xla-amx": Mode("a4.8", kernel_amx=False),
+         "b1.58-xla-wg": Mode("b1.58", kernel_weight_gradient=False),
+         "b1.58-int8-bwd-xla-wg": Mode("b1.58", integer=True, int8_backward=True,
+                                       kernel_weight_gradient=False),
+         "bf16-kernel-wg": Mode("bf16", bf16_kernel_weight_gradient=True),
          "b1.58-bf16-codes": Mode("b1.58", int8_fake_product=False),
          "b1.58-xla-weight-quant": Mode("b1.58", weight_kernel=False),
          "b1.58-xla-act-quant": Mode("b1.58", activation_kernel=False),
@@ -146,8 +154,9 @@ YNN_ELTWISE_FUSIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_EL
 def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
     """The trainer's jitted train step for one preset and mode, compiled and run once."""
     with contextlib.ExitStack() as patches:
-        if not mode.fused:
+        if not mode.fused:  # before the fusion, when no kernel of ours ran on AMX tiles either
             patches.enter_context(mock.patch.object(cpu_int8_fused, "available", lambda: False))
+            patches.enter_context(mock.patch.object(cpu_int8, "kernel_uses_amx", lambda: False))
         if not mode.bf16_weight_gradient:
             # XLA's own layout for X^T G (the form before `matmul.weight_gradient`)
             patches.enter_context(mock.patch.object(matmul, "weight_gradient",
@@ -161,6 +170,12 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not (mode.kernel_amx and mode.xla_int8_on_amx):  # before 2026-12-05, 10:00
             patches.enter_context(mock.patch.object(cpu_int8, "kernel_uses_amx",
                                                     lambda: False))
+        if not mode.kernel_weight_gradient:  # XLA's dot for dW (before 2026-12-05, 13:00)
+            patches.enter_context(mock.patch.object(cpu_weight_gradient, "available",
+                                                    lambda: False))
+        if mode.bf16_kernel_weight_gradient and cpu_weight_gradient.available():
+            patches.enter_context(mock.patch.object(matmul, "_transposed_dot",
+                                                    cpu_weight_gradient.weight_gradient_dot))
         if not mode.int8_fake_product:  # bf16 codes, whatever the device (before 2026-12-04)
             patches.enter_context(mock.patch.object(matmul, "_int8_product_is_exact",
                                                     lambda *args: False))

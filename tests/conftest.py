@@ -55,3 +55,30 @@ def load_script():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+@pytest.fixture
+def amx_tiles(monkeypatch):
+    """`amx_tiles(on)` switches our kernels between AMX tiles and AVX-512 (they read the switch
+    at every call) and clears JAX's traces (the routing is decided while tracing); skips where
+    the CPU or the process has no tiles. Leaves the process as it found it: the switch, the
+    cached CPU check and the traces."""
+    from bitnet_jax.core import cpu_int8
+
+    def use(amx: bool):
+        monkeypatch.setenv(cpu_int8.AMX_ENV, "1" if amx else "0")
+        jax.clear_caches()
+        assert cpu_int8.kernel_uses_amx() == amx
+
+    def restore():
+        monkeypatch.undo()
+        cpu_int8._has_amx_int8.cache_clear()
+        jax.clear_caches()
+
+    cpu_int8._has_amx_int8.cache_clear()
+    monkeypatch.setenv(cpu_int8.AMX_ENV, "1")
+    if not (cpu_int8.available() and cpu_int8.kernel_uses_amx()):
+        restore()
+        pytest.skip("this CPU (or this process) has no AMX tiles for our kernels")
+    yield use
+    restore()

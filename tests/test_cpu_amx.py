@@ -1,7 +1,7 @@
 """The kernels' products on AMX tiles (`kernels/int8_matmul.cc`) equal XLA's int8 dot and the
-same kernels on AVX-512 VNNI bit for bit, and the quantized matmul that routes through them
-equals the path without them. Runs where the CPU has AMX-INT8 (Intel Sapphire Rapids and later;
-the suite otherwise keeps BITNET_JAX_CPU_AMX=0, `conftest.py`)."""
+same kernels on AVX-512 VNNI bit for bit, and the quantized matmul that routes through them (and
+through `kernels/weight_gradient.cc`) equals the path without them. Runs where the CPU has AMX
+(Intel Sapphire Rapids and later; the suite otherwise keeps BITNET_JAX_CPU_AMX=0, `conftest.py`)."""
 
 import jax
 import jax.numpy as jnp
@@ -16,29 +16,6 @@ pytestmark = pytest.mark.skipif(not cpu_int8.available(),
                                        f"{cpu_int8.unavailable_reason()}")
 
 
-@pytest.fixture
-def tiles(monkeypatch):
-    """Switches the kernels between AMX tiles and VNNI (they read the switch at every call),
-    and leaves the process as it found it: the switch, the cached CPU check and the traces."""
-    def use(amx: bool):
-        monkeypatch.setenv(cpu_int8.AMX_ENV, "1" if amx else "0")
-        jax.clear_caches()  # routing is decided while tracing
-        assert cpu_int8.kernel_uses_amx() == amx
-
-    def restore():
-        monkeypatch.undo()
-        cpu_int8._has_amx_int8.cache_clear()
-        jax.clear_caches()
-
-    cpu_int8._has_amx_int8.cache_clear()
-    monkeypatch.setenv(cpu_int8.AMX_ENV, "1")
-    if not cpu_int8.kernel_uses_amx():
-        restore()
-        pytest.skip("this CPU (or this process) has no AMX-INT8 tiles")
-    yield use
-    restore()
-
-
 def _bits(a):
     return np.asarray(a).view(np.uint16 if a.dtype == jnp.bfloat16 else np.int32)
 
@@ -51,8 +28,8 @@ SHAPES = [(17, 1, 5), (33, 64, 64), (100, 77, 33), (250, 130, 200), (300, 1000, 
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_int8_dot_on_tiles_equals_xla(m, k, n, tiles):
-    tiles(True)
+def test_int8_dot_on_tiles_equals_xla(m, k, n, amx_tiles):
+    amx_tiles(True)
     rng = np.random.default_rng(m + k + n)
     x = jnp.asarray(rng.integers(-128, 128, (m, k)), jnp.int8)
     w = jnp.asarray(rng.integers(-128, 128, (n, k)), jnp.int8)
@@ -64,22 +41,23 @@ def test_int8_dot_on_tiles_equals_xla(m, k, n, tiles):
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_fused_products_on_tiles_equal_vnni(m, k, n, tiles):
+def test_fused_products_on_tiles_equal_vnni(m, k, n, amx_tiles):
     rng = np.random.default_rng(3 * m + k)
     x = jnp.asarray(rng.standard_t(3, (m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.integers(-1, 2, (n, k)), jnp.int8)
     w_scale = jnp.asarray(rng.lognormal(-3, 1, n), jnp.float32)
     codes, mult, scale = cpu_int8_fused.absmax_quantize(x)
 
-    def products():
-        return (cpu_int8_fused.absmax_quant_dot(x, w, w_scale),
-                cpu_int8_fused.absmax_quant_dot(x, w, w_scale, floor=0.0),
-                cpu_int8_fused.scaled_quant_dot(x, w, w_scale, mult, scale, -8, 7),
-                cpu_int8_fused.int8_scaled_dot(codes, scale, w, w_scale))
+    def products():  # finished before the switch moves: the kernels read it when they run
+        return jax.block_until_ready((
+            cpu_int8_fused.absmax_quant_dot(x, w, w_scale),
+            cpu_int8_fused.absmax_quant_dot(x, w, w_scale, floor=0.0),
+            cpu_int8_fused.scaled_quant_dot(x, w, w_scale, mult, scale, -8, 7),
+            cpu_int8_fused.int8_scaled_dot(codes, scale, w, w_scale)))
 
-    tiles(True)
+    amx_tiles(True)
     got = products()
-    tiles(False)
+    amx_tiles(False)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(products())):
         np.testing.assert_array_equal(_bits(a), _bits(b))
 
@@ -88,10 +66,11 @@ def test_fused_products_on_tiles_equal_vnni(m, k, n, tiles):
                          ids=["fake", "integer", "int8-backward"])
 @pytest.mark.parametrize("qx", [ActivationQuantizer("absmax", 8),
                                 ActivationQuantizer("absmean", 4)], ids=["a8", "a4"])
-def test_quantized_dot_on_tiles_equals_it_without(qx, integer, int8_backward, tiles):
-    """On AMX tiles the products of both paths go through `int8_scaled_dot` (and the int8 input
-    gradient through `absmax_quant_dot`): output and gradients equal the program without AMX
-    (VNNI kernels, or fake quantization's bf16 codes) bit for bit."""
+def test_quantized_dot_on_tiles_equals_it_without(qx, integer, int8_backward, amx_tiles):
+    """On AMX tiles the products of both paths go through `int8_scaled_dot` (the int8 input
+    gradient through `absmax_quant_dot`, the weight gradient through `weight_gradient_dot`):
+    output and gradients equal the program without AMX (VNNI kernels, or fake quantization's
+    bf16 codes; XLA's dot for dW) bit for bit."""
     rng = np.random.default_rng(8)
     x = jnp.asarray(rng.standard_t(3, (2, 48, 96)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(0, 0.02, (96, 80)), jnp.float32)
@@ -105,12 +84,15 @@ def test_quantized_dot_on_tiles_equals_it_without(qx, integer, int8_backward, ti
                                      integer, int8_backward)
             return jnp.sum(y.astype(jnp.float32) * g), y
         fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-        return fn.lower(x, w).compile().as_text(), fn(x, w)
+        # Finished before the switch moves: the kernels read it when they run.
+        return fn.lower(x, w).compile().as_text(), jax.block_until_ready(fn(x, w))
 
-    tiles(True)
+    amx_tiles(True)
     hlo, got = run()
     assert cpu_int8.INT8_SCALED_DOT_TARGET in hlo
-    tiles(False)
-    _, want = run()
+    assert cpu_int8.WEIGHT_GRADIENT_DOT_TARGET in hlo
+    amx_tiles(False)
+    hlo, want = run()
+    assert cpu_int8.WEIGHT_GRADIENT_DOT_TARGET not in hlo
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(_bits(a), _bits(b))

@@ -55,6 +55,7 @@ SCALED_QUANT_DOT_TARGET = "bitnet_scaled_quant_dot"
 QUANTIZE_TRANSPOSE_TARGET = "bitnet_quantize_transpose"
 ABSMAX_QUANTIZE_TARGET = "bitnet_absmax_quantize"
 INT8_SCALED_DOT_TARGET = "bitnet_int8_scaled_dot"
+WEIGHT_GRADIENT_DOT_TARGET = "bitnet_weight_gradient_dot"  # `cpu_weight_gradient`'s
 TERNARY_ABSMEAN_TARGET = "bitnet_ternary_absmean"  # `cpu_ternary`'s
 KTH_LARGEST_16_TARGET = "bitnet_kth_largest_u16"  # `cpu_order_statistics`'
 KTH_LARGEST_32_TARGET = "bitnet_kth_largest_u32"
@@ -63,8 +64,8 @@ _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vn
 _LIBRARY = KernelLibrary(
     "int8_matmul",
     sources=(_KERNELS / "int8_matmul.cc", _KERNELS / "ternary_absmean.cc",
-             _KERNELS / "kth_largest.cc"),
-    headers=(_KERNELS / "ffi_parallel.h",),
+             _KERNELS / "kth_largest.cc", _KERNELS / "weight_gradient.cc"),
+    headers=(_KERNELS / "ffi_parallel.h", _KERNELS / "amx_tiles.h", _KERNELS / "kernel_util.h"),
     cxx_flags=("-O3", "-std=c++17", "-shared", "-fPIC", "-w") + _ISA_FLAGS,
     required_cpu_flags=("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
     symbols={TARGET_NAME: "BitnetInt8Dot",
@@ -74,6 +75,7 @@ _LIBRARY = KernelLibrary(
              QUANTIZE_TRANSPOSE_TARGET: "BitnetQuantizeTranspose",
              ABSMAX_QUANTIZE_TARGET: "BitnetAbsmaxQuantize",
              INT8_SCALED_DOT_TARGET: "BitnetInt8ScaledDot",
+             WEIGHT_GRADIENT_DOT_TARGET: "BitnetWeightGradientDot",
              TERNARY_ABSMEAN_TARGET: "BitnetTernaryAbsmean",
              KTH_LARGEST_16_TARGET: "BitnetKthLargest16",
              KTH_LARGEST_32_TARGET: "BitnetKthLargest32"},

@@ -31,10 +31,7 @@
 // Work is spread over XLA's intra-op thread pool (xla::ffi::ThreadPool) by ffi_parallel.h's
 // ParallelFor, the loop every kernel in this directory shares.
 
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -46,7 +43,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "ffi_parallel.h"
+#include "kernel_util.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -98,25 +97,8 @@ __attribute__((always_inline)) inline __m256i ToBf16x16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-// Lanes of a 16-lane vector that hold the first `rem` of what is left (none when rem <= 0).
-inline __mmask16 TailMask16(int64_t rem) {
-  return rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1u);
-}
-
-// Per-thread scratch, grown on demand (64-byte aligned).
-struct Scratch {
-  void* p = nullptr;
-  size_t size = 0;
-  ~Scratch() { std::free(p); }
-  void* get(size_t bytes) {
-    if (bytes > size) {
-      std::free(p);
-      size = (bytes + 4095) & ~size_t(4095);
-      p = std::aligned_alloc(64, size);
-    }
-    return p;
-  }
-};
+using bitnet_kernels::Scratch;
+using bitnet_kernels::TailMask16;
 
 // ----------------------------------------------------------------------------------------
 // Packed path.
@@ -412,42 +394,6 @@ void PackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int
 // path and of XLA's dot.  BITNET_JAX_CPU_AMX=0 keeps the VNNI path.
 // ----------------------------------------------------------------------------------------
 
-// Linux gives a process AMX's tile state only after it asks (arch_prctl); XLA's oneDNN asks too.
-bool AmxUsable() {
-  static const bool hardware = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    const bool tile = d & (1u << 24), int8 = d & (1u << 25);
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return tile && int8 && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  // Read per call, so that a process (a test) can switch it; cpu_int8.AMX_ENV names it too.
-  const char* env = std::getenv("BITNET_JAX_CPU_AMX");
-  return hardware && !(env != nullptr && std::strcmp(env, "0") == 0);
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles 0-3: the 16 x 64 int32 sums; 4: x's 16 x 64 bytes; 5-7: w's 16 x 64 bytes.
-__attribute__((target("amx-tile,amx-int8"))) void AmxConfigure() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  // GCC 12 does not see ldtilecfg read the struct and drops the stores above without this.
-  asm volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
-__attribute__((target("amx-tile,amx-int8"))) void AmxRelease() { _tile_release(); }
-
 // acc (16 x NR int32, row stride NR) = 16 rows of x (stride ldx, kp bytes, kp % 64 == 0) times
 // a signed panel of kp / 4 k-groups.
 __attribute__((target("amx-tile,amx-int8"))) void AmxTile(const int8_t* x, int64_t ldx,
@@ -522,7 +468,7 @@ void AmxPackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const 
     }
     std::memset(xs + nrows * kp, 0, (padded - nrows) * kp);
     int32_t* acc = static_cast<int32_t*>(sums.get(16 * NR * sizeof(int32_t)));
-    AmxConfigure();
+    bitnet_amx::Configure();
     for (int64_t p = p0; p < p1; ++p) {
       const uint8_t* panel = wp + p * panel_bytes;
       const int ncols = static_cast<int>(std::min<int64_t>(NR, N - p * NR));
@@ -532,7 +478,7 @@ void AmxPackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const 
                     out + (m0 + r) * N + p * NR, N, rs + r, cs ? cs + p * NR : nullptr);
       }
     }
-    AmxRelease();
+    bitnet_amx::Release();
   };
   parallel_for(grid.tasks(), compute);
 }
@@ -541,7 +487,7 @@ void AmxPackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const 
 template <typename OutT, typename PF, typename Rows>
 void PackedProduct(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int8_t* w,
                    OutT* out, const float* cs, int64_t M, int64_t N, int64_t K) {
-  if (AmxUsable()) {
+  if (bitnet_amx::Usable()) {
     AmxPackedMatmul<OutT>(parallel_for, num_threads, rows, w, out, cs, M, N, K);
   } else {
     PackedMatmul<OutT>(parallel_for, num_threads, rows, w, out, cs, M, N, K);
@@ -1087,7 +1033,7 @@ ffi::Error QuantizeTransposeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
 }  // namespace
 
 // Whether the packed products run on AMX tiles now (`cpu_int8.kernel_uses_amx`, via ctypes).
-extern "C" int BitnetAmxTiles() { return AmxUsable() ? 1 : 0; }
+extern "C" int BitnetAmxTiles() { return bitnet_amx::Usable() ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetDequantizeTranspose, DequantizeTransposeImpl,
                               ffi::Ffi::Bind()

@@ -1,0 +1,239 @@
+// The weight gradient's product on AMX tiles, as an XLA FFI custom call:
+//
+//   out[p, n] = sum_m xt[p, m] * g[m, n]      xt: (P, M) bf16 (X^T, as `quantize_transpose`
+//                                             writes it), g: (M, N) bf16, out: (P, N) float32
+//
+// TDPBF16PS multiplies a 16 x 32 bf16 tile of xt (16 rows of X^T, 32 consecutive m) by a tile
+// of g holding 16 pairs of consecutive rows interleaved per column ([m / 2][16 columns][2], the
+// "pair" layout the instruction reads) and adds the 16 x 16 float32 sums.  Each task owns a
+// block of out, as large as a core's L2 holds (2 MB on Sapphire Rapids), which stays there
+// while m runs by in chunks of kChunk rows: per chunk the task packs its columns of g into pair
+// panels (read once per block of rows), and per 32 rows of out stages their xt chunk into L1
+// (tile by tile, 1 KB each: xt's own rows lie 2 M bytes apart, 8 KB in training, and would
+// fall into the same few L1 sets), then runs 32 x 32 blocks of out on four sum tiles, two of xt
+// and two of g.
+//
+// XLA:CPU's own bf16 dot (YNNPACK) took 1.2-1.4x this kernel's time at the ladder presets'
+// weight-gradient shapes on a 2-core Xeon (2026-12-05; scripts/bench_weight_gradient.py).
+//
+// Numbers: each bf16 x bf16 product is exact in float32, TDPBF16PS rounds as it adds, and the
+// sums run in m's order in one accumulator per output, as XLA's AMX product runs them: on that
+// Xeon the results equal XLA's dot bit for bit (tests/test_cpu_weight_gradient.py).  Like every
+// AMX bf16 product it treats subnormal inputs as zero and flushes subnormal sums.  Any shape:
+// tails are staged with zeros.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+
+#include "amx_tiles.h"
+#include "ffi_parallel.h"
+#include "kernel_util.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using bitnet_ffi::ParallelFor;
+using bitnet_kernels::Scratch;
+using bitnet_kernels::TailMask16;
+
+constexpr int64_t kBlock = 32;      // rows and columns of out per micro-step (2 x 2 tiles)
+constexpr int64_t kChunk = 256;     // rows of m per pass over a task's block of out
+constexpr int64_t kMaxTaskCols = 512;    // columns of out per task
+constexpr int64_t kL2Budget = 1792 * 1024;  // a task's block of out and g chunk, in bytes
+
+inline int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// Rows [m0, m1) of g's columns [n0, n1) into `panels` of 16 columns, each [(m1 - m0) / 2][16][2]
+// bf16 (`panel_elems` apart): pairs of consecutive rows interleaved per column, zeros past M and
+// N.  Row pairs outermost, so that g is read as it lies in memory.
+void PackPairs(const uint16_t* g, int64_t M, int64_t N, int64_t n0, int64_t n1, int64_t m0,
+               int64_t m1, uint16_t* panels, int64_t panel_elems) {
+  // Lane 2j of the result takes a's j, lane 2j + 1 takes b's j (index 32 + j).
+  alignas(64) uint16_t order[32];
+  for (int j = 0; j < 16; ++j) {
+    order[2 * j] = static_cast<uint16_t>(j);
+    order[2 * j + 1] = static_cast<uint16_t>(32 + j);
+  }
+  const __m512i idx = _mm512_load_si512(order);
+  for (int64_t m = m0; m < m1; m += 2) {
+    const uint16_t* r0 = g + m * N;
+    const uint16_t* r1 = r0 + N;
+    uint16_t* dst = panels + (m - m0) * 16;
+    for (int64_t n = n0; n < n1; n += 16, dst += panel_elems) {
+      const __mmask16 cols = TailMask16(N - n);
+      const __m256i a = m < M ? _mm256_maskz_loadu_epi16(cols, r0 + n) : _mm256_setzero_si256();
+      const __m256i b = m + 1 < M ? _mm256_maskz_loadu_epi16(cols, r1 + n)
+                                  : _mm256_setzero_si256();
+      _mm512_store_si512(dst, _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx,
+                                                         _mm512_castsi256_si512(b)));
+    }
+  }
+}
+
+// Rows [p0, p0 + 32) x m [m0, m1) of xt (P, M) as two tiles' worth per 32 m, each tile's 16
+// rows of 64 bytes contiguous ([2][(m1 - m0) / 32][16][32]): tile loads then read 1 KB in a
+// row, where xt's own rows, 2 M bytes apart (8 KB in training), would all fall in the same few
+// L1 sets.  Zeros past P and M.
+void StageRows(const uint16_t* xt, int64_t P, int64_t M, int64_t p0, int64_t m0, int64_t m1,
+               uint16_t* dst) {
+  const int64_t steps = (m1 - m0) / 32;
+  for (int64_t i = 0; i < kBlock; ++i) {
+    uint16_t* row = dst + (i / 16) * steps * 512 + (i % 16) * 32;
+    const int64_t p = p0 + i;
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t m = m0 + s * 32;
+      const __mmask16 lo = p < P ? TailMask16(M - m) : 0, hi = p < P ? TailMask16(M - m - 16) : 0;
+      const __m256i a = _mm256_maskz_loadu_epi16(lo, xt + p * M + m);
+      const __m256i b = _mm256_maskz_loadu_epi16(hi, xt + p * M + m + 16);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(row + s * 512), a);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(row + s * 512 + 16), b);
+    }
+  }
+}
+
+// out's block [p0, p1) x [n0, n1) (multiples of 32; stride ldc, rows padded to a multiple of
+// 32) over all of m: per chunk of m, g's chunk packed once into the task's L2, then per 32
+// rows of out their xt chunk staged into L1 and the 32 x 32 blocks of the columns summed.
+// The block of out stays in L2 across the chunks.
+__attribute__((target("amx-tile,amx-bf16"))) void BlockProduct(
+    const uint16_t* xt, const uint16_t* g, int64_t P, int64_t M, int64_t N, float* out,
+    int64_t ldc, int64_t p0, int64_t p1, int64_t n0, int64_t n1, uint16_t* b_chunk,
+    uint16_t* a_chunk) {
+  const int64_t mp = RoundUp(M, 32), c_stride = ldc * 4;
+  for (int64_t k0 = 0; k0 < mp; k0 += kChunk) {
+    const int64_t k1 = std::min(mp, k0 + kChunk), kc = k1 - k0, panel_elems = kc * 16;
+    PackPairs(g, M, N, n0, n1, k0, k1, b_chunk, panel_elems);
+    for (int64_t p = p0; p < p1; p += kBlock) {
+      StageRows(xt, P, M, p, k0, k1, a_chunk);
+      const uint16_t* a0 = a_chunk;
+      const uint16_t* a1 = a_chunk + (kc / 32) * 512;
+      for (int64_t n = n0; n < n1; n += kBlock) {
+        const uint16_t* b0 = b_chunk + (n - n0) / 16 * panel_elems;
+        const uint16_t* b1 = b0 + panel_elems;
+        float* c = out + p * ldc + n;
+        if (k0 == 0) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        } else {
+          _tile_loadd(0, c, c_stride);
+          _tile_loadd(1, c + 16, c_stride);
+          _tile_loadd(2, c + 16 * ldc, c_stride);
+          _tile_loadd(3, c + 16 * ldc + 16, c_stride);
+        }
+        for (int64_t s = 0; s < kc / 32; ++s) {
+          _tile_loadd(4, a0 + s * 512, 64);
+          _tile_loadd(5, a1 + s * 512, 64);
+          _tile_loadd(6, b0 + s * 512, 64);
+          _tile_loadd(7, b1 + s * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, c, c_stride);
+        _tile_stored(1, c + 16, c_stride);
+        _tile_stored(2, c + 16 * ldc, c_stride);
+        _tile_stored(3, c + 16 * ldc + 16, c_stride);
+      }
+    }
+  }
+}
+
+// Blocks of out per task: as large as a core's L2 holds with their g chunk (each block reads
+// g's columns once per block of rows and xt's rows once per block of columns), split until
+// every thread has a share (a multiple of the threads where that takes few more tasks).
+struct BlockGrid {
+  int64_t rows, cols, row_parts, col_parts;
+
+  BlockGrid(int64_t pp, int64_t np, int64_t threads) {
+    col_parts = (np + kMaxTaskCols - 1) / kMaxTaskCols;
+    cols = RoundUp((np + col_parts - 1) / col_parts, kBlock);
+    const int64_t max_rows = std::max<int64_t>(
+        kBlock, (kL2Budget / cols - 2 * kChunk) / 4 / kBlock * kBlock);
+    row_parts = (pp + max_rows - 1) / max_rows;
+    while ((row_parts * col_parts) % threads != 0 && row_parts * col_parts < 8 * threads &&
+           (pp > row_parts * kBlock || np > col_parts * kBlock)) {
+      if (pp * col_parts >= np * row_parts && pp > row_parts * kBlock) {
+        ++row_parts;
+      } else {
+        ++col_parts;
+      }
+    }
+    rows = RoundUp((pp + row_parts - 1) / row_parts, kBlock);
+    cols = RoundUp((np + col_parts - 1) / col_parts, kBlock);
+    row_parts = (pp + rows - 1) / rows;
+    col_parts = (np + cols - 1) / cols;
+  }
+  int64_t tasks() const { return row_parts * col_parts; }
+};
+
+ffi::Error WeightGradientDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> xt,
+                                 ffi::Buffer<ffi::BF16> g, ffi::ResultBuffer<ffi::F32> out) {
+  auto ad = xt.dimensions();
+  auto gd = g.dimensions();
+  auto od = out->dimensions();
+  if (ad.size() != 2 || gd.size() != 2 || od.size() != 2 || gd[0] != ad[1] ||
+      od[0] != ad[0] || od[1] != gd[1]) {
+    return ffi::Error::InvalidArgument(
+        "bitnet_weight_gradient_dot: expects xt (P, M), g (M, N), out (P, N)");
+  }
+  // Tiles granted is all this call needs: BITNET_JAX_CPU_AMX chose the routing when the
+  // program was traced (`cpu_weight_gradient.available`), and there is no other path here.
+  if (!bitnet_amx::Granted()) {
+    return ffi::Error::Internal(
+        "bitnet_weight_gradient_dot: this process has no AMX tiles (an AMX-BF16 CPU, and "
+        "Linux's permission)");
+  }
+  const int64_t P = ad[0], M = ad[1], N = gd[1];
+  float* o = out->typed_data();
+  if (P == 0 || N == 0) return ffi::Error::Success();
+  if (M == 0) {
+    std::memset(o, 0, P * N * sizeof(float));
+    return ffi::Error::Success();
+  }
+  const uint16_t* a = reinterpret_cast<const uint16_t*>(xt.typed_data());
+  const uint16_t* gp = reinterpret_cast<const uint16_t*>(g.typed_data());
+  const int64_t pp = RoundUp(P, kBlock), np = RoundUp(N, kBlock);
+  // The sums go straight to out where its shape fits the tiles (the training step's).
+  static thread_local Scratch c_pad;
+  float* c = o;
+  int64_t ldc = N;
+  if (pp != P || np != N) {
+    c = static_cast<float*>(c_pad.get(pp * np * sizeof(float)));
+    ldc = np;
+  }
+  const BlockGrid grid(pp, np, std::max<int64_t>(1, pool.num_threads()));
+  const std::function<void(int64_t)> compute = [&](int64_t t) {
+    static thread_local Scratch b_chunk, a_chunk;
+    const int64_t p0 = t / grid.col_parts * grid.rows, n0 = t % grid.col_parts * grid.cols;
+    uint16_t* bc = static_cast<uint16_t*>(b_chunk.get(kChunk * grid.cols * sizeof(uint16_t)));
+    uint16_t* ac = static_cast<uint16_t*>(a_chunk.get(kBlock * kChunk * sizeof(uint16_t)));
+    bitnet_amx::Configure();
+    BlockProduct(a, gp, P, M, N, c, ldc, p0, std::min(pp, p0 + grid.rows), n0,
+                 std::min(np, n0 + grid.cols), bc, ac);
+    bitnet_amx::Release();
+  };
+  ParallelFor(pool, grid.tasks(), compute);
+
+  if (c != o) {
+    for (int64_t p = 0; p < P; ++p) std::memcpy(o + p * N, c + p * ldc, N * sizeof(float));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetWeightGradientDot, WeightGradientDotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

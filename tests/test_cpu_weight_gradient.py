@@ -1,0 +1,125 @@
+"""The weight gradient's X^T G on AMX tiles (`cpu_weight_gradient`, `kernels/weight_gradient.cc`):
+within float32 rounding of a float64 product on every shape (each tail of the tiles), equal to
+XLA's dot bit for bit at training shapes, NaN and infinities carried as XLA carries them, under
+vmap and partitioned on a mesh without gathering its operands; refusals. Runs where the CPU has
+AMX (the `amx_tiles` fixture skips elsewhere)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax.core import cpu_int8, cpu_weight_gradient
+
+
+def _xla(a, g):
+    return jax.lax.dot_general(a, g, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _operands(p, m, n, seed):
+    rng = np.random.default_rng(seed)
+    a = jnp.asarray(rng.standard_t(3, (p, m)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(0, 1e-3, (m, n)), jnp.bfloat16)
+    return a, g
+
+
+def _f64(a):
+    return np.asarray(a, np.float64)
+
+
+# One element; a tile and its tails in P (16 rows, 32-row blocks), M (32 per step, 256 per
+# chunk) and N (16 columns, 32-column blocks); several chunks; blocks of out past the first
+# task's (P and N past 512).
+SHAPES = [(1, 1, 1), (3, 5, 7), (16, 32, 16), (17, 33, 15), (33, 70, 45), (64, 257, 96),
+          (100, 600, 130), (40, 64, 700), (700, 96, 40)]
+
+
+@pytest.mark.parametrize("p,m,n", SHAPES)
+def test_within_float32_rounding_of_the_exact_product(p, m, n, amx_tiles):
+    amx_tiles(True)
+    a, g = _operands(p, m, n, seed=p + m + n)
+    got = np.asarray(jax.jit(cpu_weight_gradient.weight_gradient_dot)(a, g))
+    assert got.dtype == np.float32 and got.shape == (p, n)
+    exact = _f64(a) @ _f64(g)
+    bound = np.abs(_f64(a)) @ np.abs(_f64(g))
+    # m additions in float32 (2^-24 each, relative to the running sum of magnitudes)
+    np.testing.assert_array_less(np.abs(got - exact), (m + 1) * 2.0 ** -24 * bound + 1e-30)
+
+
+@pytest.mark.parametrize("p,m,n", [(256, 1024, 704), (160, 4096, 448), (704, 512, 256)])
+def test_equals_xla_dot_bit_for_bit_at_training_shapes(p, m, n, amx_tiles):
+    """The sums run in m's order in one accumulator per output, as XLA:CPU's own AMX product
+    runs them: why the training step's gradients do not move when the kernel takes dW."""
+    amx_tiles(True)
+    a, g = _operands(p, m, n, seed=7)
+    np.testing.assert_array_equal(np.asarray(cpu_weight_gradient.weight_gradient_dot(a, g)),
+                                  np.asarray(jax.jit(_xla)(a, g)))
+
+
+def test_nan_and_infinity_reach_the_outputs_they_touch(amx_tiles):
+    amx_tiles(True)
+    a, g = _operands(40, 70, 50, seed=3)
+    g = g.at[5, 7].set(jnp.nan).at[9, 11].set(jnp.inf)
+    got = np.asarray(cpu_weight_gradient.weight_gradient_dot(a, g))
+    want = np.asarray(jax.jit(_xla)(a, g))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[:, 7]).all() and not np.isnan(np.delete(got, [7, 11], axis=1)).any()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+
+
+def test_empty_contraction_gives_zeros_and_g_may_have_leading_axes(amx_tiles):
+    amx_tiles(True)
+    out = cpu_weight_gradient.weight_gradient_dot(jnp.zeros((5, 0), jnp.bfloat16),
+                                                  jnp.zeros((0, 3), jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(out), np.zeros((5, 3), np.float32))
+    a, g = _operands(24, 2 * 48, 40, seed=4)
+    np.testing.assert_array_equal(
+        np.asarray(cpu_weight_gradient.weight_gradient_dot(a, g.reshape(2, 48, 40))),
+        np.asarray(cpu_weight_gradient.weight_gradient_dot(a, g)))
+
+
+def test_under_vmap(amx_tiles):
+    amx_tiles(True)
+    a, g = _operands(24, 64, 40, seed=5)
+    a2 = jnp.stack([a, -a])
+    got = jax.vmap(cpu_weight_gradient.weight_gradient_dot, in_axes=(0, None))(a2, g)
+    np.testing.assert_array_equal(np.asarray(got[1]),
+                                  np.asarray(cpu_weight_gradient.weight_gradient_dot(-a, g)))
+
+
+def test_partitioned_without_gathering_its_operands(amx_tiles):
+    """Data parallel (the tokens split: a psum of local products) and tensor parallel (x_t's
+    rows and g's columns split): no all-gather, the single-device result up to the order of
+    the psum's additions."""
+    amx_tiles(True)
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    mesh = jax.sharding.Mesh(np.array(devices[:8]).reshape(4, 2), ("fsdp", "tensor"))
+    P = jax.sharding.PartitionSpec
+    put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
+    a, g = _operands(64, 256, 96, seed=6)
+    want = np.asarray(cpu_weight_gradient.weight_gradient_dot(a, g))
+    fn = jax.jit(cpu_weight_gradient.weight_gradient_dot)
+    for a_spec, g_spec in [(P(None, "fsdp"), P("fsdp", None)), (P("tensor", "fsdp"),
+                                                                P("fsdp", None)),
+                           (P(None, "fsdp"), P("fsdp", "tensor"))]:
+        args = put(a, a_spec), put(g, g_spec)
+        hlo = fn.lower(*args).compile().as_text()
+        assert "all-gather" not in hlo and cpu_int8.WEIGHT_GRADIENT_DOT_TARGET in hlo
+        np.testing.assert_allclose(np.asarray(fn(*args)), want, rtol=1e-5,
+                                   atol=1e-6 * np.abs(want).max())
+
+
+def test_refusals(amx_tiles):
+    amx_tiles(True)
+    a, g = _operands(8, 16, 4, seed=1)
+    with pytest.raises(TypeError, match="bf16"):
+        cpu_weight_gradient.weight_gradient_dot(a.astype(jnp.float32), g)
+    with pytest.raises(ValueError, match="want x_t"):
+        cpu_weight_gradient.weight_gradient_dot(a, g[:15])
+    amx_tiles(False)
+    assert not cpu_weight_gradient.available()
+    with pytest.raises(RuntimeError, match="AMX"):
+        cpu_weight_gradient.weight_gradient_dot(a, g)
