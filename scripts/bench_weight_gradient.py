@@ -1,12 +1,16 @@
-"""Benchmark: the weight gradient's X^T G on AMX tiles in our kernel against XLA's bf16 dot.
+"""Benchmark: the weight gradient on AMX tiles in our kernel against XLA's bf16 dot.
 
-For each shape (X^T (P, M) bf16 row-major, G (M, N) bf16 -> float32 (P, N); P and N a linear's
-input and output features, M the batch's tokens) it times, after warm-up, under `jax.jit`:
-  xla     lax.dot_general(X^T, G) with float32 accumulation (XLA:CPU: YNNPACK, AMX where present)
-  kernel  bitnet_jax.core.cpu_weight_gradient.weight_gradient_dot(X^T, G)
+For each shape (P and N a linear's input and output features, M the batch's tokens; x (M, P)
+and g (M, N) bf16, dW (P, N) float32) it times, after warm-up, under `jax.jit`:
+  xla      lax.dot_general(X^T, G), X^T (P, M) row-major, float32 accumulation (XLA:CPU)
+  kernel   cpu_weight_gradient.weight_gradient_dot(X^T, G)
+  before   cpu_int8_fused.quantize_transpose(x, mult, scale) then XLA's dot: the quantized
+           paths' weight gradient before the kernel (8-bit absmax rows)
+  fused    cpu_weight_gradient.quantized_weight_gradient(x, mult, scale, G): X_q^T built in
+           L1, the quantized paths' weight gradient on AMX CPUs
 interleaved, `--rounds` times; each round takes the median of `--iters` calls. The table shows
-the median over rounds, the spread (min..max of the rounds' medians) and the ratio kernel / xla
-per round (< 1: the kernel is faster), and whether the two outputs are equal bit for bit.
+the median over rounds, the ratios kernel / xla and fused / before per round (median and
+min..max; < 1: ours is faster), and whether each pair's outputs are equal bit for bit.
 Needs a CPU with AMX (Intel Sapphire Rapids and later).
 
     python scripts/bench_weight_gradient.py --json runs/bench_weight_gradient.json
@@ -26,12 +30,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.core import cpu_weight_gradient
+from bitnet_jax.core import cpu_int8_fused, cpu_weight_gradient
+from bitnet_jax.core.quant import absmax_row_parameters
 
 # (P, M, N): the linears of ladder-6.4m (d 256, ffn 704), ladder-20m (512, 1376) and
 # ladder-1.6m (160, 448), batch 16 x 256 tokens.
 SHAPES = [(256, 4096, 704), (704, 4096, 256), (256, 4096, 256), (512, 4096, 1376),
           (1376, 4096, 512), (512, 4096, 512), (160, 4096, 448), (448, 4096, 160)]
+LO, HI = -128, 127
+
+
+def _xla_dot(x_t, g):
+    return jax.lax.dot_general(x_t, g, (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+FUNCTIONS = {
+    "xla": jax.jit(lambda x, x_t, mult, scale, g: _xla_dot(x_t, g)),
+    "kernel": jax.jit(lambda x, x_t, mult, scale, g:
+                      cpu_weight_gradient.weight_gradient_dot(x_t, g)),
+    "before": jax.jit(lambda x, x_t, mult, scale, g: _xla_dot(
+        cpu_int8_fused.quantize_transpose(x, mult, scale, LO, HI), g)),
+    "fused": jax.jit(lambda x, x_t, mult, scale, g:
+                     cpu_weight_gradient.quantized_weight_gradient(x, mult, scale, g, LO, HI)),
+}
+PAIRS = (("kernel", "xla"), ("fused", "before"))
 
 
 def _median_ms(fn, args, iters: int) -> float:
@@ -43,52 +66,57 @@ def _median_ms(fn, args, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def main() -> None:
+def _operands(p, m, n, rng):
+    x = jnp.asarray(rng.standard_t(3, (m, p)), jnp.bfloat16)
+    mult, scale = absmax_row_parameters(x.astype(jnp.float32), HI, 1e-5)
+    g = jnp.asarray(rng.standard_normal((m, n)) * 1e-3, jnp.bfloat16)
+    return x, jnp.asarray(x.T), mult[:, 0], scale[:, 0], g
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=15, help="timed calls per round")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved repetitions")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default="bench_weight_gradient.json", help="output JSON path")
-    args = ap.parse_args()
+    ap.add_argument("--shapes", default=",".join(f"{p}x{m}x{n}" for p, m, n in SHAPES),
+                    help="comma-separated PxMxN (default: the ladder presets' linears)")
+    args = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     if not cpu_weight_gradient.available():
         raise SystemExit("bench_weight_gradient: our kernels do not run on AMX tiles here "
                          "(an AMX CPU, the kernels built, BITNET_JAX_CPU_AMX not 0)")
 
-    xla = jax.jit(lambda a, g: jax.lax.dot_general(a, g, (((1,), (0,)), ((), ())),
-                                                   preferred_element_type=jnp.float32))
-    kernel = jax.jit(cpu_weight_gradient.weight_gradient_dot)
     rng = np.random.default_rng(0)
     rows = []
-    print(f"{'P x M x N':>18} {'xla ms':>19} {'kernel ms':>19} {'kernel/xla':>18} {'TFLOP/s':>8}"
-          f" {'equal':>6}", flush=True)
-    for p, m, n in SHAPES:
-        a = jnp.asarray(rng.standard_normal((p, m)), jnp.bfloat16)
-        g = jnp.asarray(rng.standard_normal((m, n)) * 1e-3, jnp.bfloat16)
-        equal = bool(np.array_equal(np.asarray(kernel(a, g)), np.asarray(xla(a, g))))
+    print(f"{'P x M x N':>18}" + "".join(f" {name + ' ms':>9}" for name in FUNCTIONS)
+          + "".join(f" {a + '/' + b:>22}" for a, b in PAIRS) + "  equal", flush=True)
+    for p, m, n in shapes:
+        operands = _operands(p, m, n, rng)
+        outputs = {name: np.asarray(fn(*operands)) for name, fn in FUNCTIONS.items()}
+        equal = {f"{a}/{b}": bool(np.array_equal(outputs[a], outputs[b])) for a, b in PAIRS}
         for _ in range(args.warmup):
-            jax.block_until_ready((kernel(a, g), xla(a, g)))
-        times = {"xla": [], "kernel": []}
+            jax.block_until_ready([fn(*operands) for fn in FUNCTIONS.values()])
+        times = {name: [] for name in FUNCTIONS}
         for _ in range(args.rounds):
-            times["xla"].append(_median_ms(xla, (a, g), args.iters))
-            times["kernel"].append(_median_ms(kernel, (a, g), args.iters))
-        ratios = [k / x for k, x in zip(times["kernel"], times["xla"])]
-        med = {name: statistics.median(t) for name, t in times.items()}
-        tflops = 2 * p * m * n / med["kernel"] / 1e9
-        rows.append({"shape": [p, m, n], "xla_ms": times["xla"], "kernel_ms": times["kernel"],
-                     "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-                     "ratio_max": max(ratios), "kernel_tflops": tflops, "bit_equal": equal})
-        spread = lambda t: f"{statistics.median(t):6.2f} ({min(t):.2f}..{max(t):.2f})"  # noqa: E731
-        print(f"{f'{p} x {m} x {n}':>18} {spread(times['xla']):>19} "
-              f"{spread(times['kernel']):>19} "
-              f"{statistics.median(ratios):6.2f} ({min(ratios):.2f}..{max(ratios):.2f}) "
-              f"{tflops:8.2f} {str(equal):>6}", flush=True)
-    total = sum(statistics.median(r["kernel_ms"]) for r in rows) / sum(
-        statistics.median(r["xla_ms"]) for r in rows)
-    print(f"all shapes, sum of medians: kernel / xla {total:.2f}")
+            for name, fn in FUNCTIONS.items():
+                times[name].append(_median_ms(fn, operands, args.iters))
+        ratios = {f"{a}/{b}": [x / y for x, y in zip(times[a], times[b])] for a, b in PAIRS}
+        rows.append({"shape": [p, m, n], "ms": times, "ratios": ratios, "bit_equal": equal})
+        print(f"{f'{p} x {m} x {n}':>18}"
+              + "".join(f" {statistics.median(t):9.2f}" for t in times.values())
+              + "".join(f" {statistics.median(r):8.2f} ({min(r):.2f}..{max(r):.2f})"
+                        for r in ratios.values())
+              + "  " + " ".join(str(e) for e in equal.values()), flush=True)
+    totals = {pair: sum(statistics.median(r["ms"][pair.split("/")[0]]) for r in rows)
+              / sum(statistics.median(r["ms"][pair.split("/")[1]]) for r in rows)
+              for pair in rows[0]["ratios"]}
+    print("all shapes, sum of medians: "
+          + ", ".join(f"{pair} {total:.2f}" for pair, total in totals.items()))
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.processor() or
            platform.machine(), "cpus": os.cpu_count(), "jax": jax.__version__,
            "python": sys.version.split()[0], "iters": args.iters, "rounds": args.rounds,
-           "rows": rows, "kernel_over_xla_sum_of_medians": total}
+           "rows": rows, "sum_of_medians": totals}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)

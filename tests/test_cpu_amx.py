@@ -68,7 +68,7 @@ def test_fused_products_on_tiles_equal_vnni(m, k, n, amx_tiles):
                                 ActivationQuantizer("absmean", 4)], ids=["a8", "a4"])
 def test_quantized_dot_on_tiles_equals_it_without(qx, integer, int8_backward, amx_tiles):
     """On AMX tiles the products of both paths go through `int8_scaled_dot` (the int8 input
-    gradient through `absmax_quant_dot`, the weight gradient through `weight_gradient_dot`):
+    gradient through `absmax_quant_dot`, the weight gradient through `quantized_weight_gradient`):
     output and gradients equal the program without AMX (VNNI kernels, or fake quantization's
     bf16 codes; XLA's dot for dW) bit for bit."""
     rng = np.random.default_rng(8)
@@ -90,9 +90,9 @@ def test_quantized_dot_on_tiles_equals_it_without(qx, integer, int8_backward, am
     amx_tiles(True)
     hlo, got = run()
     assert cpu_int8.INT8_SCALED_DOT_TARGET in hlo
-    assert cpu_int8.WEIGHT_GRADIENT_DOT_TARGET in hlo
+    assert cpu_int8.QUANTIZED_WEIGHT_GRADIENT_TARGET in hlo
     amx_tiles(False)
     hlo, want = run()
-    assert cpu_int8.WEIGHT_GRADIENT_DOT_TARGET not in hlo
+    assert cpu_int8.QUANTIZED_WEIGHT_GRADIENT_TARGET not in hlo
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(_bits(a), _bits(b))

@@ -1,15 +1,17 @@
 """The weight gradient's X^T G on AMX tiles (`cpu_weight_gradient`, `kernels/weight_gradient.cc`):
 within float32 rounding of a float64 product on every shape (each tail of the tiles), equal to
 XLA's dot bit for bit at training shapes, NaN and infinities carried as XLA carries them, under
-vmap and partitioned on a mesh without gathering its operands; refusals. Runs where the CPU has
-AMX (the `amx_tiles` fixture skips elsewhere)."""
+vmap and partitioned on a mesh without gathering its operands; the product with x's per-row
+quantization built in equals our X_q^T and that product bit for bit; refusals. Runs where the
+CPU has AMX (the `amx_tiles` fixture skips elsewhere)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.core import cpu_int8, cpu_weight_gradient
+from bitnet_jax.core import cpu_int8, cpu_int8_fused, cpu_weight_gradient
+from bitnet_jax.core.quant import absmax_row_parameters, absmean_row_parameters
 
 
 def _xla(a, g):
@@ -123,3 +125,72 @@ def test_refusals(amx_tiles):
     assert not cpu_weight_gradient.available()
     with pytest.raises(RuntimeError, match="AMX"):
         cpu_weight_gradient.weight_gradient_dot(a, g)
+
+
+def _row_quantized(m, p, bits, kind, seed):
+    """bf16 x (m, p) with a zero row, and its per-row multiplier and scale as `quant` makes them."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_t(3, (m, p)), jnp.bfloat16).at[min(2, m - 1)].set(0)
+    if kind == "absmax":
+        mult, scale = absmax_row_parameters(x.astype(jnp.float32), 2 ** (bits - 1) - 1, 1e-5)
+    else:
+        mult, scale = absmean_row_parameters(x.astype(jnp.float32), bits)
+    return x, mult[..., 0], scale[..., 0]
+
+
+@pytest.mark.parametrize("m,p,n", [(1, 1, 1), (5, 3, 7), (32, 16, 16), (70, 33, 45),
+                                   (257, 100, 130), (600, 64, 40), (96, 700, 40)])
+@pytest.mark.parametrize("bits,kind", [(8, "absmax"), (4, "absmean")])
+def test_quantized_equals_our_x_q_transposed_then_the_product(m, p, n, bits, kind, amx_tiles):
+    """X_q^T built in L1 from x and its row parameters: the values `quantize_transpose` writes,
+    so the same product bit for bit (tails of 16 p, 32 m and both tile blocks; a zero row)."""
+    amx_tiles(True)
+    x, mult, scale = _row_quantized(m, p, bits, kind, seed=m + p)
+    g = jnp.asarray(np.random.default_rng(n).normal(0, 1e-3, (m, n)), jnp.bfloat16)
+    lo, hi = (-128, 127) if bits == 8 else (-8, 7)
+    got = jax.jit(lambda *a: cpu_weight_gradient.quantized_weight_gradient(*a, lo, hi))(
+        x, mult, scale, g)
+    x_q_t = cpu_int8_fused.quantize_transpose(x, mult, scale, lo, hi)
+    np.testing.assert_array_equal(np.asarray(got),
+                                  np.asarray(cpu_weight_gradient.weight_gradient_dot(x_q_t, g)))
+
+
+def test_quantized_takes_leading_axes_vmap_and_a_mesh(amx_tiles):
+    amx_tiles(True)
+    x, mult, scale = _row_quantized(256, 64, 8, "absmax", seed=11)
+    g = jnp.asarray(np.random.default_rng(12).normal(0, 1e-3, (256, 96)), jnp.bfloat16)
+    fn = jax.jit(lambda *a: cpu_weight_gradient.quantized_weight_gradient(*a, -128, 127))
+    want = np.asarray(fn(x, mult, scale, g))
+    lead = lambda a: a.reshape(4, 64, *a.shape[1:])  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(fn(lead(x), lead(mult), lead(scale), lead(g))),
+                                  want)
+    got = jax.vmap(fn, in_axes=(None, None, None, 0))(x, mult, scale, jnp.stack([g, -g]))
+    np.testing.assert_array_equal(np.asarray(got[0]), want)
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    mesh = jax.sharding.Mesh(np.array(devices[:8]).reshape(4, 2), ("fsdp", "tensor"))
+    P = jax.sharding.PartitionSpec
+    put = lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
+    for x_spec, g_spec in [(P("fsdp", None), P("fsdp", None)), (P("fsdp", "tensor"),
+                                                                P("fsdp", None)),
+                           (P("fsdp", None), P("fsdp", "tensor"))]:
+        args = (put(x, x_spec), put(mult, P("fsdp")), put(scale, P("fsdp")), put(g, g_spec))
+        hlo = fn.lower(*args).compile().as_text()
+        assert "all-gather" not in hlo and cpu_int8.QUANTIZED_WEIGHT_GRADIENT_TARGET in hlo
+        np.testing.assert_allclose(np.asarray(fn(*args)), want, rtol=1e-5,
+                                   atol=1e-6 * np.abs(want).max())
+
+
+def test_quantized_refusals(amx_tiles):
+    amx_tiles(True)
+    x, mult, scale = _row_quantized(8, 16, 8, "absmax", seed=1)
+    g = jnp.zeros((8, 4), jnp.bfloat16)
+    with pytest.raises(TypeError, match="bf16"):
+        cpu_weight_gradient.quantized_weight_gradient(x, mult, scale, g.astype(jnp.float32),
+                                                      -128, 127)
+    with pytest.raises(ValueError, match="leading axes"):
+        cpu_weight_gradient.quantized_weight_gradient(x, mult, scale, g[:7], -128, 127)
+    amx_tiles(False)
+    with pytest.raises(RuntimeError, match="AMX"):
+        cpu_weight_gradient.quantized_weight_gradient(x, mult, scale, g, -128, 127)

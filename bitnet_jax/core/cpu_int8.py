@@ -56,6 +56,7 @@ QUANTIZE_TRANSPOSE_TARGET = "bitnet_quantize_transpose"
 ABSMAX_QUANTIZE_TARGET = "bitnet_absmax_quantize"
 INT8_SCALED_DOT_TARGET = "bitnet_int8_scaled_dot"
 WEIGHT_GRADIENT_DOT_TARGET = "bitnet_weight_gradient_dot"  # `cpu_weight_gradient`'s
+QUANTIZED_WEIGHT_GRADIENT_TARGET = "bitnet_quantized_weight_gradient"
 TERNARY_ABSMEAN_TARGET = "bitnet_ternary_absmean"  # `cpu_ternary`'s
 KTH_LARGEST_16_TARGET = "bitnet_kth_largest_u16"  # `cpu_order_statistics`'
 KTH_LARGEST_32_TARGET = "bitnet_kth_largest_u32"
@@ -76,6 +77,7 @@ _LIBRARY = KernelLibrary(
              ABSMAX_QUANTIZE_TARGET: "BitnetAbsmaxQuantize",
              INT8_SCALED_DOT_TARGET: "BitnetInt8ScaledDot",
              WEIGHT_GRADIENT_DOT_TARGET: "BitnetWeightGradientDot",
+             QUANTIZED_WEIGHT_GRADIENT_TARGET: "BitnetQuantizedWeightGradient",
              TERNARY_ABSMEAN_TARGET: "BitnetTernaryAbsmean",
              KTH_LARGEST_16_TARGET: "BitnetKthLargest16",
              KTH_LARGEST_32_TARGET: "BitnetKthLargest32"},

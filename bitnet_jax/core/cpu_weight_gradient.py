@@ -1,6 +1,9 @@
 """The weight gradient's bf16 product X^T G on AMX tiles (`kernels/weight_gradient.cc`).
 
     weight_gradient_dot(x_t, g) -> float32 (P, N)   # x_t (P, M) bf16 = X^T, g (M, N) bf16
+    quantized_weight_gradient(x, mult, scale, g, lo, hi) -> float32 (P, N)
+        # X_q^T G with X_q = bf16(clip(round(x * mult), lo, hi) * scale) per row of x (M, P):
+        # `cpu_int8_fused.quantize_transpose`'s X_q^T and the product in one call, the same bits
 
 XLA:CPU's bf16 dot (YNNPACK) ran this product at 0.35-0.45 TFLOP/s at the ladder presets'
 shapes on a 2-core Xeon with AMX (2026-12-05), about a third of what the tiles give it at large
@@ -22,8 +25,12 @@ import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import math
+
+import numpy as np
+
 from bitnet_jax.core import cpu_int8
-from bitnet_jax.core.cpu_int8 import WEIGHT_GRADIENT_DOT_TARGET
+from bitnet_jax.core.cpu_int8 import QUANTIZED_WEIGHT_GRADIENT_TARGET, WEIGHT_GRADIENT_DOT_TARGET
 from bitnet_jax.core.cpu_int8_fused import one_batch_element_at_a_time
 
 
@@ -37,12 +44,33 @@ def _local(x_t, g):
     return jax.ffi.ffi_call(WEIGHT_GRADIENT_DOT_TARGET, out)(x_t, g)
 
 
-def _specs(mesh, arg_shapes):
-    """Mesh axes of (x_t's rows, g's columns, the contraction), as `cpu_int8.dot_specs` splits
-    a product of x (rows, k) and w (rows, k): g is w transposed."""
-    g_spec = tuple(arg_shapes[1].sharding.spec) + (None,) * (2 - len(arg_shapes[1].sharding.spec))
-    return cpu_int8.dot_specs(arg_shapes[0].sharding,
+def _quantized_local(x, mult, scale, g, lo, hi):
+    out = jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(QUANTIZED_WEIGHT_GRADIENT_TARGET, out)(
+        x, mult, scale, g, lo=np.int32(lo), hi=np.int32(hi))
+
+
+def _spec2(sharding):
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (2 - len(spec))
+
+
+def _product_specs(mesh, left_t, g_sharding):
+    """Mesh axes of (X^T's rows, g's columns, the contraction m) for X^T G, X^T's spec given as
+    (rows, m), as `cpu_int8.dot_specs` splits a product of x (rows, k) and w (rows, k): g is
+    w transposed."""
+    g_spec = _spec2(g_sharding)
+    return cpu_int8.dot_specs(NamedSharding(mesh, P(*left_t)),
                               NamedSharding(mesh, P(g_spec[1], g_spec[0])))
+
+
+def _specs(mesh, arg_shapes):
+    return _product_specs(mesh, _spec2(arg_shapes[0].sharding), arg_shapes[1].sharding)
+
+
+def _quantized_specs(mesh, arg_shapes):
+    m, p = _spec2(arg_shapes[0].sharding)
+    return _product_specs(mesh, (p, m), arg_shapes[3].sharding)
 
 
 def _partition(mesh, arg_shapes, result_shape):
@@ -66,6 +94,35 @@ _partitioned.def_partition(partition=_partition, infer_sharding_from_operands=_i
                            sharding_rule="p m, m n -> p n")
 
 
+def _quantized_partition(lo, hi, mesh, arg_shapes, result_shape):
+    p, n, m = _quantized_specs(mesh, arg_shapes)
+
+    def lower(x, mult, scale, g):
+        out = _quantized_local(x, mult, scale, g, lo, hi)
+        return jax.lax.psum(out, m) if m else out
+
+    rows = NamedSharding(mesh, P(m))
+    return (mesh, lower, NamedSharding(mesh, P(p, n)),
+            (NamedSharding(mesh, P(m, p)), rows, rows, NamedSharding(mesh, P(m, n))))
+
+
+def _quantized_infer(lo, hi, mesh, arg_shapes, result_shape):
+    p, n, _ = _quantized_specs(mesh, arg_shapes)
+    return NamedSharding(mesh, P(p, n))
+
+
+_quantized_partitioned = custom_partitioning(_quantized_local, static_argnums=(4, 5))
+_quantized_partitioned.def_partition(partition=_quantized_partition,
+                                     infer_sharding_from_operands=_quantized_infer,
+                                     sharding_rule="m p, m, m, m n -> p n")
+
+
+def _require():
+    if not available():
+        why = cpu_int8.unavailable_reason() or f"no AMX tiles here, or {cpu_int8.AMX_ENV}=0"
+        raise RuntimeError(f"the weight gradient's kernel needs our kernels on AMX tiles: {why}")
+
+
 def weight_gradient_dot(x_t: jax.Array, g: jax.Array) -> jax.Array:
     """x_t (P, M) @ g (..., N) -> float32 (P, N), g's leading axes the M rows: dW = X^T G from
     X^T laid out row-major. Needs `available()`."""
@@ -76,7 +133,26 @@ def weight_gradient_dot(x_t: jax.Array, g: jax.Array) -> jax.Array:
     if x_t.ndim != 2 or x_t.shape[1] != g2.shape[0]:
         raise ValueError(f"weight_gradient_dot: x_t {x_t.shape} and g {g.shape} (want x_t "
                          f"(P, M), g (..., N) with M rows)")
-    if not available():
-        why = cpu_int8.unavailable_reason() or f"no AMX tiles here, or {cpu_int8.AMX_ENV}=0"
-        raise RuntimeError(f"weight_gradient_dot needs our kernels on AMX tiles: {why}")
+    _require()
     return one_batch_element_at_a_time(_partitioned, x_t, g2)
+
+
+def quantized_weight_gradient(x: jax.Array, mult: jax.Array, scale: jax.Array, g: jax.Array,
+                              lo: int, hi: int) -> jax.Array:
+    """X_q^T G -> float32 (P, N) for bf16 x (..., P) and g (..., N) with the same leading
+    axes (the M rows), X_q = bf16(clip(round(x * mult), lo, hi) * scale) with one float32
+    mult and scale per row (shape x.shape[:-1], or with a trailing 1): the numbers of
+    `weight_gradient_dot(quantize_transpose(x, mult, scale, lo, hi), g)`, bit for bit,
+    without writing X_q^T. Needs `available()`."""
+    if x.dtype != jnp.bfloat16 or g.dtype != jnp.bfloat16:
+        raise TypeError(f"quantized_weight_gradient wants bf16 x and g, got {x.dtype} and "
+                        f"{g.dtype}")
+    if x.shape[:-1] != g.shape[:-1]:
+        raise ValueError(f"quantized_weight_gradient: x {x.shape} and g {g.shape} want the "
+                         f"same leading axes (the rows)")
+    rows = math.prod(x.shape[:-1])
+    _require()
+    return one_batch_element_at_a_time(
+        lambda *a: _quantized_partitioned(*a, lo, hi), x.reshape(rows, x.shape[-1]),
+        mult.reshape(rows).astype(jnp.float32), scale.reshape(rows).astype(jnp.float32),
+        g.reshape(rows, g.shape[-1]))

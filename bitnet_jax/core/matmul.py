@@ -282,31 +282,25 @@ def _quantized_weight_gradient(x_saved, quantize_x, g, dtype, integer, kernels):
     """dW = X_q^T g (float32) from what the forward saved of x: the row-quantized input, or
     its codes and scale."""
     if isinstance(x_saved, _RowQuantizedX):
+        lo_hi = code_range(quantize_x.bits)
+        if cpu_weight_gradient.available() and g.dtype == jnp.bfloat16:
+            # On AMX tiles X_q^T is built in L1 by the product's kernel, never written: the
+            # same numbers as below, bit for bit (README, Benchmarks).
+            return cpu_weight_gradient.quantized_weight_gradient(*x_saved, g, *lo_hi)
         # Our kernel writes X_q^T from x and the row parameters in one pass; XLA re-derives the
         # codes inside a slow transposing loop (same numbers; dW in 2.6 against 7.2 ms at
         # 4096 x 512, 2-core Xeon, 2026-12-04; the b1.58 step: docs/cpu_training_step_history.md).
-        x_q_T = cpu_int8_fused.quantize_transpose(*x_saved, *code_range(quantize_x.bits))
-        return _quantized_transposed_dot(x_q_T, g)
+        return _transposed_dot(cpu_int8_fused.quantize_transpose(*x_saved, *lo_hi), g)
     x_codes, x_scale = x_saved
     if integer and kernels and _per_row_int8(x_codes, x_scale) and dtype == jnp.bfloat16:
         # Our kernel writes X_q^T directly from the int8 codes, for the same reason.
-        return _quantized_transposed_dot(cpu_int8.dequantize_transpose(x_codes, x_scale), g)
+        return _transposed_dot(cpu_int8.dequantize_transpose(x_codes, x_scale), g)
     if quantize_x is None:
         return weight_gradient(x_codes, g)
     # Not `weight_gradient`: with dequantized codes its transposed copy cost more than the
     # float32 dot saves (bench_train, 2026-12-02: b1.58 steps 2-7% slower), since XLA folds
     # the dequantization into the float32 conversion it makes anyway.
     return contract_leading(_dequantize_codes(quantize_x, x_codes, x_scale, dtype), g)
-
-
-def _quantized_transposed_dot(x_q_T, g):
-    """X_q^T G (float32) from our kernel's X_q^T: on AMX tiles in our kernel where it runs
-    (`cpu_weight_gradient`: 0.7-0.8x XLA's time at the ladder's shapes, the same sums bit for
-    bit on a 2-core Xeon), else XLA's dot. Not for bf16's own X^T (`weight_gradient`): the
-    baseline stays XLA's (README, Benchmarks)."""
-    if cpu_weight_gradient.available() and g.dtype == jnp.bfloat16:
-        return cpu_weight_gradient.weight_gradient_dot(x_q_T, g)
-    return _transposed_dot(x_q_T, g)
 
 
 def weight_gradient(x: jax.Array, g: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 
 #include "amx_tiles.h"
 #include "ffi_parallel.h"
@@ -39,12 +40,16 @@ namespace ffi = xla::ffi;
 namespace {
 
 using bitnet_ffi::ParallelFor;
+using bitnet_kernels::Bf16ToF32x16;
+using bitnet_kernels::Codes16;
 using bitnet_kernels::Scratch;
 using bitnet_kernels::TailMask16;
+using bitnet_kernels::ToBf16x16;
+using bitnet_kernels::TransposeDwords16x16;
 
 constexpr int64_t kBlock = 32;      // rows and columns of out per micro-step (2 x 2 tiles)
 constexpr int64_t kChunk = 256;     // rows of m per pass over a task's block of out
-constexpr int64_t kMaxTaskCols = 512;    // columns of out per task
+constexpr int64_t kMaxTaskCols = 1536;  // columns of out per task
 constexpr int64_t kL2Budget = 1792 * 1024;  // a task's block of out and g chunk, in bytes
 
 inline int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
@@ -76,41 +81,93 @@ void PackPairs(const uint16_t* g, int64_t M, int64_t N, int64_t n0, int64_t n1, 
   }
 }
 
-// Rows [p0, p0 + 32) x m [m0, m1) of xt (P, M) as two tiles' worth per 32 m, each tile's 16
-// rows of 64 bytes contiguous ([2][(m1 - m0) / 32][16][32]): tile loads then read 1 KB in a
-// row, where xt's own rows, 2 M bytes apart (8 KB in training), would all fall in the same few
-// L1 sets.  Zeros past P and M.
-void StageRows(const uint16_t* xt, int64_t P, int64_t M, int64_t p0, int64_t m0, int64_t m1,
-               uint16_t* dst) {
-  const int64_t steps = (m1 - m0) / 32;
-  for (int64_t i = 0; i < kBlock; ++i) {
-    uint16_t* row = dst + (i / 16) * steps * 512 + (i % 16) * 32;
-    const int64_t p = p0 + i;
-    for (int64_t s = 0; s < steps; ++s) {
-      const int64_t m = m0 + s * 32;
-      const __mmask16 lo = p < P ? TailMask16(M - m) : 0, hi = p < P ? TailMask16(M - m - 16) : 0;
-      const __m256i a = _mm256_maskz_loadu_epi16(lo, xt + p * M + m);
-      const __m256i b = _mm256_maskz_loadu_epi16(hi, xt + p * M + m + 16);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(row + s * 512), a);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(row + s * 512 + 16), b);
+// Where the rows of out take their operand from: rows [p0, p0 + 32) x m [m0, m1) of X^T (bf16)
+// staged as two tiles' worth per 32 m, each tile's 16 rows of 64 bytes contiguous
+// ([2][(m1 - m0) / 32][16][32]), zeros past P and M.  Tile loads then read 1 KB in a row,
+// where X^T's own rows, 2 M bytes apart (8 KB in training), would fall into the same few L1
+// sets.
+
+// From X^T (P, M) itself.
+struct TransposedRows {
+  static constexpr int64_t kStageCost = 1;
+  const uint16_t* xt;
+  int64_t P, M;
+
+  void Stage(int64_t p0, int64_t m0, int64_t m1, uint16_t* dst) const {
+    const int64_t steps = (m1 - m0) / 32;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      uint16_t* row = dst + (i / 16) * steps * 512 + (i % 16) * 32;
+      const int64_t p = p0 + i;
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t m = m0 + s * 32;
+        const __mmask16 lo = p < P ? TailMask16(M - m) : 0;
+        const __mmask16 hi = p < P ? TailMask16(M - m - 16) : 0;
+        _mm256_store_si256(reinterpret_cast<__m256i*>(row + s * 512),
+                           _mm256_maskz_loadu_epi16(lo, xt + p * M + m));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(row + s * 512 + 16),
+                           _mm256_maskz_loadu_epi16(hi, xt + p * M + m + 16));
+      }
     }
   }
-}
+};
+
+// From x (M, P) quantized per row: X_q^T[p, m] = bf16(code(x[m, p]) * scale[m]), the values
+// `bitnet_quantize_transpose` writes (same operations, same bits), built in L1 instead of
+// written to memory and read back.  Per 32 m and 16 p: 32 rows quantized, consecutive rows'
+// values interleaved into 16 pairs (32-bit words), and a 16 x 16 transpose of the words.
+struct QuantizedRows {
+  static constexpr int64_t kStageCost = 3;
+  const uint16_t* x;
+  const float* mult;
+  const float* scale;
+  float lo, hi;
+  int64_t P, M;
+
+  __m256i Row(int64_t m, int64_t p, __mmask16 cols) const {
+    if (m >= M) return _mm256_setzero_si256();
+    const __m512i codes = Codes16(Bf16ToF32x16(x + m * P + p, cols), _mm512_set1_ps(mult[m]),
+                                  _mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    return ToBf16x16(_mm512_mul_ps(_mm512_cvtepi32_ps(codes), _mm512_set1_ps(scale[m])));
+  }
+
+  void Stage(int64_t p0, int64_t m0, int64_t m1, uint16_t* dst) const {
+    alignas(64) static const uint16_t kOrder[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5,
+                                                     37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42,
+                                                     11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i pairs = _mm512_load_si512(kOrder);
+    const int64_t steps = (m1 - m0) / 32;
+    for (int64_t h = 0; h < 2; ++h) {
+      const int64_t p = p0 + 16 * h;
+      const __mmask16 cols = TailMask16(P - p);
+      for (int64_t s = 0; s < steps; ++s) {
+        __m512i r[16];
+        for (int j = 0; j < 16; ++j) {
+          const int64_t m = m0 + 32 * s + 2 * j;
+          r[j] = _mm512_permutex2var_epi16(_mm512_castsi256_si512(Row(m, p, cols)), pairs,
+                                           _mm512_castsi256_si512(Row(m + 1, p, cols)));
+        }
+        TransposeDwords16x16(r);
+        uint16_t* tile = dst + (h * steps + s) * 512;
+        for (int i = 0; i < 16; ++i) _mm512_store_si512(tile + i * 32, r[i]);
+      }
+    }
+  }
+};
 
 // out's block [p0, p1) x [n0, n1) (multiples of 32; stride ldc, rows padded to a multiple of
 // 32) over all of m: per chunk of m, g's chunk packed once into the task's L2, then per 32
 // rows of out their xt chunk staged into L1 and the 32 x 32 blocks of the columns summed.
 // The block of out stays in L2 across the chunks.
+template <typename Rows>
 __attribute__((target("amx-tile,amx-bf16"))) void BlockProduct(
-    const uint16_t* xt, const uint16_t* g, int64_t P, int64_t M, int64_t N, float* out,
-    int64_t ldc, int64_t p0, int64_t p1, int64_t n0, int64_t n1, uint16_t* b_chunk,
-    uint16_t* a_chunk) {
+    const Rows& rows, const uint16_t* g, int64_t M, int64_t N, float* out, int64_t ldc,
+    int64_t p0, int64_t p1, int64_t n0, int64_t n1, uint16_t* b_chunk, uint16_t* a_chunk) {
   const int64_t mp = RoundUp(M, 32), c_stride = ldc * 4;
   for (int64_t k0 = 0; k0 < mp; k0 += kChunk) {
     const int64_t k1 = std::min(mp, k0 + kChunk), kc = k1 - k0, panel_elems = kc * 16;
     PackPairs(g, M, N, n0, n1, k0, k1, b_chunk, panel_elems);
     for (int64_t p = p0; p < p1; p += kBlock) {
-      StageRows(xt, P, M, p, k0, k1, a_chunk);
+      rows.Stage(p, k0, k1, a_chunk);
       const uint16_t* a0 = a_chunk;
       const uint16_t* a1 = a_chunk + (kc / 32) * 512;
       for (int64_t n = n0; n < n1; n += kBlock) {
@@ -147,13 +204,15 @@ __attribute__((target("amx-tile,amx-bf16"))) void BlockProduct(
   }
 }
 
-// Blocks of out per task: as large as a core's L2 holds with their g chunk (each block reads
-// g's columns once per block of rows and xt's rows once per block of columns), split until
-// every thread has a share (a multiple of the threads where that takes few more tasks).
+// Blocks of out per task: as large as a core's L2 holds with their g chunk, split until every
+// thread has a share (a multiple of the threads where that takes few more tasks).  Each block
+// packs g's columns once per block of rows and stages its rows once per block of columns, so
+// a split goes to the side whose repeats cost less: `stage_cost` is staging a row's element
+// against packing one of g's (3 for quantized rows, measured on the Xeon; 1 for a copy).
 struct BlockGrid {
   int64_t rows, cols, row_parts, col_parts;
 
-  BlockGrid(int64_t pp, int64_t np, int64_t threads) {
+  BlockGrid(int64_t pp, int64_t np, int64_t threads, int64_t stage_cost) {
     col_parts = (np + kMaxTaskCols - 1) / kMaxTaskCols;
     cols = RoundUp((np + col_parts - 1) / col_parts, kBlock);
     const int64_t max_rows = std::max<int64_t>(
@@ -161,7 +220,7 @@ struct BlockGrid {
     row_parts = (pp + max_rows - 1) / max_rows;
     while ((row_parts * col_parts) % threads != 0 && row_parts * col_parts < 8 * threads &&
            (pp > row_parts * kBlock || np > col_parts * kBlock)) {
-      if (pp * col_parts >= np * row_parts && pp > row_parts * kBlock) {
+      if (stage_cost * pp * col_parts >= np * row_parts && pp > row_parts * kBlock) {
         ++row_parts;
       } else {
         ++col_parts;
@@ -175,6 +234,52 @@ struct BlockGrid {
   int64_t tasks() const { return row_parts * col_parts; }
 };
 
+// out (P, N) = X^T G from `rows` (X^T, or x and its row parameters) and g (M, N), on the pool.
+template <typename Rows>
+void Product(ffi::ThreadPool& pool, const Rows& rows, const uint16_t* g, int64_t P, int64_t M,
+             int64_t N, float* out) {
+  if (P == 0 || N == 0) return;
+  if (M == 0) {
+    std::memset(out, 0, P * N * sizeof(float));
+    return;
+  }
+  const int64_t pp = RoundUp(P, kBlock), np = RoundUp(N, kBlock);
+  // The sums go straight to out where its shape fits the tiles (the training step's).
+  static thread_local Scratch c_pad;
+  float* c = out;
+  int64_t ldc = N;
+  if (pp != P || np != N) {
+    c = static_cast<float*>(c_pad.get(pp * np * sizeof(float)));
+    ldc = np;
+  }
+  const BlockGrid grid(pp, np, std::max<int64_t>(1, pool.num_threads()), Rows::kStageCost);
+  const std::function<void(int64_t)> compute = [&](int64_t t) {
+    static thread_local Scratch b_chunk, a_chunk;
+    const int64_t p0 = t / grid.col_parts * grid.rows, n0 = t % grid.col_parts * grid.cols;
+    uint16_t* bc = static_cast<uint16_t*>(b_chunk.get(kChunk * grid.cols * sizeof(uint16_t)));
+    uint16_t* ac = static_cast<uint16_t*>(a_chunk.get(kBlock * kChunk * sizeof(uint16_t)));
+    bitnet_amx::Configure();
+    BlockProduct(rows, g, M, N, c, ldc, p0, std::min(pp, p0 + grid.rows), n0,
+                 std::min(np, n0 + grid.cols), bc, ac);
+    bitnet_amx::Release();
+  };
+  ParallelFor(pool, grid.tasks(), compute);
+  if (c != out) {
+    for (int64_t p = 0; p < P; ++p) std::memcpy(out + p * N, c + p * ldc, N * sizeof(float));
+  }
+}
+
+// Tiles granted is all these calls need: BITNET_JAX_CPU_AMX chose the routing when the program
+// was traced (`cpu_weight_gradient.available`), and there is no other path here.
+ffi::Error NoTiles(const char* name) {
+  return ffi::Error::Internal(std::string(name) + ": this process has no AMX tiles (an "
+                              "AMX-BF16 CPU, and Linux's permission)");
+}
+
+inline const uint16_t* Bits(const ffi::Buffer<ffi::BF16>& b) {
+  return reinterpret_cast<const uint16_t*>(b.typed_data());
+}
+
 ffi::Error WeightGradientDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> xt,
                                  ffi::Buffer<ffi::BF16> g, ffi::ResultBuffer<ffi::F32> out) {
   auto ad = xt.dimensions();
@@ -185,47 +290,32 @@ ffi::Error WeightGradientDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> xt
     return ffi::Error::InvalidArgument(
         "bitnet_weight_gradient_dot: expects xt (P, M), g (M, N), out (P, N)");
   }
-  // Tiles granted is all this call needs: BITNET_JAX_CPU_AMX chose the routing when the
-  // program was traced (`cpu_weight_gradient.available`), and there is no other path here.
-  if (!bitnet_amx::Granted()) {
-    return ffi::Error::Internal(
-        "bitnet_weight_gradient_dot: this process has no AMX tiles (an AMX-BF16 CPU, and "
-        "Linux's permission)");
-  }
+  if (!bitnet_amx::Granted()) return NoTiles("bitnet_weight_gradient_dot");
   const int64_t P = ad[0], M = ad[1], N = gd[1];
-  float* o = out->typed_data();
-  if (P == 0 || N == 0) return ffi::Error::Success();
-  if (M == 0) {
-    std::memset(o, 0, P * N * sizeof(float));
-    return ffi::Error::Success();
-  }
-  const uint16_t* a = reinterpret_cast<const uint16_t*>(xt.typed_data());
-  const uint16_t* gp = reinterpret_cast<const uint16_t*>(g.typed_data());
-  const int64_t pp = RoundUp(P, kBlock), np = RoundUp(N, kBlock);
-  // The sums go straight to out where its shape fits the tiles (the training step's).
-  static thread_local Scratch c_pad;
-  float* c = o;
-  int64_t ldc = N;
-  if (pp != P || np != N) {
-    c = static_cast<float*>(c_pad.get(pp * np * sizeof(float)));
-    ldc = np;
-  }
-  const BlockGrid grid(pp, np, std::max<int64_t>(1, pool.num_threads()));
-  const std::function<void(int64_t)> compute = [&](int64_t t) {
-    static thread_local Scratch b_chunk, a_chunk;
-    const int64_t p0 = t / grid.col_parts * grid.rows, n0 = t % grid.col_parts * grid.cols;
-    uint16_t* bc = static_cast<uint16_t*>(b_chunk.get(kChunk * grid.cols * sizeof(uint16_t)));
-    uint16_t* ac = static_cast<uint16_t*>(a_chunk.get(kBlock * kChunk * sizeof(uint16_t)));
-    bitnet_amx::Configure();
-    BlockProduct(a, gp, P, M, N, c, ldc, p0, std::min(pp, p0 + grid.rows), n0,
-                 std::min(np, n0 + grid.cols), bc, ac);
-    bitnet_amx::Release();
-  };
-  ParallelFor(pool, grid.tasks(), compute);
+  Product(pool, TransposedRows{Bits(xt), P, M}, Bits(g), P, M, N, out->typed_data());
+  return ffi::Error::Success();
+}
 
-  if (c != o) {
-    for (int64_t p = 0; p < P; ++p) std::memcpy(o + p * N, c + p * ldc, N * sizeof(float));
+ffi::Error QuantizedWeightGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                                       ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> scale,
+                                       ffi::Buffer<ffi::BF16> g, int32_t lo, int32_t hi,
+                                       ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = x.dimensions();
+  auto gd = g.dimensions();
+  auto od = out->dimensions();
+  if (xd.size() != 2 || gd.size() != 2 || od.size() != 2 || gd[0] != xd[0] ||
+      od[0] != xd[1] || od[1] != gd[1] || mult.dimensions().size() != 1 ||
+      mult.dimensions()[0] != xd[0] || scale.dimensions().size() != 1 ||
+      scale.dimensions()[0] != xd[0]) {
+    return ffi::Error::InvalidArgument(
+        "bitnet_quantized_weight_gradient: expects x (M, P), mult (M,), scale (M,), "
+        "g (M, N), out (P, N)");
   }
+  if (!bitnet_amx::Granted()) return NoTiles("bitnet_quantized_weight_gradient");
+  const int64_t M = xd[0], P = xd[1], N = gd[1];
+  const QuantizedRows rows{Bits(x), mult.typed_data(), scale.typed_data(),
+                           static_cast<float>(lo), static_cast<float>(hi), P, M};
+  Product(pool, rows, Bits(g), P, M, N, out->typed_data());
   return ffi::Error::Success();
 }
 
@@ -236,4 +326,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetWeightGradientDot, WeightGradientDotImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetQuantizedWeightGradient, QuantizedWeightGradientImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int32_t>("lo")
+                                  .Attr<int32_t>("hi")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,20 @@
+"""scripts/bench_weight_gradient.py runs end to end where the CPU has AMX: its table and JSON,
+with our kernels' outputs equal to the paths they replace."""
+
+import json
+
+
+def test_bench_weight_gradient_writes_its_table_and_json(load_script, amx_tiles, tmp_path,
+                                                          capsys):
+    amx_tiles(True)
+    bench = load_script("bench_weight_gradient")
+    out = tmp_path / "bench.json"
+    bench.main(["--shapes", "64x256x96,40x70x33", "--rounds", "2", "--iters", "2",
+                "--warmup", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert [row["shape"] for row in report["rows"]] == [[64, 256, 96], [40, 70, 33]]
+    for row in report["rows"]:
+        assert row["bit_equal"] == {"kernel/xla": True, "fused/before": True}
+        assert all(len(times) == 2 and min(times) > 0 for times in row["ms"].values())
+    assert set(report["sum_of_medians"]) == {"kernel/xla", "fused/before"}
+    assert "64 x 256 x 96" in capsys.readouterr().out
