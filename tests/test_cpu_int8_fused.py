@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.core import cpu_int8, cpu_int8_fused, matmul, quant
+from bitnet_jax.core import cpu_int8, cpu_int8_fused, cpu_weight_gradient, matmul, quant
 from bitnet_jax.core.precision import ActivationQuantizer, WeightQuantizer
 
 pytestmark = pytest.mark.skipif(not cpu_int8_fused.available(),
@@ -335,10 +335,11 @@ def test_int8_scaled_dot_partitioned_under_gspmd():
 @pytest.mark.parametrize("qx", [A8, A4], ids=["a8", "a4"])
 def test_where_the_kernels_have_amx_shared_inputs_are_quantized_once(qx, integer, int8_backward,
                                                                      monkeypatch):
-    """Where our products run on AMX tiles (`cpu_int8.kernel_uses_amx`, forced; the kernel multiplies on VNNI
-    here unless the CPU has AMX), both paths quantize an input that several linears share once
-    and multiply its codes with `int8_scaled_dot`, and X_q^T for their weight gradients is
-    written once: output and gradients equal the path without it bit for bit."""
+    """Where our products run on AMX tiles (`cpu_int8.kernel_uses_amx`, forced; the kernel
+    multiplies on VNNI here unless the CPU has AMX), both paths quantize an input that several
+    linears share once and multiply its codes with `int8_scaled_dot`, and X_q^T for their weight
+    gradients is written once (where the weight gradient's kernel does not build it itself):
+    output and gradients equal the path without it bit for bit."""
     x, w = _operands(2 * 40, 96, 48, seed=21)
     x = x.reshape(2, 40, 96)
     w2 = w[:, ::-1] * 1.5
@@ -346,6 +347,9 @@ def test_where_the_kernels_have_amx_shared_inputs_are_quantized_once(qx, integer
 
     def run(amx):
         monkeypatch.setattr(cpu_int8, "kernel_uses_amx", lambda: amx)
+        # The weight gradient's AMX kernel has no VNNI path (tests/test_cpu_weight_gradient.py
+        # covers it where the CPU has tiles): here dW keeps X_q^T and XLA's dot.
+        monkeypatch.setattr(cpu_weight_gradient, "available", lambda: False)
         jax.clear_caches()  # traces of the custom VJP made with the other choice
 
         def loss(xv, wv, w2v):  # two linears on the same input, as q and k, or gate and up
