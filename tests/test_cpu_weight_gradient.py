@@ -29,6 +29,18 @@ def _f64(a):
     return np.asarray(a, np.float64)
 
 
+P = jax.sharding.PartitionSpec
+
+
+def _mesh_put():
+    """`put(array, spec)` onto a 4 x 2 (fsdp, tensor) mesh of the simulated devices."""
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    mesh = jax.sharding.Mesh(np.array(devices[:8]).reshape(4, 2), ("fsdp", "tensor"))
+    return lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
+
+
 # One element; a tile and its tails in P (16 rows, 32-row blocks), M (32 per step, 256 per
 # chunk) and N (16 columns, 32-column blocks); several chunks; blocks of out past the first
 # task's (P and N past 512).
@@ -95,12 +107,7 @@ def test_partitioned_without_gathering_its_operands(amx_tiles):
     rows and g's columns split): no all-gather, the single-device result up to the order of
     the psum's additions."""
     amx_tiles(True)
-    devices = jax.devices()
-    if len(devices) < 8:
-        pytest.skip("needs 8 (simulated) devices")
-    mesh = jax.sharding.Mesh(np.array(devices[:8]).reshape(4, 2), ("fsdp", "tensor"))
-    P = jax.sharding.PartitionSpec
-    put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
+    put = _mesh_put()
     a, g = _operands(64, 256, 96, seed=6)
     want = np.asarray(cpu_weight_gradient.weight_gradient_dot(a, g))
     fn = jax.jit(cpu_weight_gradient.weight_gradient_dot)
@@ -166,12 +173,7 @@ def test_quantized_takes_leading_axes_vmap_and_a_mesh(amx_tiles):
                                   want)
     got = jax.vmap(fn, in_axes=(None, None, None, 0))(x, mult, scale, jnp.stack([g, -g]))
     np.testing.assert_array_equal(np.asarray(got[0]), want)
-    devices = jax.devices()
-    if len(devices) < 8:
-        pytest.skip("needs 8 (simulated) devices")
-    mesh = jax.sharding.Mesh(np.array(devices[:8]).reshape(4, 2), ("fsdp", "tensor"))
-    P = jax.sharding.PartitionSpec
-    put = lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
+    put = _mesh_put()
     for x_spec, g_spec in [(P("fsdp", None), P("fsdp", None)), (P("fsdp", "tensor"),
                                                                 P("fsdp", None)),
                            (P("fsdp", None), P("fsdp", "tensor"))]:
