@@ -5,13 +5,17 @@
         # X_q^T G with X_q = bf16(clip(round(x * mult), lo, hi) * scale) per row of x (M, P):
         # `cpu_int8_fused.quantize_transpose`'s X_q^T and the product in one call, the same bits
 
-XLA:CPU's bf16 dot (YNNPACK) ran this product at 0.35-0.45 TFLOP/s at the ladder presets'
-shapes on a 2-core Xeon with AMX (2026-12-05), about a third of what the tiles give it at large
-square shapes; the weight gradients are the largest product time of a ternary training step
-once the forward and input-gradient products are int8 (README, Benchmarks). The sums equal
-XLA's up to their order (float32 rounding); subnormal inputs count as zero, as on every AMX
-bf16 product. Usable where our kernels run on AMX tiles (`cpu_int8.kernel_uses_amx`; the
-kernel refuses otherwise). Built and registered with `cpu_int8`'s library.
+XLA:CPU's bf16 dot (YNNPACK) ran this product at 0.35-0.45 TFLOP/s in the ladder presets'
+training steps on a 2-core Xeon with AMX (2026-12-05), about a third of what the tiles give it
+at large square shapes; the weight gradients are the largest product time of a ternary training
+step once the forward and input-gradient products are int8. Alone, `weight_gradient_dot` takes
+0.72-0.86x the time of XLA's dot at those shapes and `quantized_weight_gradient` 0.52-0.73x that
+of `quantize_transpose` and XLA's dot; in the step both quantized paths take the latter, 2-4% off
+the step at ladder-6.4m and 20m (README, Benchmarks). The sums run in m's order, one float32
+accumulator per output, as XLA's AMX product runs them (bit for bit XLA's dot on that Xeon);
+subnormal inputs count as zero, as on every AMX bf16 product. Usable where our kernels run on
+AMX tiles (`cpu_int8.kernel_uses_amx`): there is no other path inside the kernel, which refuses
+where the process has no tiles. Built and registered with `cpu_int8`'s library.
 
 Under GSPMD the product is partitioned like `cpu_int8.int8_dot`: rows of x_t and columns of g
 keep their splits, and a contraction split alike on both is summed with one `psum` (the
@@ -20,14 +24,13 @@ data-parallel weight gradient: each device's rows, then the sum XLA would take a
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bitnet_jax.core import cpu_int8
 from bitnet_jax.core.cpu_int8 import QUANTIZED_WEIGHT_GRADIENT_TARGET, WEIGHT_GRADIENT_DOT_TARGET
@@ -35,7 +38,7 @@ from bitnet_jax.core.cpu_int8_fused import one_batch_element_at_a_time
 
 
 def available() -> bool:
-    """Whether `weight_gradient_dot` runs here: our kernels built, and on AMX tiles now."""
+    """Whether this module's products run here: our kernels built, and on AMX tiles now."""
     return cpu_int8.kernel_uses_amx()
 
 

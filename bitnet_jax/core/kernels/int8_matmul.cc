@@ -355,7 +355,7 @@ void PackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int
 // ----------------------------------------------------------------------------------------
 
 // acc (16 x NR int32, row stride NR) = 16 rows of x (stride ldx, kp bytes, kp % 64 == 0) times
-// a signed panel of kp / 4 k-groups.
+// a signed panel of kp / 4 k-groups.  Tiles 0-3: the sums; 4: x's 16 x 64 bytes; 5-7: w's.
 __attribute__((target("amx-tile,amx-int8"))) void AmxTile(const int8_t* x, int64_t ldx,
                                                           const uint8_t* panel, int64_t kp,
                                                           int32_t* acc) {
