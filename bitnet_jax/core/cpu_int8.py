@@ -47,9 +47,10 @@ _log = logging.getLogger(__name__)
 
 TARGET_NAME = "bitnet_int8_dot"
 DEQUANTIZE_TRANSPOSE_TARGET = "bitnet_dequantize_transpose"
-# The fused entry points of the same source, wrapped by `cpu_int8_fused`, the weights'
-# ternary quantization (`cpu_ternary`) and rows' k-th largest values (`cpu_order_statistics`):
-# registered here so that one build, one load and one registration serve all four modules.
+# The fused entry points of the same source, wrapped by `cpu_int8_fused`, the weight gradient
+# on AMX tiles (`cpu_weight_gradient`), the weights' ternary quantization (`cpu_ternary`) and
+# rows' k-th largest values (`cpu_order_statistics`): registered here so that one build, one load
+# and one registration serve all five modules.
 ABSMAX_QUANT_DOT_TARGET = "bitnet_absmax_quant_dot"
 SCALED_QUANT_DOT_TARGET = "bitnet_scaled_quant_dot"
 QUANTIZE_TRANSPOSE_TARGET = "bitnet_quantize_transpose"
