@@ -1,7 +1,9 @@
-// The weight gradient's product on AMX tiles, as an XLA FFI custom call:
+// The weight gradient's product on AMX tiles, as two XLA FFI custom calls:
 //
-//   out[p, n] = sum_m xt[p, m] * g[m, n]      xt: (P, M) bf16 (X^T, as `quantize_transpose`
-//                                             writes it), g: (M, N) bf16, out: (P, N) float32
+//   out[p, n] = sum_m xt[p, m] * g[m, n]      xt: (P, M) bf16 (X^T, row-major), g: (M, N) bf16,
+//                                             out: (P, N) float32         (weight_gradient_dot)
+//   the same with xt[p, m] = bf16(code(x[m, p]) * scale[m]) built from x (M, P) and its rows'
+//   mult and scale, the values `quantize_transpose` writes        (quantized_weight_gradient)
 //
 // TDPBF16PS multiplies a 16 x 32 bf16 tile of xt (16 rows of X^T, 32 consecutive m) by a tile
 // of g holding 16 pairs of consecutive rows interleaved per column ([m / 2][16 columns][2], the
@@ -14,7 +16,8 @@
 // and two of g.
 //
 // XLA:CPU's own bf16 dot (YNNPACK) took 1.2-1.4x this kernel's time at the ladder presets'
-// weight-gradient shapes on a 2-core Xeon (2026-12-05; scripts/bench_weight_gradient.py).
+// weight-gradient shapes on a 2-core Xeon, and `quantize_transpose` with it 1.4-1.9x the time
+// of the quantized call, which never writes X_q^T (2026-12-05; scripts/bench_weight_gradient.py).
 //
 // Numbers: each bf16 x bf16 product is exact in float32, TDPBF16PS rounds as it adds, and the
 // sums run in m's order in one accumulator per output, as XLA's AMX product runs them: on that
