@@ -32,7 +32,8 @@ TRAIN_SHAPES = [(4096, 512, 1376), (4096, 1376, 512), (4096, 512, 512), (4096, 2
 DECODE_SHAPES = [(2, 2560, 6912), (16, 2560, 6912)]
 
 
-def _time(fn, args, iters: int) -> float:
+def median_ms(fn, args, iters: int) -> float:
+    """The median of `iters` calls of fn(*args), each waited for, in milliseconds."""
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -77,7 +78,7 @@ def main() -> None:
         per_round: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(args.rounds):
             for name, (fn, a) in cases.items():
-                per_round[name].append(_time(fn, a, args.iters))
+                per_round[name].append(median_ms(fn, a, args.iters))
         row = {"M": m, "K": k, "N": n, "exact": exact}
         for name, ts in per_round.items():
             row[name] = {"median_ms": statistics.median(ts), "min_ms": min(ts),

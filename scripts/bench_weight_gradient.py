@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import platform
 import statistics
 import sys
@@ -32,6 +33,9 @@ import numpy as np
 
 from bitnet_jax.core import cpu_int8_fused, cpu_weight_gradient
 from bitnet_jax.core.quant import absmax_row_parameters
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_int8_kernel import median_ms  # noqa: E402  (one home for the per-round timing)
 
 # (P, M, N): the linears of ladder-6.4m (d 256, ffn 704), ladder-20m (512, 1376) and
 # ladder-1.6m (160, 448), batch 16 x 256 tokens.
@@ -55,15 +59,6 @@ FUNCTIONS = {
                      cpu_weight_gradient.quantized_weight_gradient(x, mult, scale, g, LO, HI)),
 }
 PAIRS = (("kernel", "xla"), ("fused", "before"))
-
-
-def _median_ms(fn, args, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def _operands(p, m, n, rng):
@@ -100,7 +95,7 @@ def main(argv=None) -> None:
         times = {name: [] for name in FUNCTIONS}
         for _ in range(args.rounds):
             for name, fn in FUNCTIONS.items():
-                times[name].append(_median_ms(fn, operands, args.iters))
+                times[name].append(median_ms(fn, operands, args.iters))
         ratios = {f"{a}/{b}": [x / y for x, y in zip(times[a], times[b])] for a, b in PAIRS}
         rows.append({"shape": [p, m, n], "ms": times, "ratios": ratios, "bit_equal": equal})
         print(f"{f'{p} x {m} x {n}':>18}"

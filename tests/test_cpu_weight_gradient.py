@@ -41,6 +41,15 @@ def _mesh_put():
     return lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
 
 
+def _assert_partitioned(fn, args, want, target):
+    """fn on the sharded args calls `target` on local shards, gathers no operand, and gives the
+    single-device result up to the order of the psum's additions."""
+    hlo = fn.lower(*args).compile().as_text()
+    assert "all-gather" not in hlo and target in hlo
+    np.testing.assert_allclose(np.asarray(fn(*args)), want, rtol=1e-5,
+                               atol=1e-6 * np.abs(want).max())
+
+
 # One element; a tile and its tails in P (16 rows, 32-row blocks), M (32 per step, 256 per
 # chunk) and N (16 columns, 32-column blocks); several chunks; blocks of out past the first
 # task's (P and N past 512).
@@ -114,11 +123,8 @@ def test_partitioned_without_gathering_its_operands(amx_tiles):
     for a_spec, g_spec in [(P(None, "fsdp"), P("fsdp", None)), (P("tensor", "fsdp"),
                                                                 P("fsdp", None)),
                            (P(None, "fsdp"), P("fsdp", "tensor"))]:
-        args = put(a, a_spec), put(g, g_spec)
-        hlo = fn.lower(*args).compile().as_text()
-        assert "all-gather" not in hlo and cpu_int8.WEIGHT_GRADIENT_DOT_TARGET in hlo
-        np.testing.assert_allclose(np.asarray(fn(*args)), want, rtol=1e-5,
-                                   atol=1e-6 * np.abs(want).max())
+        _assert_partitioned(fn, (put(a, a_spec), put(g, g_spec)), want,
+                            cpu_int8.WEIGHT_GRADIENT_DOT_TARGET)
 
 
 def test_refusals(amx_tiles):
@@ -178,10 +184,7 @@ def test_quantized_takes_leading_axes_vmap_and_a_mesh(amx_tiles):
                                                                 P("fsdp", None)),
                            (P("fsdp", None), P("fsdp", "tensor"))]:
         args = (put(x, x_spec), put(mult, P("fsdp")), put(scale, P("fsdp")), put(g, g_spec))
-        hlo = fn.lower(*args).compile().as_text()
-        assert "all-gather" not in hlo and cpu_int8.QUANTIZED_WEIGHT_GRADIENT_TARGET in hlo
-        np.testing.assert_allclose(np.asarray(fn(*args)), want, rtol=1e-5,
-                                   atol=1e-6 * np.abs(want).max())
+        _assert_partitioned(fn, args, want, cpu_int8.QUANTIZED_WEIGHT_GRADIENT_TARGET)
 
 
 def test_quantized_refusals(amx_tiles):

@@ -57,18 +57,21 @@ constexpr int64_t kL2Budget = 1792 * 1024;  // a task's block of out and g chunk
 
 inline int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
+// 16 bf16 values of one row (a) and of the next (b) as 16 pairs: lane 2j takes a's j, lane
+// 2j + 1 takes b's j (index 32 + j of the two sources).
+__attribute__((always_inline)) inline __m512i InterleavePairs(__m256i a, __m256i b) {
+  alignas(64) static const uint16_t kOrder[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5,
+                                                   37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42,
+                                                   11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), _mm512_load_si512(kOrder),
+                                   _mm512_castsi256_si512(b));
+}
+
 // Rows [m0, m1) of g's columns [n0, n1) into `panels` of 16 columns, each [(m1 - m0) / 2][16][2]
 // bf16 (`panel_elems` apart): pairs of consecutive rows interleaved per column, zeros past M and
 // N.  Row pairs outermost, so that g is read as it lies in memory.
 void PackPairs(const uint16_t* g, int64_t M, int64_t N, int64_t n0, int64_t n1, int64_t m0,
                int64_t m1, uint16_t* panels, int64_t panel_elems) {
-  // Lane 2j of the result takes a's j, lane 2j + 1 takes b's j (index 32 + j).
-  alignas(64) uint16_t order[32];
-  for (int j = 0; j < 16; ++j) {
-    order[2 * j] = static_cast<uint16_t>(j);
-    order[2 * j + 1] = static_cast<uint16_t>(32 + j);
-  }
-  const __m512i idx = _mm512_load_si512(order);
   for (int64_t m = m0; m < m1; m += 2) {
     const uint16_t* r0 = g + m * N;
     const uint16_t* r1 = r0 + N;
@@ -78,8 +81,7 @@ void PackPairs(const uint16_t* g, int64_t M, int64_t N, int64_t n0, int64_t n1, 
       const __m256i a = m < M ? _mm256_maskz_loadu_epi16(cols, r0 + n) : _mm256_setzero_si256();
       const __m256i b = m + 1 < M ? _mm256_maskz_loadu_epi16(cols, r1 + n)
                                   : _mm256_setzero_si256();
-      _mm512_store_si512(dst, _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx,
-                                                         _mm512_castsi256_si512(b)));
+      _mm512_store_si512(dst, InterleavePairs(a, b));
     }
   }
 }
@@ -134,10 +136,6 @@ struct QuantizedRows {
   }
 
   void Stage(int64_t p0, int64_t m0, int64_t m1, uint16_t* dst) const {
-    alignas(64) static const uint16_t kOrder[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5,
-                                                     37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42,
-                                                     11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-    const __m512i pairs = _mm512_load_si512(kOrder);
     const int64_t steps = (m1 - m0) / 32;
     for (int64_t h = 0; h < 2; ++h) {
       const int64_t p = p0 + 16 * h;
@@ -146,8 +144,7 @@ struct QuantizedRows {
         __m512i r[16];
         for (int j = 0; j < 16; ++j) {
           const int64_t m = m0 + 32 * s + 2 * j;
-          r[j] = _mm512_permutex2var_epi16(_mm512_castsi256_si512(Row(m, p, cols)), pairs,
-                                           _mm512_castsi256_si512(Row(m + 1, p, cols)));
+          r[j] = InterleavePairs(Row(m, p, cols), Row(m + 1, p, cols));
         }
         TransposeDwords16x16(r);
         uint16_t* tile = dst + (h * steps + s) * 512;
