@@ -106,15 +106,27 @@ def mesh_axes(entry) -> tuple:
     return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
+def matrix_spec(sharding) -> tuple:
+    """A 2-D operand's PartitionSpec entries (rows, columns), None where it is not split."""
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (2 - len(spec))
+
+
 def dot_specs(x_sharding, w_sharding):
-    """Mesh axes of (rows of x, rows of w, contraction) for the local products.
+    """Mesh axes of (rows of x, rows of w, contraction) for the local products of x (rows, k)
+    and w (rows, k): `dot_axes` of their specs."""
+    return dot_axes(matrix_spec(x_sharding), matrix_spec(w_sharding))
+
+
+def dot_axes(x_spec, w_spec):
+    """Mesh axes of (rows of x, rows of w, contraction) from the (rows, k) spec entries of x
+    and w.
 
     Rows keep their operands' splits; an axis on both would need the same device to hold
     different row blocks of each, so w's rows give way (w is gathered along it). The
     contraction stays split only when x and w split it the same way (then psum), else it is
-    gathered. (`cpu_int8_fused` splits the rows of its fused products the same way.)"""
-    x_spec = tuple(x_sharding.spec) + (None,) * (2 - len(x_sharding.spec))
-    w_spec = tuple(w_sharding.spec) + (None,) * (2 - len(w_sharding.spec))
+    gathered. (`cpu_int8_fused` splits the rows of its fused products the same way,
+    `cpu_weight_gradient` its products' rows and columns.)"""
     m, n = mesh_axes(x_spec[0]), mesh_axes(w_spec[0])
     k = mesh_axes(x_spec[1]) if x_spec[1] == w_spec[1] else ()
     if set(n) & set(m):

@@ -164,8 +164,7 @@ def _quantize_infer(q_max, floor, mesh, arg_shapes, result_shape):
 
 def _transpose_shardings(mesh, arg_shapes):
     """(x, x's rows, X^T): both of x's splits kept, the rows' parameters split with its rows."""
-    spec = tuple(arg_shapes[0].sharding.spec)
-    m, k = spec + (None,) * (2 - len(spec))
+    m, k = cpu_int8.matrix_spec(arg_shapes[0].sharding)
     return NamedSharding(mesh, P(m, k)), NamedSharding(mesh, P(m)), NamedSharding(mesh, P(k, m))
 
 

@@ -53,31 +53,24 @@ def _quantized_local(x, mult, scale, g, lo, hi):
         x, mult, scale, g, lo=np.int32(lo), hi=np.int32(hi))
 
 
-def _spec2(sharding):
-    spec = tuple(sharding.spec)
-    return spec + (None,) * (2 - len(spec))
+def _specs(arg_shapes):
+    """Mesh axes of (x_t's rows, g's columns, the contraction m) for x_t (P, M) and g (M, N),
+    split as `cpu_int8.dot_axes` splits a product of x (rows, k) and w (rows, k): g is w
+    transposed."""
+    x_t = cpu_int8.matrix_spec(arg_shapes[0].sharding)
+    m_g, n = cpu_int8.matrix_spec(arg_shapes[1].sharding)
+    return cpu_int8.dot_axes(x_t, (n, m_g))
 
 
-def _product_specs(mesh, left_t, g_sharding):
-    """Mesh axes of (X^T's rows, g's columns, the contraction m) for X^T G, X^T's spec given as
-    (rows, m), as `cpu_int8.dot_specs` splits a product of x (rows, k) and w (rows, k): g is
-    w transposed."""
-    g_spec = _spec2(g_sharding)
-    return cpu_int8.dot_specs(NamedSharding(mesh, P(*left_t)),
-                              NamedSharding(mesh, P(g_spec[1], g_spec[0])))
-
-
-def _specs(mesh, arg_shapes):
-    return _product_specs(mesh, _spec2(arg_shapes[0].sharding), arg_shapes[1].sharding)
-
-
-def _quantized_specs(mesh, arg_shapes):
-    m, p = _spec2(arg_shapes[0].sharding)
-    return _product_specs(mesh, (p, m), arg_shapes[3].sharding)
+def _quantized_specs(arg_shapes):
+    """The same for x (M, P), whose transpose is the left operand, and g (M, N)."""
+    m, p = cpu_int8.matrix_spec(arg_shapes[0].sharding)
+    m_g, n = cpu_int8.matrix_spec(arg_shapes[3].sharding)
+    return cpu_int8.dot_axes((p, m), (n, m_g))
 
 
 def _partition(mesh, arg_shapes, result_shape):
-    p, n, m = _specs(mesh, arg_shapes)
+    p, n, m = _specs(arg_shapes)
 
     def lower(x_t, g):
         out = _local(x_t, g)
@@ -88,7 +81,7 @@ def _partition(mesh, arg_shapes, result_shape):
 
 
 def _infer(mesh, arg_shapes, result_shape):
-    p, n, _ = _specs(mesh, arg_shapes)
+    p, n, _ = _specs(arg_shapes)
     return NamedSharding(mesh, P(p, n))
 
 
@@ -98,7 +91,7 @@ _partitioned.def_partition(partition=_partition, infer_sharding_from_operands=_i
 
 
 def _quantized_partition(lo, hi, mesh, arg_shapes, result_shape):
-    p, n, m = _quantized_specs(mesh, arg_shapes)
+    p, n, m = _quantized_specs(arg_shapes)
 
     def lower(x, mult, scale, g):
         out = _quantized_local(x, mult, scale, g, lo, hi)
@@ -110,7 +103,7 @@ def _quantized_partition(lo, hi, mesh, arg_shapes, result_shape):
 
 
 def _quantized_infer(lo, hi, mesh, arg_shapes, result_shape):
-    p, n, _ = _quantized_specs(mesh, arg_shapes)
+    p, n, _ = _quantized_specs(arg_shapes)
     return NamedSharding(mesh, P(p, n))
 
 
