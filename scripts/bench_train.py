@@ -11,7 +11,9 @@ b1.58-int8-vnni (the integer path on our VNNI kernels even where the CPU has AMX
 own int8 dot is faster and taken by default), b1.58-xla-dw (fake quantization with X_q^T for the
 weight gradient written by XLA, not by our kernel), b1.58-bf16-codes (fake quantization with its
 forward product on bf16 codes even where the int8 product is exact and faster: AMX CPUs and
-NVIDIA GPUs),
+NVIDIA GPUs), b1.58-xla-wg and b1.58-int8-bwd-xla-wg (on AMX CPUs the weight gradient as X_q^T
+written and XLA's dot, as before `cpu_weight_gradient`), bf16-kernel-wg (bf16's own weight
+gradient in that kernel: what the baseline would gain from it),
 bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio),
 bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
 `matmul.weight_gradient` gives it a transposed bf16 copy instead, see there),
@@ -170,7 +172,7 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not (mode.kernel_amx and mode.xla_int8_on_amx):  # before 2026-12-05, 10:00
             patches.enter_context(mock.patch.object(cpu_int8, "kernel_uses_amx",
                                                     lambda: False))
-        if not mode.kernel_weight_gradient:  # XLA's dot for dW (before 2026-12-05, 13:00)
+        if not mode.kernel_weight_gradient:  # XLA's dot for dW (before 2026-12-05, 12:15)
             patches.enter_context(mock.patch.object(cpu_weight_gradient, "available",
                                                     lambda: False))
         if mode.bf16_kernel_weight_gradient and cpu_weight_gradient.available():
