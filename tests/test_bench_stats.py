@@ -83,6 +83,19 @@ def test_every_mode_compiles_a_step_of_the_recipe_it_names(bench_train):
     """Each mode's step trains: a finite loss, and modes of one recipe agree on it (they differ
     only in how the step is computed: a second copy, XLA's weight gradient or attention, or the
     integer products, whose forward equals fake quantization's)."""
+    _assert_every_mode_trains(bench_train)
+
+
+@pytest.mark.slow
+def test_every_mode_compiles_a_step_on_amx_tiles(bench_train, amx_tiles):
+    """The same with our kernels on AMX tiles, where the modes route differently (each mode
+    patches the routing it measures; one that missed an AMX route failed to compile only on
+    AMX CPUs, unseen by the test above, which runs with the tiles off). Skipped elsewhere."""
+    amx_tiles(True)
+    _assert_every_mode_trains(bench_train)
+
+
+def _assert_every_mode_trains(bench_train):
     losses = {}
     for name, mode in bench_train.MODES.items():
         train_step, state, batch = bench_train.compiled_step("ladder-12k", mode, 2, 16)
