@@ -6,9 +6,12 @@ kernel (on a GPU: the CUDA kernels on its streams) or XLA op (on a CPU: the ops 
 runtime's threads executed, each op once per thread that ran it, so the sum can exceed the
 wall time). Prints, per mode and step: the device-busy time, the number of kernels launched,
 the time in matrix products and in attention (by the GPU kernels' names: cuBLAS, Triton GEMM
-fusions, cuDNN attention), and then, for every mode after the first, the kernel families
-(names less their numeric suffix) whose time differs most from the first mode's: what a
-recipe adds or saves. Writes JSON (default `profile_train.json`) with every family's time.
+fusions, cuDNN attention), the time kernels ran alone (no other kernel running: on a CPU XLA
+runs independent ops side by side, so this, not the busy time, is where a step's wall time
+goes; `alone_micros`) and the trace's span per step; and then, for every mode after the first,
+the kernel families (names less their numeric suffix) whose time differs most from the first
+mode's: what a recipe adds or saves, with the time each ran alone. Writes JSON (default
+`profile_train.json`) with every family's time.
 
     python scripts/profile_train.py [--preset ladder-20m] [--modes bf16,b1.58,b1.58-int8]
                                     [--batch 16] [--seq-len 256] [--steps 2] [--out FILE]
@@ -29,6 +32,7 @@ import re
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import jax
 
@@ -51,13 +55,27 @@ def kernel_class(name: str) -> str:
     return "matmul" if _MATMUL.search(name) else "other"
 
 
+def named_custom_calls(kernels: list[Kernel], hlo_text: str) -> list[Kernel]:
+    """`kernels` with each custom call named by its target (on a CPU the trace names every
+    custom call `ffi_call.N` or `custom-call.N`, which says nothing of which kernel ran)."""
+    targets = dict(re.findall(r'%?([\w.\-]+) = [^\n]*?custom-call\([^\n]*?'
+                              r'custom_call_target="([^"]+)"', hlo_text))
+    return [k._replace(name=targets[k.name]) if k.name in targets else k for k in kernels]
+
+
 def family(name: str) -> str:
     """A kernel's name less its numeric suffix: XLA numbers each fusion of a kind."""
     return re.sub(r"[._]\d+$", "", name)
 
 
-def device_kernels(trace: dict) -> list[tuple[str, float]]:
-    """(name, microseconds) of every kernel or XLA op a perfetto trace holds.
+class Kernel(NamedTuple):
+    name: str
+    micros: float
+    start: float  # microseconds, on the trace's clock
+
+
+def device_kernels(trace: dict) -> list[Kernel]:
+    """Every kernel or XLA op a perfetto trace holds, with its duration and start.
 
     A GPU's kernels are the events of its device tracks; on a CPU the ops are the events that
     name their HLO module (the runtime's own regions, such as the thunk executor's, do not)."""
@@ -69,39 +87,75 @@ def device_kernels(trace: dict) -> list[tuple[str, float]]:
     for event in events:
         if event.get("ph") != "X":
             continue
-        if device_pids:
-            if event["pid"] in device_pids:
-                kernels.append((event["name"], float(event.get("dur", 0.0))))
-        elif "hlo_module" in event.get("args", {}):
-            kernels.append((event["name"], float(event.get("dur", 0.0))))
+        if (event["pid"] in device_pids if device_pids
+                else "hlo_module" in event.get("args", {})):
+            kernels.append(Kernel(event["name"], float(event.get("dur", 0.0)),
+                                  float(event.get("ts", 0.0))))
     return kernels
 
 
-def summarize(kernels: list[tuple[str, float]], steps: int) -> dict:
-    """Per step: busy milliseconds, kernel count, milliseconds per class and per family."""
+def alone_micros(kernels: list[Kernel]) -> tuple[collections.Counter, float]:
+    """(microseconds each kernel name ran with no other kernel running, the microseconds from
+    the first start to the last end).
+
+    XLA:CPU runs independent ops side by side on its threads, so a CPU step's wall time is not
+    the sum of its ops: an op that runs alone is on the step's critical path, one beside others
+    shares the cores with them (README, Benchmarks: the forward's ops run alone, the weight
+    gradients beside the input gradients' chain). On a GPU's one stream every kernel runs
+    alone. A sweep over the starts and ends; an end and a start at one instant do not overlap.
+    """
+    alone = collections.Counter()
+    if not kernels:
+        return alone, 0.0
+    edges = sorted([(k.start, 1, i) for i, k in enumerate(kernels)]
+                   + [(k.start + k.micros, 0, i) for i, k in enumerate(kernels)])
+    running, previous = set(), edges[0][0]
+    for time_us, is_start, index in edges:
+        if len(running) == 1:
+            alone[kernels[next(iter(running))].name] += time_us - previous
+        previous = time_us
+        if is_start:
+            running.add(index)
+        else:
+            running.discard(index)
+    return alone, edges[-1][0] - edges[0][0]
+
+
+def summarize(kernels: list[Kernel], steps: int) -> dict:
+    """Per step: busy milliseconds, kernel count, milliseconds per class and per family, the
+    milliseconds kernels ran alone (in all and per family) and the trace's span."""
     by_family, count_by_family = collections.Counter(), collections.Counter()
     by_class = collections.Counter({"matmul": 0.0, "attention": 0.0, "other": 0.0})
-    for name, micros in kernels:
-        by_family[family(name)] += micros / 1e3 / steps
-        count_by_family[family(name)] += 1 / steps
-        by_class[kernel_class(name)] += micros / 1e3 / steps
+    for kernel in kernels:
+        by_family[family(kernel.name)] += kernel.micros / 1e3 / steps
+        count_by_family[family(kernel.name)] += 1 / steps
+        by_class[kernel_class(kernel.name)] += kernel.micros / 1e3 / steps
+    alone, span = alone_micros(kernels)
+    alone_by_family = collections.Counter()
+    for name, micros in alone.items():
+        alone_by_family[family(name)] += micros / 1e3 / steps
     return {"busy_ms": sum(by_class.values()), "kernels": len(kernels) / steps,
             "class_ms": dict(by_class), "family_ms": dict(by_family.most_common()),
-            "family_count": dict(count_by_family)}
+            "family_count": dict(count_by_family),
+            "alone_ms": sum(alone_by_family.values()), "span_ms": span / 1e3 / steps,
+            "family_alone_ms": dict(alone_by_family.most_common())}
 
 
 def family_differences(summary: dict, baseline: dict, top: int) -> list[tuple]:
-    """(family, ms difference, count difference, ms, baseline ms) of the `top` families whose
-    time differs most between `summary` and `baseline`, largest first."""
+    """(family, ms difference, count difference, ms, baseline ms, ms alone, baseline ms alone)
+    of the `top` families whose time differs most between `summary` and `baseline`, largest
+    first."""
     names = set(summary["family_ms"]) | set(baseline["family_ms"])
     rows = [(name, summary["family_ms"].get(name, 0.0) - baseline["family_ms"].get(name, 0.0),
              summary["family_count"].get(name, 0) - baseline["family_count"].get(name, 0),
-             summary["family_ms"].get(name, 0.0), baseline["family_ms"].get(name, 0.0))
+             summary["family_ms"].get(name, 0.0), baseline["family_ms"].get(name, 0.0),
+             summary["family_alone_ms"].get(name, 0.0),
+             baseline["family_alone_ms"].get(name, 0.0))
             for name in names]
     return sorted(rows, key=lambda row: -abs(row[1]))[:top]
 
 
-def traced_step_kernels(step, steps: int, trace_dir: str) -> list[tuple[str, float]]:
+def traced_step_kernels(step, steps: int, trace_dir: str) -> list[Kernel]:
     """The kernels of `steps` traced steps of a compiled step (`bench_train.compiled_step`)."""
     train_step, state, batch_data = step
     for _ in range(2):  # past the first steps' one-off work (autotuning, allocations)
@@ -144,27 +198,33 @@ def main(argv=None) -> int:
     for mode in modes:
         step = bench_train.compiled_step(args.preset, bench_train.MODES[mode], args.batch,
                                          args.seq_len)
+        train_step, state, batch_data = step
+        hlo_text = train_step.lower(state, batch_data).compile().as_text()
         with tempfile.TemporaryDirectory() as trace_dir:
-            summaries[mode] = summarize(traced_step_kernels(step, args.steps, trace_dir),
-                                        args.steps)
+            kernels = traced_step_kernels(step, args.steps, trace_dir)
+        summaries[mode] = summarize(named_custom_calls(kernels, hlo_text), args.steps)
         del step
         print(f"# {mode}: traced", file=sys.stderr, flush=True)
 
     header = (f"{'mode':>18} {'busy ms':>9} {'kernels':>8} {'matmul ms':>10} "
-              f"{'attention ms':>13} {'other ms':>9}")
+              f"{'attention ms':>13} {'other ms':>9} {'alone ms':>9} {'span ms':>8}")
     print(header)
     print("-" * len(header))
     for mode, summary in summaries.items():
         classes = summary["class_ms"]
         print(f"{mode:>18} {summary['busy_ms']:9.2f} {summary['kernels']:8.0f} "
-              f"{classes['matmul']:10.2f} {classes['attention']:13.2f} {classes['other']:9.2f}")
+              f"{classes['matmul']:10.2f} {classes['attention']:13.2f} {classes['other']:9.2f} "
+              f"{summary['alone_ms']:9.2f} {summary['span_ms']:8.2f}")
     reference = modes[0]
     for mode in modes[1:]:
-        print(f"\n{mode} against {reference}: the kernel families that differ most")
-        print(f"{'family':>44} {'diff ms':>8} {'diff n':>7} {'ms':>8} {reference + ' ms':>12}")
-        for name, diff, count, ms, base in family_differences(summaries[mode],
-                                                              summaries[reference], args.top):
-            print(f"{name[:44]:>44} {diff:+8.2f} {count:+7.0f} {ms:8.2f} {base:12.2f}")
+        print(f"\n{mode} against {reference}: the kernel families that differ most "
+              f"(ms alone: with no other kernel running)")
+        print(f"{'family':>40} {'diff ms':>8} {'diff n':>7} {'ms':>8} {reference + ' ms':>12} "
+              f"{'ms alone':>9} {reference + ' alone':>14}")
+        for name, diff, count, ms, base, alone, base_alone in family_differences(
+                summaries[mode], summaries[reference], args.top):
+            print(f"{name[:40]:>40} {diff:+8.2f} {count:+7.0f} {ms:8.2f} {base:12.2f} "
+                  f"{alone:9.2f} {base_alone:14.2f}")
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "modes": summaries}, f, indent=1)
     print(f"wrote {args.out}")
