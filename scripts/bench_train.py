@@ -13,7 +13,9 @@ weight gradient written by XLA, not by our kernel), b1.58-bf16-codes (fake quant
 forward product on bf16 codes even where the int8 product is exact and faster: AMX CPUs and
 NVIDIA GPUs), b1.58-xla-wg and b1.58-int8-bwd-xla-wg (on AMX CPUs the weight gradient as X_q^T
 written and XLA's dot, as before `cpu_weight_gradient`), bf16-kernel-wg (bf16's own weight
-gradient in that kernel: what the baseline would gain from it),
+gradient in that kernel: what the baseline would gain from it), b1.58-xla-ig (on AMX CPUs the
+exact input gradient as XLA's dot of g and the dequantized weights, as before
+`cpu_input_gradient`),
 bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio),
 bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
 `matmul.weight_gradient` gives it a transposed bf16 copy instead, see there),
@@ -57,8 +59,8 @@ import numpy as np
 import scipy.stats
 
 from bitnet_jax.allocator import active_allocator
-from bitnet_jax.core import (cpu_int8, cpu_int8_fused, cpu_order_statistics, cpu_ternary,
-                             cpu_weight_gradient, matmul, order_statistics, quant)
+from bitnet_jax.core import (cpu_input_gradient, cpu_int8, cpu_int8_fused, cpu_order_statistics,
+                             cpu_ternary, cpu_weight_gradient, matmul, order_statistics, quant)
 from bitnet_jax.model import accounting as compute, cpu_attention, layers
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
@@ -83,6 +85,8 @@ class Mode(NamedTuple):
     # tiles (`cpu_int8.kernel_uses_amx`: x quantized once, `int8_scaled_dot`), else XLA's dot
     kernel_weight_gradient: bool = True  # on AMX CPUs dW = X_q^T G in our kernel
     # (`cpu_weight_gradient`), else XLA's bf16 dot
+    kernel_input_gradient: bool = True  # on AMX CPUs the exact dx = g W_q^T in our kernel
+    # (`cpu_input_gradient`), else XLA's bf16 dot of g and the dequantized weights
     bf16_kernel_weight_gradient: bool = False  # bf16's own X^T G in that kernel too (what
     # the baseline would gain from it), else XLA's
     int8_fake_product: bool = True  # fake quantization's product on int8 codes where exact
@@ -125,6 +129,7 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "b1.58-int8-bwd-xla-wg": Mode("b1.58", integer=True, int8_backward=True,
                                        kernel_weight_gradient=False),
          "bf16-kernel-wg": Mode("bf16", bf16_kernel_weight_gradient=True),
+         "b1.58-xla-ig": Mode("b1.58", kernel_input_gradient=False),
          "b1.58-bf16-codes": Mode("b1.58", int8_fake_product=False),
          "b1.58-xla-weight-quant": Mode("b1.58", weight_kernel=False),
          "b1.58-xla-act-quant": Mode("b1.58", activation_kernel=False),
@@ -174,6 +179,10 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
                                                     lambda: False))
         if not mode.kernel_weight_gradient:  # XLA's dot for dW (before 2026-12-05, 12:15)
             patches.enter_context(mock.patch.object(cpu_weight_gradient, "available",
+                                                    lambda: False))
+        if not mode.kernel_input_gradient:  # XLA's dot for the exact dx (before 2026-12-05,
+            # 16:00)
+            patches.enter_context(mock.patch.object(cpu_input_gradient, "available",
                                                     lambda: False))
         if mode.bf16_kernel_weight_gradient and cpu_weight_gradient.available():
             patches.enter_context(mock.patch.object(matmul, "_transposed_dot",

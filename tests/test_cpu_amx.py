@@ -67,10 +67,11 @@ def test_fused_products_on_tiles_equal_vnni(m, k, n, amx_tiles):
 @pytest.mark.parametrize("qx", [ActivationQuantizer("absmax", 8),
                                 ActivationQuantizer("absmean", 4)], ids=["a8", "a4"])
 def test_quantized_dot_on_tiles_equals_it_without(qx, integer, int8_backward, amx_tiles):
-    """On AMX tiles the products of both paths go through `int8_scaled_dot` (the int8 input
-    gradient through `absmax_quant_dot`, the weight gradient through `quantized_weight_gradient`):
-    output and gradients equal the program without AMX (VNNI kernels, or fake quantization's
-    bf16 codes; XLA's dot for dW) bit for bit."""
+    """On AMX tiles the products of both paths go through `int8_scaled_dot` (the exact input
+    gradient through `codes_input_gradient`, the int8 one through `absmax_quant_dot`, the weight
+    gradient through `quantized_weight_gradient`): output and gradients equal the program
+    without AMX (VNNI kernels, or fake quantization's bf16 codes; XLA's dots for dx and dW) bit
+    for bit."""
     rng = np.random.default_rng(8)
     x = jnp.asarray(rng.standard_t(3, (2, 48, 96)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(0, 0.02, (96, 80)), jnp.float32)
@@ -92,8 +93,10 @@ def test_quantized_dot_on_tiles_equals_it_without(qx, integer, int8_backward, am
     assert cpu_int8.INT8_SCALED_DOT_TARGET in hlo
     assert hlo.count(cpu_int8.QUANTIZED_WEIGHT_GRADIENT_TARGET) == 1
     assert cpu_int8.QUANTIZE_TRANSPOSE_TARGET not in hlo  # X_q^T never written
+    assert hlo.count(cpu_int8.CODES_INPUT_GRADIENT_TARGET) == (0 if int8_backward else 1)
     amx_tiles(False)
     hlo, want = run()
     assert cpu_int8.QUANTIZED_WEIGHT_GRADIENT_TARGET not in hlo
+    assert cpu_int8.CODES_INPUT_GRADIENT_TARGET not in hlo
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(_bits(a), _bits(b))

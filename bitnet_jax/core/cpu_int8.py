@@ -47,10 +47,10 @@ _log = logging.getLogger(__name__)
 
 TARGET_NAME = "bitnet_int8_dot"
 DEQUANTIZE_TRANSPOSE_TARGET = "bitnet_dequantize_transpose"
-# The fused entry points of the same source, wrapped by `cpu_int8_fused`, the weight gradient
-# on AMX tiles (`cpu_weight_gradient`), the weights' ternary quantization (`cpu_ternary`) and
-# rows' k-th largest values (`cpu_order_statistics`): registered here so that one build, one load
-# and one registration serve all five modules.
+# The fused entry points of the same source, wrapped by `cpu_int8_fused`, the weight and input
+# gradients on AMX tiles (`cpu_weight_gradient`, `cpu_input_gradient`), the weights' ternary
+# quantization (`cpu_ternary`) and rows' k-th largest values (`cpu_order_statistics`): registered
+# here so that one build, one load and one registration serve all six modules.
 ABSMAX_QUANT_DOT_TARGET = "bitnet_absmax_quant_dot"
 SCALED_QUANT_DOT_TARGET = "bitnet_scaled_quant_dot"
 QUANTIZE_TRANSPOSE_TARGET = "bitnet_quantize_transpose"
@@ -58,6 +58,7 @@ ABSMAX_QUANTIZE_TARGET = "bitnet_absmax_quantize"
 INT8_SCALED_DOT_TARGET = "bitnet_int8_scaled_dot"
 WEIGHT_GRADIENT_DOT_TARGET = "bitnet_weight_gradient_dot"  # `cpu_weight_gradient`'s
 QUANTIZED_WEIGHT_GRADIENT_TARGET = "bitnet_quantized_weight_gradient"
+CODES_INPUT_GRADIENT_TARGET = "bitnet_codes_input_gradient"  # `cpu_input_gradient`'s
 TERNARY_ABSMEAN_TARGET = "bitnet_ternary_absmean"  # `cpu_ternary`'s
 KTH_LARGEST_16_TARGET = "bitnet_kth_largest_u16"  # `cpu_order_statistics`'
 KTH_LARGEST_32_TARGET = "bitnet_kth_largest_u32"
@@ -66,7 +67,8 @@ _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vn
 _LIBRARY = KernelLibrary(
     "int8_matmul",
     sources=(_KERNELS / "int8_matmul.cc", _KERNELS / "ternary_absmean.cc",
-             _KERNELS / "kth_largest.cc", _KERNELS / "weight_gradient.cc"),
+             _KERNELS / "kth_largest.cc", _KERNELS / "weight_gradient.cc",
+             _KERNELS / "input_gradient.cc"),
     headers=(_KERNELS / "ffi_parallel.h", _KERNELS / "amx_tiles.h", _KERNELS / "kernel_util.h"),
     cxx_flags=("-O3", "-std=c++17", "-shared", "-fPIC", "-w") + _ISA_FLAGS,
     required_cpu_flags=("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
@@ -79,6 +81,7 @@ _LIBRARY = KernelLibrary(
              INT8_SCALED_DOT_TARGET: "BitnetInt8ScaledDot",
              WEIGHT_GRADIENT_DOT_TARGET: "BitnetWeightGradientDot",
              QUANTIZED_WEIGHT_GRADIENT_TARGET: "BitnetQuantizedWeightGradient",
+             CODES_INPUT_GRADIENT_TARGET: "BitnetCodesInputGradient",
              TERNARY_ABSMEAN_TARGET: "BitnetTernaryAbsmean",
              KTH_LARGEST_16_TARGET: "BitnetKthLargest16",
              KTH_LARGEST_32_TARGET: "BitnetKthLargest32"},

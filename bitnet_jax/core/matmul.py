@@ -17,7 +17,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax.core import cpu_int8, cpu_int8_fused, cpu_ternary, cpu_weight_gradient
+from bitnet_jax.core import (cpu_input_gradient, cpu_int8, cpu_int8_fused, cpu_ternary,
+                             cpu_weight_gradient)
 from bitnet_jax.core.quant import (EPS, F32, Quantized, Quantizer, absmax_row_parameters,
                                    absmean_row_parameters, code_range, round_clip,
                                    topk_per_token)
@@ -273,7 +274,8 @@ def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, ke
     x_saved, w_codes, w_scale, x_like, w_like = residuals
     g = g.astype(dtype)
     # STE: the quantizers count as identity, so d/dx = g W_q^T and d/dW = X_q^T g.
-    dx = _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward, kernels)
+    dx = _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward, kernels,
+                         x_like.dtype)
     dw = _quantized_weight_gradient(x_saved, quantize_x, g, dtype, integer, kernels)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
@@ -340,13 +342,20 @@ def contract_leading(x, g):
     return jax.lax.dot_general(x, g, ((axes, axes), ((), ())), preferred_element_type=F32)
 
 
-def _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward, kernels):
-    """dx = g W_q^T (float32, or bf16 from the kernel): exact in `dtype` with float32
-    accumulation, or, with `int8_backward` (weights int8 codes with one scale per tensor or
-    output feature), an int8 product (`_int8_input_gradient`). Not exact: it rounds g to 8 bits
-    per row."""
+def _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward, kernels, dx_dtype):
+    """dx = g W_q^T (float32, or bf16 from the kernels; the caller rounds it to `dx_dtype`):
+    exact in `dtype` with float32 accumulation, or, with `int8_backward` (weights int8 codes
+    with one scale per tensor or output feature), an int8 product (`_int8_input_gradient`). Not
+    exact: it rounds g to 8 bits per row."""
     if int8_backward and w_codes.dtype == jnp.int8 and w_scale.ndim <= w_codes.ndim:
         return _int8_input_gradient(g, w_codes, w_scale, kernels)
+    if (kernels and quantize_w is not None and g.dtype == dtype == dx_dtype == jnp.bfloat16
+            and w_codes.dtype == jnp.int8 and _per_output_feature(w_scale, w_codes.shape[-1])
+            and cpu_input_gradient.available()):
+        # On AMX tiles our kernel takes the product from the codes and rounds it to bf16 as
+        # XLA's dot and conversion would, bit for bit, in 0.4-0.8x their time (README,
+        # Benchmarks).
+        return cpu_input_gradient.codes_input_gradient(g, w_codes, w_scale)
     w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, dtype)
     return jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=F32)
@@ -390,6 +399,13 @@ def _kernel_quantizes_gradient(g, per_tensor: bool, kernels: bool) -> bool:
     row maximum and codes fusion would be two operations, `_quantize_activation`)."""
     return (per_tensor and kernels and g.dtype == jnp.bfloat16
             and cpu_int8_fused.available())
+
+
+def _per_output_feature(scale, n_out: int) -> bool:
+    """Whether a weight scale is one per tensor or one per output feature (shape (out,) or
+    (1, out)), as the codes (in, out) broadcast it."""
+    return scale.size == 1 or (scale.ndim <= 2 and scale.size == n_out
+                               and scale.shape[-1] == n_out)
 
 
 def _per_row_int8(codes, scale) -> bool:

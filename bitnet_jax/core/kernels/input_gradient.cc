@@ -1,0 +1,199 @@
+// The input gradient of a quantized linear layer on AMX tiles, as an XLA FFI custom call:
+//
+//   out[m, k] = bf16(sum_n g[m, n] * w[k, n])     g: (M, N) bf16, codes: (K, N) int8,
+//   w[k, n] = bf16(codes[k, n] * scale[n])        scale: (N,) float32, out: (M, K) bf16
+//
+// w is the layer's weight as the straight-through backward dequantizes it (dx = g W_q^T, W_q
+// stored (in, out) = (K, N)), built here from the int8 codes: the float32 product and its
+// rounding to bf16 are those of XLA's dequantization, so w holds the same bf16 values.
+//
+// TDPBF16PS multiplies a 16 x 32 bf16 tile of g (16 rows, 32 consecutive n, read in place) by
+// a tile of w holding 16 pairs of consecutive n per column ([n / 2][16 columns][2], the pair
+// layout the instruction reads) and adds the 16 x 16 float32 sums.  w is packed once per call
+// into panels of 64 columns of out ([N / 2][64] pairs), 16 rows of w at a time through a 16 x 16
+// transpose of their pairs; each task then takes 64 rows of g and, per 16 rows, runs every
+// panel on four sum tiles (one tile of g, four of w), rounding the sums to bf16 as it stores.
+// Rows of g are staged with zeros only where a tile would read past g: the last rows, and every
+// row when N is not a multiple of 32.
+//
+// XLA:CPU's own bf16 dot (YNNPACK) with the dequantization before it and the rounding after it
+// ran these products at 0.4-1.3 TFLOP/s at the ladder presets' shapes on a 2-core Xeon with AMX
+// (2026-12-05); the int8 input gradient's kernel, which also quantizes g, took 0.4-0.7x its time.
+//
+// Numbers: each bf16 x bf16 product is exact in float32, TDPBF16PS rounds as it adds, and the
+// sums run in n's order in one accumulator per output, as XLA's AMX product runs them (tested
+// bit for bit against XLA's dot and conversion, tests/test_cpu_input_gradient.py).  Like every
+// AMX bf16 product it treats subnormal inputs as zero and flushes subnormal sums.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+
+#include "amx_tiles.h"
+#include "ffi_parallel.h"
+#include "kernel_util.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using bitnet_ffi::ParallelFor;
+using bitnet_kernels::Scratch;
+using bitnet_kernels::TailMask16;
+using bitnet_kernels::ToBf16x16;
+using bitnet_kernels::TransposeDwords16x16;
+
+constexpr int64_t kPanelCols = 64;   // columns of out per panel: four 16-column tiles
+constexpr int64_t kTaskRows = 64;    // rows of g per task
+constexpr int64_t kPairStride = kPanelCols * 4;  // bytes per pair-row of a panel
+
+inline int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// 32 weights of row k of w, [n, n + 32), as 16 pairs (bf16(codes * scale), zeros past N).
+__attribute__((always_inline)) inline __m512i WeightPairs(const int8_t* codes_row,
+                                                          const float* scale, int64_t n,
+                                                          int64_t N) {
+  __m256i half[2];
+  for (int h = 0; h < 2; ++h) {
+    const int64_t at = n + 16 * h;
+    const __mmask16 m = TailMask16(N - at);
+    const __m512 c =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, codes_row + at)));
+    half[h] = ToBf16x16(_mm512_mul_ps(c, _mm512_maskz_loadu_ps(m, scale + at)));
+  }
+  return _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);
+}
+
+// Panel p of w: rows [64 p, 64 p + 64) of w (columns of out) as [np / 2][64] pairs, zeros past
+// K and N.
+void PackPanel(const int8_t* codes, const float* scale, int64_t K, int64_t N, int64_t np,
+               int64_t p, uint32_t* panel) {
+  for (int64_t c = 0; c < kPanelCols; c += 16) {
+    for (int64_t n = 0; n < np; n += 32) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t k = p * kPanelCols + c + j;
+        r[j] = k < K ? WeightPairs(codes + k * N, scale, n, N) : _mm512_setzero_si512();
+      }
+      TransposeDwords16x16(r);  // r[i]: pair n / 2 + i of the 16 rows
+      for (int i = 0; i < 16; ++i) {
+        _mm512_store_si512(panel + (n / 2 + i) * kPanelCols + c, r[i]);
+      }
+    }
+  }
+}
+
+// 16 rows of out, columns [64 p, 64 p + 64): a (16 rows of g, `lda` bytes apart, np / 32
+// tiles) times panel p, the float32 sums rounded to bf16 and stored for `rows` rows and the
+// columns below K.
+__attribute__((target("amx-tile,amx-bf16"))) void PanelTile(const uint16_t* a, int64_t lda,
+                                                           const uint32_t* panel, int64_t np,
+                                                           float* sums, int64_t rows,
+                                                           uint16_t* out, int64_t K,
+                                                           int64_t col0) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t n = 0; n < np; n += 32) {
+    const uint32_t* b = panel + (n / 2) * kPanelCols;
+    _tile_loadd(4, a + n, lda);
+    _tile_loadd(5, b, kPairStride);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, b + 16, kPairStride);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(7, b + 32, kPairStride);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, b + 48, kPairStride);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  _tile_stored(0, sums, kPanelCols * 4);  // tile numbers are immediates
+  _tile_stored(1, sums + 16, kPanelCols * 4);
+  _tile_stored(2, sums + 32, kPanelCols * 4);
+  _tile_stored(3, sums + 48, kPanelCols * 4);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < kPanelCols; j += 16) {
+      const __mmask16 m = TailMask16(K - col0 - j);
+      if (!m) break;
+      _mm256_mask_storeu_epi16(out + i * K + col0 + j, m,
+                               ToBf16x16(_mm512_load_ps(sums + i * kPanelCols + j)));
+    }
+  }
+}
+
+void InputGradient(ffi::ThreadPool& pool, const uint16_t* g, const int8_t* codes,
+                   const float* scale, int64_t M, int64_t N, int64_t K, uint16_t* out) {
+  if (M == 0 || K == 0) return;
+  if (N == 0) {  // an empty sum; and g has no rows for the tiles to read
+    std::memset(out, 0, M * K * sizeof(uint16_t));
+    return;
+  }
+  const int64_t np = RoundUp(N, 32);
+  const int64_t panels = (K + kPanelCols - 1) / kPanelCols;
+  const int64_t panel_words = np / 2 * kPanelCols;
+  static thread_local Scratch packed;
+  uint32_t* w = static_cast<uint32_t*>(packed.get(panels * panel_words * sizeof(uint32_t)));
+  ParallelFor(pool, panels, [&](int64_t p) {
+    PackPanel(codes, scale, K, N, np, p, w + p * panel_words);
+  });
+  const bool in_place = N % 32 == 0;
+  ParallelFor(pool, (M + kTaskRows - 1) / kTaskRows, [&](int64_t t) {
+    static thread_local Scratch staging, sums;
+    uint16_t* staged = static_cast<uint16_t*>(staging.get(16 * np * sizeof(uint16_t)));
+    float* acc = static_cast<float*>(sums.get(16 * kPanelCols * sizeof(float)));
+    bitnet_amx::Configure();
+    for (int64_t m = t * kTaskRows; m < std::min(M, (t + 1) * kTaskRows); m += 16) {
+      const int64_t rows = std::min<int64_t>(16, M - m);
+      const uint16_t* a = g + m * N;
+      int64_t lda = N * 2;
+      if (!in_place || rows < 16) {
+        std::memset(staged, 0, 16 * np * sizeof(uint16_t));
+        for (int64_t i = 0; i < rows; ++i) std::memcpy(staged + i * np, a + i * N, N * 2);
+        a = staged;
+        lda = np * 2;
+      }
+      for (int64_t p = 0; p < panels; ++p) {
+        PanelTile(a, lda, w + p * panel_words, np, acc, rows, out + m * K, K, p * kPanelCols);
+      }
+    }
+    bitnet_amx::Release();
+  });
+}
+
+ffi::Error CodesInputGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> g,
+                                  ffi::Buffer<ffi::S8> codes, ffi::Buffer<ffi::F32> scale,
+                                  ffi::ResultBuffer<ffi::BF16> out) {
+  auto gd = g.dimensions();
+  auto cd = codes.dimensions();
+  auto sd = scale.dimensions();
+  auto od = out->dimensions();
+  if (gd.size() != 2 || cd.size() != 2 || sd.size() != 1 || od.size() != 2 || cd[1] != gd[1] ||
+      sd[0] != gd[1] || od[0] != gd[0] || od[1] != cd[0]) {
+    return ffi::Error::InvalidArgument(
+        "bitnet_codes_input_gradient: expects g (M, N), codes (K, N), scale (N,), out (M, K)");
+  }
+  // BITNET_JAX_CPU_AMX chose the routing when the program was traced
+  // (`cpu_input_gradient.available`); there is no other path here.
+  if (!bitnet_amx::Granted()) {
+    return ffi::Error::Internal("bitnet_codes_input_gradient: this process has no AMX tiles (an "
+                                "AMX-BF16 CPU, and Linux's permission)");
+  }
+  InputGradient(pool, reinterpret_cast<const uint16_t*>(g.typed_data()), codes.typed_data(),
+                scale.typed_data(), gd[0], gd[1], cd[0],
+                reinterpret_cast<uint16_t*>(out->typed_data()));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetCodesInputGradient, CodesInputGradientImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
