@@ -1,17 +1,21 @@
-"""Benchmark: the weight gradient on AMX tiles in our kernel against XLA's bf16 dot.
+"""Benchmark: a linear's backward products on AMX tiles in our kernels against XLA's bf16 dot.
 
 For each shape (P and N a linear's input and output features, M the batch's tokens; x (M, P)
-and g (M, N) bf16, dW (P, N) float32) it times, after warm-up, under `jax.jit`:
+and g (M, N) bf16, dW (P, N) float32; ternary weight codes (P, N) int8 with one scale, dx
+(M, P) bf16) it times, after warm-up, under `jax.jit`:
   xla      lax.dot_general(X^T, G), X^T (P, M) row-major, float32 accumulation (XLA:CPU)
   kernel   cpu_weight_gradient.weight_gradient_dot(X^T, G)
   before   cpu_int8_fused.quantize_transpose(x, mult, scale) then XLA's dot: the quantized
            paths' weight gradient before the kernel (8-bit absmax rows)
   fused    cpu_weight_gradient.quantized_weight_gradient(x, mult, scale, G): X_q^T built in
            L1, the quantized paths' weight gradient on AMX CPUs
+  xla-dx   G W_q^T as the exact paths' backward wrote it before the kernel: the codes
+           dequantized to bf16, XLA's dot with float32 accumulation, rounded to bf16
+  dx       cpu_input_gradient.codes_input_gradient(G, codes, scale): the same from the codes
 interleaved, `--rounds` times; each round takes the median of `--iters` calls. The table shows
-the median over rounds, the ratios kernel / xla and fused / before per round (median and
-min..max; < 1: ours is faster), and whether each pair's outputs are equal bit for bit.
-Needs a CPU with AMX (Intel Sapphire Rapids and later).
+the median over rounds, the ratios kernel / xla, fused / before and dx / xla-dx per round
+(median and min..max; < 1: ours is faster), and whether each pair's outputs are equal bit for
+bit. Needs a CPU with AMX (Intel Sapphire Rapids and later).
 
     python scripts/bench_weight_gradient.py --json runs/bench_weight_gradient.json
 """
@@ -31,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.core import cpu_int8_fused, cpu_weight_gradient
+from bitnet_jax.core import cpu_input_gradient, cpu_int8_fused, cpu_weight_gradient
 from bitnet_jax.core.quant import absmax_row_parameters
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -49,23 +53,34 @@ def _xla_dot(x_t, g):
                                preferred_element_type=jnp.float32)
 
 
+def _xla_input_gradient(g, codes, w_scale):
+    w = (codes.astype(jnp.float32) * w_scale).astype(jnp.bfloat16)
+    return jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+
 FUNCTIONS = {
-    "xla": jax.jit(lambda x, x_t, mult, scale, g: _xla_dot(x_t, g)),
-    "kernel": jax.jit(lambda x, x_t, mult, scale, g:
+    "xla": jax.jit(lambda x, x_t, mult, scale, g, codes, w_scale: _xla_dot(x_t, g)),
+    "kernel": jax.jit(lambda x, x_t, mult, scale, g, codes, w_scale:
                       cpu_weight_gradient.weight_gradient_dot(x_t, g)),
-    "before": jax.jit(lambda x, x_t, mult, scale, g: _xla_dot(
+    "before": jax.jit(lambda x, x_t, mult, scale, g, codes, w_scale: _xla_dot(
         cpu_int8_fused.quantize_transpose(x, mult, scale, LO, HI), g)),
-    "fused": jax.jit(lambda x, x_t, mult, scale, g:
+    "fused": jax.jit(lambda x, x_t, mult, scale, g, codes, w_scale:
                      cpu_weight_gradient.quantized_weight_gradient(x, mult, scale, g, LO, HI)),
+    "xla-dx": jax.jit(lambda x, x_t, mult, scale, g, codes, w_scale:
+                      _xla_input_gradient(g, codes, w_scale)),
+    "dx": jax.jit(lambda x, x_t, mult, scale, g, codes, w_scale:
+                  cpu_input_gradient.codes_input_gradient(g, codes, w_scale)),
 }
-PAIRS = (("kernel", "xla"), ("fused", "before"))
+PAIRS = (("kernel", "xla"), ("fused", "before"), ("dx", "xla-dx"))
 
 
 def _operands(p, m, n, rng):
     x = jnp.asarray(rng.standard_t(3, (m, p)), jnp.bfloat16)
     mult, scale = absmax_row_parameters(x.astype(jnp.float32), HI, 1e-5)
     g = jnp.asarray(rng.standard_normal((m, n)) * 1e-3, jnp.bfloat16)
-    return x, jnp.asarray(x.T), mult[:, 0], scale[:, 0], g
+    codes = jnp.asarray(rng.integers(-1, 2, (p, n)), jnp.int8)
+    return x, jnp.asarray(x.T), mult[:, 0], scale[:, 0], g, codes, jnp.float32(0.0213)
 
 
 def main(argv=None) -> None:
@@ -88,7 +103,8 @@ def main(argv=None) -> None:
           + "".join(f" {a + '/' + b:>22}" for a, b in PAIRS) + "  equal", flush=True)
     for p, m, n in shapes:
         operands = _operands(p, m, n, rng)
-        outputs = {name: np.asarray(fn(*operands)) for name, fn in FUNCTIONS.items()}
+        outputs = {name: np.asarray(fn(*operands)).view(np.uint8)  # bits, of f32 and bf16
+                   for name, fn in FUNCTIONS.items()}
         equal = {f"{a}/{b}": bool(np.array_equal(outputs[a], outputs[b])) for a, b in PAIRS}
         for _ in range(args.warmup):
             jax.block_until_ready([fn(*operands) for fn in FUNCTIONS.values()])

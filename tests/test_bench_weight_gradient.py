@@ -1,5 +1,5 @@
 """scripts/bench_weight_gradient.py runs end to end where the CPU has AMX: its table and JSON,
-with our kernels' outputs equal to the paths they replace."""
+with our kernels' outputs (the weight and input gradients') equal to the paths they replace."""
 
 import json
 
@@ -14,7 +14,7 @@ def test_bench_weight_gradient_writes_its_table_and_json(load_script, amx_tiles,
     report = json.loads(out.read_text())
     assert [row["shape"] for row in report["rows"]] == [[64, 256, 96], [40, 70, 33]]
     for row in report["rows"]:
-        assert row["bit_equal"] == {"kernel/xla": True, "fused/before": True}
+        assert row["bit_equal"] == {"kernel/xla": True, "fused/before": True, "dx/xla-dx": True}
         assert all(len(times) == 2 and min(times) > 0 for times in row["ms"].values())
-    assert set(report["sum_of_medians"]) == {"kernel/xla", "fused/before"}
+    assert set(report["sum_of_medians"]) == {"kernel/xla", "fused/before", "dx/xla-dx"}
     assert "64 x 256 x 96" in capsys.readouterr().out
