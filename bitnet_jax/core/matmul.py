@@ -4,8 +4,9 @@ inference.
 
 `quantized_dot` multiplies the codes of `quant`'s quantizers and rescales afterwards, so both
 paths give the same numbers wherever the float path's sums are exact; on CPUs it routes pieces
-to our kernels (`cpu_int8`, `cpu_int8_fused`) and to XLA's int8 dot where those are faster
-(README, Benchmarks).
+to our kernels (`cpu_int8`, `cpu_int8_fused`, and on AMX tiles the backward's products,
+`cpu_weight_gradient` and `cpu_input_gradient`, with XLA's numbers bit for bit) and to XLA's int8
+dot where those are faster (README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -446,7 +447,7 @@ def quantized_dot(
     A `None` quantizer leaves that operand in full precision (then `integer` is not possible);
     with both `None` this is a plain `dtype` matmul with float32 accumulation.
     The backward pass uses the dequantized operands in `dtype` (straight-through estimator),
-    with float32 accumulation. On CPU with bf16 per-token activations the integer path
+    with float32 accumulation (on AMX CPUs in our kernels, the same bits). On CPU with bf16 per-token activations the integer path
     quantizes x inside the int8 kernel (`cpu_int8_fused`), with the same results; on CPUs with
     AMX tiles x is quantized once for every linear that shares it, and both paths multiply its
     codes on the tiles in our kernel (`cpu_int8_fused.int8_scaled_dot`).
