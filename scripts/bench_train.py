@@ -181,7 +181,7 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
             patches.enter_context(mock.patch.object(cpu_weight_gradient, "available",
                                                     lambda: False))
         if not mode.kernel_input_gradient:  # XLA's dot for the exact dx (before 2026-12-05,
-            # 16:00)
+            # 15:20)
             patches.enter_context(mock.patch.object(cpu_input_gradient, "available",
                                                     lambda: False))
         if mode.bf16_kernel_weight_gradient and cpu_weight_gradient.available():

@@ -447,8 +447,9 @@ def quantized_dot(
     A `None` quantizer leaves that operand in full precision (then `integer` is not possible);
     with both `None` this is a plain `dtype` matmul with float32 accumulation.
     The backward pass uses the dequantized operands in `dtype` (straight-through estimator),
-    with float32 accumulation (on AMX CPUs in our kernels, the same bits). On CPU with bf16 per-token activations the integer path
-    quantizes x inside the int8 kernel (`cpu_int8_fused`), with the same results; on CPUs with
+    with float32 accumulation (on AMX CPUs in our kernels, the same bits). On CPU with bf16
+    per-token activations the integer path quantizes x inside the int8 kernel
+    (`cpu_int8_fused`), with the same results; on CPUs with
     AMX tiles x is quantized once for every linear that shares it, and both paths multiply its
     codes on the tiles in our kernel (`cpu_int8_fused.int8_scaled_dot`).
     `int8_backward=True` (integer path only) computes dx = g W_q^T as an int8 product with g

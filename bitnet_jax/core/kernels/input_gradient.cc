@@ -42,6 +42,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using bitnet_ffi::ParallelFor;
+using bitnet_kernels::RoundUp;
 using bitnet_kernels::Scratch;
 using bitnet_kernels::TailMask16;
 using bitnet_kernels::ToBf16x16;
@@ -50,8 +51,6 @@ using bitnet_kernels::TransposeDwords16x16;
 constexpr int64_t kPanelCols = 64;   // columns of out per panel: four 16-column tiles
 constexpr int64_t kTaskRows = 64;    // rows of g per task
 constexpr int64_t kPairStride = kPanelCols * 4;  // bytes per pair-row of a panel
-
-inline int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // 32 weights of row k of w, [n, n + 32), as 16 pairs (bf16(codes * scale), zeros past N).
 __attribute__((always_inline)) inline __m512i WeightPairs(const int8_t* codes_row,

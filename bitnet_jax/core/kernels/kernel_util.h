@@ -1,5 +1,5 @@
 // Helpers the CPU kernels in this directory share: bfloat16 conversions, per-row codes, tail
-// masks for 16-lane vectors and per-thread scratch memory.
+// masks for 16-lane vectors, rounding up to tiles, and per-thread scratch memory.
 #pragma once
 
 #include <immintrin.h>
@@ -10,6 +10,9 @@
 #include <cstring>
 
 namespace bitnet_kernels {
+
+// v rounded up to a multiple of `to` (a tile's rows or columns).
+inline int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // Lanes of a 16-lane vector that hold the first `rem` of what is left (none when rem <= 0).
 inline __mmask16 TailMask16(int64_t rem) {

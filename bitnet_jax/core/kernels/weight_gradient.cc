@@ -45,6 +45,7 @@ namespace {
 using bitnet_ffi::ParallelFor;
 using bitnet_kernels::Bf16ToF32x16;
 using bitnet_kernels::Codes16;
+using bitnet_kernels::RoundUp;
 using bitnet_kernels::Scratch;
 using bitnet_kernels::TailMask16;
 using bitnet_kernels::ToBf16x16;
@@ -54,8 +55,6 @@ constexpr int64_t kBlock = 32;      // rows and columns of out per micro-step (2
 constexpr int64_t kChunk = 256;     // rows of m per pass over a task's block of out
 constexpr int64_t kMaxTaskCols = 1536;  // columns of out per task
 constexpr int64_t kL2Budget = 1792 * 1024;  // a task's block of out and g chunk, in bytes
-
-inline int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // 16 bf16 values of one row (a) and of the next (b) as 16 pairs: lane 2j takes a's j, lane
 // 2j + 1 takes b's j (index 32 + j of the two sources).
