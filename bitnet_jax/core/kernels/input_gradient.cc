@@ -50,7 +50,6 @@ using bitnet_kernels::TransposeDwords16x16;
 
 constexpr int64_t kPanelCols = 64;   // columns of out per panel: four 16-column tiles
 constexpr int64_t kTaskRows = 64;    // rows of g per task
-constexpr int64_t kPairStride = kPanelCols * 4;  // bytes per pair-row of a panel
 
 // 32 weights of row k of w, [n, n + 32), as 16 pairs (bf16(codes * scale), zeros past N).
 __attribute__((always_inline)) inline __m512i WeightPairs(const int8_t* codes_row,
@@ -87,33 +86,11 @@ void PackPanel(const int8_t* codes, const float* scale, int64_t K, int64_t N, in
 }
 
 // 16 rows of out, columns [64 p, 64 p + 64): a (16 rows of g, `lda` bytes apart, np / 32
-// tiles) times panel p, the float32 sums rounded to bf16 and stored for `rows` rows and the
+// steps) times panel p, the float32 sums rounded to bf16 and stored for `rows` rows and the
 // columns below K.
-__attribute__((target("amx-tile,amx-bf16"))) void PanelTile(const uint16_t* a, int64_t lda,
-                                                           const uint32_t* panel, int64_t np,
-                                                           float* sums, int64_t rows,
-                                                           uint16_t* out, int64_t K,
-                                                           int64_t col0) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t n = 0; n < np; n += 32) {
-    const uint32_t* b = panel + (n / 2) * kPanelCols;
-    _tile_loadd(4, a + n, lda);
-    _tile_loadd(5, b, kPairStride);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(6, b + 16, kPairStride);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_loadd(7, b + 32, kPairStride);
-    _tile_dpbf16ps(2, 4, 7);
-    _tile_loadd(5, b + 48, kPairStride);
-    _tile_dpbf16ps(3, 4, 5);
-  }
-  _tile_stored(0, sums, kPanelCols * 4);  // tile numbers are immediates
-  _tile_stored(1, sums + 16, kPanelCols * 4);
-  _tile_stored(2, sums + 32, kPanelCols * 4);
-  _tile_stored(3, sums + 48, kPanelCols * 4);
+void PanelTile(const uint16_t* a, int64_t lda, const uint32_t* panel, int64_t np, float* sums,
+               int64_t rows, uint16_t* out, int64_t K, int64_t col0) {
+  bitnet_amx::PanelSums<bitnet_amx::PanelProduct::kBf16>(a, lda, panel, np / 32, sums);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < kPanelCols; j += 16) {
       const __mmask16 m = TailMask16(K - col0 - j);

@@ -354,35 +354,6 @@ void PackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int
 // path and of XLA's dot.  BITNET_JAX_CPU_AMX=0 keeps the VNNI path.
 // ----------------------------------------------------------------------------------------
 
-// acc (16 x NR int32, row stride NR) = 16 rows of x (stride ldx, kp bytes, kp % 64 == 0) times
-// a signed panel of kp / 4 k-groups.  Tiles 0-3: the sums; 4: x's 16 x 64 bytes; 5-7: w's.
-__attribute__((target("amx-tile,amx-int8"))) void AmxTile(const int8_t* x, int64_t ldx,
-                                                          const uint8_t* panel, int64_t kp,
-                                                          int32_t* acc) {
-  static_assert(NR == 64, "four 16-column tiles per panel");
-  constexpr int64_t kStride = NR * 4;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t k = 0; k < kp; k += 64) {
-    const uint8_t* b = panel + (k / 4) * kStride;
-    _tile_loadd(4, x + k, ldx);
-    _tile_loadd(5, b, kStride);
-    _tile_dpbssd(0, 4, 5);
-    _tile_loadd(6, b + 64, kStride);
-    _tile_dpbssd(1, 4, 6);
-    _tile_loadd(7, b + 128, kStride);
-    _tile_dpbssd(2, 4, 7);
-    _tile_loadd(5, b + 192, kStride);
-    _tile_dpbssd(3, 4, 5);
-  }
-  _tile_stored(0, acc, NR * 4);
-  _tile_stored(1, acc + 16, NR * 4);
-  _tile_stored(2, acc + 32, NR * 4);
-  _tile_stored(3, acc + 48, NR * 4);
-}
-
 // rows x ncols of a 16 x NR tile of sums to out: int32 as they are, or bf16 with the scales
 // applied exactly as MicroKernel applies them.
 template <typename OutT>
@@ -408,6 +379,7 @@ void AmxEpilogue(const int32_t* acc, int rows, int ncols, OutT* out, int64_t ldo
 template <typename OutT, typename PF, typename Rows>
 void AmxPackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const int8_t* w,
                      OutT* out, const float* cs, int64_t M, int64_t N, int64_t K) {
+  static_assert(NR == 64, "bitnet_amx::PanelSums runs four 16-column tiles per panel");
   const int64_t kp = (K + 63) / 64 * 64;
   const int64_t panels = (N + NR - 1) / NR;
   const int64_t panel_bytes = kp / 4 * NR * 4;
@@ -433,7 +405,8 @@ void AmxPackedMatmul(PF&& parallel_for, int64_t num_threads, Rows&& rows, const 
       const uint8_t* panel = wp + p * panel_bytes;
       const int ncols = static_cast<int>(std::min<int64_t>(NR, N - p * NR));
       for (int64_t r = 0; r < nrows; r += 16) {
-        AmxTile(xs + r * kp, kp, panel, kp, acc);
+        bitnet_amx::PanelSums<bitnet_amx::PanelProduct::kInt8>(xs + r * kp, kp, panel,
+                                                               kp / 64, acc);
         AmxEpilogue(acc, static_cast<int>(std::min<int64_t>(16, nrows - r)), ncols,
                     out + (m0 + r) * N + p * NR, N, rs + r, cs ? cs + p * NR : nullptr);
       }
