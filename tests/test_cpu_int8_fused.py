@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.core import cpu_int8, cpu_int8_fused, cpu_weight_gradient, matmul, quant
+from bitnet_jax.core import (cpu_input_gradient, cpu_int8, cpu_int8_fused, cpu_weight_gradient,
+                             matmul, quant)
 from bitnet_jax.core.precision import ActivationQuantizer, WeightQuantizer
 
 pytestmark = pytest.mark.skipif(not cpu_int8_fused.available(),
@@ -347,9 +348,11 @@ def test_where_the_kernels_have_amx_shared_inputs_are_quantized_once(qx, integer
 
     def run(amx):
         monkeypatch.setattr(cpu_int8, "kernel_uses_amx", lambda: amx)
-        # The weight gradient's AMX kernel has no VNNI path (tests/test_cpu_weight_gradient.py
-        # covers it where the CPU has tiles): here dW keeps X_q^T and XLA's dot.
+        # The backward's AMX kernels have no VNNI path (tests/test_cpu_weight_gradient.py and
+        # test_cpu_input_gradient.py cover them where the CPU has tiles): here dW keeps X_q^T and
+        # XLA's dot, and dx XLA's dot.
         monkeypatch.setattr(cpu_weight_gradient, "available", lambda: False)
+        monkeypatch.setattr(cpu_input_gradient, "available", lambda: False)
         jax.clear_caches()  # traces of the custom VJP made with the other choice
 
         def loss(xv, wv, w2v):  # two linears on the same input, as q and k, or gate and up

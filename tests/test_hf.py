@@ -22,7 +22,7 @@ from transformers.integrations.bitnet import AutoBitLinear, BitLinear, pack_weig
 
 from bitnet_jax.interop import run_dir as artifacts
 from bitnet_jax.interop import hf
-from bitnet_jax.core import quant
+from bitnet_jax.core import matmul, quant
 from bitnet_jax.interop.run_dir import ModelBundle
 from bitnet_jax.config import load_config
 from bitnet_jax.errors import ConfigError
@@ -119,14 +119,16 @@ def test_trained_model_gives_the_same_logits_in_transformers(trained, tmp_path, 
     stored = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert ("lm_head.weight" in stored) == (variant != "tied")
     if packed:
-        # The bytes are transformers' own pack_weights of the codes our model uses.
+        # The bytes are transformers' own pack_weights of the codes our model's forward uses
+        # (`matmul.quantize_weight`: on CPUs gamma from our kernel's float64 sum, which can be an
+        # ulp from `quant.ternary_absmean`'s float32 one), and weight_scale is 1 / gamma.
         kernel = bundle.params["layers_1"]["self_attn"]["k_proj"]["kernel"]
-        codes = quant.ternary_absmean(kernel)
+        codes = matmul.quantize_weight(bundle.recipe.qkv.weight, kernel)
         weight = stored["model.layers.1.self_attn.k_proj.weight"]
         reference = pack_weights(torch.tensor(np.asarray(codes.codes).T.copy()))
         np.testing.assert_array_equal(weight, reference.numpy())
-        np.testing.assert_allclose(stored["model.layers.1.self_attn.k_proj.weight_scale"],
-                                   [1.0 / float(codes.scale)], rtol=1e-7)
+        np.testing.assert_array_equal(stored["model.layers.1.self_attn.k_proj.weight_scale"],
+                                      [np.float32(1) / np.float32(codes.scale)])
         assert summary["linear_weight_bytes"] * 7 < summary["linear_weight_bytes_bf16"]
 
 
