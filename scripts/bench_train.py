@@ -15,7 +15,8 @@ NVIDIA GPUs), b1.58-xla-wg and b1.58-int8-bwd-xla-wg (on AMX CPUs the weight gra
 written and XLA's dot, as before `cpu_weight_gradient`), bf16-kernel-wg (bf16's own weight
 gradient in that kernel: what the baseline would gain from it), b1.58-xla-ig (on AMX CPUs the
 exact input gradient as XLA's dot of g and the dequantized weights, as before
-`cpu_input_gradient`),
+`cpu_input_gradient`), b1.58-xla-bwd and b1.58-int8-xla-bwd (both backward products as XLA's
+dots: on AVX512-BF16 CPUs without AMX, as before 2026-12-05, 23:00),
 bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio),
 bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
 `matmul.weight_gradient` gives it a transposed bf16 copy instead, see there),
@@ -83,10 +84,10 @@ class Mode(NamedTuple):
     # (AMX tiles off in our kernels too, BITNET_JAX_CPU_AMX=0 around each of the mode's steps)
     kernel_amx: bool = True  # on AMX CPUs our kernels take both paths' int8 products on AMX
     # tiles (`cpu_int8.kernel_uses_amx`: x quantized once, `int8_scaled_dot`), else XLA's dot
-    kernel_weight_gradient: bool = True  # on AMX CPUs dW = X_q^T G in our kernel
-    # (`cpu_weight_gradient`), else XLA's bf16 dot
-    kernel_input_gradient: bool = True  # on AMX CPUs the exact dx = g W_q^T in our kernel
-    # (`cpu_input_gradient`), else XLA's bf16 dot of g and the dequantized weights
+    kernel_weight_gradient: bool = True  # on AMX or AVX512-BF16 CPUs dW = X_q^T G in our
+    # kernel (`cpu_weight_gradient`), else XLA's bf16 dot
+    kernel_input_gradient: bool = True  # on AMX or AVX512-BF16 CPUs the exact dx = g W_q^T in
+    # our kernel (`cpu_input_gradient`), else XLA's bf16 dot of g and the dequantized weights
     bf16_kernel_weight_gradient: bool = False  # bf16's own X^T G in that kernel too (what
     # the baseline would gain from it), else XLA's
     int8_fake_product: bool = True  # fake quantization's product on int8 codes where exact
@@ -130,6 +131,10 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
                                        kernel_weight_gradient=False),
          "bf16-kernel-wg": Mode("bf16", bf16_kernel_weight_gradient=True),
          "b1.58-xla-ig": Mode("b1.58", kernel_input_gradient=False),
+         "b1.58-xla-bwd": Mode("b1.58", kernel_weight_gradient=False,
+                               kernel_input_gradient=False),
+         "b1.58-int8-xla-bwd": Mode("b1.58", integer=True, kernel_weight_gradient=False,
+                                    kernel_input_gradient=False),
          "b1.58-bf16-codes": Mode("b1.58", int8_fake_product=False),
          "b1.58-xla-weight-quant": Mode("b1.58", weight_kernel=False),
          "b1.58-xla-act-quant": Mode("b1.58", activation_kernel=False),

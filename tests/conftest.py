@@ -82,3 +82,25 @@ def amx_tiles(monkeypatch):
         pytest.skip("this CPU (or this process) has no AMX tiles for our kernels")
     yield use
     restore()
+
+
+@pytest.fixture
+def bf16_kernels(request, monkeypatch):
+    """Our backward's bf16 kernels where this CPU runs them with XLA's bits: on AMX tiles
+    (switched on, through `amx_tiles`) where it has them, else on AVX512-BF16 vectors (CPUs
+    without AMX); skips where neither. Returns `off()`, which takes them away again
+    (`cpu_int8.bf16_products` None), for the tests of what happens then."""
+    from bitnet_jax.core import cpu_int8
+    from bitnet_jax.core.ffi_library import cpu_flags
+
+    if "amx_int8" in cpu_flags():
+        use = request.getfixturevalue("amx_tiles")
+        use(True)
+        return lambda: use(False)
+    if cpu_int8.bf16_products() != "vectors":
+        pytest.skip("this CPU has neither AMX tiles nor AVX512-BF16 for our bf16 kernels")
+
+    def off():
+        monkeypatch.setattr(cpu_int8, "bf16_products", lambda: None)
+        jax.clear_caches()
+    return off

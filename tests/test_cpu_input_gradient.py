@@ -1,9 +1,9 @@
-"""The exact input gradient's g W_q^T on AMX tiles (`cpu_input_gradient`,
+"""The exact input gradient's g W_q^T on AMX tiles or AVX512-BF16 vectors (`cpu_input_gradient`,
 `kernels/input_gradient.cc`): bit for bit XLA's dot of g and the dequantized weights rounded to
 bf16, on every shape (each tail of the tiles and panels) and at training shapes, with one weight
 scale per tensor or per output feature; within bf16 rounding of a float64 product; NaN and
 infinities carried as XLA carries them; leading axes, vmap and a mesh; refusals. Runs where the
-CPU has AMX (the `amx_tiles` fixture skips elsewhere)."""
+CPU has AMX or AVX512-BF16 (the `bf16_kernels` fixture skips elsewhere)."""
 
 import jax
 import jax.numpy as jnp
@@ -37,18 +37,19 @@ def _bits(a):
 
 # One element; a 16-row tile and its tails; N not a multiple of 32 (rows staged) and a multiple
 # (read in place) with a row tail; K across 64-column panels and their tails; tasks past the
-# first (M past 64); the ladder presets' shapes.
+# first (M past 64); the ladder presets' shapes; N past XLA's blocks on vectors (2048, or 4096
+# for at most 16 columns), even and odd (`kernels/kernel_util.h`, VectorSumBlock).
 SHAPES = [(1, 1, 1), (5, 33, 1), (16, 32, 64), (17, 50, 70), (37, 64, 65), (100, 96, 130),
-          (200, 31, 300), (4096, 160, 448), (1024, 704, 256), (512, 1376, 512)]
+          (200, 31, 300), (4096, 160, 448), (1024, 704, 256), (512, 1376, 512),
+          (40, 4096, 70), (23, 6145, 33), (9, 2051, 64), (9, 8193, 16)]
 
 
 @pytest.mark.parametrize("per_feature", [False, True], ids=["per-tensor", "per-feature"])
 @pytest.mark.parametrize("m,n,k", SHAPES)
-def test_equals_xla_bit_for_bit(m, n, k, per_feature, amx_tiles):
-    """The sums run in n's order in one accumulator per output, as XLA:CPU's own AMX product
-    runs them, and round to bf16 as its conversion does: why the training step's gradients do
-    not move when the kernel takes dx."""
-    amx_tiles(True)
+def test_equals_xla_bit_for_bit(m, n, k, per_feature, bf16_kernels):
+    """The sums run in n's order in one accumulator per output, as XLA:CPU's own product runs
+    them on this CPU, and round to bf16 as its conversion does: why the training step's
+    gradients do not move when the kernel takes dx."""
     g, codes, scale = _operands(m, n, k, seed=m + n + k, per_feature=per_feature)
     got = jax.jit(cpu_input_gradient.codes_input_gradient)(g, codes, scale)
     assert got.dtype == jnp.bfloat16 and got.shape == (m, k)
@@ -62,8 +63,7 @@ def test_equals_xla_bit_for_bit(m, n, k, per_feature, amx_tiles):
                                  + 1e-30)
 
 
-def test_nan_and_infinity_reach_the_outputs_they_touch(amx_tiles):
-    amx_tiles(True)
+def test_nan_and_infinity_reach_the_outputs_they_touch(bf16_kernels):
     g, codes, scale = _operands(40, 70, 50, seed=3)
     g = g.at[5, 7].set(jnp.nan).at[9, 11].set(jnp.inf)
     got = np.asarray(cpu_input_gradient.codes_input_gradient(g, codes, scale), np.float32)
@@ -73,8 +73,7 @@ def test_nan_and_infinity_reach_the_outputs_they_touch(amx_tiles):
     np.testing.assert_array_equal(got[np.isfinite(want)], want[np.isfinite(want)])
 
 
-def test_leading_axes_an_empty_contraction_and_vmap(amx_tiles):
-    amx_tiles(True)
+def test_leading_axes_an_empty_contraction_and_vmap(bf16_kernels):
     g, codes, scale = _operands(2 * 48, 64, 40, seed=4)
     flat = cpu_input_gradient.codes_input_gradient(g, codes, scale)
     np.testing.assert_array_equal(
@@ -88,11 +87,10 @@ def test_leading_axes_an_empty_contraction_and_vmap(amx_tiles):
     np.testing.assert_array_equal(_bits(got[1]), _bits(jax.jit(_xla)(-g, codes, scale)))
 
 
-def test_partitioned_on_a_mesh_as_on_one_device(amx_tiles):
+def test_partitioned_on_a_mesh_as_on_one_device(bf16_kernels):
     """Data parallel (g's rows split: local products, nothing gathered), the weights' rows
     split (dx's columns), and the contraction split (gathered, so that no device's sums are
     rounded before the sum): each the single-device bits."""
-    amx_tiles(True)
     devices = jax.devices()
     if len(devices) < 8:
         pytest.skip("needs 8 (simulated) devices")
@@ -114,8 +112,7 @@ def test_partitioned_on_a_mesh_as_on_one_device(amx_tiles):
         np.testing.assert_array_equal(_bits(fn(*args)), want)
 
 
-def test_refusals(amx_tiles):
-    amx_tiles(True)
+def test_refusals(bf16_kernels):
     g, codes, scale = _operands(8, 16, 4, seed=1)
     with pytest.raises(TypeError, match="bf16 g and int8 codes"):
         cpu_input_gradient.codes_input_gradient(g.astype(jnp.float32), codes, scale)
@@ -123,7 +120,7 @@ def test_refusals(amx_tiles):
         cpu_input_gradient.codes_input_gradient(g[:, :15], codes, scale)
     with pytest.raises(ValueError, match="scale of 1 or N"):
         cpu_input_gradient.codes_input_gradient(g, codes, jnp.ones(3, jnp.float32))
-    amx_tiles(False)
+    bf16_kernels()
     assert not cpu_input_gradient.available()
     with pytest.raises(RuntimeError, match="AMX"):
         cpu_input_gradient.codes_input_gradient(g, codes, scale)

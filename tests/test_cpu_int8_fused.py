@@ -53,6 +53,8 @@ def test_fused_path_is_exact(m, k, n, qx, qw, monkeypatch):
     def run(integer, fused):
         if not fused:
             monkeypatch.setattr(cpu_int8_fused, "available", lambda: False)
+        if not integer:  # fake quantization on bf16 codes, not as the int8 product it equals
+            monkeypatch.setattr(cpu_int8, "int8_beats_bf16", lambda rows: False)
 
         def loss(xv, wv):
             y = matmul.quantized_dot(xv, wv, qx, qw, jnp.bfloat16, integer)
@@ -62,7 +64,9 @@ def test_fused_path_is_exact(m, k, n, qx, qw, monkeypatch):
         fused_target = (cpu_int8_fused.ABSMAX_QUANT_DOT_TARGET if qx.kind == "absmax"
                         else cpu_int8_fused.SCALED_QUANT_DOT_TARGET)
         assert (fused_target in hlo) == fused
-        assert (cpu_int8_fused.QUANTIZE_TRANSPOSE_TARGET in hlo) == fused
+        # X_q^T from x's rows: written, or built inside the weight gradient's kernel
+        assert (cpu_int8_fused.QUANTIZE_TRANSPOSE_TARGET in hlo
+                or cpu_int8.QUANTIZED_WEIGHT_GRADIENT_TARGET in hlo) == fused
         (dx, dw), y = fn(x, w)
         monkeypatch.undo()
         return y, dx, dw
@@ -141,8 +145,10 @@ def test_vmap_runs_each_batch_element():
 @pytest.mark.parametrize("qx,qw", [(A8, TERNARY), (A4, CHANNEL)], ids=["a8", "a4-channel"])
 def test_partitioned_under_gspmd(qx, qw):
     """On an fsdp x tensor mesh the fused calls run on local shards (no all-gather of the
-    activations or of a tensor-parallel weight) and give the single-device result: y and dx bit
-    for bit, dw up to float32 rounding (its sum over rows is split across devices)."""
+    activations or of a tensor-parallel weight, except that where our kernel takes the exact dx
+    it gathers its split contraction, the weight's codes and g along the out features, to keep
+    the single-device sums: `cpu_input_gradient`) and give the single-device result: y and dx
+    bit for bit, dw up to float32 rounding (its sum over rows is split across devices)."""
     devices = jax.devices()
     if len(devices) < 8:
         pytest.skip("needs 8 (simulated) devices")
@@ -159,7 +165,12 @@ def test_partitioned_under_gspmd(qx, qw):
     xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("fsdp", None, None)))
     ws = jax.device_put(w, jax.sharding.NamedSharding(mesh, P(None, "tensor")))
     hlo = fn.lower(xs, ws).compile().as_text()
-    assert "all-gather" not in hlo
+    gathered = [line.split("=", 1)[1].split()[0] for line in hlo.splitlines()
+                if " all-gather(" in line]
+    assert not gathered or cpu_input_gradient.available()
+    n = str(w.shape[1])  # gathered along the out features: codes, scales and g, never x
+    assert all(shape.split("[")[1].split("]")[0].split(",")[-1] == n for shape in gathered), \
+        gathered
     (dx, dw), y = fn(xs, ws)
     (dx_want, dw_want), y_want = fn(x, w)
     np.testing.assert_array_equal(_bits(y), _bits(y_want))

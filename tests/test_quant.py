@@ -318,8 +318,9 @@ def test_integer_path_equals_float_path(name, dtype):
 @pytest.mark.parametrize("name", PAIRS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_integer_path_gradients_equal_float_path(name, dtype):
-    # In bf16 on CPU both paths' weight gradients read X_q^T from the kernel that quantizes x's
-    # rows (`cpu_int8_fused.quantize_transpose`), per-group weight scales included.
+    # In bf16 on CPU both paths' weight gradients take X_q^T from the kernel that quantizes x's
+    # rows (`cpu_int8_fused.quantize_transpose`), or build it inside the weight gradient's kernel
+    # (`cpu_weight_gradient`, where it runs), per-group weight scales included.
     qx, qw = PAIRS[name]
     x, w = _operands(seed=21)
     cotangent = make_input((2, 5, 48), dtype, seed=22)
@@ -331,7 +332,8 @@ def test_integer_path_gradients_equal_float_path(name, dtype):
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
         hlo = grad.lower(x.astype(dtype), w).as_text()
         uses_kernel = cpu_int8.DEQUANTIZE_TRANSPOSE_TARGET in hlo
-        uses_fused = cpu_int8_fused.QUANTIZE_TRANSPOSE_TARGET in hlo
+        uses_fused = (cpu_int8_fused.QUANTIZE_TRANSPOSE_TARGET in hlo
+                      or cpu_int8.QUANTIZED_WEIGHT_GRADIENT_TARGET in hlo)
         assert uses_fused == (dtype == jnp.bfloat16 and cpu_int8_fused.available())
         assert not uses_kernel  # the codes' kernel only serves where the fused one is missing
         return grad(x.astype(dtype), w)
@@ -539,6 +541,42 @@ def test_fake_quantization_takes_the_int8_product_on_amx(qx, qw, k, int8, amx, m
     hlo, got = value_and_grads(amx)
     assert _int8_dot_in(hlo) == (amx and int8)
     _, want = value_and_grads(False)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("qx,qw,k,int8", [
+    ("A8", "TERNARY", 40, True), ("A4", "TERNARY", 40, True), ("A8", "BINARY", 300, True),
+    ("A8", "W8_CHANNEL", 1024, True), ("A8", "W8_CHANNEL", 1040, False),
+    ("A8", "TERNARY_G32", 64, False), ("NONE", "TERNARY", 40, False)])
+def test_fake_quantization_takes_the_fused_int8_kernel_without_amx(qx, qw, k, int8, monkeypatch):
+    # On CPUs without AMX our VNNI kernel's int8 product beats XLA's bf16 dot, so the
+    # fake-quantized forward runs as the integer path's fused kernel where that gives the same
+    # numbers: output and gradients equal the bf16 codes' product bit for bit.
+    if not cpu_int8_fused.available():
+        pytest.skip("the fake-quantized path uses the CPU kernels only where they are built")
+    monkeypatch.setattr(cpu_int8, "_has_amx_int8", lambda: False)  # as on a CPU without AMX
+    monkeypatch.setattr(cpu_int8, "cpu_flags", lambda: {"avx512_vnni"})
+    quantizers = {"A8": A8, "A4": A4, "TERNARY": TERNARY, "BINARY": BINARY,
+                  "W8_CHANNEL": WeightQuantizer("absmax", 8, "channel"),
+                  "TERNARY_G32": WeightQuantizer("ternary", 1.58, "group", 32), "NONE": None}
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.normal(size=(2, 40, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(k, 24)) * 0.05, jnp.float32)
+
+    def value_and_grads():
+        loss = lambda xv, wv: jnp.sum(matmul.quantized_dot(  # noqa: E731
+            xv, wv, quantizers[qx], quantizers[qw], jnp.bfloat16).astype(jnp.float32) ** 2)
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))  # fresh: no cached trace
+        return fn.lower(x, w).as_text(), fn(x, w)
+
+    hlo, got = value_and_grads()
+    fused = (cpu_int8_fused.ABSMAX_QUANT_DOT_TARGET in hlo
+             or cpu_int8_fused.SCALED_QUANT_DOT_TARGET in hlo)
+    assert fused == int8
+    monkeypatch.setattr(cpu_int8, "int8_beats_bf16", lambda rows: False)
+    hlo, want = value_and_grads()
+    assert cpu_int8_fused.ABSMAX_QUANT_DOT_TARGET not in hlo
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -1,4 +1,5 @@
-"""The input gradient's bf16 product dx = g W_q^T on AMX tiles (`kernels/input_gradient.cc`).
+"""The input gradient's bf16 product dx = g W_q^T on AMX tiles or AVX512-BF16 vectors
+(`kernels/input_gradient.cc`).
 
     codes_input_gradient(g, codes, scale) -> bf16 (..., K)
         # g (..., N) bf16, codes (K, N) int8 (a linear's weight codes, stored (in, out)),
@@ -12,10 +13,11 @@ ladder presets' shapes on a 2-core Xeon with AMX it ran at 0.4-1.3 TFLOP/s (2026
 the int8 input gradient's kernel, which quantizes g as well, in 0.4-0.7x its time. Here the
 kernel packs the weights from their codes once per call, reads g's rows in place and rounds the
 sums to bf16 as it stores them. The sums run in n's order, one float32 accumulator per output,
-as XLA's AMX product runs them: bit for bit XLA's dot of g and the dequantized weights,
-converted to bf16 (tested on this Xeon). Subnormal inputs count as zero, as on every AMX bf16
-product. Usable where our kernels run on AMX tiles (`cpu_int8.kernel_uses_amx`); the kernel
-refuses where the process has no tiles.
+as XLA's own product runs them: bit for bit XLA's dot of g and the dequantized weights,
+converted to bf16 (tested on the Xeon, on tiles, and on a 2-core AMD EPYC, on vectors, where
+XLA's dot runs VDPBF16PS). Subnormal inputs count as zero, as in both instructions. Usable
+where `cpu_int8.bf16_products` names a place: our kernels on AMX tiles, or a CPU with
+AVX512-BF16 and no AMX.
 
 Under GSPMD g's rows and the weights' rows (dx's columns) keep their splits; a split
 contraction is gathered rather than summed, since each device's sums would be rounded to bf16
@@ -37,8 +39,8 @@ from bitnet_jax.core.cpu_int8_fused import one_batch_element_at_a_time
 
 
 def available() -> bool:
-    """Whether this module's product runs here: our kernels built, and on AMX tiles now."""
-    return cpu_int8.kernel_uses_amx()
+    """Whether this module's product runs here, with XLA's bits: `cpu_int8.bf16_products`."""
+    return cpu_int8.bf16_products() is not None
 
 
 def _local(g, codes, scale):
@@ -83,8 +85,8 @@ def codes_input_gradient(g: jax.Array, codes: jax.Array, scale: jax.Array) -> ja
         raise ValueError(f"codes_input_gradient: g {g.shape}, codes {codes.shape}, scale "
                          f"{scale.shape} (want g (..., N), codes (K, N), scale of 1 or N)")
     if not available():
-        why = cpu_int8.unavailable_reason() or f"no AMX tiles here, or {cpu_int8.AMX_ENV}=0"
-        raise RuntimeError(f"the input gradient's kernel needs our kernels on AMX tiles: {why}")
+        raise RuntimeError("the input gradient's kernel needs our kernels on AMX tiles or "
+                           f"AVX512-BF16 vectors: {cpu_int8.bf16_products_missing()}")
     rows = math.prod(g.shape[:-1])
     scale = jnp.broadcast_to(jnp.reshape(scale, (-1,)).astype(jnp.float32), (n,))
     dx = one_batch_element_at_a_time(_partitioned, g.reshape(rows, n), codes, scale)

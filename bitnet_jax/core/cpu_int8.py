@@ -36,6 +36,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -228,6 +229,48 @@ def kernel_uses_amx() -> bool:
     dequantizing pass at the ladder presets' shapes, so `matmul` routes both paths' int8
     products through it."""
     return available() and bool(_LIBRARY.c_function("BitnetAmxTiles")())
+
+
+def int8_beats_bf16(rows: int) -> bool:
+    """Whether an int8 product of `rows` rows (ours, or XLA's where `xla_int8_is_faster`) beats
+    XLA's bf16 dot on this CPU: on AMX tiles (ours or XLA's), and on CPUs without AMX, where
+    XLA's bf16 dot runs AVX-512 (VDPBF16PS: half the multiply-adds of our kernel's VNNI
+    instruction; the fused int8 forward took 0.48-0.54x the bf16 product's time at the ladder
+    presets' shapes on a 2-core AMD EPYC, README, Benchmarks). Not on AMX CPUs with our tiles
+    off (BITNET_JAX_CPU_AMX=0): XLA's bf16 dot still takes the tiles there."""
+    return (kernel_uses_amx() or xla_int8_is_faster(rows)
+            or (available() and "amx_bf16" not in cpu_flags()))
+
+
+def bf16_products() -> Optional[str]:
+    """Where the backward's bf16 kernels (`cpu_input_gradient`, `cpu_weight_gradient`) run in
+    this process, each in the order XLA's own bf16 dot sums on this CPU (so that they give its
+    bits): "tiles" where our kernels run on AMX tiles (`kernel_uses_amx`), "vectors" on CPUs with
+    AVX512-BF16 and no AMX (AMD Zen 4; XLA's dot runs VDPBF16PS there), else None (XLA's dot:
+    AMX CPUs with BITNET_JAX_CPU_AMX=0, whose XLA still takes the tiles, and CPUs without
+    bf16 instructions)."""
+    if kernel_uses_amx():
+        return "tiles"
+    flags = cpu_flags()
+    if available() and "avx512_bf16" in flags and "amx_bf16" not in flags:
+        return "vectors"
+    return None
+
+
+def bf16_products_take(rows: int) -> bool:
+    """Whether the backward's bf16 kernels give XLA's bits for a product with `rows` rows of
+    output here: everywhere on tiles; on vectors from 2 rows (XLA's product of one row is a
+    matrix-vector product that sums in an order of its own; `kernels/kernel_util.h`)."""
+    where = bf16_products()
+    return where == "tiles" or (where == "vectors" and rows >= 2)
+
+
+def bf16_products_missing() -> str:
+    """Why `bf16_products` is None ("" where it is not)."""
+    if bf16_products() is not None:
+        return ""
+    return unavailable_reason() or (f"no AMX tiles for our kernels here ({AMX_ENV}=0, or none), "
+                                    "and no AVX512-BF16 on a CPU without AMX")
 
 
 def xla_int8_is_faster(rows: int) -> bool:

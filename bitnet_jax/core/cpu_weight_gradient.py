@@ -1,4 +1,5 @@
-"""The weight gradient's bf16 product X^T G on AMX tiles (`kernels/weight_gradient.cc`).
+"""The weight gradient's bf16 product X^T G on AMX tiles or AVX512-BF16 vectors
+(`kernels/weight_gradient.cc`).
 
     weight_gradient_dot(x_t, g) -> float32 (P, N)   # x_t (P, M) bf16 = X^T, g (M, N) bf16
     quantized_weight_gradient(x, mult, scale, g, lo, hi) -> float32 (P, N)
@@ -12,10 +13,10 @@ step once the forward and input-gradient products are int8. Alone, `weight_gradi
 0.72-0.86x the time of XLA's dot at those shapes and `quantized_weight_gradient` 0.52-0.73x that
 of `quantize_transpose` and XLA's dot; in the step both quantized paths take the latter, 2-4% off
 the step at ladder-6.4m and 20m (README, Benchmarks). The sums run in m's order, one float32
-accumulator per output, as XLA's AMX product runs them (bit for bit XLA's dot on that Xeon);
-subnormal inputs count as zero, as on every AMX bf16 product. Usable where our kernels run on
-AMX tiles (`cpu_int8.kernel_uses_amx`): there is no other path inside the kernel, which refuses
-where the process has no tiles. Built and registered with `cpu_int8`'s library.
+accumulator per output, as XLA's own product runs them (bit for bit XLA's dot on that Xeon, on
+tiles, and on a 2-core AMD EPYC, on vectors); subnormal inputs count as zero, as in both
+instructions. Usable where `cpu_int8.bf16_products` names a place: our kernels on AMX tiles, or
+a CPU with AVX512-BF16 and no AMX. Built and registered with `cpu_int8`'s library.
 
 Under GSPMD the product is partitioned like `cpu_int8.int8_dot`: rows of x_t and columns of g
 keep their splits, and a contraction split alike on both is summed with one `psum` (the
@@ -38,8 +39,8 @@ from bitnet_jax.core.cpu_int8_fused import one_batch_element_at_a_time
 
 
 def available() -> bool:
-    """Whether this module's products run here: our kernels built, and on AMX tiles now."""
-    return cpu_int8.kernel_uses_amx()
+    """Whether this module's products run here, with XLA's bits: `cpu_int8.bf16_products`."""
+    return cpu_int8.bf16_products() is not None
 
 
 def _local(x_t, g):
@@ -115,8 +116,8 @@ _quantized_partitioned.def_partition(partition=_quantized_partition,
 
 def _require():
     if not available():
-        why = cpu_int8.unavailable_reason() or f"no AMX tiles here, or {cpu_int8.AMX_ENV}=0"
-        raise RuntimeError(f"the weight gradient's kernel needs our kernels on AMX tiles: {why}")
+        raise RuntimeError("the weight gradient's kernel needs our kernels on AMX tiles or "
+                           f"AVX512-BF16 vectors: {cpu_int8.bf16_products_missing()}")
 
 
 def weight_gradient_dot(x_t: jax.Array, g: jax.Array) -> jax.Array:

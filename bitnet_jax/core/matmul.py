@@ -4,9 +4,9 @@ inference.
 
 `quantized_dot` multiplies the codes of `quant`'s quantizers and rescales afterwards, so both
 paths give the same numbers wherever the float path's sums are exact; on CPUs it routes pieces
-to our kernels (`cpu_int8`, `cpu_int8_fused`, and on AMX tiles the backward's products,
-`cpu_weight_gradient` and `cpu_input_gradient`, with XLA's numbers bit for bit) and to XLA's int8
-dot where those are faster (README, Benchmarks).
+to our kernels (`cpu_int8`, `cpu_int8_fused`, and on AMX tiles or AVX512-BF16 vectors the
+backward's products, `cpu_weight_gradient` and `cpu_input_gradient`, with XLA's numbers bit for
+bit) and to XLA's int8 dot where those are faster (README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -159,19 +159,19 @@ def _fused_activation(quantize_x, quantize_w, x, dtype, integer, kernels, out_dt
 
 
 def _int8_forward_product(quantize_x, quantize_w, x, integer, kernels) -> bool:
-    """Whether the forward product is taken on int8 codes with int32 sums: always on the integer
-    path, and with fake quantization where that gives the same numbers (`_int8_product_is_exact`)
-    faster: lowered for a CPU with AMX tiles, which our kernel's int8 product uses
-    (`cpu_int8.kernel_uses_amx`) or XLA's does (`cpu_int8.xla_int8_is_faster`; the ternary
-    b1.58 step 5-8% faster on a 2-core Xeon with XLA's). GPUs:
-    `quantized_dot`. Like the X_q^T kernel of the weight gradient, an implementation of the
-    fake-quantized path, not a change to it (docs/cpu_training_step_history.md).
+    """Whether the forward product is taken on int8 codes with int32 sums (on CPUs without AMX
+    in the kernel that also quantizes x, `_fused_activation`): always on the integer path, and
+    with fake quantization where that gives the same numbers (`_int8_product_is_exact`) faster,
+    lowered for a CPU where an int8 product beats XLA's bf16 one (`cpu_int8.int8_beats_bf16`:
+    the ternary b1.58 step 5-8% faster on a 2-core Xeon with AMX, 2026-12-04, and 8-10% on a
+    2-core AMD EPYC, 2026-12-05). GPUs: `quantized_dot`. Like the X_q^T kernel of the weight
+    gradient, an implementation of the fake-quantized path, not a change to it
+    (docs/cpu_training_step_history.md).
     """
     if integer:
         return True
     return (kernels and _int8_product_is_exact(quantize_x, quantize_w, x)
-            and (cpu_int8.kernel_uses_amx()
-                 or cpu_int8.xla_int8_is_faster(math.prod(x.shape[:-1]))))
+            and cpu_int8.int8_beats_bf16(math.prod(x.shape[:-1])))
 
 
 def _int8_product_is_exact(quantize_x, quantize_w, x) -> bool:
@@ -241,24 +241,20 @@ class _RowQuantizedX(NamedTuple):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
 def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
                    out_dtype):
-    fused = _fused_activation(quantize_x, quantize_w, x, dtype, integer, kernels,
-                              out_dtype)
+    int8 = _int8_forward_product(quantize_x, quantize_w, x, integer, kernels)
+    fused = _fused_activation(quantize_x, quantize_w, x, dtype, int8, kernels, out_dtype)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)[0]
-    integer = _int8_forward_product(quantize_x, quantize_w, x, integer, kernels)
-    return _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype)[0]
+    return _forward(x, w, quantize_x, quantize_w, dtype, int8, kernels, out_dtype)[0]
 
 
 def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
                        out_dtype):
-    fused = _fused_activation(quantize_x, quantize_w, x, dtype, integer, kernels,
-                              out_dtype)
+    int8 = _int8_forward_product(quantize_x, quantize_w, x, integer, kernels)
+    fused = _fused_activation(quantize_x, quantize_w, x, dtype, int8, kernels, out_dtype)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)
-    y, xq, wq, x_rows = _forward(x, w, quantize_x, quantize_w, dtype,
-                                 _int8_forward_product(quantize_x, quantize_w, x, integer,
-                                                       kernels),
-                                 kernels, out_dtype)
+    y, xq, wq, x_rows = _forward(x, w, quantize_x, quantize_w, dtype, int8, kernels, out_dtype)
     if x_rows is not None:
         x_saved = x_rows
     elif kernels and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype):
@@ -286,9 +282,11 @@ def _quantized_weight_gradient(x_saved, quantize_x, g, dtype, integer, kernels):
     its codes and scale."""
     if isinstance(x_saved, _RowQuantizedX):
         lo_hi = code_range(quantize_x.bits)
-        if cpu_weight_gradient.available() and g.dtype == jnp.bfloat16:
-            # On AMX tiles X_q^T is built in L1 by the product's kernel, never written: the
-            # same numbers as below, bit for bit (README, Benchmarks).
+        if (cpu_weight_gradient.available() and g.dtype == jnp.bfloat16
+                and cpu_int8.bf16_products_take(x_saved.x.shape[-1])):
+            # In our kernel (AMX tiles, or AVX512-BF16 vectors) X_q^T is built in L1 by the
+            # product, never written: the same numbers as below, bit for bit (README,
+            # Benchmarks).
             return cpu_weight_gradient.quantized_weight_gradient(*x_saved, g, *lo_hi)
         # Our kernel writes X_q^T from x and the row parameters in one pass; XLA re-derives the
         # codes inside a slow transposing loop (same numbers; dW in 2.6 against 7.2 ms at
@@ -352,10 +350,11 @@ def _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward, kerne
         return _int8_input_gradient(g, w_codes, w_scale, kernels)
     if (kernels and quantize_w is not None and g.dtype == dtype == dx_dtype == jnp.bfloat16
             and w_codes.dtype == jnp.int8 and _per_output_feature(w_scale, w_codes.shape[-1])
-            and cpu_input_gradient.available()):
-        # On AMX tiles our kernel takes the product from the codes and rounds it to bf16 as
-        # XLA's dot and conversion would, bit for bit, in 0.4-0.8x their time (README,
-        # Benchmarks).
+            and cpu_input_gradient.available()
+            and cpu_int8.bf16_products_take(math.prod(g.shape[:-1]))):
+        # Our kernel (AMX tiles, or AVX512-BF16 vectors) takes the product from the codes and
+        # rounds it to bf16 as XLA's dot and conversion would, bit for bit, in 0.4-0.8x their
+        # time on AMX (README, Benchmarks).
         return cpu_input_gradient.codes_input_gradient(g, w_codes, w_scale)
     w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, dtype)
     return jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),

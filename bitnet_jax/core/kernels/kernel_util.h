@@ -1,7 +1,9 @@
 // Helpers the CPU kernels in this directory share: bfloat16 conversions, per-row codes, tail
-// masks for 16-lane vectors, rounding up to tiles, and per-thread scratch memory.
+// masks for 16-lane vectors, rounding up to tiles, per-thread scratch memory, and whether the
+// CPU has AVX512-BF16.
 #pragma once
 
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstddef>
@@ -10,6 +12,30 @@
 #include <cstring>
 
 namespace bitnet_kernels {
+
+// AVX512-BF16 (VDPBF16PS: pairs of bf16 products added to float32 lanes), on AMD Zen 4 and
+// later and on Intel Cooper Lake and Sapphire Rapids and later.
+inline bool HasAvx512Bf16() {
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+  }();
+  return has;
+}
+
+// The ISA of the functions that run VDPBF16PS (the library is built for AVX-512 VNNI; a
+// function with this target runs only where HasAvx512Bf16).
+#define BITNET_AVX512_BF16_TARGET "avx512f,avx512bw,avx512vl,avx512bf16"
+
+// How XLA:CPU's bf16 dot (YNNPACK's VDPBF16PS kernels) sums a contraction on CPUs without AMX,
+// which our vector kernels follow to give its bits: the contraction's even part in blocks of
+// this many elements (4096 where the output has at most 16 columns, else 2048), each block's
+// pairs from zero in one accumulator, the blocks' sums added in order, then an odd
+// contraction's last product.  Found on a 2-core AMD EPYC (2026-12-05): every output of every
+// probed product of 2 or more rows (contractions of 33 to 16384, 8 to 448 columns), none with
+// another block size; a product of one row sums in another order (`cpu_int8.bf16_products_take`
+// keeps those on XLA).
+inline int64_t VectorSumBlock(int64_t out_cols) { return out_cols <= 16 ? 4096 : 2048; }
 
 // v rounded up to a multiple of `to` (a tile's rows or columns).
 inline int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }

@@ -1,4 +1,5 @@
-// The weight gradient's product on AMX tiles, as two XLA FFI custom calls:
+// The weight gradient's product on AMX tiles or AVX512-BF16 vectors, as two XLA FFI custom
+// calls:
 //
 //   out[p, n] = sum_m xt[p, m] * g[m, n]      xt: (P, M) bf16 (X^T, row-major), g: (M, N) bf16,
 //                                             out: (P, N) float32         (weight_gradient_dot)
@@ -13,17 +14,19 @@
 // panels (read once per block of rows), and per 32 rows of out stages their xt chunk into L1
 // (tile by tile, 1 KB each: xt's own rows lie 2 M bytes apart, 8 KB in training, and would
 // fall into the same few L1 sets), then runs 32 x 32 blocks of out on four sum tiles, two of xt
-// and two of g.
+// and two of g.  Without tiles (AMD Zen 4) the same chunks go through VDPBF16PS, 8 rows x 32
+// columns of out in 16 sum vectors.
 //
 // XLA:CPU's own bf16 dot (YNNPACK) took 1.2-1.4x this kernel's time at the ladder presets'
 // weight-gradient shapes on a 2-core Xeon, and `quantize_transpose` with it 1.4-1.9x the time
 // of the quantized call, which never writes X_q^T (2026-12-05; scripts/bench_weight_gradient.py).
 //
-// Numbers: each bf16 x bf16 product is exact in float32, TDPBF16PS rounds as it adds, and the
-// sums run in m's order in one accumulator per output, as XLA's AMX product runs them: on that
-// Xeon the results equal XLA's dot bit for bit (tests/test_cpu_weight_gradient.py).  Like every
-// AMX bf16 product it treats subnormal inputs as zero and flushes subnormal sums.  Any shape:
-// tails are staged with zeros.
+// Numbers: each bf16 x bf16 product is exact in float32, both instructions round as they add,
+// and the sums run in m's order in one accumulator per output, as XLA's own product runs them
+// on each kind of CPU (a pair's even product first on tiles, its odd one first on vectors, as
+// `input_gradient.cc` says): the results equal XLA's dot bit for bit on the Xeon and on a 2-core
+// AMD EPYC (tests/test_cpu_weight_gradient.py).  Both treat subnormal inputs as zero and flush
+// subnormal sums.  Any shape: tails are staged with zeros.
 
 #include <immintrin.h>
 
@@ -50,11 +53,15 @@ using bitnet_kernels::Scratch;
 using bitnet_kernels::TailMask16;
 using bitnet_kernels::ToBf16x16;
 using bitnet_kernels::TransposeDwords16x16;
+using bitnet_kernels::VectorSumBlock;
 
 constexpr int64_t kBlock = 32;      // rows and columns of out per micro-step (2 x 2 tiles)
 constexpr int64_t kChunk = 256;     // rows of m per pass over a task's block of out
 constexpr int64_t kMaxTaskCols = 1536;  // columns of out per task
-constexpr int64_t kL2Budget = 1792 * 1024;  // a task's block of out and g chunk, in bytes
+// A task's block of out and g chunk, in bytes: Sapphire Rapids' L2 (2 MB a core).  On AMD Zen 4
+// (1 MB) half as much made the widest products slower (bench_weight_gradient, 2026-12-05: 512 x
+// 4096 x 1376 at 1.11 against 0.92x XLA's time), the rest no faster.
+constexpr int64_t kL2Budget = 1792 * 1024;
 
 // 16 bf16 values of one row (a) and of the next (b) as 16 pairs: lane 2j takes a's j, lane
 // 2j + 1 takes b's j (index 32 + j of the two sources).
@@ -203,6 +210,92 @@ __attribute__((target("amx-tile,amx-bf16"))) void BlockProduct(
   }
 }
 
+// Pair q of a chunk for kRows rows x 32 columns of out: acc[r] += row r's pair q of the staged
+// xt (`a`: rows 64 bytes apart, 16 pairs per 512-element step) times the pair q of the two
+// 16-column panels of g (`b0`, `b1`).
+template <int kRows>
+__attribute__((target(BITNET_AVX512_BF16_TARGET), always_inline)) inline void PairsStep(
+    __m512 (&acc)[kRows][2], const uint16_t* a, const uint16_t* b0, const uint16_t* b1,
+    int64_t q) {
+  const __m512bh g0 = (__m512bh)_mm512_load_si512(b0 + q * 32);
+  const __m512bh g1 = (__m512bh)_mm512_load_si512(b1 + q * 32);
+  const uint16_t* aq = a + (q / 16) * 512 + (q % 16) * 2;
+  for (int r = 0; r < kRows; ++r) {
+    uint32_t pair;
+    std::memcpy(&pair, aq + r * 32, sizeof(pair));
+    const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, g0);
+    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, g1);
+  }
+}
+
+// The same block product on AVX512-BF16 vectors, for CPUs without AMX tiles: the same packed g
+// chunk and staged xt chunk, and per 8 rows x 32 columns of out 16 sum vectors, each pair of
+// xt's row broadcast to the 16 lanes of VDPBF16PS.  The sums follow XLA's on such CPUs
+// (`VectorSumBlock`, a multiple of kChunk): m's even part in blocks, whose sums wait between
+// chunks in out (the first block) or in `partial` (ld `ldp`, the shape of the block of out;
+// the later ones) and are then added to out, and an odd M's last row added last, as a pair of
+// it and a zero row.
+template <typename Rows>
+__attribute__((target(BITNET_AVX512_BF16_TARGET))) void BlockProductAvx512(
+    const Rows& rows, const uint16_t* g, int64_t M, int64_t N, float* out, int64_t ldc,
+    int64_t p0, int64_t p1, int64_t n0, int64_t n1, uint16_t* b_chunk, uint16_t* a_chunk,
+    float* partial, int64_t ldp) {
+  constexpr int kRows = 8;
+  const int64_t mp = RoundUp(M, 32), even = M - M % 2, sum_block = VectorSumBlock(N);
+  for (int64_t k0 = 0; k0 < mp; k0 += kChunk) {
+    const int64_t k1 = std::min(mp, k0 + kChunk), kc = k1 - k0, panel_elems = kc * 16;
+    const int64_t steps = kc / 32;
+    const int64_t pairs = std::max<int64_t>(0, std::min(k1, even) - k0) / 2;  // of rows < even
+    const bool tail = M % 2 && M - 1 >= k0 && M - 1 < k1;  // the odd last row is here
+    if (pairs == 0 && !tail) continue;
+    const int64_t block = k0 / sum_block;
+    const bool first = k0 % sum_block == 0;
+    const bool last = k1 % sum_block == 0 || k0 + 2 * pairs == even;  // ends its block
+    PackPairs(g, M, N, n0, n1, k0, k1, b_chunk, panel_elems);
+    for (int64_t p = p0; p < p1; p += kBlock) {
+      rows.Stage(p, k0, k1, a_chunk);
+      for (int64_t i0 = 0; i0 < kBlock; i0 += kRows) {
+        // Row i of the staged block: tile i / 16, row i % 16, 32 m (16 pairs) per step.
+        const uint16_t* a = a_chunk + (i0 / 16) * steps * 512 + (i0 % 16) * 32;
+        for (int64_t n = n0; n < n1; n += kBlock) {
+          const uint16_t* b0 = b_chunk + (n - n0) / 16 * panel_elems;
+          const uint16_t* b1 = b0 + panel_elems;
+          float* c = out + (p + i0) * ldc + n;
+          float* sums = block == 0 ? c : partial + (p - p0 + i0) * ldp + (n - n0);
+          const int64_t lds = block == 0 ? ldc : ldp;
+          __m512 acc[kRows][2];
+          for (int r = 0; r < kRows; ++r) {
+            const bool zero = pairs > 0 ? first : even == 0;  // else out holds the sums
+            float* from = pairs > 0 ? sums + r * lds : c + r * ldc;
+            acc[r][0] = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(from);
+            acc[r][1] = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(from + 16);
+          }
+          for (int64_t q = 0; q < pairs; ++q) PairsStep<kRows>(acc, a, b0, b1, q);
+          if (pairs > 0 && !last) {
+            for (int r = 0; r < kRows; ++r) {
+              _mm512_storeu_ps(sums + r * lds, acc[r][0]);
+              _mm512_storeu_ps(sums + r * lds + 16, acc[r][1]);
+            }
+            continue;
+          }
+          if (pairs > 0 && block > 0) {  // out's sum of the earlier blocks, plus this one's
+            for (int r = 0; r < kRows; ++r) {
+              acc[r][0] = _mm512_add_ps(_mm512_loadu_ps(c + r * ldc), acc[r][0]);
+              acc[r][1] = _mm512_add_ps(_mm512_loadu_ps(c + r * ldc + 16), acc[r][1]);
+            }
+          }
+          if (tail) PairsStep<kRows>(acc, a, b0, b1, (M - 1 - k0) / 2);
+          for (int r = 0; r < kRows; ++r) {
+            _mm512_storeu_ps(c + r * ldc, acc[r][0]);
+            _mm512_storeu_ps(c + r * ldc + 16, acc[r][1]);
+          }
+        }
+      }
+    }
+  }
+}
+
 // Blocks of out per task: as large as a core's L2 holds with their g chunk, split until every
 // thread has a share (a multiple of the threads where that takes few more tasks).  Each block
 // packs g's columns once per block of rows and stages its rows once per block of columns, so
@@ -251,16 +344,28 @@ void Product(ffi::ThreadPool& pool, const Rows& rows, const uint16_t* g, int64_t
     c = static_cast<float*>(c_pad.get(pp * np * sizeof(float)));
     ldc = np;
   }
+  // XLA's own product takes the tiles where there are any, and the sums' order follows
+  // (BITNET_JAX_CPU_AMX chose the routing when the program was traced).
+  const bool tiles = bitnet_amx::Granted();
   const BlockGrid grid(pp, np, std::max<int64_t>(1, pool.num_threads()), Rows::kStageCost);
   const std::function<void(int64_t)> compute = [&](int64_t t) {
     static thread_local Scratch b_chunk, a_chunk;
     const int64_t p0 = t / grid.col_parts * grid.rows, n0 = t % grid.col_parts * grid.cols;
     uint16_t* bc = static_cast<uint16_t*>(b_chunk.get(kChunk * grid.cols * sizeof(uint16_t)));
     uint16_t* ac = static_cast<uint16_t*>(a_chunk.get(kBlock * kChunk * sizeof(uint16_t)));
-    bitnet_amx::Configure();
-    BlockProduct(rows, g, M, N, c, ldc, p0, std::min(pp, p0 + grid.rows), n0,
-                 std::min(np, n0 + grid.cols), bc, ac);
-    bitnet_amx::Release();
+    const int64_t p1 = std::min(pp, p0 + grid.rows), n1 = std::min(np, n0 + grid.cols);
+    if (tiles) {
+      bitnet_amx::Configure();
+      BlockProduct(rows, g, M, N, c, ldc, p0, p1, n0, n1, bc, ac);
+      bitnet_amx::Release();
+    } else {
+      // Blocks of m after the first keep their sums apart until added (`VectorSumBlock`).
+      static thread_local Scratch later_blocks;
+      float* partial = M - M % 2 > VectorSumBlock(N) ? static_cast<float*>(later_blocks.get(
+                                                         (p1 - p0) * (n1 - n0) * sizeof(float)))
+                                                   : nullptr;
+      BlockProductAvx512(rows, g, M, N, c, ldc, p0, p1, n0, n1, bc, ac, partial, n1 - n0);
+    }
   };
   ParallelFor(pool, grid.tasks(), compute);
   if (c != out) {
@@ -268,11 +373,13 @@ void Product(ffi::ThreadPool& pool, const Rows& rows, const uint16_t* g, int64_t
   }
 }
 
-// Tiles granted is all these calls need: BITNET_JAX_CPU_AMX chose the routing when the program
-// was traced (`cpu_weight_gradient.available`), and there is no other path here.
-ffi::Error NoTiles(const char* name) {
-  return ffi::Error::Internal(std::string(name) + ": this process has no AMX tiles (an "
-                              "AMX-BF16 CPU, and Linux's permission)");
+// Tiles granted, or AVX512-BF16, is all these calls need: BITNET_JAX_CPU_AMX chose the routing
+// when the program was traced (`cpu_weight_gradient.available`).
+bool Runnable() { return bitnet_amx::Granted() || bitnet_kernels::HasAvx512Bf16(); }
+
+ffi::Error NotRunnable(const char* name) {
+  return ffi::Error::Internal(std::string(name) + ": this CPU has neither AMX tiles (with "
+                              "Linux's permission) nor AVX512-BF16");
 }
 
 inline const uint16_t* Bits(const ffi::Buffer<ffi::BF16>& b) {
@@ -289,7 +396,7 @@ ffi::Error WeightGradientDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> xt
     return ffi::Error::InvalidArgument(
         "bitnet_weight_gradient_dot: expects xt (P, M), g (M, N), out (P, N)");
   }
-  if (!bitnet_amx::Granted()) return NoTiles("bitnet_weight_gradient_dot");
+  if (!Runnable()) return NotRunnable("bitnet_weight_gradient_dot");
   const int64_t P = ad[0], M = ad[1], N = gd[1];
   Product(pool, TransposedRows{Bits(xt), P, M}, Bits(g), P, M, N, out->typed_data());
   return ffi::Error::Success();
@@ -310,7 +417,7 @@ ffi::Error QuantizedWeightGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF
         "bitnet_quantized_weight_gradient: expects x (M, P), mult (M,), scale (M,), "
         "g (M, N), out (P, N)");
   }
-  if (!bitnet_amx::Granted()) return NoTiles("bitnet_quantized_weight_gradient");
+  if (!Runnable()) return NotRunnable("bitnet_quantized_weight_gradient");
   const int64_t M = xd[0], P = xd[1], N = gd[1];
   const QuantizedRows rows{Bits(x), mult.typed_data(), scale.typed_data(),
                            static_cast<float>(lo), static_cast<float>(hi), P, M};
