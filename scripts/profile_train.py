@@ -202,6 +202,11 @@ def main(argv=None) -> int:
         hlo_text = train_step.lower(state, batch_data).compile().as_text()
         with tempfile.TemporaryDirectory() as trace_dir:
             kernels = traced_step_kernels(step, args.steps, trace_dir)
+        if not kernels:
+            # Seen where libtpu had been loaded into the process before (a TPU AOT compile):
+            # its profiler then records no XLA:CPU ops.
+            raise SystemExit(f"profile_train: the trace of {mode} holds no kernels or XLA ops; "
+                             "run it in a fresh process")
         summaries[mode] = summarize(named_custom_calls(kernels, hlo_text), args.steps)
         del step
         print(f"# {mode}: traced", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from bitnet_jax.cli import main
+from bitnet_jax.core import cpu_int8
 from bitnet_jax.config import RunConfig, from_dict
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.train import aot
@@ -75,8 +76,11 @@ def test_sweep_plan_compile_json_has_the_documented_keys(tmp_path, capsys):
     for row in rows:
         assert row["fits"] and row["devices"] == jax.device_count()
         # The compiled step does the analytic matmuls plus elementwise work (norms, Adam,
-        # quantizers): same order of magnitude, never far below.
-        assert 0.8 * row["flops_analytic"] < row["flops_compiled"] < 4 * row["flops_analytic"]
+        # quantizers): same order of magnitude, never far below; except that XLA's count leaves
+        # out the products our CPU kernels take as custom calls (on this local CPU the quantized
+        # step's, where the kernels run: `compile_plan`'s docstring).
+        lower = 0.8 if row["precision"] == "bf16" or not cpu_int8.available() else 0.2
+        assert lower * row["flops_analytic"] < row["flops_compiled"] < 4 * row["flops_analytic"]
     assert not (tmp_path / "runs").exists()  # planning runs nothing
 
 
