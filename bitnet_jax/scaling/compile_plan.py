@@ -2,10 +2,10 @@
 
 One row per run: bytes per device (arguments, temporaries, total) against the device's memory,
 compiled FLOPs against the analytic count (`model.accounting`), compile seconds, and whether it
-fits. The compiled FLOPs are XLA's count, which does not see inside custom calls: compiled for a
-local CPU with our kernels, the quantized steps' products that run in them (`core/cpu_*.py`) are
-not in it. The target is a libtpu topology (`v5e:16x16`, compiled here on a CPU machine) or the local
-devices.
+fits. The compiled FLOPs are XLA's count, which does not see inside custom calls: compiled for
+a local CPU with our kernels, the quantized steps' products that run in them (`core/cpu_*.py`)
+are not in it. The target is a libtpu topology (`v5e:16x16`, compiled here on a CPU machine) or
+the local devices.
 """
 
 from __future__ import annotations
