@@ -1,4 +1,5 @@
-"""Benchmark: a linear's backward products on AMX tiles in our kernels against XLA's bf16 dot.
+"""Benchmark: a linear's backward products in our kernels (AMX tiles, or AVX512-BF16 vectors on
+CPUs without AMX) against XLA's bf16 dot.
 
 For each shape (P and N a linear's input and output features, M the batch's tokens; x (M, P)
 and g (M, N) bf16, dW (P, N) float32; ternary weight codes (P, N) int8 with one scale, dx
@@ -8,14 +9,15 @@ and g (M, N) bf16, dW (P, N) float32; ternary weight codes (P, N) int8 with one 
   before   cpu_int8_fused.quantize_transpose(x, mult, scale) then XLA's dot: the quantized
            paths' weight gradient before the kernel (8-bit absmax rows)
   fused    cpu_weight_gradient.quantized_weight_gradient(x, mult, scale, G): X_q^T built in
-           L1, the quantized paths' weight gradient on AMX CPUs
+           L1, the quantized paths' weight gradient where the kernels run
   xla-dx   G W_q^T as the exact paths' backward wrote it before the kernel: the codes
            dequantized to bf16, XLA's dot with float32 accumulation, rounded to bf16
   dx       cpu_input_gradient.codes_input_gradient(G, codes, scale): the same from the codes
 interleaved, `--rounds` times; each round takes the median of `--iters` calls. The table shows
 the median over rounds, the ratios kernel / xla, fused / before and dx / xla-dx per round
 (median and min..max; < 1: ours is faster), and whether each pair's outputs are equal bit for
-bit. Needs a CPU with AMX (Intel Sapphire Rapids and later).
+bit. Needs a CPU with AMX (Intel Sapphire Rapids and later) or with AVX512-BF16 and no AMX (AMD
+Zen 4): `cpu_int8.bf16_products`.
 
     python scripts/bench_weight_gradient.py --json runs/bench_weight_gradient.json
 """
@@ -35,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.core import cpu_input_gradient, cpu_int8_fused, cpu_weight_gradient
+from bitnet_jax.core import cpu_input_gradient, cpu_int8, cpu_int8_fused, cpu_weight_gradient
 from bitnet_jax.core.quant import absmax_row_parameters
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -94,8 +96,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     if not cpu_weight_gradient.available():
-        raise SystemExit("bench_weight_gradient: our kernels do not run on AMX tiles here "
-                         "(an AMX CPU, the kernels built, BITNET_JAX_CPU_AMX not 0)")
+        raise SystemExit("bench_weight_gradient: our backward kernels do not run here: "
+                         + cpu_int8.bf16_products_missing())
 
     rng = np.random.default_rng(0)
     rows = []

@@ -1,12 +1,12 @@
-"""scripts/bench_weight_gradient.py runs end to end where the CPU has AMX: its table and JSON,
-with our kernels' outputs (the weight and input gradients') equal to the paths they replace."""
+"""scripts/bench_weight_gradient.py runs end to end where our backward kernels run (AMX tiles, or
+AVX512-BF16 vectors): its table and JSON, with our kernels' outputs (the weight and input
+gradients') equal to the paths they replace."""
 
 import json
 
 
-def test_bench_weight_gradient_writes_its_table_and_json(load_script, amx_tiles, tmp_path,
+def test_bench_weight_gradient_writes_its_table_and_json(load_script, bf16_kernels, tmp_path,
                                                           capsys):
-    amx_tiles(True)
     bench = load_script("bench_weight_gradient")
     out = tmp_path / "bench.json"
     bench.main(["--shapes", "64x256x96,40x70x33", "--rounds", "2", "--iters", "2",
