@@ -508,9 +508,10 @@ def test_out_dtype_rounds_the_accumulator_once(name, integer):
 
 
 # The fake-quantized path's int8 product tests name their quantizers.
-QUANTIZERS = {"A8": A8, "A4": A4, "TERNARY": TERNARY, "BINARY": BINARY,
-              "W8_CHANNEL": WeightQuantizer("absmax", 8, "channel"),
-              "TERNARY_G32": WeightQuantizer("ternary", 1.58, "group", 32), "NONE": None}
+INT8_PRODUCT_QUANTIZERS = {"A8": A8, "A4": A4, "TERNARY": TERNARY, "BINARY": BINARY,
+                           "W8_CHANNEL": WeightQuantizer("absmax", 8, "channel"),
+                           "TERNARY_G32": WeightQuantizer("ternary", 1.58, "group", 32),
+                           "NONE": None}
 
 
 def _int8_dot_in(hlo: str) -> bool:
@@ -529,6 +530,7 @@ def test_fake_quantization_takes_the_int8_product_on_amx(qx, qw, k, int8, amx, m
     # codes when that gives the same numbers: output and gradients equal bit for bit.
     if not cpu_int8_fused.available():
         pytest.skip("the fake-quantized path uses the CPU kernels only where they are built")
+    quantize_x, quantize_w = INT8_PRODUCT_QUANTIZERS[qx], INT8_PRODUCT_QUANTIZERS[qw]
     rng = np.random.default_rng(k)
     x = jnp.asarray(rng.normal(size=(2, 40, k)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(k, 24)) * 0.05, jnp.float32)
@@ -536,7 +538,7 @@ def test_fake_quantization_takes_the_int8_product_on_amx(qx, qw, k, int8, amx, m
     def value_and_grads(amx_now):
         monkeypatch.setattr(cpu_int8, "_has_amx_int8", lambda: amx_now)
         loss = lambda xv, wv: jnp.sum(matmul.quantized_dot(  # noqa: E731
-            xv, wv, QUANTIZERS[qx], QUANTIZERS[qw], jnp.bfloat16).astype(jnp.float32) ** 2)
+            xv, wv, quantize_x, quantize_w, jnp.bfloat16).astype(jnp.float32) ** 2)
         # A fresh function each time: jit's trace cache would keep the other case's choice.
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         return fn.lower(x, w).as_text(), fn(x, w)
@@ -560,13 +562,14 @@ def test_fake_quantization_takes_the_fused_int8_kernel_without_amx(qx, qw, k, in
         pytest.skip("the fake-quantized path uses the CPU kernels only where they are built")
     monkeypatch.setattr(cpu_int8, "_has_amx_int8", lambda: False)  # as on a CPU without AMX
     monkeypatch.setattr(cpu_int8, "cpu_flags", lambda: {"avx512_vnni"})
+    quantize_x, quantize_w = INT8_PRODUCT_QUANTIZERS[qx], INT8_PRODUCT_QUANTIZERS[qw]
     rng = np.random.default_rng(k)
     x = jnp.asarray(rng.normal(size=(2, 40, k)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(k, 24)) * 0.05, jnp.float32)
 
     def value_and_grads():
         loss = lambda xv, wv: jnp.sum(matmul.quantized_dot(  # noqa: E731
-            xv, wv, QUANTIZERS[qx], QUANTIZERS[qw], jnp.bfloat16).astype(jnp.float32) ** 2)
+            xv, wv, quantize_x, quantize_w, jnp.bfloat16).astype(jnp.float32) ** 2)
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))  # fresh: no cached trace
         return fn.lower(x, w).as_text(), fn(x, w)
 
