@@ -18,6 +18,7 @@ picks the compiler (else g++, else c++).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -32,16 +33,17 @@ import jax
 DISABLE_ENV = "BITNET_JAX_CPU_INT8"  # historical name: it switches off every CPU kernel
 
 
-def cpu_flags() -> set[str]:
+@functools.cache  # read once: the routing asks per linear layer while tracing a step
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as /proc/cpuinfo names them (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def cache_dir() -> Path:
