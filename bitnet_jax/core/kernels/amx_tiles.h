@@ -12,6 +12,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "kernel_util.h"
+
 namespace bitnet_amx {
 
 // AMX-TILE, AMX-INT8 and AMX-BF16 (every AMX CPU so far has all three), granted to this process
@@ -28,6 +30,11 @@ inline bool Granted() {
   }();
   return granted;
 }
+
+// Where the backward's bf16 products (`input_gradient.cc`, `weight_gradient.cc`) can run: on
+// tiles, or on AVX512-BF16 vectors (`cpu_int8.bf16_products` chose which when the program was
+// traced).
+inline bool Bf16ProductsRunnable() { return Granted() || bitnet_kernels::HasAvx512Bf16(); }
 
 // Granted, and not switched off: BITNET_JAX_CPU_AMX=0, read at every call so that a process (a
 // test) can switch it (`cpu_int8.AMX_ENV` names it too).

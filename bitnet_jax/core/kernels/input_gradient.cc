@@ -265,7 +265,7 @@ ffi::Error CodesInputGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> g
     return ffi::Error::InvalidArgument(
         "bitnet_codes_input_gradient: expects g (M, N), codes (K, N), scale (N,), out (M, K)");
   }
-  if (!bitnet_amx::Granted() && !bitnet_kernels::HasAvx512Bf16()) {
+  if (!bitnet_amx::Bf16ProductsRunnable()) {
     return ffi::Error::Internal("bitnet_codes_input_gradient: this CPU has neither AMX tiles "
                                 "(with Linux's permission) nor AVX512-BF16");
   }

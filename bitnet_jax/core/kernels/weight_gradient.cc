@@ -373,10 +373,6 @@ void Product(ffi::ThreadPool& pool, const Rows& rows, const uint16_t* g, int64_t
   }
 }
 
-// Tiles granted, or AVX512-BF16, is all these calls need: BITNET_JAX_CPU_AMX chose the routing
-// when the program was traced (`cpu_weight_gradient.available`).
-bool Runnable() { return bitnet_amx::Granted() || bitnet_kernels::HasAvx512Bf16(); }
-
 ffi::Error NotRunnable(const char* name) {
   return ffi::Error::Internal(std::string(name) + ": this CPU has neither AMX tiles (with "
                               "Linux's permission) nor AVX512-BF16");
@@ -396,7 +392,7 @@ ffi::Error WeightGradientDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> xt
     return ffi::Error::InvalidArgument(
         "bitnet_weight_gradient_dot: expects xt (P, M), g (M, N), out (P, N)");
   }
-  if (!Runnable()) return NotRunnable("bitnet_weight_gradient_dot");
+  if (!bitnet_amx::Bf16ProductsRunnable()) return NotRunnable("bitnet_weight_gradient_dot");
   const int64_t P = ad[0], M = ad[1], N = gd[1];
   Product(pool, TransposedRows{Bits(xt), P, M}, Bits(g), P, M, N, out->typed_data());
   return ffi::Error::Success();
@@ -417,7 +413,7 @@ ffi::Error QuantizedWeightGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF
         "bitnet_quantized_weight_gradient: expects x (M, P), mult (M,), scale (M,), "
         "g (M, N), out (P, N)");
   }
-  if (!Runnable()) return NotRunnable("bitnet_quantized_weight_gradient");
+  if (!bitnet_amx::Bf16ProductsRunnable()) return NotRunnable("bitnet_quantized_weight_gradient");
   const int64_t M = xd[0], P = xd[1], N = gd[1];
   const QuantizedRows rows{Bits(x), mult.typed_data(), scale.typed_data(),
                            static_cast<float>(lo), static_cast<float>(hi), P, M};
