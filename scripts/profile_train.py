@@ -1,16 +1,19 @@
 """Where a training step's device time goes: each mode's step traced, its kernels summed by name.
 
-Compiles the trainer's step for one preset in each mode (the modes of `bench_train.py`), runs
-it twice, then traces `--steps` steps with the JAX profiler and sums the device time of every
+Compiles the trainer's step for one preset in each mode (the modes of `bench_train.py`), runs it
+twice, then traces `--steps` steps with the JAX profiler and sums the device time of every
 kernel (on a GPU: the CUDA kernels on its streams) or XLA op (on a CPU: the ops that the
-runtime's threads executed, each op once per thread that ran it, so the sum can exceed the
-wall time). Prints, per mode and step: the device-busy time, the number of kernels launched,
-the time in matrix products and in attention (by the GPU kernels' names: cuBLAS, Triton GEMM
-fusions, cuDNN attention), the time kernels ran alone (no other kernel running: on a CPU XLA
-runs independent ops side by side, so this, not the busy time, is where a step's wall time
-goes; `alone_micros`) and the trace's span per step; and then, for every mode after the first,
-the kernel families (names less their numeric suffix) whose time differs most from the first
-mode's: what a recipe adds or saves, with the time each ran alone. Writes JSON (default
+runtime's threads executed, side by side, so the sum can exceed the wall time; each op counts
+once, on the thread that started it, though XLA's products and our kernels' custom calls take
+every thread of the pool: in jax 0.10.2's traces each op appears once a step). Prints, per mode
+and step: the device-busy time, the number of kernels launched, the time in matrix products and
+in attention (by the GPU kernels' names: cuBLAS, Triton GEMM fusions, cuDNN attention), the time
+kernels ran alone (no other kernel running: on a CPU XLA runs independent ops side by side, so
+this, not the busy time, is where a step's wall time goes; `alone_micros`), the trace's span per
+step and the traced steps' page faults and system time (a line names the modes with over 10,000
+faults a step, whose ops run slower for it); and then, for every mode after the first, the
+kernel families (names less their numeric suffix) whose time differs most from the first mode's:
+what a recipe adds or saves, with the time each ran alone. Writes JSON (default
 `profile_train.json`) with every family's time.
 
     python scripts/profile_train.py [--preset ladder-20m] [--modes bf16,b1.58,b1.58-int8]
@@ -29,6 +32,7 @@ import gzip
 import json
 import pathlib
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -66,6 +70,12 @@ def named_custom_calls(kernels: list[Kernel], hlo_text: str) -> list[Kernel]:
 def family(name: str) -> str:
     """A kernel's name less its numeric suffix: XLA numbers each fusion of a kind."""
     return re.sub(r"[._]\d+$", "", name)
+
+
+# Page faults per traced step above which a mode's op times are suspect (`traced_step_kernels`).
+# The profiler's own buffers fault in some: 800-1,500 a step at ladder-1.6m, ~5,000 at 6.4m,
+# where the slow profiles of 2026-12-06 had 7,000-44,000 (a 2-core AMD EPYC).
+FAULTS_WORTH_A_WARNING = 10_000
 
 
 class Kernel(NamedTuple):
@@ -155,16 +165,34 @@ def family_differences(summary: dict, baseline: dict, top: int) -> list[tuple]:
     return sorted(rows, key=lambda row: -abs(row[1]))[:top]
 
 
-def traced_step_kernels(step, steps: int, trace_dir: str) -> list[Kernel]:
-    """The kernels of `steps` traced steps of a compiled step (`bench_train.compiled_step`)."""
+def faulted_modes(summaries: dict) -> list[str]:
+    """The modes whose traced steps faulted in more than FAULTS_WORTH_A_WARNING pages a step."""
+    return [mode for mode, summary in summaries.items()
+            if summary["page_faults_per_step"] > FAULTS_WORTH_A_WARNING]
+
+
+def traced_step_kernels(step, steps: int, trace_dir: str,
+                        kernel_usage: list | None = None) -> list[Kernel]:
+    """The kernels of `steps` traced steps of a compiled step (`bench_train.compiled_step`).
+
+    `kernel_usage`, if given, receives the (page faults, system seconds) of the traced steps,
+    from `getrusage`. They matter here: ops that touch freshly faulted pages run several times
+    slower (2026-12-06, a 2-core AMD EPYC: with ~40,000 faults a step, the ladder-6.4m norms'
+    elementwise fusions took 0.5-0.9 ms against 0.09-0.14 ms without), which happened to
+    whichever mode ran after another in one process, so that a mode's ops can look slow for
+    reasons that are not its own."""
     train_step, state, batch_data = step
     for _ in range(2):  # past the first steps' one-off work (autotuning, allocations)
         state, metrics = train_step(state, batch_data)
         jax.block_until_ready(metrics)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(steps):
             state, metrics = train_step(state, batch_data)
             jax.block_until_ready(metrics)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    if kernel_usage is not None:
+        kernel_usage.append((after.ru_minflt - usage.ru_minflt, after.ru_stime - usage.ru_stime))
     (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
     with gzip.open(path, "rt") as f:
         return device_kernels(json.load(f))
@@ -200,26 +228,37 @@ def main(argv=None) -> int:
                                          args.seq_len)
         train_step, state, batch_data = step
         hlo_text = train_step.lower(state, batch_data).compile().as_text()
+        usage = []
         with tempfile.TemporaryDirectory() as trace_dir:
-            kernels = traced_step_kernels(step, args.steps, trace_dir)
+            kernels = traced_step_kernels(step, args.steps, trace_dir, usage)
         if not kernels:
             # Seen where libtpu had been loaded into the process before (a TPU AOT compile):
             # its profiler then records no XLA:CPU ops.
             raise SystemExit(f"profile_train: the trace of {mode} holds no kernels or XLA ops; "
                              "run it in a fresh process")
         summaries[mode] = summarize(named_custom_calls(kernels, hlo_text), args.steps)
+        (faults, system_s), = usage
+        summaries[mode].update(page_faults_per_step=faults / args.steps,
+                               system_ms_per_step=system_s * 1e3 / args.steps)
         del step
         print(f"# {mode}: traced", file=sys.stderr, flush=True)
 
     header = (f"{'mode':>18} {'busy ms':>9} {'kernels':>8} {'matmul ms':>10} "
-              f"{'attention ms':>13} {'other ms':>9} {'alone ms':>9} {'span ms':>8}")
+              f"{'attention ms':>13} {'other ms':>9} {'alone ms':>9} {'span ms':>8} "
+              f"{'faults':>7} {'sys ms':>7}")
     print(header)
     print("-" * len(header))
     for mode, summary in summaries.items():
         classes = summary["class_ms"]
         print(f"{mode:>18} {summary['busy_ms']:9.2f} {summary['kernels']:8.0f} "
               f"{classes['matmul']:10.2f} {classes['attention']:13.2f} {classes['other']:9.2f} "
-              f"{summary['alone_ms']:9.2f} {summary['span_ms']:8.2f}")
+              f"{summary['alone_ms']:9.2f} {summary['span_ms']:8.2f} "
+              f"{summary['page_faults_per_step']:7.0f} {summary['system_ms_per_step']:7.1f}")
+    faulted = faulted_modes(summaries)
+    if faulted:
+        print(f"# {', '.join(faulted)}: over {FAULTS_WORTH_A_WARNING} page faults a step; "
+              "ops touching fresh pages run slower, so compare such modes profiled alone "
+              "(--modes MODE)")
     reference = modes[0]
     for mode in modes[1:]:
         print(f"\n{mode} against {reference}: the kernel families that differ most "

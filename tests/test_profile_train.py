@@ -119,6 +119,14 @@ def test_per_step_sums_and_the_families_that_differ_most(profile_train):
 
 
 @pytest.mark.slow
+def test_modes_whose_steps_faulted_are_named(profile_train):
+    # Ops touching fresh pages run slower; the report says which modes that may have hit.
+    limit = profile_train.FAULTS_WORTH_A_WARNING
+    summaries = {"bf16": {"page_faults_per_step": 0}, "b1.58": {"page_faults_per_step": limit},
+                 "a4.8": {"page_faults_per_step": limit + 1}}
+    assert profile_train.faulted_modes(summaries) == ["a4.8"]
+
+
 def test_profiles_two_modes_of_a_step_end_to_end(tmp_path):
     # In a process of its own, as it is run: where libtpu was loaded first (a test's TPU AOT
     # compile), the profiler records no XLA:CPU ops, and the script says so and exits.
@@ -134,6 +142,7 @@ def test_profiles_two_modes_of_a_step_end_to_end(tmp_path):
         assert sum(summary["family_ms"].values()) == pytest.approx(summary["busy_ms"])
         assert 0 < summary["alone_ms"] <= summary["busy_ms"]
         assert summary["alone_ms"] <= summary["span_ms"] * 1.001
+        assert summary["page_faults_per_step"] >= 0 and summary["system_ms_per_step"] >= 0
     # b1.58 quantizes: it runs kernel families that the bf16 step does not.
     assert set(report["modes"]["b1.58"]["family_ms"]) - set(report["modes"]["bf16"]["family_ms"])
     assert "b1.58 against bf16" in run.stdout
