@@ -54,11 +54,11 @@ def _assert_partitioned(fn, args, want, target):
 # One element; a tile and its tails in P (16 rows, 32-row blocks), M (32 per step, 256 per
 # chunk) and N (16 columns, 32-column blocks); several chunks; blocks of out past the first
 # task's (P and N past 512); M past XLA's blocks on vectors (2048, or 4096 for at most 16
-# columns), even, odd, and odd with its last row alone in a chunk (`kernels/kernel_util.h`,
-# VectorSumBlock).
+# columns), even (where the tasks split m at the blocks: two and three of them), odd, and odd
+# with its last row alone in a chunk (`kernels/kernel_util.h`, VectorSumBlock).
 SHAPES = [(1, 1, 1), (3, 5, 7), (16, 32, 16), (17, 33, 15), (33, 70, 45), (64, 257, 96),
-          (100, 600, 130), (40, 64, 700), (700, 96, 40), (33, 4096, 45), (40, 6145, 20),
-          (20, 2049, 33), (17, 2305, 16), (16, 8193, 8)]
+          (100, 600, 130), (40, 64, 700), (700, 96, 40), (33, 4096, 45), (40, 6144, 20),
+          (40, 6145, 20), (20, 2049, 33), (17, 2305, 16), (16, 8192, 8), (16, 8193, 8)]
 
 
 @pytest.mark.parametrize("p,m,n", SHAPES)
@@ -152,7 +152,7 @@ def _row_quantized(m, p, bits, kind, seed):
 
 @pytest.mark.parametrize("m,p,n", [(1, 1, 1), (5, 3, 7), (32, 16, 16), (70, 33, 45),
                                    (257, 100, 130), (600, 64, 40), (96, 700, 40),
-                                   (4097, 33, 20)])
+                                   (4096, 33, 20), (4097, 33, 20)])
 @pytest.mark.parametrize("bits,kind", [(8, "absmax"), (4, "absmean")])
 def test_quantized_equals_our_x_q_transposed_then_the_product(m, p, n, bits, kind, bf16_kernels):
     """X_q^T built in L1 from x and its row parameters: the values `quantize_transpose` writes,

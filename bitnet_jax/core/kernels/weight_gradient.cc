@@ -15,7 +15,8 @@
 // (tile by tile, 1 KB each: xt's own rows lie 2 M bytes apart, 8 KB in training, and would
 // fall into the same few L1 sets), then runs 32 x 32 blocks of out on four sum tiles, two of xt
 // and two of g.  Without tiles (AMD Zen 4) the same chunks go through VDPBF16PS, 8 rows x 32
-// columns of out in 16 sum vectors.
+// columns of out in 16 sum vectors, and where m spans several of the blocks in which XLA sums
+// it there, the tasks split m at those blocks rather than out's rows (`ProductAvx512`).
 //
 // XLA:CPU's own bf16 dot (YNNPACK) took 1.2-1.4x this kernel's time at the ladder presets'
 // weight-gradient shapes on a 2-core Xeon, and `quantize_transpose` with it 1.4-1.9x the time
@@ -231,20 +232,21 @@ __attribute__((target(BITNET_AVX512_BF16_TARGET), always_inline)) inline void Pa
 
 // The same block product on AVX512-BF16 vectors, for CPUs without AMX tiles: the same packed g
 // chunk and staged xt chunk, and per 8 rows x 32 columns of out 16 sum vectors, each pair of
-// xt's row broadcast to the 16 lanes of VDPBF16PS.  The sums follow XLA's on such CPUs
-// (`VectorSumBlock`, a multiple of kChunk): m's even part in blocks, whose sums wait between
-// chunks in out (the first block) or in `partial` (ld `ldp`, the shape of the block of out;
-// the later ones) and are then added to out, and an odd M's last row added last, as a pair of
-// it and a zero row.
+// xt's row broadcast to the 16 lanes of VDPBF16PS, over m's chunks [k_begin, k_end).  The sums
+// follow XLA's on such CPUs (`VectorSumBlock`, a multiple of kChunk): m's even part in blocks,
+// whose sums wait between chunks in out (the first block) or in `partial` (ld `ldp`, the shape
+// of the block of out; the later ones) and are then added to out (or, `keep_block_sums`, left
+// in `partial` for the caller to add), and an odd M's last row added last, as a pair of it and
+// a zero row.
 template <typename Rows>
 __attribute__((target(BITNET_AVX512_BF16_TARGET))) void BlockProductAvx512(
     const Rows& rows, const uint16_t* g, int64_t M, int64_t N, float* out, int64_t ldc,
     int64_t p0, int64_t p1, int64_t n0, int64_t n1, uint16_t* b_chunk, uint16_t* a_chunk,
-    float* partial, int64_t ldp) {
+    float* partial, int64_t ldp, int64_t k_begin, int64_t k_end, bool keep_block_sums) {
   constexpr int kRows = 8;
-  const int64_t mp = RoundUp(M, 32), even = M - M % 2, sum_block = VectorSumBlock(N);
-  for (int64_t k0 = 0; k0 < mp; k0 += kChunk) {
-    const int64_t k1 = std::min(mp, k0 + kChunk), kc = k1 - k0, panel_elems = kc * 16;
+  const int64_t even = M - M % 2, sum_block = VectorSumBlock(N);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {
+    const int64_t k1 = std::min(k_end, k0 + kChunk), kc = k1 - k0, panel_elems = kc * 16;
     const int64_t steps = kc / 32;
     const int64_t pairs = std::max<int64_t>(0, std::min(k1, even) - k0) / 2;  // of rows < even
     const bool tail = M % 2 && M - 1 >= k0 && M - 1 < k1;  // the odd last row is here
@@ -272,7 +274,7 @@ __attribute__((target(BITNET_AVX512_BF16_TARGET))) void BlockProductAvx512(
             acc[r][1] = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(from + 16);
           }
           for (int64_t q = 0; q < pairs; ++q) PairsStep<kRows>(acc, a, b0, b1, q);
-          if (pairs > 0 && !last) {
+          if (pairs > 0 && (!last || (keep_block_sums && block > 0))) {
             for (int r = 0; r < kRows; ++r) {
               _mm512_storeu_ps(sums + r * lds, acc[r][0]);
               _mm512_storeu_ps(sums + r * lds + 16, acc[r][1]);
@@ -326,6 +328,65 @@ struct BlockGrid {
   int64_t tasks() const { return row_parts * col_parts; }
 };
 
+// The vector product's tasks.  XLA sums m in blocks (`VectorSumBlock`), each from zero, then
+// adds the blocks' sums in order; where M is even and has several blocks, the tasks split m at
+// those blocks, each task's block of out as large as a core's L2 holds (the blocks of a one-
+// thread `BlockGrid`), the later blocks' sums kept apart and added to the first's in order at
+// the end.  Splitting out's rows instead, as the tiles do, packs each chunk of g once per block
+// of rows: with two threads, twice at ladder-6.4m's shapes, where packing took ~9% of the call
+// (perf, 2026-12-06, a 2-core AMD EPYC).  An odd M (its last row added after all the blocks)
+// and a single block keep the split of out.
+template <typename Rows>
+void ProductAvx512(ffi::ThreadPool& pool, const Rows& rows, const uint16_t* g, int64_t M,
+                   int64_t N, float* c, int64_t ldc, int64_t pp, int64_t np, int64_t threads) {
+  const int64_t mp = RoundUp(M, 32), sum_block = VectorSumBlock(N);
+  const int64_t m_blocks = (M + sum_block - 1) / sum_block;
+  const BlockGrid whole(pp, np, 1, Rows::kStageCost);
+  const bool split_m = M % 2 == 0 && m_blocks > 1 && whole.tasks() * m_blocks >= threads;
+  const BlockGrid grid = split_m ? whole : BlockGrid(pp, np, threads, Rows::kStageCost);
+  const int64_t spans = split_m ? m_blocks : 1;  // tasks per block of out
+  // The sums of the blocks of m after the first: each task's own (split_m), or per task the
+  // block of out's sums of its later blocks while the task runs them (`BlockProductAvx512`).
+  static thread_local Scratch block_sums;
+  float* kept = split_m ? static_cast<float*>(block_sums.get(
+                              (m_blocks - 1) * pp * np * sizeof(float)))
+                        : nullptr;
+  ParallelFor(pool, grid.tasks() * spans, [&](int64_t t) {
+    static thread_local Scratch b_chunk, a_chunk, later_blocks;
+    const int64_t span = t % spans, block = t / spans;
+    const int64_t p0 = block / grid.col_parts * grid.rows;
+    const int64_t n0 = block % grid.col_parts * grid.cols;
+    const int64_t p1 = std::min(pp, p0 + grid.rows), n1 = std::min(np, n0 + grid.cols);
+    uint16_t* bc = static_cast<uint16_t*>(b_chunk.get(kChunk * grid.cols * sizeof(uint16_t)));
+    uint16_t* ac = static_cast<uint16_t*>(a_chunk.get(kBlock * kChunk * sizeof(uint16_t)));
+    if (split_m) {
+      float* sums = span == 0 ? nullptr : kept + (span - 1) * pp * np + p0 * np + n0;
+      BlockProductAvx512(rows, g, M, N, c, ldc, p0, p1, n0, n1, bc, ac, sums, np,
+                         span * sum_block, std::min(mp, (span + 1) * sum_block), true);
+      return;
+    }
+    float* partial = M - M % 2 > sum_block ? static_cast<float*>(later_blocks.get(
+                                                 (p1 - p0) * (n1 - n0) * sizeof(float)))
+                                           : nullptr;
+    BlockProductAvx512(rows, g, M, N, c, ldc, p0, p1, n0, n1, bc, ac, partial, n1 - n0, 0, mp,
+                       false);
+  });
+  if (!split_m) return;
+  // out = ((first + second) + third) ...: XLA's order, float32 adds as it rounds them.
+  ParallelFor(pool, pp / kBlock, [&](int64_t t) {
+    for (int64_t p = t * kBlock; p < (t + 1) * kBlock; ++p) {
+      for (int64_t b = 1; b < m_blocks; ++b) {
+        const float* from = kept + (b - 1) * pp * np + p * np;
+        float* to = c + p * ldc;
+        for (int64_t n = 0; n < np; n += 16) {
+          _mm512_storeu_ps(to + n, _mm512_add_ps(_mm512_loadu_ps(to + n),
+                                                  _mm512_loadu_ps(from + n)));
+        }
+      }
+    }
+  });
+}
+
 // out (P, N) = X^T G from `rows` (X^T, or x and its row parameters) and g (M, N), on the pool.
 template <typename Rows>
 void Product(ffi::ThreadPool& pool, const Rows& rows, const uint16_t* g, int64_t P, int64_t M,
@@ -346,28 +407,22 @@ void Product(ffi::ThreadPool& pool, const Rows& rows, const uint16_t* g, int64_t
   }
   // XLA's own product takes the tiles where there are any, and the sums' order follows
   // (BITNET_JAX_CPU_AMX chose the routing when the program was traced).
-  const bool tiles = bitnet_amx::Granted();
-  const BlockGrid grid(pp, np, std::max<int64_t>(1, pool.num_threads()), Rows::kStageCost);
-  const std::function<void(int64_t)> compute = [&](int64_t t) {
-    static thread_local Scratch b_chunk, a_chunk;
-    const int64_t p0 = t / grid.col_parts * grid.rows, n0 = t % grid.col_parts * grid.cols;
-    uint16_t* bc = static_cast<uint16_t*>(b_chunk.get(kChunk * grid.cols * sizeof(uint16_t)));
-    uint16_t* ac = static_cast<uint16_t*>(a_chunk.get(kBlock * kChunk * sizeof(uint16_t)));
-    const int64_t p1 = std::min(pp, p0 + grid.rows), n1 = std::min(np, n0 + grid.cols);
-    if (tiles) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (bitnet_amx::Granted()) {
+    const BlockGrid grid(pp, np, threads, Rows::kStageCost);
+    ParallelFor(pool, grid.tasks(), [&](int64_t t) {
+      static thread_local Scratch b_chunk, a_chunk;
+      const int64_t p0 = t / grid.col_parts * grid.rows, n0 = t % grid.col_parts * grid.cols;
+      uint16_t* bc = static_cast<uint16_t*>(b_chunk.get(kChunk * grid.cols * sizeof(uint16_t)));
+      uint16_t* ac = static_cast<uint16_t*>(a_chunk.get(kBlock * kChunk * sizeof(uint16_t)));
+      const int64_t p1 = std::min(pp, p0 + grid.rows), n1 = std::min(np, n0 + grid.cols);
       bitnet_amx::Configure();
       BlockProduct(rows, g, M, N, c, ldc, p0, p1, n0, n1, bc, ac);
       bitnet_amx::Release();
-    } else {
-      // Blocks of m after the first keep their sums apart until added (`VectorSumBlock`).
-      static thread_local Scratch later_blocks;
-      float* partial = M - M % 2 > VectorSumBlock(N) ? static_cast<float*>(later_blocks.get(
-                                                         (p1 - p0) * (n1 - n0) * sizeof(float)))
-                                                   : nullptr;
-      BlockProductAvx512(rows, g, M, N, c, ldc, p0, p1, n0, n1, bc, ac, partial, n1 - n0);
-    }
-  };
-  ParallelFor(pool, grid.tasks(), compute);
+    });
+  } else {
+    ProductAvx512(pool, rows, g, M, N, c, ldc, pp, np, threads);
+  }
   if (c != out) {
     for (int64_t p = 0; p < P; ++p) std::memcpy(out + p * N, c + p * ldc, N * sizeof(float));
   }
