@@ -177,10 +177,11 @@ def traced_step_kernels(step, steps: int, trace_dir: str,
 
     `kernel_usage`, if given, receives the (page faults, system seconds) of the traced steps,
     from `getrusage`. They matter here: ops that touch freshly faulted pages run several times
-    slower (2026-12-06, a 2-core AMD EPYC: with ~40,000 faults a step, the ladder-6.4m norms'
-    elementwise fusions took 0.5-0.9 ms against 0.09-0.14 ms without), which happened to
-    whichever mode ran after another in one process, so that a mode's ops can look slow for
-    reasons that are not its own."""
+    slower (2026-12-06, a 2-core AMD EPYC: in one profile the ladder-6.4m norms' elementwise
+    fusions took 0.5-0.9 ms, in another with few faults 0.09-0.14 ms). Steps faulted in
+    7,000-44,000 pages each in processes that had run another mode before (tcmalloc returns
+    freed spans to the kernel) and now and then in fresh ones, so that a mode's ops can look
+    slow for reasons that are not its own."""
     train_step, state, batch_data = step
     for _ in range(2):  # past the first steps' one-off work (autotuning, allocations)
         state, metrics = train_step(state, batch_data)
