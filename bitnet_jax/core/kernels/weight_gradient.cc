@@ -326,6 +326,21 @@ struct BlockGrid {
     col_parts = (np + cols - 1) / cols;
   }
   int64_t tasks() const { return row_parts * col_parts; }
+
+  // Block b's rows [p0, p1) and columns [n0, n1) of out (pp x np), and the calling thread's
+  // buffers for a chunk of g's panels and of staged rows.
+  struct Task {
+    int64_t p0, p1, n0, n1;
+    uint16_t* b_chunk;
+    uint16_t* a_chunk;
+  };
+  Task At(int64_t b, int64_t pp, int64_t np) const {
+    static thread_local Scratch b_chunk, a_chunk;
+    const int64_t p0 = b / col_parts * rows, n0 = b % col_parts * cols;
+    return {p0, std::min(pp, p0 + rows), n0, std::min(np, n0 + cols),
+            static_cast<uint16_t*>(b_chunk.get(kChunk * cols * sizeof(uint16_t))),
+            static_cast<uint16_t*>(a_chunk.get(kBlock * kChunk * sizeof(uint16_t)))};
+  }
 };
 
 // The vector product's tasks.  XLA sums m in blocks (`VectorSumBlock`), each from zero, then
@@ -352,13 +367,9 @@ void ProductAvx512(ffi::ThreadPool& pool, const Rows& rows, const uint16_t* g, i
                               (m_blocks - 1) * pp * np * sizeof(float)))
                         : nullptr;
   ParallelFor(pool, grid.tasks() * spans, [&](int64_t t) {
-    static thread_local Scratch b_chunk, a_chunk, later_blocks;
-    const int64_t span = t % spans, block = t / spans;
-    const int64_t p0 = block / grid.col_parts * grid.rows;
-    const int64_t n0 = block % grid.col_parts * grid.cols;
-    const int64_t p1 = std::min(pp, p0 + grid.rows), n1 = std::min(np, n0 + grid.cols);
-    uint16_t* bc = static_cast<uint16_t*>(b_chunk.get(kChunk * grid.cols * sizeof(uint16_t)));
-    uint16_t* ac = static_cast<uint16_t*>(a_chunk.get(kBlock * kChunk * sizeof(uint16_t)));
+    static thread_local Scratch later_blocks;
+    const int64_t span = t % spans;
+    const auto [p0, p1, n0, n1, bc, ac] = grid.At(t / spans, pp, np);
     if (split_m) {
       float* sums = span == 0 ? nullptr : kept + (span - 1) * pp * np + p0 * np + n0;
       BlockProductAvx512(rows, g, M, N, c, ldc, p0, p1, n0, n1, bc, ac, sums, np,
@@ -411,11 +422,7 @@ void Product(ffi::ThreadPool& pool, const Rows& rows, const uint16_t* g, int64_t
   if (bitnet_amx::Granted()) {
     const BlockGrid grid(pp, np, threads, Rows::kStageCost);
     ParallelFor(pool, grid.tasks(), [&](int64_t t) {
-      static thread_local Scratch b_chunk, a_chunk;
-      const int64_t p0 = t / grid.col_parts * grid.rows, n0 = t % grid.col_parts * grid.cols;
-      uint16_t* bc = static_cast<uint16_t*>(b_chunk.get(kChunk * grid.cols * sizeof(uint16_t)));
-      uint16_t* ac = static_cast<uint16_t*>(a_chunk.get(kBlock * kChunk * sizeof(uint16_t)));
-      const int64_t p1 = std::min(pp, p0 + grid.rows), n1 = std::min(np, n0 + grid.cols);
+      const auto [p0, p1, n0, n1, bc, ac] = grid.At(t, pp, np);
       bitnet_amx::Configure();
       BlockProduct(rows, g, M, N, c, ldc, p0, p1, n0, n1, bc, ac);
       bitnet_amx::Release();
