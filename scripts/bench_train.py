@@ -20,7 +20,9 @@ dots: on AVX512-BF16 CPUs without AMX, as before 2026-12-05, 23:00),
 bf16-null (the baseline a second time: its ratio is the noise floor of every other ratio),
 bf16-xla-dw (bf16 with its weight gradient as XLA's own dot, which XLA:CPU runs in float32;
 `matmul.weight_gradient` gives it a transposed bf16 copy instead, see there),
-bf16-xla-attention (bf16 with `jax.nn`'s attention on CPU, as before `model.cpu_attention`), and
+bf16-xla-attention (bf16 with `jax.nn`'s attention on CPU, as before `model.cpu_attention`),
+bf16-bf16-activation and b1.58-bf16-activation (the gated MLP's act(gate) * up computed in bf16,
+as before `layers.gated_hidden` computed it in float32), and
 the two halves of b1.58's fake quantization on their own, to see which one costs: w1.58a16
 (ternary weights, bf16 activations) and w16a8 (bf16 weights, 8-bit per-token activations);
 bf16-, b1.58- and w1.58a16-memory-scheduler (the step compiled with XLA:CPU's memory-optimized
@@ -109,6 +111,8 @@ class Mode(NamedTuple):
     # as XLA's passes over the whole array
     ynn_eltwise: bool = False  # XLA:CPU's YNNPACK fusions take elementwise operations too
     # (`--xla_cpu_experimental_ynn_fusion_type`), not only products
+    float32_activation: bool = True  # the gated MLP's act(gate) * up in float32, rounded once
+    # (`layers.gated_hidden`), else in the compute dtype, rounded after every operation
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
@@ -157,6 +161,8 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
          "b1.58-ynn-eltwise": Mode("b1.58", ynn_eltwise=True),
          "b1.58-int8-bwd-ynn-eltwise": Mode("b1.58", integer=True, int8_backward=True,
                                             ynn_eltwise=True),
+         "bf16-bf16-activation": Mode("bf16", float32_activation=False),
+         "b1.58-bf16-activation": Mode("b1.58", float32_activation=False),
          "bf16-scan": Mode("bf16", scan_layers=True),
          "b1.58-scan": Mode("b1.58", scan_layers=True)}
 DEFAULT_MODES = "bf16,b1.58,b1.58-int8"
@@ -209,6 +215,10 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.kth_kernel:  # the bisection as XLA's passes (before 2026-12-05, 07:00)
             patches.enter_context(mock.patch.object(cpu_order_statistics, "applies",
                                                     lambda values: False))
+        if not mode.float32_activation:  # act(gate) * up in bf16 (before 2026-12-06, 04:30)
+            patches.enter_context(mock.patch.object(
+                layers, "gated_hidden",
+                lambda activation, gate, up, dtype: layers.ffn_activation(activation)(gate) * up))
         if mode.quantizer_derivative:  # before 2026-12-05: the quantizer saw x's tangent
             patches.enter_context(mock.patch.object(
                 quant, "fake_quantize",

@@ -10,7 +10,7 @@ import pytest
 
 from bitnet_jax.core import hadamard, quant
 from bitnet_jax.model.layers import (BitLinear, CausalSelfAttention, GatedMLP, RMSNorm, apply_rope,
-                               quantize_kv)
+                               gated_hidden, quantize_kv)
 from bitnet_jax.core.precision import KVCachePrecision, get_recipe
 
 RNG = jax.random.PRNGKey(0)
@@ -192,6 +192,24 @@ def test_gated_mlp_matches_numpy(activation, sub_norm):
         hidden = np_rmsnorm(hidden, 1.0)
     np.testing.assert_allclose(module.apply({"params": params}, x), hidden @ w["down_proj"],
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_gated_hidden_rounds_once_to_the_compute_dtype(activation):
+    """act(gate) * up in bf16 is the exact value rounded once: within one bf16 step of float64's
+    everywhere, and equal to float64's rounded nearly everywhere (computed in bf16 op by op,
+    44% of SiLU's values differed from it, up to 1.5 steps off, and 12% of squared ReLU's)."""
+    rng = np.random.default_rng(11)
+    gate = jnp.asarray(rng.normal(0, 3, (64, 96)), jnp.bfloat16)
+    up = jnp.asarray(rng.normal(0, 3, (64, 96)), jnp.bfloat16)
+    got = np.asarray(jax.jit(gated_hidden, static_argnums=(0, 3))(activation, gate, up,
+                                                                 jnp.bfloat16), np.float64)
+    g, u = np.asarray(gate, np.float64), np.asarray(up, np.float64)
+    exact = (g / (1 + np.exp(-g)) if activation == "swiglu" else np.maximum(g, 0) ** 2) * u
+    step = np.abs(np.asarray(jnp.asarray(exact, jnp.bfloat16), np.float64)) * 2.0 ** -7
+    off = np.abs(got - exact)
+    assert np.all(off <= step + 1e-30)
+    assert np.mean(got != np.asarray(jnp.asarray(exact, jnp.bfloat16), np.float64)) < 0.01
 
 
 def test_bf16_compute_keeps_float32_params():

@@ -337,6 +337,15 @@ def ffn_activation(name: str):
     raise ValueError(f"ffn activation must be 'swiglu' or 'relu2', got {name!r}")
 
 
+def gated_hidden(activation: str, gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+    """act(gate) * up in float32, rounded once to `dtype`, as RMSNorm here and torch's bf16 SiLU
+    compute it. Written in bf16, XLA:CPU rounds after each of SiLU's operations (five roundings)
+    and ran it 2.2x slower: 1.46 against 3.24 ms forward, 2.18 against 3.96 ms for the gradient,
+    at ladder-6.4m's (16, 256, 704) on a 2-core AMD EPYC (2026-12-06)."""
+    return (ffn_activation(activation)(gate.astype(jnp.float32))
+            * up.astype(jnp.float32)).astype(dtype)
+
+
 class GatedMLP(_BlockWithLinears):
     """down(act(gate(x)) * up(x)), optionally with a sub-norm before the down projection."""
 
@@ -349,7 +358,7 @@ class GatedMLP(_BlockWithLinears):
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         gate = self._linear(self.d_ff, self.gate_up_precision, ("embed", "mlp"), "gate_proj")(x_BxTxD)
         up = self._linear(self.d_ff, self.gate_up_precision, ("embed", "mlp"), "up_proj")(x_BxTxD)
-        hidden_BxTxF = ffn_activation(self.activation)(gate) * up
+        hidden_BxTxF = gated_hidden(self.activation, gate, up, self.dtype)
         if self.sub_norm:
             hidden_BxTxF = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, "mlp",
                                    name="ffn_sub_norm")(hidden_BxTxF)
