@@ -215,7 +215,7 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
         if not mode.kth_kernel:  # the bisection as XLA's passes (before 2026-12-05, 07:00)
             patches.enter_context(mock.patch.object(cpu_order_statistics, "applies",
                                                     lambda values: False))
-        if not mode.float32_activation:  # act(gate) * up in bf16 (before 2026-12-06, 04:30)
+        if not mode.float32_activation:  # act(gate) * up in bf16 (before 2026-12-06, 03:50)
             patches.enter_context(mock.patch.object(
                 layers, "gated_hidden",
                 lambda activation, gate, up, dtype: layers.ffn_activation(activation)(gate) * up))
