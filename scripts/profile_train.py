@@ -13,11 +13,14 @@ this, not the busy time, is where a step's wall time goes; `alone_micros`), the 
 step and the traced steps' page faults and system time (a line names the modes with over 10,000
 faults a step, whose ops run slower for it); and then, for every mode after the first, the
 kernel families (names less their numeric suffix) whose time differs most from the first mode's:
-what a recipe adds or saves, with the time each ran alone. Writes JSON (default
-`profile_train.json`) with every family's time.
+what a recipe adds or saves, with the time each ran alone. `--by op` compares model operations
+instead (each op's HLO op_name, as `mlp/jit(silu)/mul` under `layers_*`, every layer's one
+name): which line of the model a family's time comes from. Writes JSON (default
+`profile_train.json`) with every family's and every model operation's time.
 
     python scripts/profile_train.py [--preset ladder-20m] [--modes bf16,b1.58,b1.58-int8]
-                                    [--batch 16] [--seq-len 256] [--steps 2] [--out FILE]
+                                    [--batch 16] [--seq-len 256] [--steps 2] [--by op]
+                                    [--out FILE]
 
 Measured this way on an H200 (README, Benchmarks): what b1.58 adds to a bf16 step of
 b1.58-700m, and which kernels it is.
@@ -72,6 +75,29 @@ def family(name: str) -> str:
     return re.sub(r"[._]\d+$", "", name)
 
 
+# Parts of an HLO op_name that say where the step's code ran, not what the model computes: the
+# jitted step itself, the grad-accumulation loop's body, and `platform_dependent`'s branches.
+_WRAPPERS = re.compile(r"^jit\([^/]*\)/|while/body/|closed_call/|cond/branch_\d+_fun/")
+
+
+def model_op(op_name: str) -> str:
+    """An HLO op_name as the model operation it computes: the step's wrappers left out and
+    layer numbers written `layers_*`, so that the same operation of every layer is one name."""
+    return re.sub(r"layers_\d+", "layers_*", _WRAPPERS.sub("", op_name))
+
+
+def model_ops(kernels: list[Kernel], hlo_text: str) -> list[str]:
+    """Each kernel's model operation (`model_op` of its instruction's op_name, with a custom
+    call's target after it), or its family where the instruction has no op_name (XLA's own
+    copies). Take the kernels before `named_custom_calls` renames them."""
+    op_names = {name: model_op(op) for name, op in
+                re.findall(r'%?([\w.\-]+) = [^\n]*?op_name="([^"]+)"', hlo_text)}
+    targets = dict(re.findall(r'%?([\w.\-]+) = [^\n]*?custom-call\([^\n]*?'
+                              r'custom_call_target="([^"]+)"', hlo_text))
+    return [op_names.get(k.name, family(k.name))
+            + (f" [{targets[k.name]}]" if k.name in targets else "") for k in kernels]
+
+
 # Page faults per traced step above which a mode's op times are suspect (`traced_step_kernels`).
 # The profiler's own buffers fault in some: 800-1,500 a step at ladder-1.6m, ~5,000 at 6.4m,
 # where the slow profiles of 2026-12-06 had 7,000-44,000 (a 2-core AMD EPYC).
@@ -104,9 +130,10 @@ def device_kernels(trace: dict) -> list[Kernel]:
     return kernels
 
 
-def alone_micros(kernels: list[Kernel]) -> tuple[collections.Counter, float]:
-    """(microseconds each kernel name ran with no other kernel running, the microseconds from
-    the first start to the last end).
+def alone_micros(kernels: list[Kernel], labels: list[str] | None = None
+                 ) -> tuple[collections.Counter, float]:
+    """(microseconds each kernel name (or its entry of `labels`) ran with no other kernel
+    running, the microseconds from the first start to the last end).
 
     XLA:CPU runs independent ops side by side on its threads, so a CPU step's wall time is not
     the sum of its ops: an op that runs alone is on the step's critical path, one beside others
@@ -122,7 +149,9 @@ def alone_micros(kernels: list[Kernel]) -> tuple[collections.Counter, float]:
     running, previous = set(), edges[0][0]
     for time_us, is_start, index in edges:
         if len(running) == 1:
-            alone[kernels[next(iter(running))].name] += time_us - previous
+            index_alone = next(iter(running))
+            alone[labels[index_alone] if labels else kernels[index_alone].name] += \
+                time_us - previous
         previous = time_us
         if is_start:
             running.add(index)
@@ -131,9 +160,11 @@ def alone_micros(kernels: list[Kernel]) -> tuple[collections.Counter, float]:
     return alone, edges[-1][0] - edges[0][0]
 
 
-def summarize(kernels: list[Kernel], steps: int) -> dict:
+def summarize(kernels: list[Kernel], steps: int, ops: list[str] | None = None) -> dict:
     """Per step: busy milliseconds, kernel count, milliseconds per class and per family, the
-    milliseconds kernels ran alone (in all and per family) and the trace's span."""
+    milliseconds kernels ran alone (in all and per family) and the trace's span; with `ops`
+    (each kernel's `model_ops` entry), milliseconds, counts and milliseconds alone per model
+    operation too."""
     by_family, count_by_family = collections.Counter(), collections.Counter()
     by_class = collections.Counter({"matmul": 0.0, "attention": 0.0, "other": 0.0})
     for kernel in kernels:
@@ -144,24 +175,35 @@ def summarize(kernels: list[Kernel], steps: int) -> dict:
     alone_by_family = collections.Counter()
     for name, micros in alone.items():
         alone_by_family[family(name)] += micros / 1e3 / steps
-    return {"busy_ms": sum(by_class.values()), "kernels": len(kernels) / steps,
-            "class_ms": dict(by_class), "family_ms": dict(by_family.most_common()),
-            "family_count": dict(count_by_family),
-            "alone_ms": sum(alone_by_family.values()), "span_ms": span / 1e3 / steps,
-            "family_alone_ms": dict(alone_by_family.most_common())}
+    summary = {"busy_ms": sum(by_class.values()), "kernels": len(kernels) / steps,
+               "class_ms": dict(by_class), "family_ms": dict(by_family.most_common()),
+               "family_count": dict(count_by_family),
+               "alone_ms": sum(alone_by_family.values()), "span_ms": span / 1e3 / steps,
+               "family_alone_ms": dict(alone_by_family.most_common())}
+    if ops is not None:
+        by_op, count_by_op = collections.Counter(), collections.Counter()
+        for kernel, op in zip(kernels, ops):
+            by_op[op] += kernel.micros / 1e3 / steps
+            count_by_op[op] += 1 / steps
+        alone_by_op = alone_micros(kernels, ops)[0]
+        summary.update(op_ms=dict(by_op.most_common()), op_count=dict(count_by_op),
+                       op_alone_ms={op: micros / 1e3 / steps
+                                    for op, micros in alone_by_op.most_common()})
+    return summary
 
 
-def family_differences(summary: dict, baseline: dict, top: int) -> list[tuple]:
-    """(family, ms difference, count difference, ms, baseline ms, ms alone, baseline ms alone)
-    of the `top` families whose time differs most between `summary` and `baseline`, largest
-    first."""
-    names = set(summary["family_ms"]) | set(baseline["family_ms"])
-    rows = [(name, summary["family_ms"].get(name, 0.0) - baseline["family_ms"].get(name, 0.0),
-             summary["family_count"].get(name, 0) - baseline["family_count"].get(name, 0),
-             summary["family_ms"].get(name, 0.0), baseline["family_ms"].get(name, 0.0),
-             summary["family_alone_ms"].get(name, 0.0),
-             baseline["family_alone_ms"].get(name, 0.0))
-            for name in names]
+def family_differences(summary: dict, baseline: dict, top: int, by: str = "family"
+                       ) -> list[tuple]:
+    """(name, ms difference, count difference, ms, baseline ms, ms alone, baseline ms alone)
+    of the `top` kernel families (or, with `by="op"`, model operations) whose time differs
+    most between `summary` and `baseline`, largest first."""
+    ms, count, alone = summary[f"{by}_ms"], summary[f"{by}_count"], summary[f"{by}_alone_ms"]
+    base_ms, base_count = baseline[f"{by}_ms"], baseline[f"{by}_count"]
+    base_alone = baseline[f"{by}_alone_ms"]
+    rows = [(name, ms.get(name, 0.0) - base_ms.get(name, 0.0),
+             count.get(name, 0) - base_count.get(name, 0), ms.get(name, 0.0),
+             base_ms.get(name, 0.0), alone.get(name, 0.0), base_alone.get(name, 0.0))
+            for name in set(ms) | set(base_ms)]
     return sorted(rows, key=lambda row: -abs(row[1]))[:top]
 
 
@@ -210,6 +252,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="traced steps per mode")
     parser.add_argument("--top", type=int, default=12,
                         help="kernel families listed per mode against the first")
+    parser.add_argument("--by", choices=("family", "op"), default="family",
+                        help="compare modes by kernel family, or by model operation (each op's "
+                             "HLO op_name, every layer's as one: `model_ops`)")
     parser.add_argument("--out", default="profile_train.json")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
@@ -237,7 +282,8 @@ def main(argv=None) -> int:
             # its profiler then records no XLA:CPU ops.
             raise SystemExit(f"profile_train: the trace of {mode} holds no kernels or XLA ops; "
                              "run it in a fresh process")
-        summaries[mode] = summarize(named_custom_calls(kernels, hlo_text), args.steps)
+        summaries[mode] = summarize(named_custom_calls(kernels, hlo_text), args.steps,
+                                    model_ops(kernels, hlo_text))
         (faults, system_s), = usage
         summaries[mode].update(page_faults_per_step=faults / args.steps,
                                system_ms_per_step=system_s * 1e3 / args.steps)
@@ -262,13 +308,15 @@ def main(argv=None) -> int:
               "(--modes MODE)")
     reference = modes[0]
     for mode in modes[1:]:
-        print(f"\n{mode} against {reference}: the kernel families that differ most "
+        what = "kernel families" if args.by == "family" else "model operations"
+        width = 40 if args.by == "family" else 72
+        print(f"\n{mode} against {reference}: the {what} that differ most "
               f"(ms alone: with no other kernel running)")
-        print(f"{'family':>40} {'diff ms':>8} {'diff n':>7} {'ms':>8} {reference + ' ms':>12} "
-              f"{'ms alone':>9} {reference + ' alone':>14}")
+        print(f"{args.by:>{width}} {'diff ms':>8} {'diff n':>7} {'ms':>8} "
+              f"{reference + ' ms':>12} {'ms alone':>9} {reference + ' alone':>14}")
         for name, diff, count, ms, base, alone, base_alone in family_differences(
-                summaries[mode], summaries[reference], args.top):
-            print(f"{name[:40]:>40} {diff:+8.2f} {count:+7.0f} {ms:8.2f} {base:12.2f} "
+                summaries[mode], summaries[reference], args.top, args.by):
+            print(f"{name[-width:]:>{width}} {diff:+8.2f} {count:+7.0f} {ms:8.2f} {base:12.2f} "
                   f"{alone:9.2f} {base_alone:14.2f}")
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "modes": summaries}, f, indent=1)

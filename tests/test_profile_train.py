@@ -152,3 +152,34 @@ def test_profiles_two_modes_of_a_step_end_to_end(tmp_path):
     if jax.default_backend() == "cpu" and cpu_ternary.available():
         assert "bitnet_ternary_absmean" in report["modes"]["b1.58"]["family_ms"]
         assert "ffi_call" not in report["modes"]["b1.58"]["family_ms"]
+
+
+def test_model_ops_name_what_the_model_computes_once_for_every_layer(profile_train):
+    assert profile_train.model_op(
+        "jit(train_step)/while/body/closed_call/jvp(Transformer)/Transformer.logits_from_"
+        "embeddings/layers_11/mlp/jit(silu)/mul") == \
+        "jvp(Transformer)/Transformer.logits_from_embeddings/layers_*/mlp/jit(silu)/mul"
+    assert profile_train.model_op("jit(step)/transpose(jvp(M))/layers_0/q_proj/cond/"
+                                  "branch_1_fun/ffi_call") == \
+        "transpose(jvp(M))/layers_*/q_proj/ffi_call"
+    hlo = ('  %ffi_call.7 = bf16[8,4]{1,0} custom-call(%p0), custom_call_target="bitnet_dot", '
+           'metadata={op_name="jit(step)/jvp(M)/layers_0/q_proj/cond/branch_0_fun/ffi_call"}\n'
+           '  %ffi_call.9 = bf16[8,4]{1,0} custom-call(%p1), custom_call_target="bitnet_dot", '
+           'metadata={op_name="jit(step)/jvp(M)/layers_1/q_proj/cond/branch_0_fun/ffi_call"}\n'
+           '  %divide_fusion.2 = f32[8,4]{1,0} fusion(%p0), kind=kLoop, calls=%fused.2, '
+           'metadata={op_name="jit(step)/jvp(M)/layers_1/mlp/jit(silu)/div" stack_frame_id=3}\n')
+    q_proj = "jvp(M)/layers_*/q_proj/ffi_call [bitnet_dot]"
+    silu = "jvp(M)/layers_*/mlp/jit(silu)/div"
+    kernel = profile_train.Kernel
+    kernels = [kernel("ffi_call.7", 3000.0, 0.0), kernel("divide_fusion.2", 1000.0, 1000.0),
+               kernel("ffi_call.9", 2000.0, 4000.0), kernel("copy.4", 500.0, 6000.0)]
+    ops = profile_train.model_ops(kernels, hlo)
+    assert ops == [q_proj, silu, q_proj, "copy"]
+    summary = profile_train.summarize(profile_train.named_custom_calls(kernels, hlo), 1, ops)
+    assert summary["op_ms"] == pytest.approx({q_proj: 5.0, silu: 1.0, "copy": 0.5})
+    assert summary["op_count"][q_proj] == 2
+    # The first call ran beside the division for 1 ms of its 3: 2 + 2 ms alone for the two.
+    assert summary["op_alone_ms"] == pytest.approx({q_proj: 4.0, "copy": 0.5})
+    assert summary["family_ms"]["bitnet_dot"] == pytest.approx(5.0)  # families as before
+    rows = profile_train.family_differences(summary, summary, top=1, by="op")
+    assert rows[0][1:3] == (0.0, 0)
