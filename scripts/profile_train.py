@@ -76,13 +76,17 @@ def family(name: str) -> str:
 
 
 # Parts of an HLO op_name that say where the step's code ran, not what the model computes: the
-# jitted step itself, the grad-accumulation loop's body, and `platform_dependent`'s branches.
-_WRAPPERS = re.compile(r"^jit\([^/]*\)/|while/body/|closed_call/|cond/branch_\d+_fun/")
+# jitted step itself, the grad-accumulation loop's body, `platform_dependent`'s branches, and
+# Flax's method scopes (`Transformer.logits_from_embeddings/`: a class and a method; the
+# modules' names stay).
+_WRAPPERS = re.compile(r"^jit\([^/]*\)/|while/body/|closed_call/|cond/branch_\d+_fun/"
+                       r"|(?<=/)[A-Z]\w*\.\w+/")
 
 
 def model_op(op_name: str) -> str:
     """An HLO op_name as the model operation it computes: the step's wrappers left out and
-    layer numbers written `layers_*`, so that the same operation of every layer is one name."""
+    layer numbers written `layers_*`, so that the same operation of every layer is one name
+    (`transpose(jvp(Transformer))/layers_*/mlp/up_proj/dot_general`: in the backward pass)."""
     return re.sub(r"layers_\d+", "layers_*", _WRAPPERS.sub("", op_name))
 
 
