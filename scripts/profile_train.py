@@ -312,15 +312,17 @@ def main(argv=None) -> int:
               "(--modes MODE)")
     reference = modes[0]
     for mode in modes[1:]:
+        rows = family_differences(summaries[mode], summaries[reference], args.top, args.by)
         what = "kernel families" if args.by == "family" else "model operations"
-        width = 40 if args.by == "family" else 72
+        # Families cut to 40 characters, as ever; model operations whole (the pass is at the
+        # start of the name, the layer's part and our kernel's name at its end).
+        width = 40 if args.by == "family" else max([len(row[0]) for row in rows] + [2])
         print(f"\n{mode} against {reference}: the {what} that differ most "
               f"(ms alone: with no other kernel running)")
         print(f"{args.by:>{width}} {'diff ms':>8} {'diff n':>7} {'ms':>8} "
               f"{reference + ' ms':>12} {'ms alone':>9} {reference + ' alone':>14}")
-        for name, diff, count, ms, base, alone, base_alone in family_differences(
-                summaries[mode], summaries[reference], args.top, args.by):
-            print(f"{name[-width:]:>{width}} {diff:+8.2f} {count:+7.0f} {ms:8.2f} {base:12.2f} "
+        for name, diff, count, ms, base, alone, base_alone in rows:
+            print(f"{name[:width]:>{width}} {diff:+8.2f} {count:+7.0f} {ms:8.2f} {base:12.2f} "
                   f"{alone:9.2f} {base_alone:14.2f}")
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "modes": summaries}, f, indent=1)

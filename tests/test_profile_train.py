@@ -133,7 +133,8 @@ def test_profiles_two_modes_of_a_step_end_to_end(tmp_path):
     out = tmp_path / "profile.json"
     run = subprocess.run([sys.executable, str(SCRIPT), "--preset", "ladder-1.6m", "--modes",
                           "bf16,b1.58", "--batch", "2", "--seq-len", "32", "--steps", "1",
-                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+                          "--by", "op", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"bf16", "b1.58"}
@@ -143,9 +144,14 @@ def test_profiles_two_modes_of_a_step_end_to_end(tmp_path):
         assert 0 < summary["alone_ms"] <= summary["busy_ms"]
         assert summary["alone_ms"] <= summary["span_ms"] * 1.001
         assert summary["page_faults_per_step"] >= 0 and summary["system_ms_per_step"] >= 0
+        # The same time by model operation: every layer's q projection one name.
+        assert sum(summary["op_ms"].values()) == pytest.approx(summary["busy_ms"])
+        assert sum(summary["op_alone_ms"].values()) == pytest.approx(summary["alone_ms"])
+        assert any("layers_*/self_attn/q_proj/" in op for op in summary["op_ms"])
+        assert not any("layers_0" in op for op in summary["op_ms"])
     # b1.58 quantizes: it runs kernel families that the bf16 step does not.
     assert set(report["modes"]["b1.58"]["family_ms"]) - set(report["modes"]["bf16"]["family_ms"])
-    assert "b1.58 against bf16" in run.stdout
+    assert "b1.58 against bf16: the model operations that differ most" in run.stdout
     # Where our CPU kernels run, they appear by name, not as anonymous custom calls.
     from bitnet_jax.core import cpu_ternary
 
