@@ -62,11 +62,16 @@ def kernel_class(name: str) -> str:
     return "matmul" if _MATMUL.search(name) else "other"
 
 
+def custom_call_targets(hlo_text: str) -> dict[str, str]:
+    """Each custom call instruction's target: on a CPU the trace names every custom call
+    `ffi_call.N` or `custom-call.N`, which says nothing of which kernel ran."""
+    return dict(re.findall(r'%?([\w.\-]+) = [^\n]*?custom-call\([^\n]*?'
+                           r'custom_call_target="([^"]+)"', hlo_text))
+
+
 def named_custom_calls(kernels: list[Kernel], hlo_text: str) -> list[Kernel]:
-    """`kernels` with each custom call named by its target (on a CPU the trace names every
-    custom call `ffi_call.N` or `custom-call.N`, which says nothing of which kernel ran)."""
-    targets = dict(re.findall(r'%?([\w.\-]+) = [^\n]*?custom-call\([^\n]*?'
-                              r'custom_call_target="([^"]+)"', hlo_text))
+    """`kernels` with each custom call named by its target (`custom_call_targets`)."""
+    targets = custom_call_targets(hlo_text)
     return [k._replace(name=targets[k.name]) if k.name in targets else k for k in kernels]
 
 
@@ -96,8 +101,7 @@ def model_ops(kernels: list[Kernel], hlo_text: str) -> list[str]:
     copies). Take the kernels before `named_custom_calls` renames them."""
     op_names = {name: model_op(op) for name, op in
                 re.findall(r'%?([\w.\-]+) = [^\n]*?op_name="([^"]+)"', hlo_text)}
-    targets = dict(re.findall(r'%?([\w.\-]+) = [^\n]*?custom-call\([^\n]*?'
-                              r'custom_call_target="([^"]+)"', hlo_text))
+    targets = custom_call_targets(hlo_text)
     return [op_names.get(k.name, family(k.name))
             + (f" [{targets[k.name]}]" if k.name in targets else "") for k in kernels]
 
@@ -134,10 +138,10 @@ def device_kernels(trace: dict) -> list[Kernel]:
     return kernels
 
 
-def alone_micros(kernels: list[Kernel], labels: list[str] | None = None
+def alone_micros(kernels: list[Kernel], labels: list | None = None
                  ) -> tuple[collections.Counter, float]:
-    """(microseconds each kernel name (or its entry of `labels`) ran with no other kernel
-    running, the microseconds from the first start to the last end).
+    """(microseconds each kernel name (or its entry of `labels`, as its index) ran with no
+    other kernel running, the microseconds from the first start to the last end).
 
     XLA:CPU runs independent ops side by side on its threads, so a CPU step's wall time is not
     the sum of its ops: an op that runs alone is on the step's critical path, one beside others
@@ -154,7 +158,7 @@ def alone_micros(kernels: list[Kernel], labels: list[str] | None = None
     for time_us, is_start, index in edges:
         if len(running) == 1:
             index_alone = next(iter(running))
-            alone[labels[index_alone] if labels else kernels[index_alone].name] += \
+            alone[labels[index_alone] if labels is not None else kernels[index_alone].name] += \
                 time_us - previous
         previous = time_us
         if is_start:
@@ -169,31 +173,33 @@ def summarize(kernels: list[Kernel], steps: int, ops: list[str] | None = None) -
     milliseconds kernels ran alone (in all and per family) and the trace's span; with `ops`
     (each kernel's `model_ops` entry), milliseconds, counts and milliseconds alone per model
     operation too."""
-    by_family, count_by_family = collections.Counter(), collections.Counter()
     by_class = collections.Counter({"matmul": 0.0, "attention": 0.0, "other": 0.0})
     for kernel in kernels:
-        by_family[family(kernel.name)] += kernel.micros / 1e3 / steps
-        count_by_family[family(kernel.name)] += 1 / steps
         by_class[kernel_class(kernel.name)] += kernel.micros / 1e3 / steps
-    alone, span = alone_micros(kernels)
-    alone_by_family = collections.Counter()
-    for name, micros in alone.items():
-        alone_by_family[family(name)] += micros / 1e3 / steps
+    alone, span = alone_micros(kernels, list(range(len(kernels))))  # per kernel, one sweep
+    family_ms, family_count, family_alone = _grouped(
+        [family(kernel.name) for kernel in kernels], kernels, alone, steps)
     summary = {"busy_ms": sum(by_class.values()), "kernels": len(kernels) / steps,
-               "class_ms": dict(by_class), "family_ms": dict(by_family.most_common()),
-               "family_count": dict(count_by_family),
-               "alone_ms": sum(alone_by_family.values()), "span_ms": span / 1e3 / steps,
-               "family_alone_ms": dict(alone_by_family.most_common())}
+               "class_ms": dict(by_class), "family_ms": family_ms, "family_count": family_count,
+               "alone_ms": sum(family_alone.values()), "span_ms": span / 1e3 / steps,
+               "family_alone_ms": family_alone}
     if ops is not None:
-        by_op, count_by_op = collections.Counter(), collections.Counter()
-        for kernel, op in zip(kernels, ops):
-            by_op[op] += kernel.micros / 1e3 / steps
-            count_by_op[op] += 1 / steps
-        alone_by_op = alone_micros(kernels, ops)[0]
-        summary.update(op_ms=dict(by_op.most_common()), op_count=dict(count_by_op),
-                       op_alone_ms={op: micros / 1e3 / steps
-                                    for op, micros in alone_by_op.most_common()})
+        summary["op_ms"], summary["op_count"], summary["op_alone_ms"] = _grouped(
+            ops, kernels, alone, steps)
     return summary
+
+
+def _grouped(keys: list, kernels: list[Kernel], alone: collections.Counter, steps: int
+             ) -> tuple[dict, dict, dict]:
+    """(milliseconds, count, milliseconds alone) per step of each key, `keys[i]` being kernel
+    i's and `alone` the microseconds alone per kernel index (`alone_micros`)."""
+    ms, count, alone_ms = collections.Counter(), collections.Counter(), collections.Counter()
+    for key, kernel in zip(keys, kernels):
+        ms[key] += kernel.micros / 1e3 / steps
+        count[key] += 1 / steps
+    for index, micros in alone.items():
+        alone_ms[keys[index]] += micros / 1e3 / steps
+    return dict(ms.most_common()), dict(count), dict(alone_ms.most_common())
 
 
 def family_differences(summary: dict, baseline: dict, top: int, by: str = "family"
