@@ -93,7 +93,8 @@ class TrainConfig:
     integer_forward: bool = False
     int8_backward: bool = False  # with integer_forward: dx = G W^T as an int8 product (NOT exact)
     # On a 2-core AMX CPU it took 1-2% (ladder-1.6m) to 10-11% (ladder-20m) off the exact integer
-    # path's step (README, Benchmarks); `scripts/bench_train.py --modes ...,b1.58-int8-bwd` times it.
+    # path's step (docs/cpu_training_step_history.md); `scripts/bench_train.py --modes
+    # ...,b1.58-int8-bwd` times it.
     peak_flops: Optional[float] = None  # per device, for MFU; None = measure a bf16 matmul
     stage1_precision: Optional[str] = None  # e.g. b1.58 before switching to `precision` (a4.8)
     stage1_fraction: float = 0.95  # fraction of steps trained with stage1_precision

@@ -1,9 +1,9 @@
 """Does a small reduction beside each product slow a chain of XLA:CPU products by more than it
 costs itself?
 
-The question behind b1.58's weight-quantization kernel (README, Benchmarks): in the trained step,
-XLA's mean|W| and codes per linear cost the step far more than their own op time, and our
-reading was that the runtime runs them concurrently with the products, which then lose a core.
+The question behind b1.58's weight-quantization kernel (docs/cpu_training_step_history.md): in the
+trained step, XLA's mean|W| and codes per linear cost the step far more than their own op time, and
+our reading was that the runtime runs them concurrently with the products, which then lose a core.
 This times that reading in isolation: a chain of `--layers` bf16 products of x with a linear's
 ternary codes, round(W / s) clipped to [-1, 1] from float32 weights W, each output times s, where
 s is

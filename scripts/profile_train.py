@@ -145,8 +145,8 @@ def alone_micros(kernels: list[Kernel], labels: list | None = None
 
     XLA:CPU runs independent ops side by side on its threads, so a CPU step's wall time is not
     the sum of its ops: an op that runs alone is on the step's critical path, one beside others
-    shares the cores with them (README, Benchmarks: the forward's ops run alone, the weight
-    gradients beside the input gradients' chain). On a GPU's one stream every kernel runs
+    shares the cores with them (docs/cpu_training_step_history.md: the forward's ops run alone,
+    the weight gradients beside the input gradients' chain). On a GPU's one stream every kernel runs
     alone. A sweep over the starts and ends; an end and a start at one instant do not overlap.
     """
     alone = collections.Counter()

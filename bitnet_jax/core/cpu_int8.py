@@ -236,8 +236,8 @@ def int8_beats_bf16(rows: int) -> bool:
     XLA's bf16 dot on this CPU: on AMX tiles (ours or XLA's), and on CPUs without AMX, where
     XLA's bf16 dot runs AVX-512 (VDPBF16PS: half the multiply-adds of our kernel's VNNI
     instruction; the fused int8 forward took 0.48-0.54x the bf16 product's time at the ladder
-    presets' shapes on a 2-core AMD EPYC, README, Benchmarks). Not on AMX CPUs with our tiles
-    off (BITNET_JAX_CPU_AMX=0): XLA's bf16 dot still takes the tiles there."""
+    presets' shapes on a 2-core AMD EPYC, docs/cpu_training_step_history.md). Not on AMX CPUs
+    with our tiles off (BITNET_JAX_CPU_AMX=0): XLA's bf16 dot still takes the tiles there."""
     return (kernel_uses_amx() or xla_int8_is_faster(rows)
             or (available() and "amx_bf16" not in cpu_flags()))
 

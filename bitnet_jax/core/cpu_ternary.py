@@ -1,13 +1,13 @@
 """BitNet b1.58's weight quantization in one pass on x86 CPUs: int8 codes and gamma from one call.
 
 `quant.ternary_absmean` (gamma = max(mean|W|, 1e-5), codes = RoundClip(W / gamma, -1, 1)) is a
-reduction and an elementwise pass, two operations of the compiled step per linear layer. On CPUs
-the pair costs more than the passes themselves: with gamma a compile-time constant (one
-operation) the ternary step of ladder-6.4m ran 5% faster on a 2-core Xeon, and so did the step
-with both passes in one custom call, this one (README, Benchmarks: 1.013x to 0.958x the bf16
-step), although each pass takes tens of microseconds; our reading is that every extra operation
-runs concurrently with the products and slows them. The entry point lives in `cpu_int8`'s
-library (`kernels/ternary_absmean.cc`), built and registered with it::
+reduction and an elementwise pass, two operations of the compiled step per linear layer. On CPUs the
+pair costs more than the passes themselves: with gamma a compile-time constant (one operation) the
+ternary step of ladder-6.4m ran 5% faster on a 2-core Xeon, and so did the step with both passes in
+one custom call, this one (docs/cpu_training_step_history.md: 1.013x to 0.958x the bf16 step),
+although each pass takes tens of microseconds; our reading is that every extra operation runs
+concurrently with the products and slows them. The entry point lives in `cpu_int8`'s library
+(`kernels/ternary_absmean.cc`), built and registered with it::
 
     available() -> bool
     applies(quantize_w, w) -> bool       # per-tensor ternary quantizer, float32 2-D weight

@@ -6,17 +6,17 @@
         # X_q^T G with X_q = bf16(clip(round(x * mult), lo, hi) * scale) per row of x (M, P):
         # `cpu_int8_fused.quantize_transpose`'s X_q^T and the product in one call, the same bits
 
-XLA:CPU's bf16 dot (YNNPACK) ran this product at 0.35-0.45 TFLOP/s in the ladder presets'
-training steps on a 2-core Xeon with AMX (2026-12-05), about a third of what the tiles give it
-at large square shapes; the weight gradients are the largest product time of a ternary training
-step once the forward and input-gradient products are int8. Alone, `weight_gradient_dot` takes
-0.72-0.86x the time of XLA's dot at those shapes and `quantized_weight_gradient` 0.52-0.73x that
-of `quantize_transpose` and XLA's dot; in the step both quantized paths take the latter, 2-4% off
-the step at ladder-6.4m and 20m (README, Benchmarks). The sums run in m's order, one float32
-accumulator per output, as XLA's own product runs them (bit for bit XLA's dot on that Xeon, on
-tiles, and on a 2-core AMD EPYC, on vectors); subnormal inputs count as zero, as in both
-instructions. Usable where `cpu_int8.bf16_products` names a place: our kernels on AMX tiles, or
-a CPU with AVX512-BF16 and no AMX. Built and registered with `cpu_int8`'s library.
+XLA:CPU's bf16 dot (YNNPACK) ran this product at 0.35-0.45 TFLOP/s in the ladder presets' training
+steps on a 2-core Xeon with AMX (2026-12-05), about a third of what the tiles give it at large
+square shapes; the weight gradients are the largest product time of a ternary training step once the
+forward and input-gradient products are int8. Alone, `weight_gradient_dot` takes 0.72-0.86x the time
+of XLA's dot at those shapes and `quantized_weight_gradient` 0.52-0.73x that of `quantize_transpose`
+and XLA's dot; in the step both quantized paths take the latter, 2-4% off the step at ladder-6.4m
+and 20m (docs/cpu_training_step_history.md). The sums run in m's order, one float32 accumulator per
+output, as XLA's own product runs them (bit for bit XLA's dot on that Xeon, on tiles, and on a
+2-core AMD EPYC, on vectors); subnormal inputs count as zero, as in both instructions. Usable where
+`cpu_int8.bf16_products` names a place: our kernels on AMX tiles, or a CPU with AVX512-BF16 and no
+AMX. Built and registered with `cpu_int8`'s library.
 
 Under GSPMD the product is partitioned like `cpu_int8.int8_dot`: rows of x_t and columns of g
 keep their splits, and a contraction split alike on both is summed with one `psum` (the

@@ -46,8 +46,8 @@ def _quantize_or_pass(quantizer: Optional[Quantizer], x: jax.Array):
 
 def _quantize_weight(quantize_w: Optional[Quantizer], w: jax.Array, kernels: bool):
     """`quantize_w(w)`, in one pass of our kernel where the step is lowered for the CPU with our
-    kernels and the kernel computes that quantizer (`cpu_ternary`: per-tensor ternary weights;
-    XLA's two operations per layer cost the b1.58 step up to 6% there, README, Benchmarks).
+    kernels and the kernel computes that quantizer (`cpu_ternary`: per-tensor ternary weights; XLA's
+    two operations per layer cost the b1.58 step up to 6% there, docs/cpu_training_step_history.md).
     Both paths take it there, so that they keep the same gamma."""
     if kernels and cpu_ternary.applies(quantize_w, w):
         return cpu_ternary.ternary_absmean(w)
@@ -285,8 +285,8 @@ def _quantized_weight_gradient(x_saved, quantize_x, g, dtype, integer, kernels):
         if (cpu_weight_gradient.available() and g.dtype == jnp.bfloat16
                 and cpu_int8.bf16_products_take(x_saved.x.shape[-1])):
             # In our kernel (AMX tiles, or AVX512-BF16 vectors) X_q^T is built in L1 by the
-            # product, never written: the same numbers as below, bit for bit (README,
-            # Benchmarks).
+            # product, never written: the same numbers as below, bit for bit
+            # (docs/cpu_training_step_history.md).
             return cpu_weight_gradient.quantized_weight_gradient(*x_saved, g, *lo_hi)
         # Our kernel writes X_q^T from x and the row parameters in one pass; XLA re-derives the
         # codes inside a slow transposing loop (same numbers; dW in 2.6 against 7.2 ms at
@@ -354,7 +354,7 @@ def _input_gradient(g, quantize_w, w_codes, w_scale, dtype, int8_backward, kerne
             and cpu_int8.bf16_products_take(math.prod(g.shape[:-1]))):
         # Our kernel (AMX tiles, or AVX512-BF16 vectors) takes the product from the codes and
         # rounds it to bf16 as XLA's dot and conversion would, bit for bit, in 0.4-0.8x their
-        # time on AMX (README, Benchmarks).
+        # time on AMX (docs/cpu_training_step_history.md).
         return cpu_input_gradient.codes_input_gradient(g, w_codes, w_scale)
     w_deq = _dequantize_codes(quantize_w, w_codes, w_scale, dtype)
     return jax.lax.dot_general(g, w_deq, (((g.ndim - 1,), (1,)), ((), ())),

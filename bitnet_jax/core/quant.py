@@ -71,7 +71,7 @@ def fake_quantize(quantizer: Quantizer, x: jax.Array) -> jax.Array:
     The quantizer sees `x` without its tangent: its gradient is not taken anyway, and JAX
     differentiates the two-output reduction of `row_absmax` as a tree of slices, which XLA:CPU
     ran behind a float32 transposed copy of the activations (a4.8's 3-bit KV fake quantization;
-    README, Benchmarks)."""
+    docs/cpu_training_step_history.md)."""
     return ste(x, quantizer(jax.lax.stop_gradient(x)).dequantize(x.dtype))
 
 

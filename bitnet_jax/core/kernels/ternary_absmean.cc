@@ -2,9 +2,9 @@
 //
 //   gamma = max(mean |W|, 1e-5),   codes = clip(round_half_even(W * (1 / gamma)), -1, 1)  (int8)
 //
-// XLA runs the same formula (quant.ternary_absmean) as a reduction and an elementwise fusion,
-// two operations per linear layer of a training step; in the step compiled for a 2-core CPU
-// that pair costs several percent more than the codes fusion alone (README, Benchmarks), so
+// XLA runs the same formula (quant.ternary_absmean) as a reduction and an elementwise fusion, two
+// operations per linear layer of a training step; in the step compiled for a 2-core CPU that pair
+// costs several percent more than the codes fusion alone (docs/cpu_training_step_history.md), so
 // this kernel does both passes in one.
 //
 // The sum of |W| is taken in float64 over fixed blocks added in block order (the same on any
