@@ -136,13 +136,22 @@ def _scaled_infer(lo, hi, mesh, arg_shapes, result_shape):
     return _dot_shardings(mesh, arg_shapes)[-1]
 
 
-def _int8_scaled_partition(mesh, arg_shapes, result_shape):
-    x, w, rows, cols, y = _dot_shardings(mesh, (arg_shapes[0], arg_shapes[2]))
-    return mesh, _int8_scaled_local, y, (x, rows, w, cols)
+def scaled_dot_partitioned(local):
+    """`local(codes (m, k), row_scale (m,), w_codes (n, k), w_scale (n,)) -> y (m, n)` under
+    GSPMD as `int8_scaled_dot` is: each device multiplies its own rows of the codes by its own
+    rows (output features) of w, the contraction gathered. Shared with the GPU kernel of the
+    same product (`gpu_int8`)."""
+    def partition(mesh, arg_shapes, result_shape):
+        x, w, rows, cols, y = _dot_shardings(mesh, (arg_shapes[0], arg_shapes[2]))
+        return mesh, local, y, (x, rows, w, cols)
 
+    def infer(mesh, arg_shapes, result_shape):
+        return _dot_shardings(mesh, (arg_shapes[0], arg_shapes[2]))[-1]
 
-def _int8_scaled_infer(mesh, arg_shapes, result_shape):
-    return _dot_shardings(mesh, (arg_shapes[0], arg_shapes[2]))[-1]
+    call = custom_partitioning(local)
+    call.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                       sharding_rule="m k, m, n k, n -> m n", need_replication_factors=("k",))
+    return call
 
 
 def row_shardings(mesh, arg_shapes):
@@ -187,11 +196,7 @@ _scaled_partitioned.def_partition(partition=_scaled_partition,
                                   infer_sharding_from_operands=_scaled_infer,
                                   sharding_rule="m k, n k, n, m, m -> m n",
                                   need_replication_factors=("k",))
-_int8_scaled_partitioned = custom_partitioning(_int8_scaled_local)
-_int8_scaled_partitioned.def_partition(partition=_int8_scaled_partition,
-                                       infer_sharding_from_operands=_int8_scaled_infer,
-                                       sharding_rule="m k, m, n k, n -> m n",
-                                       need_replication_factors=("k",))
+_int8_scaled_partitioned = scaled_dot_partitioned(_int8_scaled_local)
 _quantize_partitioned = custom_partitioning(_quantize_local, static_argnums=(1, 2))
 _quantize_partitioned.def_partition(partition=_quantize_partition,
                                     infer_sharding_from_operands=_quantize_infer,
