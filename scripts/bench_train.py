@@ -63,7 +63,8 @@ import scipy.stats
 
 from bitnet_jax.allocator import active_allocator
 from bitnet_jax.core import (cpu_input_gradient, cpu_int8, cpu_int8_fused, cpu_order_statistics,
-                             cpu_ternary, cpu_weight_gradient, matmul, order_statistics, quant)
+                             cpu_ternary, cpu_weight_gradient, gpu_int8, matmul, order_statistics,
+                             quant)
 from bitnet_jax.model import accounting as compute, cpu_attention, layers
 from bitnet_jax.train import optim
 from bitnet_jax.train.metrics import measure_matmul_peak
@@ -113,6 +114,8 @@ class Mode(NamedTuple):
     # (`--xla_cpu_experimental_ynn_fusion_type`), not only products
     float32_activation: bool = True  # the gated MLP's act(gate) * up in float32, rounded once
     # (`layers.gated_hidden`), else in the compute dtype, rounded after every operation
+    gpu_epilogue: bool = False  # on NVIDIA GPUs the int8 product and its scales in one Pallas
+    # kernel (`gpu_int8`, as BITNET_JAX_GPU_INT8_EPILOGUE=1), else cuBLAS's dot and XLA's pass
 
 
 MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
@@ -163,6 +166,8 @@ MODES = {"bf16": Mode("bf16"), "b1.58": Mode("b1.58"),
                                             ynn_eltwise=True),
          "bf16-bf16-activation": Mode("bf16", float32_activation=False),
          "b1.58-bf16-activation": Mode("b1.58", float32_activation=False),
+         "b1.58-gpu-epilogue": Mode("b1.58", gpu_epilogue=True),
+         "b1.58-int8-gpu-epilogue": Mode("b1.58", integer=True, gpu_epilogue=True),
          "bf16-scan": Mode("bf16", scan_layers=True),
          "b1.58-scan": Mode("b1.58", scan_layers=True)}
 DEFAULT_MODES = "bf16,b1.58,b1.58-int8"
@@ -223,6 +228,8 @@ def compiled_step(preset: str, mode: Mode, batch: int, seq_len: int):
             patches.enter_context(mock.patch.object(
                 quant, "fake_quantize",
                 lambda quantizer, x: quant.ste(x, quantizer(x).dequantize(x.dtype))))
+        if mode.gpu_epilogue:  # not yet the default: untimed on a GPU (2026-12-06)
+            patches.enter_context(mock.patch.object(gpu_int8, "enabled", lambda: True))
         if not mode.cpu_attention:  # attention as before `model.cpu_attention`
             patches.enter_context(mock.patch.object(cpu_attention, "causal_attention_block",
                                                     layers._xla_causal_block))

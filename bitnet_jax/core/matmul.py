@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.core import (cpu_input_gradient, cpu_int8, cpu_int8_fused, cpu_ternary,
-                             cpu_weight_gradient)
+                             cpu_weight_gradient, gpu_int8)
 from bitnet_jax.core.quant import (EPS, F32, Quantized, Quantizer, absmax_row_parameters,
                                    absmean_row_parameters, code_range, round_clip,
                                    topk_per_token)
@@ -105,7 +105,7 @@ def _quantize_activation(quantize_x, x, dtype, int8_codes, kernels):
     return _quantize_or_pass(quantize_x, x), None
 
 
-def _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype):
+def _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype, gpu=False):
     """y in `out_dtype`, the quantized x and w, and x's `_RowQuantizedX` where the kernel
     quantized it (else None)."""
     xq, x_rows = _quantize_activation(quantize_x, x, dtype, integer, kernels)
@@ -113,16 +113,13 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype):
     code_dtype = jnp.int8 if integer else dtype
     accumulate = jnp.int32 if integer else F32
     grouped_scale = wq.scale if wq.is_grouped else None
-    if (integer and kernels and grouped_scale is None and out_dtype == jnp.bfloat16
-            and cpu_int8.kernel_uses_amx()
+    scaled_product = _scaled_int8_product(kernels, gpu, x.shape[-1]) if integer else None
+    if (scaled_product and grouped_scale is None and out_dtype == jnp.bfloat16
             and xq.scale.size in (1, math.prod(x.shape[:-1]))):
-        # On AMX tiles, the product and its scales in one call of our kernel: XLA's int8 dot
-        # and the pass over its int32 sums took 1.5-2.8x as long at the ladder's shapes.
         x_scale = jnp.broadcast_to(jnp.reshape(xq.scale, x.shape[:-1] if xq.scale.size > 1
                                                else ()), x.shape[:-1])
-        y = cpu_int8_fused.int8_scaled_dot(xq.codes.astype(jnp.int8), x_scale,
-                                           wq.codes.astype(jnp.int8).T,
-                                           _per_output_scale(wq, w.shape[-1]))
+        y = scaled_product(xq.codes.astype(jnp.int8), x_scale, wq.codes.astype(jnp.int8).T,
+                           _per_output_scale(wq, w.shape[-1]))
         return y, xq, wq, x_rows
     acc = _dot_codes(xq.codes.astype(code_dtype), wq.codes.astype(code_dtype), grouped_scale,
                      accumulate)
@@ -130,6 +127,22 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype):
     if grouped_scale is None:
         y = y * jnp.reshape(wq.scale, wq.scale.shape[-1:] if wq.scale.ndim else ())
     return y.astype(out_dtype), xq, wq, x_rows
+
+
+def _scaled_int8_product(kernels: bool, gpu: bool, k: int):
+    """The kernel that takes the integer path's product and its scales in one call, writing
+    bf16, where one does (`int8_scaled_dot(codes, row_scale, w_codes (N, K), w_scale)`), else
+    None (XLA's int8 dot, then a pass over its int32 sums):
+    - on AMX CPUs, ours on the tiles: XLA's dot and that pass took 1.5-2.8x as long at the
+      ladder's shapes;
+    - on NVIDIA GPUs, the Pallas kernel (`gpu_int8`) where BITNET_JAX_GPU_INT8_EPILOGUE=1: the
+      int32 round trip is most of what b1.58 adds to a GPU step; not yet timed, so off by
+      default."""
+    if kernels and cpu_int8.kernel_uses_amx():
+        return cpu_int8_fused.int8_scaled_dot
+    if gpu and gpu_int8.applies(k):
+        return gpu_int8.int8_scaled_dot
+    return None
 
 
 def _kernel_quantizes_x_rows(quantize_x, x_dtype, dtype) -> bool:
@@ -238,23 +251,24 @@ class _RowQuantizedX(NamedTuple):
     scale: jax.Array
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8, 9))
 def _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
-                   out_dtype):
+                   out_dtype, gpu):
     int8 = _int8_forward_product(quantize_x, quantize_w, x, integer, kernels)
     fused = _fused_activation(quantize_x, quantize_w, x, dtype, int8, kernels, out_dtype)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)[0]
-    return _forward(x, w, quantize_x, quantize_w, dtype, int8, kernels, out_dtype)[0]
+    return _forward(x, w, quantize_x, quantize_w, dtype, int8, kernels, out_dtype, gpu)[0]
 
 
 def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
-                       out_dtype):
+                       out_dtype, gpu):
     int8 = _int8_forward_product(quantize_x, quantize_w, x, integer, kernels)
     fused = _fused_activation(quantize_x, quantize_w, x, dtype, int8, kernels, out_dtype)
     if fused:
         return _fused_forward(x, w, quantize_x, quantize_w, *fused)
-    y, xq, wq, x_rows = _forward(x, w, quantize_x, quantize_w, dtype, int8, kernels, out_dtype)
+    y, xq, wq, x_rows = _forward(x, w, quantize_x, quantize_w, dtype, int8, kernels, out_dtype,
+                                 gpu)
     if x_rows is not None:
         x_saved = x_rows
     elif kernels and _kernel_quantizes_x_rows(quantize_x, x.dtype, dtype):
@@ -267,7 +281,7 @@ def _quantized_dot_fwd(x, w, quantize_x, quantize_w, dtype, integer, int8_backwa
 
 
 def _quantized_dot_bwd(quantize_x, quantize_w, dtype, integer, int8_backward, kernels,
-                       out_dtype, residuals, g):
+                       out_dtype, gpu, residuals, g):
     x_saved, w_codes, w_scale, x_like, w_like = residuals
     g = g.astype(dtype)
     # STE: the quantizers count as identity, so d/dx = g W_q^T and d/dW = X_q^T g.
@@ -441,7 +455,8 @@ def quantized_dot(
     - `integer=False`: codes in `dtype` (bf16 holds integers up to 256 exactly) with float32
       accumulation, which is exact while the sums stay below 2^24 (every ternary recipe), so it
       equals the integer path; there, on AMX CPUs and NVIDIA GPUs, where the int8 product is
-      the faster one, it is taken as that product (`_int8_product_is_exact`);
+      the faster one, it is taken as that product (`_int8_product_is_exact`; on GPUs with
+      BITNET_JAX_GPU_INT8_EPILOGUE=1 our Pallas kernel's, `gpu_int8`, on both paths);
     - `integer=True`: int8 x int8 -> int32 `dot_general` (needs both quantizers, at most 8 bits).
     A `None` quantizer leaves that operand in full precision (then `integer` is not possible);
     with both `None` this is a plain `dtype` matmul with float32 accumulation.
@@ -468,9 +483,9 @@ def quantized_dot(
     # `dtype` (autodiff of a dot with float32 accumulation would run them in float32).
     if int8_backward and not integer:
         raise ValueError("int8_backward needs the integer path (integer=True)")
-    def dot(kernels, integer=integer):
+    def dot(kernels, integer=integer, gpu=False):
         return lambda x, w: _quantized_dot(x, w, quantize_x, quantize_w, dtype, integer,
-                                           int8_backward, kernels, out_dtype)
+                                           int8_backward, kernels, out_dtype, gpu)
 
     branches = {}
     # Our CPU kernels: the integer products, and on both paths X_q^T for the weight gradient,
@@ -484,8 +499,12 @@ def quantized_dot(
     # NVIDIA GPUs: fake quantization as the integer path, where that is exact. Every step timed
     # on both paths ran faster on the integer one (H100, 2026-11-22: ladder-20m, spectra-390m,
     # b1.58-700m; H200, 2026-12-04: b1.58-700m, 0.993 against 1.027x bf16; README, Benchmarks).
-    if not integer and _int8_product_is_exact(quantize_x, quantize_w, x):
-        branches["cuda"] = dot(False, integer=True)
+    # With BITNET_JAX_GPU_INT8_EPILOGUE=1, on both paths, that product and its scales in one
+    # Pallas kernel (`gpu_int8`).
+    gpu_kernel = gpu_int8.enabled()
+    if (gpu_kernel and integer) or (not integer
+                                    and _int8_product_is_exact(quantize_x, quantize_w, x)):
+        branches["cuda"] = dot(False, integer=True, gpu=gpu_kernel)
     if not branches:
         return dot(False)(x, w)
     return jax.lax.platform_dependent(x, w, default=dot(False), **branches)
