@@ -41,21 +41,15 @@ DEFAULT_TILINGS = ["128,128,128,8,3", "128,256,64,8,3", "256,128,64,8,3", "64,12
 
 
 def parse_tiling(text: str) -> gpu_int8.Tiling:
-    values = [int(v) for v in text.split(",")]
-    if len(values) != len(gpu_int8.Tiling._fields):
-        raise argparse.ArgumentTypeError(f"{text!r}: want block_m,block_n,block_k,warps,stages")
-    return gpu_int8.Tiling(*values)
+    try:
+        return gpu_int8.parse_tiling(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
     m, k, n = (int(v) for v in text.lower().split("x"))
     return m, k, n
-
-
-def xla_product(codes, row_scale, w_codes, w_scale):
-    acc = jax.lax.dot_general(codes, w_codes, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.int32)
-    return ((acc.astype(jnp.float32) * row_scale[:, None]) * w_scale).astype(jnp.bfloat16)
 
 
 def bf16_product(x, w):
@@ -117,8 +111,8 @@ def main(argv=None) -> int:
         codes, row_scale, w_codes, w_scale = operands(m, k, n, seed=index)
         cases = {"bf16": (jax.jit(bf16_product), (codes.astype(jnp.bfloat16),
                                                   w_codes.astype(jnp.bfloat16))),
-                 "xla": (jax.jit(xla_product), (codes, row_scale, w_codes, w_scale))}
-        tilings = [t for t in args.tilings if gpu_int8.contraction_step(k, t.block_k)]
+                 "xla": (jax.jit(gpu_int8.xla_product), (codes, row_scale, w_codes, w_scale))}
+        tilings = [t for t in args.tilings if gpu_int8.whole_blocks(m, n, k, t)]
         for tile in tilings:
             fn = jax.jit(lambda *a, tile=tile: gpu_int8.int8_scaled_dot(
                 *a, tile=tile, interpret=args.interpret))

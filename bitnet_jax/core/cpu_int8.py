@@ -235,9 +235,9 @@ def int8_beats_bf16(rows: int) -> bool:
     """Whether an int8 product of `rows` rows (ours, or XLA's where `xla_int8_is_faster`) beats
     XLA's bf16 dot on this CPU: on AMX tiles (ours or XLA's), and on CPUs without AMX, where
     XLA's bf16 dot runs AVX-512 (VDPBF16PS: half the multiply-adds of our kernel's VNNI
-    instruction; the fused int8 forward took 0.48-0.54x the bf16 product's time at the ladder
-    presets' shapes on a 2-core AMD EPYC, docs/cpu_training_step_history.md). Not on AMX CPUs
-    with our tiles off (BITNET_JAX_CPU_AMX=0): XLA's bf16 dot still takes the tiles there."""
+    instruction; our int8 product took 0.48-0.54x XLA's bf16 product's time at the ladder
+    presets' shapes on a 2-core AMD EPYC, README, Benchmarks). Not on AMX CPUs with our tiles
+    off (BITNET_JAX_CPU_AMX=0): XLA's bf16 dot still takes the tiles there."""
     return (kernel_uses_amx() or xla_int8_is_faster(rows)
             or (available() and "amx_bf16" not in cpu_flags()))
 

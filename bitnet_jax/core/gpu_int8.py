@@ -24,8 +24,12 @@ written). BITNET_JAX_GPU_INT8_EPILOGUE=1 turns it on (`matmul._scaled_int8_produ
 BITNET_JAX_GPU_INT8_BLOCKS="block_m,block_n,block_k,warps,stages" picks another tiling;
 `scripts/bench_gpu_int8.py` times it alone against XLA's product, and `scripts/bench_train.py
 --modes bf16,b1.58,b1.58-gpu-epilogue` a training step with it against one without.
-Under GSPMD the call is partitioned as the CPU kernel's (`cpu_int8_fused.scaled_dot_partitioned`);
-under `vmap` it runs one batch element at a time.
+Every block is whole (`whole_blocks`: the tiling's blocks halved until they divide M, N and K;
+XLA's product where they cannot), since the kernel's loads and stores are not masked. Under
+GSPMD the call is partitioned as the CPU kernel's (`cpu_int8_fused.scaled_dot_partitioned`);
+under `vmap` it runs one batch element at a time. With it on, a program lowered for the CPU and
+a GPU at once (`lowering_platforms=("cpu", "cuda")`) fails: Pallas lowers the GPU branch's
+kernel for the CPU too, where only its interpreter runs.
 """
 
 from __future__ import annotations
@@ -49,13 +53,19 @@ _F32 = jnp.float32
 
 
 class Tiling(NamedTuple):
-    """The output block one program computes, the contraction's step, and Triton's launch."""
+    """The largest output block one program computes and the largest step along K (each taken
+    down by halves until it divides its dimension: `whole_blocks`), and Triton's launch."""
 
     block_m: int = 128
     block_n: int = 128
-    block_k: int = 128  # the largest step that divides K, down to 32 (`contraction_step`)
+    block_k: int = 128
     warps: int = 8
     stages: int = 3
+
+
+# The smallest blocks `whole_blocks` takes: Triton's dot wants 16 rows and columns at least, and
+# the tensor cores' int8 steps are 32 deep.
+SMALLEST_BLOCK = Tiling(16, 16, 32, 1, 1)
 
 
 def enabled() -> bool:
@@ -63,38 +73,53 @@ def enabled() -> bool:
     return os.environ.get(ENABLE_ENV, "0").strip() == "1"
 
 
-def tiling() -> Tiling:
-    """The tiling BITNET_JAX_GPU_INT8_BLOCKS asks for ("block_m,block_n,block_k,warps,stages"),
-    else the default."""
-    text = os.environ.get(BLOCKS_ENV, "").strip()
-    if not text:
-        return Tiling()
+def parse_tiling(text: str) -> Tiling:
+    """"block_m,block_n,block_k,warps,stages" as a Tiling: powers of two, at least
+    `SMALLEST_BLOCK` (a ValueError says what is wrong)."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if (len(values) != len(Tiling._fields) or any(v <= 0 for v in values)
+    if (len(values) != len(Tiling._fields)
+            or any(v < low for v, low in zip(values, SMALLEST_BLOCK))
             or any(v & (v - 1) for v in values[:3])):
-        raise ConfigError(f"{BLOCKS_ENV}={text!r}: want five positive integers, "
-                          f"block_m,block_n,block_k,warps,stages, the blocks powers of two")
+        raise ValueError(f"{text!r}: want block_m,block_n,block_k,warps,stages, the blocks "
+                         f"powers of two of at least {SMALLEST_BLOCK[:3]}, warps and stages >= 1")
     return Tiling(*values)
 
 
-def contraction_step(k: int, largest: int) -> Optional[int]:
-    """The contraction's step for K: the largest power of two from `largest` down to 32 that
-    divides K (so that no step reads past a row: the tensor cores' int8 steps are 32 deep), or
-    None where none does (then XLA's path)."""
-    step = largest
-    while step >= 32:
-        if k % step == 0:
-            return step
-        step //= 2
+def tiling() -> Tiling:
+    """The tiling BITNET_JAX_GPU_INT8_BLOCKS asks for, else the default."""
+    text = os.environ.get(BLOCKS_ENV, "").strip()
+    try:
+        return parse_tiling(text) if text else Tiling()
+    except ValueError as error:
+        raise ConfigError(f"{BLOCKS_ENV}={error}") from None
+
+
+def _largest_dividing(size: int, largest: int, smallest: int) -> Optional[int]:
+    block = largest
+    while block >= smallest:
+        if size % block == 0:
+            return block
+        block //= 2
     return None
 
 
-def applies(k: int) -> bool:
-    """Whether a product contracting K takes this kernel: turned on, and K a multiple of 32."""
-    return enabled() and contraction_step(k, tiling().block_k) is not None
+def whole_blocks(m: int, n: int, k: int, tile: Tiling) -> Optional[tuple[int, int, int]]:
+    """(block_m, block_n, step along K): each the tiling's, halved until it divides its
+    dimension, or None where one cannot be (then XLA's product). Whole blocks only: the kernel's
+    loads and stores are not masked, and on a GPU a block past the edge would read and write
+    past the arrays (Pallas's interpreter would not show it)."""
+    blocks = tuple(_largest_dividing(size, largest, smallest) for size, largest, smallest
+                   in zip((m, n, k), tile[:3], SMALLEST_BLOCK[:3]))
+    return None if None in blocks else blocks
+
+
+def applies(m: int, n: int, k: int) -> bool:
+    """Whether an (m, k) x (k, n) product takes this kernel: turned on, and every dimension in
+    whole blocks (`whole_blocks`)."""
+    return enabled() and whole_blocks(m, n, k, tiling()) is not None
 
 
 def _product_kernel(codes_ref, row_scale_ref, w_ref, w_scale_ref, y_ref, *, step: int):
@@ -112,22 +137,32 @@ def _product_kernel(codes_ref, row_scale_ref, w_ref, w_scale_ref, y_ref, *, step
     y_ref[...] = y.astype(y_ref.dtype)
 
 
+def xla_product(codes2, row_scale, w_codes, w_scale):
+    """The same product as XLA's integer path takes it (`matmul._forward`): int32 sums, the row
+    scale, the weight scale, one rounding. For a device's rows that do not split into whole
+    blocks."""
+    acc = jax.lax.dot_general(codes2, w_codes, (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    return ((acc.astype(_F32) * row_scale[:, None]) * w_scale).astype(jnp.bfloat16)
+
+
 def _local_product(codes2, row_scale, w_codes, w_scale, *, tile: Tiling, interpret: bool):
     """The kernel on one device's rows: codes2 (m, k), row_scale (m,), w_codes (n, k)."""
     m, k = codes2.shape
     n = w_codes.shape[0]
-    step = contraction_step(k, tile.block_k)
-    if step is None:
-        raise ValueError(f"gpu_int8: K = {k} is not a multiple of 32")
+    blocks = whole_blocks(m, n, k, tile)
+    if blocks is None:
+        return xla_product(codes2, row_scale, w_codes, w_scale)
+    block_m, block_n, step = blocks
     return pl.pallas_call(
         functools.partial(_product_kernel, step=step),
         out_shape=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
-        grid=(pl.cdiv(m, tile.block_m), pl.cdiv(n, tile.block_n)),
-        in_specs=[pl.BlockSpec((tile.block_m, k), lambda i, j: (i, 0)),
-                  pl.BlockSpec((tile.block_m,), lambda i, j: (i,)),
-                  pl.BlockSpec((tile.block_n, k), lambda i, j: (j, 0)),
-                  pl.BlockSpec((tile.block_n,), lambda i, j: (j,))],
-        out_specs=pl.BlockSpec((tile.block_m, tile.block_n), lambda i, j: (i, j)),
+        grid=(m // block_m, n // block_n),
+        in_specs=[pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
+                  pl.BlockSpec((block_m,), lambda i, j: (i,)),
+                  pl.BlockSpec((block_n, k), lambda i, j: (j, 0)),
+                  pl.BlockSpec((block_n,), lambda i, j: (j,))],
+        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
         compiler_params=pallas_triton.CompilerParams(num_warps=tile.warps,
                                                      num_stages=tile.stages),
         interpret=interpret,
@@ -146,8 +181,9 @@ def int8_scaled_dot(codes: jax.Array, row_scale: jax.Array, w_codes: jax.Array,
                     w_scale: jax.Array, *, tile: Optional[Tiling] = None,
                     interpret: bool = False) -> jax.Array:
     """bf16((codes @ w_codes.T) * row_scale * w_scale) on the GPU's tensor cores: the integer
-    path's y, bit for bit. `tile`: the tiling (default `tiling()`); `interpret=True` runs the
-    kernel in Pallas's interpreter (any backend: the tests on CPUs)."""
+    path's y, bit for bit (XLA's product where a device's rows do not split into whole blocks).
+    `tile`: the tiling (default `tiling()`); `interpret=True` runs the kernel in Pallas's
+    interpreter (any backend: the tests on CPUs)."""
     if codes.dtype != jnp.int8 or w_codes.dtype != jnp.int8:
         raise TypeError(f"gpu_int8.int8_scaled_dot wants int8 codes and weights, got "
                         f"{codes.dtype} and {w_codes.dtype}")

@@ -113,7 +113,8 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype, g
     code_dtype = jnp.int8 if integer else dtype
     accumulate = jnp.int32 if integer else F32
     grouped_scale = wq.scale if wq.is_grouped else None
-    scaled_product = _scaled_int8_product(kernels, gpu, x.shape[-1]) if integer else None
+    scaled_product = (_scaled_int8_product(kernels, gpu, math.prod(x.shape[:-1]), w.shape[-1],
+                                           x.shape[-1]) if integer else None)
     if (scaled_product and grouped_scale is None and out_dtype == jnp.bfloat16
             and xq.scale.size in (1, math.prod(x.shape[:-1]))):
         x_scale = jnp.broadcast_to(jnp.reshape(xq.scale, x.shape[:-1] if xq.scale.size > 1
@@ -129,18 +130,18 @@ def _forward(x, w, quantize_x, quantize_w, dtype, integer, kernels, out_dtype, g
     return y.astype(out_dtype), xq, wq, x_rows
 
 
-def _scaled_int8_product(kernels: bool, gpu: bool, k: int):
+def _scaled_int8_product(kernels: bool, gpu: bool, m: int, n: int, k: int):
     """The kernel that takes the integer path's product and its scales in one call, writing
     bf16, where one does (`int8_scaled_dot(codes, row_scale, w_codes (N, K), w_scale)`), else
     None (XLA's int8 dot, then a pass over its int32 sums):
     - on AMX CPUs, ours on the tiles: XLA's dot and that pass took 1.5-2.8x as long at the
       ladder's shapes;
-    - on NVIDIA GPUs, the Pallas kernel (`gpu_int8`) where BITNET_JAX_GPU_INT8_EPILOGUE=1: the
-      int32 round trip is most of what b1.58 adds to a GPU step; not yet timed, so off by
-      default."""
+    - on NVIDIA GPUs, the Pallas kernel (`gpu_int8`) where BITNET_JAX_GPU_INT8_EPILOGUE=1 and
+      the (m, k) x (k, n) product splits into its blocks: the int32 round trip is most of what
+      b1.58 adds to a GPU step; not yet timed, so off by default."""
     if kernels and cpu_int8.kernel_uses_amx():
         return cpu_int8_fused.int8_scaled_dot
-    if gpu and gpu_int8.applies(k):
+    if gpu and gpu_int8.applies(m, n, k):
         return gpu_int8.int8_scaled_dot
     return None
 
