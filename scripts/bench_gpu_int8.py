@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import statistics
 import sys
 import time
@@ -31,6 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.core import gpu_int8
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_int8_kernel import median_ms  # noqa: E402  (one home for the per-round timing)
 
 TOKENS = 8 * 2048
 SHAPES = {  # (M, K, N) of each preset's forward products: q/k/v/o, gate/up, down
@@ -55,15 +59,6 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def bf16_product(x, w):
     return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-
-
-def median_ms(fn, args, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def operands(m: int, k: int, n: int, seed: int):
