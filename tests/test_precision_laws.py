@@ -133,9 +133,10 @@ def test_qat_gap_recovers_chen_constants():
     (fit_precision_law, _kumar_points, KUMAR, 200), (fit_qat_gap, _chen_points, CHEN, 100)],
     ids=["precision", "qat-gap"])
 def test_intervals_cover_the_truth_in_90_percent_of_50_draws(fitter, points, truth, n_boot):
-    # Resamples per draw: the slowest test of the suite. With 100, the gap law's intervals still
-    # cover every constant in at least 47 of the 50 draws; the precision law's alpha needs 200
-    # (43 of 50 at 100: percentile ends of 100 resamples are too noisy for its tails).
+    # Resamples per draw (10,000 refits in all for the precision law). With 100, the gap law's
+    # intervals still cover every constant in at least 47 of the 50 draws; the precision law's
+    # alpha needs 200 (43 of 50 at 100: percentile ends of 100 resamples are too noisy for its
+    # tails).
     coverage = _coverage(fitter, points, truth, draws=50, n_boot=n_boot)
     assert min(coverage.values()) >= 0.9, coverage
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -509,8 +510,19 @@ def test_scaling_imports_no_jax():
 def test_one_blas_thread_restores_the_thread_count():
     from threadpoolctl import threadpool_info
 
-    before = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
     with scaling._one_blas_thread():
-        inside = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-    after = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-    assert all(n == 1 for n in inside) and after == before
+        inside = blas_threads()
+    assert all(n == 1 for n in inside) and blas_threads() == before
+    # Nested: the outer limit holds through the inner one and after it, and the inner one does
+    # not enter threadpoolctl again (its scan of the loaded libraries is what a refit costs).
+    with scaling._one_blas_thread():
+        with mock.patch("bitnet_jax.scaling.laws.threadpool_limits",
+                        side_effect=AssertionError("entered again")):
+            with scaling._one_blas_thread():
+                nested = blas_threads()
+            after_inner = blas_threads()
+    assert all(n == 1 for n in nested + after_inner) and blas_threads() == before
