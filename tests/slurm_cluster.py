@@ -107,7 +107,10 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ReturnToService=2
 KillWait=5
-MinJobAge=600
+# Ended jobs stay known for 10 s: long enough for squeue polls, and `sbatch --wait` then polls
+# every 8 s; with SLURM's default (300 s) its polls back off to 32 s, which made a two-job test
+# wait 94 s instead of 46 (sbatch.c, _job_wait).
+MinJobAge=10
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
