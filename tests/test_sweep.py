@@ -149,8 +149,8 @@ def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path, capsys):
     assert outcome["skipped"][bad.run_id] == "diverged"
     assert "resumed" in (resumed.run_dir / "launch.log").read_text()
 
-    # 200 resamples instead of 1000: the same code, a fifth of the fitting time
-    assert main(["sweep", "report", str(path), "--bootstrap", "200"]) == 0
+    # 50 resamples instead of 1000: the same code, a twentieth of the fitting time
+    assert main(["sweep", "report", str(path), "--bootstrap", "50"]) == 0
     rows = read_table(sweep.directory / "results.csv")
     assert len(rows) == 10 and sum(r["status"] == "completed" for r in rows) == 9
     assert (sweep.directory / "results.parquet").exists()
@@ -165,9 +165,9 @@ def test_sweep_end_to_end_with_a_failure_and_a_restart(tmp_path, capsys):
     fits = json.loads((sweep.directory / "fits.json").read_text())
     capsys.readouterr()
     table = str(sweep.directory / "results.csv")
-    assert main(["fit", table, "--json", "--bootstrap", "200"]) == 0
+    assert main(["fit", table, "--json", "--bootstrap", "50"]) == 0
     per_recipe = json.loads(capsys.readouterr().out)
-    assert main(["fit", table, "--law", "precision", "--json", "--bootstrap", "200"]) == 0
+    assert main(["fit", table, "--law", "precision", "--json", "--bootstrap", "50"]) == 0
     assert {**per_recipe, **json.loads(capsys.readouterr().out)} == fits
     assert fits["recipes"]["b1.58"]["laws"]["L(N)"]["holdout"][0]["N"] == max(
         r["params_non_embedding"] for r in rows)  # 5 sizes: the largest predicted from 4
