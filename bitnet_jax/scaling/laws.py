@@ -55,9 +55,9 @@ def _one_blas_thread() -> Iterator[None]:
 
     Why: L-BFGS-B calls LAPACK on 5x5 matrices at every step. A multi-threaded OpenBLAS wakes its
     thread pool for each call, which made the 4500-start Epoch fit 14x slower on a 2-core machine
-    (0.75 ms instead of 0.05 ms a step). Nested uses keep the outer limit: threadpoolctl reads
-    the process's loaded libraries at each entry (about 1 ms with JAX and torch loaded), as long
-    as a bootstrap's refit itself.
+    (0.75 ms instead of 0.05 ms a step). A nested use keeps the outer limit rather than enter
+    threadpoolctl again, whose every entry scans the process's loaded libraries: about 1 ms with
+    JAX and torch loaded, as long as a bootstrap refit takes.
     """
     depth = getattr(_blas_limit, "depth", 0)
     _blas_limit.depth = depth + 1
