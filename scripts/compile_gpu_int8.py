@@ -1,0 +1,238 @@
+"""Compile the integer path's GPU kernel (`core/gpu_int8.py`) for NVIDIA GPUs, without one.
+
+For each forward shape of the GPU benchmark (`bench_gpu_int8.SHAPES`) and each tiling, it lowers
+the kernel for CUDA with JAX as a step lowered for a GPU takes it, reads the Triton IR from the
+program's `__gpu$xla.gpu.triton` call, and compiles that IR with Triton's own compiler and NVIDIA's
+ptxas (both in the `triton` wheel) for each compute capability asked for (default 8.0, Ampere,
+and 9.0, Hopper). Each row reports what the compiled program takes (shared memory, registers,
+and stack, where ptxas spilled registers; cuobjdump reads them from the cubin) and how many int8
+tensor-core instructions it issues: `mma.sync` on Ampere and `wgmma` on Hopper, int8 operands
+and int32 sums. A row that does not compile, or multiplies without the int8 tensor cores, fails
+the run (exit 1); spills are noted. Prints a table and writes JSON.
+
+    python scripts/compile_gpu_int8.py --json compile_gpu_int8.json
+    python scripts/compile_gpu_int8.py --tilings 128,256,64,8,3 --capabilities 90
+
+Why: a GPU is lent to this project for minutes at a time, and the kernel's Triton compile is
+where the first GPU run would otherwise find out that a tiling does not fit. What this cannot
+say is the speed (`bench_gpu_int8.py`, on the GPU), nor what the GPU machine's own jaxlib, with
+its own copy of Triton, does with the same IR. Needs `pip install triton` (in the `test` extra);
+exits 2 with a clear line without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax.core import gpu_int8
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_gpu_int8 import DEFAULT_TILINGS, SHAPES, parse_tiling  # noqa: E402  (one home each)
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+# Triton's own default until 3.10, said aloud to silence its notice (the kernel has no a * b + c
+# for fusion to contract: its epilogue is two multiplies).
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+DEFAULT_CAPABILITIES = (80, 90)
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonProgram:
+    """One Pallas kernel as XLA's GPU compiler would receive it: Triton IR text and its launch."""
+
+    ir: str
+    num_warps: int
+    num_stages: int
+    grid: tuple[int, int, int]
+
+
+def triton_programs(fn, *args) -> list[TritonProgram]:
+    """The Triton kernels in `fn(*args)` lowered for CUDA on this host: each `pallas_call`'s IR,
+    which jaxlib (up to 0.10.2 at least) stores as MLIR bytecode in the custom call's backend
+    config, printed as text with jaxlib's own Triton dialect."""
+    # jax._src: the Triton dialect and the IR context are not public API; this script is a check
+    # on the kernel, not part of the library.
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.triton import dialect as triton_dialect
+
+    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    configs = []
+
+    def walk(operation):
+        for region in operation.regions:
+            for block in region.blocks:
+                for op in block.operations:
+                    op = op.operation
+                    if (op.name == "stablehlo.custom_call"
+                            and ir.StringAttr(op.attributes["call_target_name"]).value
+                            == TRITON_CALL):
+                        configs.append(op.attributes["mhlo.backend_config"])
+                    walk(op)
+
+    walk(module.operation)
+    context = mlir.make_ir_context()
+    triton_dialect.register_dialect(context)
+    programs = []
+    for config in configs:
+        with context:
+            kernel = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
+        integer = lambda name: ir.IntegerAttr(config[name]).value  # noqa: E731
+        programs.append(TritonProgram(
+            kernel.operation.get_asm(enable_debug_info=False), integer("num_warps"),
+            integer("num_stages"), (integer("grid_x"), integer("grid_y"), integer("grid_z"))))
+    return programs
+
+
+def kernel_program(m: int, k: int, n: int, tile: gpu_int8.Tiling) -> Optional[TritonProgram]:
+    """The product's Triton program for one device's (m, k) x (k, n) with `tile`, or None where
+    the shape does not split into the tiling's blocks (XLA's product then, nothing to build)."""
+    if gpu_int8.whole_blocks(m, n, k, tile) is None:
+        return None
+    local = functools.partial(gpu_int8._local_product, tile=tile, interpret=False)
+    programs = triton_programs(local, jax.ShapeDtypeStruct((m, k), jnp.int8),
+                               jax.ShapeDtypeStruct((m,), jnp.float32),
+                               jax.ShapeDtypeStruct((n, k), jnp.int8),
+                               jax.ShapeDtypeStruct((n,), jnp.float32))
+    if len(programs) != 1:
+        raise RuntimeError(f"compile_gpu_int8: {len(programs)} `{TRITON_CALL}` calls in the "
+                           f"program lowered for CUDA, want 1 (jax {jax.__version__} may lower "
+                           "Pallas another way)")
+    return programs[0]
+
+
+def cuobjdump_path() -> Optional[str]:
+    """The cuobjdump that the triton wheel ships beside its ptxas, else one on PATH."""
+    import triton
+
+    shipped = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(shipped) if shipped.exists() else shutil.which("cuobjdump")
+
+
+def int8_mma_instructions(ptx: str, capability: int) -> int:
+    """How many int8 x int8 -> int32 tensor-core instructions the PTX issues: `wgmma` from
+    Hopper (9.0) on, `mma.sync` before."""
+    op = r"wgmma\.mma_async" if capability >= 90 else r"mma\.sync"
+    return len(re.findall(op + r"\.[\w.]*\.s32\.s8\.s8", ptx))
+
+
+def compile_program(program: TritonProgram, capability: int, workdir: pathlib.Path) -> dict:
+    """Triton's compile of `program` for one compute capability (its PTX assembled by the ptxas
+    Triton picks), then the cubin's resources as cuobjdump reads them: shared memory,
+    registers, stack (spills) and int8 MMA instructions; `error` where either step failed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    path = workdir / "kernel.ttir"
+    path.write_text(program.ir)
+    row = {"capability": capability, "num_warps": program.num_warps,
+           "num_stages": program.num_stages, "grid": list(program.grid)}
+    try:
+        compiled = triton.compile(str(path), target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": program.num_warps,
+                                           "num_stages": program.num_stages})
+    except Exception as error:  # Triton raises its own types; one line per failed row
+        return {**row, "error": f"triton: {str(error).strip().splitlines()[0]}"}
+    row["int8_mma"] = int8_mma_instructions(compiled.asm["ptx"], capability)
+    cubin = workdir / "kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    tool = cuobjdump_path()
+    if tool is None:
+        return {**row, "error": "cuobjdump: not found (the triton wheel ships one)"}
+    result = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True,
+                            text=True)
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED):(\d+)", result.stdout))
+    if result.returncode != 0 or "REG" not in usage:
+        return {**row, "error": f"cuobjdump: {(result.stderr or result.stdout).strip()[:200]}"}
+    row.update(registers=int(usage["REG"]), stack_bytes=int(usage["STACK"]),
+               shared_bytes=int(compiled.metadata.shared) + int(usage.get("SHARED", 0)))
+    return row
+
+
+def problems(row: dict) -> list[str]:
+    """Why a row fails the run: no compile, or no int8 tensor cores (none when it passes)."""
+    if "error" in row:
+        return [row["error"]]
+    return [] if row["int8_mma"] else ["no int8 tensor-core instruction"]
+
+
+def notes(row: dict) -> list[str]:
+    """What a passing row should make one look twice at: registers spilled to the stack."""
+    return [f"spills ({row['stack_bytes']} B of stack)"] if row.get("stack_bytes") else []
+
+
+def table_line(row: dict) -> str:
+    m, k, n = row["shape"]
+    tiling = ",".join(str(v) for v in row["tiling"])
+    figures = ("" if "error" in row else
+               f"{row['shared_bytes'] / 1024:>8.0f} {row['registers']:>5} "
+               f"{row['stack_bytes']:>6} {row['int8_mma']:>9}")
+    status = "; ".join(row["problems"] or ["ok"] + row["notes"])
+    return (f"{row['preset']:<13} {f'{m}x{k}x{n}':<19} {tiling:<18} {row['capability']:>3} "
+            f"{figures:<31}  {status}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="b1.58-700m,spectra-390m",
+                        help=f"comma-separated, from {', '.join(SHAPES)}")
+    parser.add_argument("--tilings", nargs="*", type=parse_tiling,
+                        default=[parse_tiling(t) for t in DEFAULT_TILINGS],
+                        help="block_m,block_n,block_k,warps,stages")
+    parser.add_argument("--capabilities", nargs="*", type=int, default=list(DEFAULT_CAPABILITIES),
+                        help="CUDA compute capabilities times 10 (80: A100, 90: H100/H200)")
+    parser.add_argument("--json", default="compile_gpu_int8.json")
+    args = parser.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("compile_gpu_int8: needs Triton's compiler (`pip install triton`)", file=sys.stderr)
+        return 2
+    unknown = [p for p in args.presets.split(",") if p not in SHAPES]
+    if unknown:
+        parser.error(f"unknown preset(s) {unknown}; known: {', '.join(SHAPES)}")
+
+    rows = []
+    header = (f"{'preset':<13} {'M x K x N':<19} {'tiling':<18} {'cc':>3} {'smem KB':>8} "
+              f"{'regs':>5} {'stack':>6} {'int8 mma':>9}  status")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets.split(","):
+            for m, k, n in SHAPES[preset]:
+                for tile in args.tilings:
+                    program = kernel_program(m, k, n, tile)
+                    if program is None:
+                        continue
+                    for capability in args.capabilities:
+                        row = {"preset": preset, "shape": [m, k, n], "tiling": list(tile),
+                               **compile_program(program, capability, pathlib.Path(tmp))}
+                        row["problems"], row["notes"] = problems(row), notes(row)
+                        rows.append(row)
+                        print(table_line(row), flush=True)
+    pathlib.Path(args.json).write_text(json.dumps(
+        {"jax": jax.__version__, "triton": sys.modules["triton"].__version__, "rows": rows},
+        indent=1))
+    failed = sum(bool(row["problems"]) for row in rows)
+    spilled = sum(bool(row["notes"]) for row in rows)
+    print(f"{len(rows) - failed} of {len(rows)} compiled with int8 tensor cores ({spilled} "
+          f"spilling registers); wrote {args.json}")
+    return 1 if failed or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
