@@ -1,14 +1,15 @@
 """Compile the integer path's GPU kernel (`core/gpu_int8.py`) for NVIDIA GPUs, without one.
 
 For each forward shape of the GPU benchmark (`bench_gpu_int8.SHAPES`) and each tiling, it lowers
-the kernel for CUDA with JAX as a step lowered for a GPU takes it, reads the Triton IR from the
-program's `__gpu$xla.gpu.triton` call, and compiles that IR with Triton's own compiler and NVIDIA's
-ptxas (both in the `triton` wheel) for each compute capability asked for (default 8.0, Ampere,
-and 9.0, Hopper). Each row reports what the compiled program takes (shared memory, registers,
-and stack, where ptxas spilled registers; cuobjdump reads them from the cubin) and how many int8
-tensor-core instructions it issues: `mma.sync` on Ampere and `wgmma` on Hopper, int8 operands
-and int32 sums. A row that does not compile, or multiplies without the int8 tensor cores, fails
-the run (exit 1); spills are noted. Prints a table and writes JSON.
+the kernel for CUDA with JAX as each device's part of a step lowered for a GPU takes it, reads the
+Triton IR from the program's `__gpu$xla.gpu.triton` call, and compiles that IR with Triton's own
+compiler and NVIDIA's ptxas (both in the `triton` wheel) for each compute capability asked for
+(default 8.0, Ampere, and 9.0, Hopper). Each row reports what the compiled program takes (shared
+memory, registers, and a stack frame where ptxas spilled registers; cuobjdump reads them from the
+cubin) and how many int8 tensor-core instructions it issues: `mma.sync` on Ampere and Ada,
+`wgmma` on Hopper, int8 operands and int32 sums. A row that does not compile, takes more shared
+memory than a block of that GPU may, or multiplies without the int8 tensor cores fails the run
+(exit 1); spills are noted. Prints a table and writes JSON.
 
     python scripts/compile_gpu_int8.py --json compile_gpu_int8.json
     python scripts/compile_gpu_int8.py --tilings 128,256,64,8,3 --capabilities 90
@@ -26,7 +27,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -44,9 +44,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_gpu_int8 import DEFAULT_TILINGS, SHAPES, parse_tiling  # noqa: E402  (one home each)
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
-# Triton's own default until 3.10, said aloud to silence its notice (the kernel has no a * b + c
-# for fusion to contract: its epilogue is two multiplies).
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# The GPUs this checks for (compute capability x 10): the most shared memory one block may take
+# (CUDA's programming guide, per architecture) and the int8 tensor-core instruction Triton emits.
+GPUS = {80: (166912, "mma.sync"), 86: (101376, "mma.sync"), 89: (101376, "mma.sync"),
+        90: (232448, "wgmma.mma_async")}
 DEFAULT_CAPABILITIES = (80, 90)
 
 
@@ -124,16 +125,27 @@ def cuobjdump_path() -> Optional[str]:
 
 
 def int8_mma_instructions(ptx: str, capability: int) -> int:
-    """How many int8 x int8 -> int32 tensor-core instructions the PTX issues: `wgmma` from
-    Hopper (9.0) on, `mma.sync` before."""
-    op = r"wgmma\.mma_async" if capability >= 90 else r"mma\.sync"
+    """How many int8 x int8 -> int32 tensor-core instructions the PTX issues: `wgmma` on Hopper
+    (9.0), `mma.sync` on Ampere and Ada (8.x)."""
+    op = re.escape(GPUS[capability][1])
     return len(re.findall(op + r"\.[\w.]*\.s32\.s8\.s8", ptx))
+
+
+def resource_usage(listing: str, function: str) -> Optional[dict[str, int]]:
+    """REG, STACK and SHARED of `function` in `cuobjdump --dump-resource-usage`'s listing (its
+    block after `Function <name>:`), or None where the listing lacks one of them."""
+    block = re.search(rf"Function {re.escape(function)}:\s*\n(.*)", listing)
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED):(\d+)", block.group(1))) if block else {}
+    return ({key: int(usage[key]) for key in ("REG", "STACK", "SHARED")}
+            if {"REG", "STACK", "SHARED"} <= usage.keys() else None)
 
 
 def compile_program(program: TritonProgram, capability: int, workdir: pathlib.Path) -> dict:
     """Triton's compile of `program` for one compute capability (its PTX assembled by the ptxas
     Triton picks), then the cubin's resources as cuobjdump reads them: shared memory,
-    registers, stack (spills) and int8 MMA instructions; `error` where either step failed."""
+    registers, the stack frame (where ptxas spilled registers) and int8 MMA instructions;
+    `error` where a step failed. Triton compiles in this process: IR that crashes its compiler
+    (rather than raising) ends the run."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -142,11 +154,16 @@ def compile_program(program: TritonProgram, capability: int, workdir: pathlib.Pa
     row = {"capability": capability, "num_warps": program.num_warps,
            "num_stages": program.num_stages, "grid": list(program.grid)}
     try:
+        # fp fusion said aloud, Triton's default until 3.10 (which warns when it is left
+        # unset): the kernel has no a * b + c to contract, its epilogue is two multiplies.
         compiled = triton.compile(str(path), target=GPUTarget("cuda", capability, 32),
                                   options={"num_warps": program.num_warps,
-                                           "num_stages": program.num_stages})
+                                           "num_stages": program.num_stages,
+                                           "enable_fp_fusion": True})
     except Exception as error:  # Triton raises its own types; one line per failed row
-        return {**row, "error": f"triton: {str(error).strip().splitlines()[0]}"}
+        message = str(error).strip()
+        return {**row, "error": f"triton: {(message.splitlines() or [type(error).__name__])[0]}",
+                "error_text": message}
     row["int8_mma"] = int8_mma_instructions(compiled.asm["ptx"], capability)
     cubin = workdir / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
@@ -155,29 +172,40 @@ def compile_program(program: TritonProgram, capability: int, workdir: pathlib.Pa
         return {**row, "error": "cuobjdump: not found (the triton wheel ships one)"}
     result = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True,
                             text=True)
-    usage = dict(re.findall(r"\b(REG|STACK|SHARED):(\d+)", result.stdout))
-    if result.returncode != 0 or "REG" not in usage:
+    usage = resource_usage(result.stdout, compiled.metadata.name)
+    if result.returncode != 0 or usage is None:
         return {**row, "error": f"cuobjdump: {(result.stderr or result.stdout).strip()[:200]}"}
-    row.update(registers=int(usage["REG"]), stack_bytes=int(usage["STACK"]),
-               shared_bytes=int(compiled.metadata.shared) + int(usage.get("SHARED", 0)))
+    row.update(registers=usage["REG"], stack_bytes=usage["STACK"],
+               shared_bytes=int(compiled.metadata.shared) + usage["SHARED"])
     return row
 
 
 def problems(row: dict) -> list[str]:
-    """Why a row fails the run: no compile, or no int8 tensor cores (none when it passes)."""
+    """Why a row fails the run: no compile, more shared memory than a block of that GPU may
+    take (Triton compiles such a program; the launch would fail), or no int8 tensor cores."""
     if "error" in row:
         return [row["error"]]
-    return [] if row["int8_mma"] else ["no int8 tensor-core instruction"]
+    found = []
+    limit = GPUS[row["capability"]][0]
+    if row["shared_bytes"] > limit:
+        found.append(f"{row['shared_bytes'] // 1024} KB of shared memory, over the "
+                     f"{limit // 1024} KB a block may take")
+    if not row["int8_mma"]:
+        found.append("no int8 tensor-core instruction")
+    return found
 
 
 def notes(row: dict) -> list[str]:
     """What a passing row should make one look twice at: registers spilled to the stack."""
-    return [f"spills ({row['stack_bytes']} B of stack)"] if row.get("stack_bytes") else []
+    return ([f"spills (a {row['stack_bytes']} B stack frame)"] if row.get("stack_bytes")
+            else [])
 
 
 def table_line(row: dict) -> str:
+    """One row of the table: the blocks compiled (the tiling's, halved to divide the shape by
+    `gpu_int8.whole_blocks`) with the tiling's warps and stages."""
     m, k, n = row["shape"]
-    tiling = ",".join(str(v) for v in row["tiling"])
+    tiling = ",".join(str(v) for v in row["blocks"] + row["tiling"][3:])
     figures = ("" if "error" in row else
                f"{row['shared_bytes'] / 1024:>8.0f} {row['registers']:>5} "
                f"{row['stack_bytes']:>6} {row['int8_mma']:>9}")
@@ -194,6 +222,7 @@ def main(argv=None) -> int:
                         default=[parse_tiling(t) for t in DEFAULT_TILINGS],
                         help="block_m,block_n,block_k,warps,stages")
     parser.add_argument("--capabilities", nargs="*", type=int, default=list(DEFAULT_CAPABILITIES),
+                        choices=sorted(GPUS),
                         help="CUDA compute capabilities times 10 (80: A100, 90: H100/H200)")
     parser.add_argument("--json", default="compile_gpu_int8.json")
     args = parser.parse_args(argv)
@@ -220,6 +249,7 @@ def main(argv=None) -> int:
                         continue
                     for capability in args.capabilities:
                         row = {"preset": preset, "shape": [m, k, n], "tiling": list(tile),
+                               "blocks": list(gpu_int8.whole_blocks(m, n, k, tile)),
                                **compile_program(program, capability, pathlib.Path(tmp))}
                         row["problems"], row["notes"] = problems(row), notes(row)
                         rows.append(row)

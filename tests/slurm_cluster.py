@@ -107,10 +107,10 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ReturnToService=2
 KillWait=5
-# Ended jobs stay known for 10 s: long enough for squeue polls, and `sbatch --wait` then polls
-# every 8 s; with SLURM's default (300 s) its polls back off to 32 s, which made a two-job test
-# wait 94 s instead of 46 (sbatch.c, _job_wait).
-MinJobAge=10
+# Ended jobs stay known for 16 s, twice `sbatch --wait`'s polls, which then come every 8 s: its
+# interval grows 4x while below MinJobAge / 2 and 32 s (sbatch.c, _job_wait), so with SLURM's
+# default (300 s) it reached 32 s and a two-job test waited 94 s instead of 46.
+MinJobAge=16
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid

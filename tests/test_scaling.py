@@ -514,6 +514,8 @@ def test_one_blas_thread_restores_the_thread_count():
         return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
     before = blas_threads()
+    if not before or max(before) == 1:
+        pytest.skip("no multi-threaded BLAS here: nothing for the limit to change")
     with scaling._one_blas_thread():
         inside = blas_threads()
     assert all(n == 1 for n in inside) and blas_threads() == before
@@ -526,3 +528,11 @@ def test_one_blas_thread_restores_the_thread_count():
                 nested = blas_threads()
             after_inner = blas_threads()
     assert all(n == 1 for n in nested + after_inner) and blas_threads() == before
+    # An exception leaves no depth behind: the next use limits the threads again.
+    with pytest.raises(ZeroDivisionError):
+        with scaling._one_blas_thread():
+            with scaling._one_blas_thread():
+                1 / 0
+    assert blas_threads() == before
+    with scaling._one_blas_thread():
+        assert all(n == 1 for n in blas_threads())

@@ -57,7 +57,8 @@ def _one_blas_thread() -> Iterator[None]:
     thread pool for each call, which made the 4500-start Epoch fit 14x slower on a 2-core machine
     (0.75 ms instead of 0.05 ms a step). A nested use keeps the outer limit rather than enter
     threadpoolctl again, whose every entry scans the process's loaded libraries: about 1 ms with
-    JAX and torch loaded, as long as a bootstrap refit takes.
+    JAX and torch loaded, as long as a bootstrap refit takes. The BLAS limit is the process's:
+    like threadpoolctl itself, this is not for fits running in several threads at once.
     """
     depth = getattr(_blas_limit, "depth", 0)
     _blas_limit.depth = depth + 1
