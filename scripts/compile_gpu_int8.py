@@ -39,11 +39,11 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.core import gpu_int8
+from bitnet_jax.files import short_error
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_gpu_int8 import DEFAULT_TILINGS, SHAPES, parse_tiling  # noqa: E402  (one home each)
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
 # The GPUs this checks for (compute capability x 10): the most shared memory one block may take
 # (CUDA's programming guide, per architecture) and the int8 tensor-core instruction Triton emits.
 GPUS = {80: (166912, "mma.sync"), 86: (101376, "mma.sync"), 89: (101376, "mma.sync"),
@@ -81,7 +81,7 @@ def triton_programs(fn, *args) -> list[TritonProgram]:
                     op = op.operation
                     if (op.name == "stablehlo.custom_call"
                             and ir.StringAttr(op.attributes["call_target_name"]).value
-                            == TRITON_CALL):
+                            == gpu_int8.TRITON_CALL_TARGET):
                         configs.append(op.attributes["mhlo.backend_config"])
                     walk(op)
 
@@ -99,20 +99,18 @@ def triton_programs(fn, *args) -> list[TritonProgram]:
     return programs
 
 
-def kernel_program(m: int, k: int, n: int, tile: gpu_int8.Tiling) -> Optional[TritonProgram]:
-    """The product's Triton program for one device's (m, k) x (k, n) with `tile`, or None where
-    the shape does not split into the tiling's blocks (XLA's product then, nothing to build)."""
-    if gpu_int8.whole_blocks(m, n, k, tile) is None:
-        return None
+def kernel_program(m: int, k: int, n: int, tile: gpu_int8.Tiling) -> TritonProgram:
+    """The product's Triton program for one device's (m, k) x (k, n) with `tile`, for a shape
+    that splits into the tiling's blocks (`gpu_int8.whole_blocks`)."""
     local = functools.partial(gpu_int8._local_product, tile=tile, interpret=False)
     programs = triton_programs(local, jax.ShapeDtypeStruct((m, k), jnp.int8),
                                jax.ShapeDtypeStruct((m,), jnp.float32),
                                jax.ShapeDtypeStruct((n, k), jnp.int8),
                                jax.ShapeDtypeStruct((n,), jnp.float32))
     if len(programs) != 1:
-        raise RuntimeError(f"compile_gpu_int8: {len(programs)} `{TRITON_CALL}` calls in the "
-                           f"program lowered for CUDA, want 1 (jax {jax.__version__} may lower "
-                           "Pallas another way)")
+        raise RuntimeError(f"compile_gpu_int8: {len(programs)} `{gpu_int8.TRITON_CALL_TARGET}` "
+                           f"calls in the program lowered for CUDA, want 1 (jax "
+                           f"{jax.__version__} may lower Pallas another way)")
     return programs[0]
 
 
@@ -161,9 +159,7 @@ def compile_program(program: TritonProgram, capability: int, workdir: pathlib.Pa
                                            "num_stages": program.num_stages,
                                            "enable_fp_fusion": True})
     except Exception as error:  # Triton raises its own types; one line per failed row
-        message = str(error).strip()
-        return {**row, "error": f"triton: {(message.splitlines() or [type(error).__name__])[0]}",
-                "error_text": message}
+        return {**row, "error": f"triton: {short_error(error)}", "error_text": str(error)}
     row["int8_mma"] = int8_mma_instructions(compiled.asm["ptx"], capability)
     cubin = workdir / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
@@ -244,12 +240,13 @@ def main(argv=None) -> int:
         for preset in args.presets.split(","):
             for m, k, n in SHAPES[preset]:
                 for tile in args.tilings:
-                    program = kernel_program(m, k, n, tile)
-                    if program is None:
+                    blocks = gpu_int8.whole_blocks(m, n, k, tile)
+                    if blocks is None:  # XLA's product at this shape: no kernel to build
                         continue
+                    program = kernel_program(m, k, n, tile)
                     for capability in args.capabilities:
                         row = {"preset": preset, "shape": [m, k, n], "tiling": list(tile),
-                               "blocks": list(gpu_int8.whole_blocks(m, n, k, tile)),
+                               "blocks": list(blocks),
                                **compile_program(program, capability, pathlib.Path(tmp))}
                         row["problems"], row["notes"] = problems(row), notes(row)
                         rows.append(row)

@@ -18,7 +18,7 @@ from bitnet_jax.errors import ConfigError
 
 A8 = ActivationQuantizer("absmax", 8)
 TERNARY = WeightQuantizer("ternary", 1.58)
-TRITON_CALL = "__gpu$xla.gpu.triton"
+TRITON_CALL = gpu_int8.TRITON_CALL_TARGET
 
 
 def _bits(a):

@@ -49,6 +49,9 @@ from bitnet_jax.errors import ConfigError
 
 ENABLE_ENV = "BITNET_JAX_GPU_INT8_EPILOGUE"
 BLOCKS_ENV = "BITNET_JAX_GPU_INT8_BLOCKS"
+# The custom call this kernel becomes in a program lowered for CUDA (Pallas's Triton lowering in
+# jax 0.10.2; later jax names it `pallas.triton.CUSTOM_CALL_TARGET_NAME`).
+TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
 _F32 = jnp.float32
 
 
